@@ -1,0 +1,8 @@
+"""aalconvert: make PyTorch models train in less memory.
+
+Public API only. Importing this package must not import triton or touch CUDA.
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]

@@ -1,0 +1,13 @@
+"""The few exception types users may catch."""
+
+
+class AALConvertError(Exception):
+    """Base class for every error aalconvert raises on purpose."""
+
+
+class ConversionError(AALConvertError, ValueError):
+    """A model, rule or option cannot be converted as asked; the message says what to do."""
+
+
+class SavedTensorModifiedError(AALConvertError, RuntimeError):
+    """A tensor saved for backward (an input or an ARA anchor) was modified in place."""

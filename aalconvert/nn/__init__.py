@@ -1,0 +1,1 @@
+"""Trainable layer variants: one file per technique."""

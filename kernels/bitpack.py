@@ -1,0 +1,93 @@
+"""1-bit packing of masks and signs.
+
+Byte layout (the reference defines it, Triton matches it byte for byte):
+the input is read in logical row-major order as N elements; element ``i`` is
+bit ``i % 8`` (least significant first) of byte ``i // 8``. A bit is 1 where a
+bool input is True or a float input is ``> 0``; so 0, -0.0, negatives and NaN
+give 0. Unused high bits of the last byte are 0. The packed tensor is uint8
+of ``ceil(N / 8)`` bytes, whatever the input's shape, strides or dtype.
+
+Unpacking decodes each bit as ``bool`` (False/True), ``binary`` (0/1) or
+``sign`` (-1/+1, so x <= 0 decodes to -1) in the caller's dtype.
+"""
+
+import math
+
+import torch
+
+from aalconvert.kernels.dispatch import use_triton
+
+DECODINGS = ("bool", "binary", "sign")
+_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def packed_nbytes(numel: int) -> int:
+    """Bytes that ``pack_bits`` produces for ``numel`` elements."""
+    return math.ceil(numel / 8)
+
+
+def _bits_of(x: torch.Tensor) -> torch.Tensor:
+    if x.dtype == torch.bool:
+        return x
+    if not x.is_floating_point():
+        raise TypeError(f"pack_bits takes a bool or floating-point tensor, got {x.dtype}")
+    return x > 0
+
+
+def _pack_reference(x: torch.Tensor) -> torch.Tensor:
+    bits = _bits_of(x).reshape(-1)
+    pad = (-bits.numel()) % 8
+    if pad:
+        bits = torch.cat([bits, bits.new_zeros(pad)])
+    weights = _BIT_WEIGHTS.to(bits.device)
+    return (bits.view(-1, 8).to(torch.uint8) * weights).sum(dim=1, dtype=torch.uint8)
+
+
+def _unpack_reference(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    weights = _BIT_WEIGHTS.to(packed.device)
+    bits = (packed.view(-1, 1) & weights) != 0
+    return bits.reshape(-1)[:numel]
+
+
+def pack_bits(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """Pack ``x > 0`` (or a bool ``x``) into ``ceil(x.numel() / 8)`` uint8 bytes."""
+    if use_triton(x, backend):
+        from aalconvert.kernels.triton_bitpack import pack_bits_triton
+
+        return pack_bits_triton(x)
+    return _pack_reference(x)
+
+
+def unpack_bits(
+    packed: torch.Tensor,
+    shape: torch.Size | tuple[int, ...],
+    *,
+    decode: str = "bool",
+    dtype: torch.dtype = torch.float32,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Unpack bytes from ``pack_bits`` into a contiguous tensor of ``shape``.
+
+    ``decode`` is ``bool`` (dtype ignored), ``binary`` (0/1) or ``sign`` (-1/+1).
+    """
+    if decode not in DECODINGS:
+        raise ValueError(f"decode must be one of {DECODINGS}, got {decode!r}")
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"unpack_bits takes the uint8 tensor from pack_bits, got {packed.dtype}")
+    numel = math.prod(shape)
+    if packed.numel() != packed_nbytes(numel):
+        raise ValueError(
+            f"{packed.numel()} packed bytes cannot hold shape {tuple(shape)}: "
+            f"expected {packed_nbytes(numel)}"
+        )
+    out_dtype = torch.bool if decode == "bool" else dtype
+    if use_triton(packed, backend):
+        from aalconvert.kernels.triton_bitpack import unpack_bits_triton
+
+        return unpack_bits_triton(packed, tuple(shape), decode, out_dtype)
+    bits = _unpack_reference(packed, numel).reshape(shape)
+    if decode == "bool":
+        return bits
+    if decode == "binary":
+        return bits.to(out_dtype)
+    return bits.to(out_dtype) * 2 - 1

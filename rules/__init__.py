@@ -1,0 +1,1 @@
+"""Conversion rules: one file per rule, plus the Rule interface and the registry."""
