@@ -27,11 +27,7 @@ def packed_nbytes(numel: int) -> int:
 
 
 def _bits_of(x: torch.Tensor) -> torch.Tensor:
-    if x.dtype == torch.bool:
-        return x
-    if not x.is_floating_point():
-        raise TypeError(f"pack_bits takes a bool or floating-point tensor, got {x.dtype}")
-    return x > 0
+    return x if x.dtype == torch.bool else x > 0
 
 
 def _pack_reference(x: torch.Tensor) -> torch.Tensor:
@@ -51,11 +47,8 @@ def _unpack_reference(packed: torch.Tensor, numel: int) -> torch.Tensor:
 
 def pack_bits(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """Pack ``x > 0`` (or a bool ``x``) into ``ceil(x.numel() / 8)`` uint8 bytes."""
-    if use_triton(x, backend):
-        from aalconvert.kernels.triton_bitpack import pack_bits_triton
-
-        return pack_bits_triton(x)
-    return _pack_reference(x)
+    check_pack_input(x)
+    return torch.ops.aalconvert.pack_bits(x, backend)
 
 
 def unpack_bits(
@@ -81,13 +74,38 @@ def unpack_bits(
             f"expected {packed_nbytes(numel)}"
         )
     out_dtype = torch.bool if decode == "bool" else dtype
+    return torch.ops.aalconvert.unpack_bits(packed, list(shape), decode, out_dtype, backend)
+
+
+def check_pack_input(x: torch.Tensor) -> None:
+    """Raise a clear error when ``pack_bits`` cannot take ``x``."""
+    if x.dtype != torch.bool and not x.is_floating_point():
+        raise TypeError(
+            f"pack_bits takes a bool or floating-point tensor, got {x.dtype}; "
+            "compare it first (e.g. x != 0)"
+        )
+
+
+def pack_bits_impl(x: torch.Tensor, backend: str) -> torch.Tensor:
+    """Packed bits of ``x``: the Triton kernel or the reference, per ``backend``."""
+    if use_triton(x, backend):
+        from aalconvert.kernels.triton_bitpack import pack_bits_triton
+
+        return pack_bits_triton(x)
+    return _pack_reference(x)
+
+
+def unpack_bits_impl(
+    packed: torch.Tensor, shape: list[int], decode: str, dtype: torch.dtype, backend: str
+) -> torch.Tensor:
+    """Decoded bits of ``packed`` in ``shape`` and ``dtype``: the Triton kernel or the reference."""
     if use_triton(packed, backend):
         from aalconvert.kernels.triton_bitpack import unpack_bits_triton
 
-        return unpack_bits_triton(packed, tuple(shape), decode, out_dtype)
-    bits = _unpack_reference(packed, numel).reshape(shape)
+        return unpack_bits_triton(packed, tuple(shape), decode, dtype)
+    bits = _unpack_reference(packed, math.prod(shape)).reshape(shape)
     if decode == "bool":
         return bits
     if decode == "binary":
-        return bits.to(out_dtype)
-    return bits.to(out_dtype) * 2 - 1
+        return bits.to(dtype)
+    return bits.to(dtype) * 2 - 1

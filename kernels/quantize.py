@@ -1,0 +1,324 @@
+"""k-bit group quantization of tensors kept for backward (ActNN style).
+
+Layout (this torch reference defines it; the Triton kernel matches it byte for byte):
+
+- The input is read in logical row-major order as N elements (strides and
+  memory format do not matter). Groups are ``group_size`` consecutive elements;
+  the last group may be partial. ``group_size`` is a multiple of 8 so that every
+  group starts on a byte boundary of ``codes``.
+- Per group, ``mins`` holds the group minimum rounded *down* to ``scale_dtype``
+  and ``scales`` the step ``(max - min) / (2**bits - 1)`` (fp32) rounded *up* to
+  ``scale_dtype``. Encoding uses these stored values, so every code lies in
+  ``[0, 2**bits - 1]`` and nearest rounding decodes within half a step.
+- ``code = floor((x - min) / scale + u)`` clamped to ``[0, 2**bits - 1]``, with
+  ``u = 0.5`` (nearest) or ``u`` uniform in ``[0, 1)`` (stochastic, unbiased).
+  ``u`` is ``(hash(seed, i) >> 8) * 2**-24``: a counter-based 32-bit integer hash
+  of the seed and the element index ``i``, computed in int64 masked to 32 bits, so
+  the Triton kernel reproduces it exactly.
+- Codes are packed densely over the whole tensor, little-endian within a byte:
+  code ``i`` sits at bits ``(i % (8 // bits)) * bits`` of byte ``i // (8 // bits)``;
+  unused high bits of the last byte are 0. ``codes`` has ``ceil(N * bits / 8)``
+  bytes.
+- Decoding is ``min + code * scale`` in fp32 (the product is exact), cast to the
+  original dtype.
+
+Special groups: a group whose elements all equal one value representable in
+``scale_dtype`` gets scale 0 and decodes exactly. A group containing inf or NaN,
+or whose min or step overflows ``scale_dtype`` (e.g. |x| > 65504 with fp16
+scales: use bf16 there), stores NaN as min and scale and codes 0: the whole
+group decodes to NaN, and no other group is affected.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from aalconvert.kernels.dispatch import use_triton
+
+SUPPORTED_BITS = (8, 4, 2)
+SUPPORTED_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SUPPORTED_SCALE_DTYPES = (torch.float16, torch.bfloat16)
+SEED_LIMIT = 2**63
+_MASK32 = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """A tensor quantized to ``bits`` per element with one (min, scale) per group."""
+
+    codes: torch.Tensor
+    mins: torch.Tensor
+    scales: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    bits: int
+    group_size: int
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by codes, mins and scales together."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(codes, mins, scales), to pass to ``ctx.save_for_backward``."""
+        return self.codes, self.mins, self.scales
+
+    @classmethod
+    def from_tensors(
+        cls,
+        tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        shape: torch.Size | tuple[int, ...],
+        dtype: torch.dtype,
+        bits: int,
+        group_size: int,
+    ) -> "QuantizedTensor":
+        """Rebuild from ``tensors()`` (e.g. ``ctx.saved_tensors``) and the metadata."""
+        codes, mins, scales = tensors
+        return cls(codes, mins, scales, torch.Size(shape), dtype, bits, group_size)
+
+
+def quantized_nbytes(
+    numel: int, bits: int, group_size: int, scale_dtype: torch.dtype = torch.float16
+) -> int:
+    """Bytes of a ``QuantizedTensor`` for ``numel`` elements: codes plus min and scale per group."""
+    _check_bits_and_group_size(bits, group_size)
+    groups = math.ceil(numel / group_size)
+    return math.ceil(numel * bits / 8) + 2 * groups * _itemsize(scale_dtype)
+
+
+def quantize(
+    x: torch.Tensor,
+    bits: int = 4,
+    *,
+    group_size: int = 256,
+    stochastic: bool = False,
+    scale_dtype: torch.dtype = torch.float16,
+    seed: int | None = None,
+    backend: str = "auto",
+) -> QuantizedTensor:
+    """Quantize ``x`` to ``bits`` (8, 4 or 2) per element in groups of ``group_size`` elements.
+
+    Nearest rounding errs by at most half a step; stochastic rounding is unbiased
+    and reproducible from ``seed`` (``None`` draws one from torch's default generator).
+    """
+    check_quantize_arguments(x, bits, group_size, scale_dtype)
+    if seed is None:
+        seed = int(torch.randint(0, SEED_LIMIT - 1, ()).item()) if stochastic else 0
+    if not (isinstance(seed, int) and 0 <= seed < SEED_LIMIT):
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    codes, mins, scales = torch.ops.aalconvert.quantize_groups(
+        x, bits, group_size, stochastic, scale_dtype, seed, backend
+    )
+    return QuantizedTensor(codes, mins, scales, x.shape, x.dtype, bits, group_size)
+
+
+def dequantize(q: QuantizedTensor, *, backend: str = "auto") -> torch.Tensor:
+    """Decode ``q`` into a contiguous tensor of its original shape and dtype."""
+    check_quantized_tensors(q.codes, q.mins, q.scales, q.shape, q.bits, q.group_size)
+    return torch.ops.aalconvert.dequantize_groups(
+        q.codes, q.mins, q.scales, list(q.shape), q.dtype, q.bits, q.group_size, backend
+    )
+
+
+def check_quantize_arguments(
+    x: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype
+) -> None:
+    """Raise a clear error when ``quantize`` cannot take these arguments."""
+    _check_bits_and_group_size(bits, group_size)
+    if x.dtype not in SUPPORTED_INPUT_DTYPES:
+        raise TypeError(
+            f"quantize takes a float32, float16 or bfloat16 tensor, got {x.dtype}; "
+            "convert it first (e.g. x.float())"
+        )
+    if scale_dtype not in SUPPORTED_SCALE_DTYPES:
+        raise TypeError(f"scale_dtype must be torch.float16 or torch.bfloat16, got {scale_dtype}")
+
+
+def check_quantized_tensors(
+    codes: torch.Tensor,
+    mins: torch.Tensor,
+    scales: torch.Tensor,
+    shape: torch.Size | tuple[int, ...],
+    bits: int,
+    group_size: int,
+) -> None:
+    """Raise a clear error when codes/mins/scales do not describe ``shape`` at ``bits``."""
+    _check_bits_and_group_size(bits, group_size)
+    numel = math.prod(shape)
+    groups = math.ceil(numel / group_size)
+    if codes.dtype != torch.uint8 or codes.numel() != math.ceil(numel * bits / 8):
+        raise ValueError(
+            f"codes must be uint8 with {math.ceil(numel * bits / 8)} bytes for shape "
+            f"{tuple(shape)} at {bits} bits, got {codes.dtype} with {codes.numel()}"
+        )
+    for name, t in (("mins", mins), ("scales", scales)):
+        if t.dtype not in SUPPORTED_SCALE_DTYPES or t.numel() != groups:
+            raise ValueError(
+                f"{name} must be float16/bfloat16 with {groups} groups for shape "
+                f"{tuple(shape)} and group_size {group_size}, got {t.dtype} with {t.numel()}"
+            )
+
+
+def _check_bits_and_group_size(bits: int, group_size: int) -> None:
+    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+    if (
+        isinstance(group_size, bool)
+        or not isinstance(group_size, int)
+        or group_size <= 0
+        or group_size % 8
+    ):
+        raise ValueError(f"group_size must be a positive multiple of 8, got {group_size!r}")
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+# ---------------------------------------------------------------- implementation
+
+
+def quantize_groups_impl(
+    x: torch.Tensor,
+    bits: int,
+    group_size: int,
+    stochastic: bool,
+    scale_dtype: torch.dtype,
+    seed: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes, mins, scales) of ``x``: the Triton kernel or the reference, per ``backend``."""
+    if use_triton(x, backend):
+        from aalconvert.kernels.triton_quantize import quantize_triton
+
+        return quantize_triton(x, bits, group_size, stochastic, scale_dtype, seed)
+    return quantize_reference(x, bits, group_size, stochastic, scale_dtype, seed)
+
+
+def dequantize_groups_impl(
+    codes: torch.Tensor,
+    mins: torch.Tensor,
+    scales: torch.Tensor,
+    shape: list[int],
+    dtype: torch.dtype,
+    bits: int,
+    group_size: int,
+    backend: str,
+) -> torch.Tensor:
+    """Decoded tensor of ``shape`` and ``dtype``: the Triton kernel or the reference."""
+    if use_triton(codes, backend):
+        from aalconvert.kernels.triton_quantize import dequantize_triton
+
+        return dequantize_triton(codes, mins, scales, shape, dtype, bits, group_size)
+    return dequantize_reference(codes, mins, scales, shape, dtype, bits, group_size)
+
+
+def mix32(h: torch.Tensor | int) -> torch.Tensor | int:
+    """A 32-bit integer finalizer (xor-shift-multiply), on int64 values kept below 2**32."""
+    h = h ^ (h >> 16)
+    h = (h * 0x7FEB352D) & _MASK32
+    h = h ^ (h >> 15)
+    h = (h * 0x846CA68B) & _MASK32
+    return h ^ (h >> 16)
+
+
+def seed_keys(seed: int) -> tuple[int, int]:
+    """Two 32-bit keys derived from a 63-bit seed, mixed into every element's hash."""
+    return mix32(seed & _MASK32), mix32(((seed >> 32) & _MASK32) ^ 0x5BD1E995)
+
+
+def uniform_from_index(index: torch.Tensor, key_low: int, key_high: int) -> torch.Tensor:
+    """Uniform fp32 values in [0, 1), multiples of 2**-24, one per int64 element index."""
+    h = mix32((index & _MASK32) ^ key_low)
+    h = mix32(h ^ ((index >> 32) & _MASK32) ^ key_high)
+    return (h >> 8).to(torch.float32) * 2.0**-24
+
+
+def step_toward(stored: torch.Tensor, target: torch.Tensor, direction: int) -> torch.Tensor:
+    """Where ``stored`` (fp16/bf16) lies on the wrong side of fp32 ``target``, move it one ulp.
+
+    ``direction`` -1 makes ``stored <= target`` (round down), +1 makes ``stored >= target``.
+    """
+    wrong = stored.float() > target if direction < 0 else stored.float() < target
+    raw = stored.view(torch.int16).to(torch.int32)
+    # Sign-magnitude: adding 1 to the raw bits moves away from zero on either side.
+    away_from_zero = (stored > 0) == (direction > 0)
+    smallest = 0x0001 if direction > 0 else -0x7FFF  # +-smallest subnormal, from +-0
+    moved = torch.where(stored == 0, smallest, torch.where(away_from_zero, raw + 1, raw - 1))
+    raw = torch.where(wrong, moved, raw)
+    return raw.to(torch.int16).view(stored.dtype)
+
+
+def quantize_reference(
+    x: torch.Tensor,
+    bits: int,
+    group_size: int,
+    stochastic: bool,
+    scale_dtype: torch.dtype,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pure-torch (codes, mins, scales) of ``x``; defines the layout."""
+    flat = x.reshape(-1).to(torch.float32)
+    numel = flat.numel()
+    groups = math.ceil(numel / group_size)
+    pad = groups * group_size - numel
+    levels = 2**bits - 1
+
+    padded = torch.nn.functional.pad(flat, (0, pad)).view(groups, group_size)
+    valid = torch.arange(groups * group_size, device=x.device).view(groups, group_size) < numel
+    low = torch.where(valid, padded, math.inf).amin(dim=1)
+    high = torch.where(valid, padded, -math.inf).amax(dim=1)
+    finite = torch.where(valid, padded.isfinite(), True).all(dim=1)
+
+    mins = step_toward(low.to(scale_dtype), low, -1)
+    step = (high - mins.float()) / levels
+    scales = step_toward(step.to(scale_dtype), step, +1)
+    good = finite & mins.isfinite() & scales.isfinite()
+    mins = torch.where(good, mins, math.nan)
+    scales = torch.where(good, scales, math.nan)
+
+    if stochastic:
+        index = torch.arange(groups * group_size, device=x.device, dtype=torch.int64)
+        offset = uniform_from_index(index, *seed_keys(seed)).view(groups, group_size)
+    else:
+        offset = 0.5
+    scaled = (padded - mins.float()[:, None]) / scales.float()[:, None]
+    codes = torch.floor(scaled + offset).clamp(0, levels)
+    usable = valid & (good & (scales != 0))[:, None]
+    codes = torch.where(usable, codes, 0).to(torch.uint8).reshape(-1)
+    return _pack_codes(codes, numel, bits), mins, scales
+
+
+def dequantize_reference(
+    codes: torch.Tensor,
+    mins: torch.Tensor,
+    scales: torch.Tensor,
+    shape: list[int],
+    dtype: torch.dtype,
+    bits: int,
+    group_size: int,
+) -> torch.Tensor:
+    """Pure-torch decoding of (codes, mins, scales) into ``shape`` and ``dtype``."""
+    numel = math.prod(shape)
+    groups = math.ceil(numel / group_size)
+    code_mask = 2**bits - 1
+    shifts = torch.arange(0, 8, bits, device=codes.device, dtype=torch.uint8)
+    unpacked = (codes.view(-1, 1) >> shifts) & code_mask
+    unpacked = unpacked.reshape(-1)
+    # Pad or crop the codes to whole groups so each row meets its (min, scale).
+    unpacked = torch.nn.functional.pad(unpacked, (0, groups * group_size - unpacked.numel()))
+    unpacked = unpacked.view(groups, group_size).to(torch.float32)
+    decoded = unpacked * scales.float()[:, None] + mins.float()[:, None]
+    return decoded.reshape(-1)[:numel].to(dtype).reshape(shape)
+
+
+def _pack_codes(codes: torch.Tensor, numel: int, bits: int) -> torch.Tensor:
+    per_byte = 8 // bits
+    nbytes = math.ceil(numel * bits / 8)
+    codes = torch.nn.functional.pad(codes[:numel], (0, nbytes * per_byte - numel))
+    codes = codes.view(nbytes, per_byte)
+    packed = codes[:, 0].clone()
+    for j in range(1, per_byte):
+        packed |= codes[:, j] << (j * bits)
+    return packed
