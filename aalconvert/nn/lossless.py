@@ -1,0 +1,381 @@
+"""Lossless layer variants: the same forward and bit-identical gradients, less kept for backward.
+
+methods.md section 4. Each variant keeps only what its backward truly needs:
+
+- ``MaskReLU``: 1 bit per element (``y > 0``) instead of the output ``y``.
+- ``MaskDropout``: the keep-mask as 1 bit per element instead of the scaled
+  mask in the input's dtype (CPU) or a bool byte per element (CUDA).
+- ``CompactMaxPool2d``: the argmax as a uint8 offset inside its pooling window
+  (1 byte per output element) instead of the input plus int64 indices
+  (itemsize + 8 bytes per element).
+
+Masks are packed in the tensor's memory order, so channels_last tensors are
+packed without a copy and unpacked back into the same strides. Forward values,
+random draws and gradients are those of the torch module: the forward calls the
+same torch ops, the backward calls the same torch backward ops on rebuilt
+inputs. None of the kept tensors is visible to the caller, so modifying a
+variant's input or output in place after the forward cannot corrupt its
+gradient.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.utils import _pair
+
+from aalconvert.errors import ConversionError
+from aalconvert.kernels import pack_bits, unpack_bits
+
+MAX_POOL_WINDOW_ELEMENTS = 256
+"""Largest pooling window (kernel_h * kernel_w elements) whose offsets fit in one uint8."""
+
+_FUSED_DROPOUT_DEVICES = ("cuda", "xpu")
+"""Devices where torch's dropout runs the fused ``native_dropout`` kernel (bool mask)."""
+
+
+class _PackedLayout:
+    """How a tensor was packed: the permutation that made it contiguous and its shape then.
+
+    ``order`` is None when the tensor was packed in logical (row-major) order.
+    """
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.shape = tuple(tensor.shape)
+        self.order: tuple[int, ...] | None = None
+        if tensor.is_contiguous() or tensor.dim() < 2:
+            return
+        order = sorted(range(tensor.dim()), key=lambda d: -tensor.stride(d))
+        if tensor.permute(order).is_contiguous():
+            self.order = tuple(order)
+
+    def in_memory_order(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` viewed so that row-major order is its memory order (a view, no copy)."""
+        return tensor if self.order is None else tensor.permute(self.order)
+
+    def pack(self, bits: torch.Tensor) -> torch.Tensor:
+        """Pack a bool or float tensor laid out like the one this layout was made from."""
+        return pack_bits(self.in_memory_order(bits))
+
+    def unpack(self, packed: torch.Tensor, decode: str, dtype: torch.dtype) -> torch.Tensor:
+        """Unpack into the logical shape, with the strides of the packed tensor."""
+        if self.order is None:
+            return unpack_bits(packed, self.shape, decode=decode, dtype=dtype)
+        permuted_shape = tuple(self.shape[d] for d in self.order)
+        bits = unpack_bits(packed, permuted_shape, decode=decode, dtype=dtype)
+        inverse = [0] * len(self.order)
+        for position, dim in enumerate(self.order):
+            inverse[dim] = position
+        return bits.permute(inverse)
+
+
+def _needs_autograd(tensor: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and tensor.requires_grad
+
+
+# --------------------------------------------------------------------------- ReLU
+
+
+class MaskReLUFunction(torch.autograd.Function):
+    """ReLU keeping 1 bit per element; backward is torch's ``threshold_backward`` exactly.
+
+    The bit is ``not (y <= 0)``, the complement of the test torch's backward
+    applies, so a NaN output passes its gradient just as in torch.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, inplace: bool) -> torch.Tensor:
+        if inplace:
+            y = torch.relu_(x)
+            ctx.mark_dirty(x)
+        else:
+            y = torch.relu(x)
+        layout = _PackedLayout(y)
+        ctx.layout = layout
+        ctx.save_for_backward(layout.pack(y.le(0).logical_not_()))
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (packed,) = ctx.saved_tensors
+        keep = ctx.layout.unpack(packed, "bool", torch.bool)
+        return torch.where(keep, grad_output, 0), None
+
+
+class MaskReLU(nn.ReLU):
+    """``nn.ReLU`` that keeps a 1-bit mask (ceil(N / 8) bytes) instead of its output (N elements).
+
+    Forward and gradient are bit-identical to ``nn.ReLU``; ``inplace`` is honoured.
+    Without autograd (eval under no_grad, or an input that needs no gradient)
+    it is plain ``F.relu``.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not _needs_autograd(input):
+            return F.relu(input, inplace=self.inplace)
+        return MaskReLUFunction.apply(input, self.inplace)
+
+    @classmethod
+    def from_module(cls, module: nn.ReLU) -> "MaskReLU":
+        """Build from an ``nn.ReLU`` (no parameters to share), keeping ``inplace``."""
+        if not isinstance(module, nn.ReLU):
+            raise ConversionError(
+                f"MaskReLU.from_module expects an nn.ReLU, got {type(module).__name__}"
+            )
+        converted = cls(inplace=module.inplace)
+        converted.train(module.training)
+        return converted
+
+    def to_module(self) -> nn.ReLU:
+        """The plain ``nn.ReLU`` with the same settings."""
+        plain = nn.ReLU(inplace=self.inplace)
+        plain.train(self.training)
+        return plain
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, keeps=1-bit mask".lstrip(", ")
+
+
+# ------------------------------------------------------------------------ Dropout
+
+
+class MaskDropoutFunction(torch.autograd.Function):
+    """Training-mode dropout with 0 < p < 1 that keeps its keep-mask as 1 bit per element.
+
+    It repeats torch's own dropout ops, so the random draws, the output and the
+    gradient are those of ``F.dropout`` under the same RNG state:
+    on CUDA/XPU ``native_dropout`` (backward ``native_dropout_backward``),
+    elsewhere ``noise = bernoulli(1 - p) / (1 - p)``, ``y = x * noise``
+    (backward ``g * noise``, with the noise rebuilt from the bits).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float, inplace: bool) -> torch.Tensor:
+        ctx.p = p
+        ctx.fused = x.device.type in _FUSED_DROPOUT_DEVICES
+        if ctx.fused:
+            y, keep = torch.native_dropout(x, p, True)
+            ctx.layout = _PackedLayout(keep)
+            packed = ctx.layout.pack(keep)
+            if inplace:
+                y = x.copy_(y)
+        else:
+            noise = torch.empty_like(x).bernoulli_(1 - p)
+            ctx.layout = _PackedLayout(noise)
+            packed = ctx.layout.pack(noise)
+            noise.div_(1 - p)
+            y = x.mul_(noise) if inplace else x * noise
+        if inplace:
+            ctx.mark_dirty(x)
+        ctx.save_for_backward(packed)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (packed,) = ctx.saved_tensors
+        scale = 1.0 / (1.0 - ctx.p)
+        if ctx.fused:
+            keep = ctx.layout.unpack(packed, "bool", torch.bool)
+            grad_input = torch.ops.aten.native_dropout_backward(grad_output, keep, scale)
+        else:
+            noise = ctx.layout.unpack(packed, "binary", grad_output.dtype).div_(1 - ctx.p)
+            grad_input = grad_output * noise
+        return grad_input, None, None
+
+
+class MaskDropout(nn.Dropout):
+    """``nn.Dropout`` that keeps its keep-mask as 1 bit per element (ceil(N / 8) bytes).
+
+    Same random draws, output and gradient as ``nn.Dropout`` under the same RNG
+    state. Eval mode, p = 0, p = 1 and inputs that need no gradient go straight
+    to ``F.dropout`` (which then keeps nothing of size N anyway).
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p in (0.0, 1.0) or not _needs_autograd(input):
+            return F.dropout(input, self.p, self.training, self.inplace)
+        if input.numel() == 0:
+            return F.dropout(input, self.p, self.training, self.inplace)
+        return MaskDropoutFunction.apply(input, self.p, self.inplace)
+
+    @classmethod
+    def from_module(cls, module: nn.Dropout) -> "MaskDropout":
+        """Build from an ``nn.Dropout`` with the same ``p``, ``inplace`` and train/eval mode."""
+        if type(module) is not nn.Dropout and not isinstance(module, MaskDropout):
+            raise ConversionError(
+                f"MaskDropout.from_module expects an nn.Dropout, got {type(module).__name__} "
+                "(Dropout1d/2d/3d and AlphaDropout drop differently and are not supported)"
+            )
+        converted = cls(p=module.p, inplace=module.inplace)
+        converted.train(module.training)
+        return converted
+
+    def to_module(self) -> nn.Dropout:
+        """The plain ``nn.Dropout`` with the same settings."""
+        plain = nn.Dropout(p=self.p, inplace=self.inplace)
+        plain.train(self.training)
+        return plain
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, keeps=1-bit mask"
+
+
+# ------------------------------------------------------------------------ MaxPool
+
+
+def _window_starts(
+    out: torch.Tensor, stride: tuple[int, int], padding: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input row / column (int64) where each output row / column's window starts."""
+    rows = torch.arange(out.shape[-2], device=out.device).mul_(stride[0]).sub_(padding[0])
+    cols = torch.arange(out.shape[-1], device=out.device).mul_(stride[1]).sub_(padding[1])
+    return rows.unsqueeze(1), cols
+
+
+def _indices_to_offsets(
+    indices: torch.Tensor,
+    out: torch.Tensor,
+    input_width: int,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> torch.Tensor:
+    """torch's flat input-plane indices (int64) -> position inside the window (uint8)."""
+    rows, cols = _window_starts(out, stride, padding)
+    row = torch.div(indices, input_width, rounding_mode="floor")
+    col = indices - row * input_width
+    window_row = (row - rows).div_(dilation[0], rounding_mode="floor")
+    window_col = (col - cols).div_(dilation[1], rounding_mode="floor")
+    return window_row.mul_(kernel_size[1]).add_(window_col).to(torch.uint8)
+
+
+def _offsets_to_indices(
+    offsets: torch.Tensor,
+    input_width: int,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> torch.Tensor:
+    """Inverse of ``_indices_to_offsets``: window positions (uint8) -> flat indices (int64)."""
+    rows, cols = _window_starts(offsets, stride, padding)
+    offsets = offsets.long()
+    window_row = torch.div(offsets, kernel_size[1], rounding_mode="floor")
+    window_col = offsets - window_row * kernel_size[1]
+    row = window_row.mul_(dilation[0]).add_(rows)
+    col = window_col.mul_(dilation[1]).add_(cols)
+    return row.mul_(input_width).add_(col)
+
+
+def _memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+class CompactMaxPool2dFunction(torch.autograd.Function):
+    """2-D max pooling keeping only the argmax offset inside each window (uint8).
+
+    Forward is torch's ``max_pool2d_with_indices`` (so ties and NaNs pick what
+    torch picks); the int64 indices are turned into window offsets, and back in
+    backward, which then runs torch's ``max_pool2d_with_indices_backward``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, kernel_size, stride, padding, dilation, ceil_mode):
+        out, indices = torch.ops.aten.max_pool2d_with_indices(
+            x, kernel_size, stride, padding, dilation, ceil_mode
+        )
+        geometry = (kernel_size, stride, padding, dilation)
+        offsets = _indices_to_offsets(indices, out, x.shape[-1], *geometry)
+        del indices
+        ctx.geometry = geometry
+        ctx.ceil_mode = ceil_mode
+        ctx.input_shape = x.shape
+        ctx.input_format = _memory_format_of(x)
+        ctx.save_for_backward(offsets)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (offsets,) = ctx.saved_tensors
+        kernel_size, stride, padding, dilation = ctx.geometry
+        indices = _offsets_to_indices(offsets, ctx.input_shape[-1], *ctx.geometry)
+        grad_input = torch.empty(
+            ctx.input_shape,
+            dtype=grad_output.dtype,
+            device=grad_output.device,
+            memory_format=ctx.input_format,
+        )
+        # The op reads only the sizes of its `self` argument, so the output buffer stands in.
+        torch.ops.aten.max_pool2d_with_indices_backward.grad_input(
+            grad_output, grad_input, kernel_size, stride, padding, dilation,
+            ctx.ceil_mode, indices, grad_input=grad_input,
+        )
+        return grad_input, None, None, None, None, None
+
+
+class CompactMaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` that keeps 1 byte per output element for backward.
+
+    torch keeps the input (itemsize bytes per input element) and int64 indices
+    (8 bytes per output element); this keeps only the argmax offset inside its
+    window as uint8. Any kernel/stride/padding/dilation/ceil_mode whose window
+    has at most 256 elements. ``return_indices=True`` is refused by
+    ``from_module`` (its caller needs the int64 indices, e.g. for MaxUnpool2d);
+    leave such a module as it is.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.return_indices or not _needs_autograd(input):
+            return super().forward(input)
+        kernel_size = _pair(self.kernel_size)
+        _check_window(kernel_size, type(self).__name__)
+        stride = _pair(self.stride if self.stride is not None else self.kernel_size)
+        return CompactMaxPool2dFunction.apply(
+            input, kernel_size, stride, _pair(self.padding), _pair(self.dilation), self.ceil_mode
+        )
+
+    @classmethod
+    def from_module(cls, module: nn.MaxPool2d) -> "CompactMaxPool2d":
+        """Build from an ``nn.MaxPool2d`` with the same settings and train/eval mode."""
+        if not isinstance(module, nn.MaxPool2d):
+            raise ConversionError(
+                f"CompactMaxPool2d.from_module expects an nn.MaxPool2d, got {type(module).__name__}"
+            )
+        if module.return_indices:
+            raise ConversionError(
+                "CompactMaxPool2d cannot convert an nn.MaxPool2d with return_indices=True: "
+                "its caller uses the int64 indices (e.g. MaxUnpool2d); leave this module as it is"
+            )
+        _check_window(_pair(module.kernel_size), "nn.MaxPool2d")
+        converted = cls(
+            module.kernel_size, module.stride, module.padding, module.dilation,
+            return_indices=False, ceil_mode=module.ceil_mode,
+        )
+        converted.train(module.training)
+        return converted
+
+    def to_module(self) -> nn.MaxPool2d:
+        """The plain ``nn.MaxPool2d`` with the same settings."""
+        plain = nn.MaxPool2d(
+            self.kernel_size, self.stride, self.padding, self.dilation,
+            return_indices=self.return_indices, ceil_mode=self.ceil_mode,
+        )
+        plain.train(self.training)
+        return plain
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, keeps=uint8 window offset"
+
+
+def _check_window(kernel_size: tuple[int, int], where: str) -> None:
+    elements = math.prod(kernel_size)
+    if elements > MAX_POOL_WINDOW_ELEMENTS:
+        raise ConversionError(
+            f"{where} with kernel_size={kernel_size} has a {elements}-element window; "
+            f"CompactMaxPool2d stores the argmax offset in one byte, so the window may hold "
+            f"at most {MAX_POOL_WINDOW_ELEMENTS} elements: leave this module as nn.MaxPool2d"
+        )
