@@ -1,0 +1,195 @@
+"""ASA: auxiliary sign activation (methods.md section 2).
+
+An ASA layer computes ``y = layer(x + eps * s)`` in train and eval, where
+``s = sign(x)`` in {-1, +1} (``x <= 0`` gives -1; variant ``"sign"``) or
+``s = 1[x > 0]`` in {0, 1} (variant ``"relu"``, for inputs straight from a
+ReLU). For backward it keeps only ``s`` packed to 1 bit per element
+(``ceil(N / 8)`` bytes for an N-element input), never ``x``:
+``dW = lr_expansion * eps * conv_weight_grad(s, g)`` (linear:
+``lr_expansion * eps * g^T s``), ``dx = g W`` (exact for the perturbed forward,
+since ``s`` is piecewise constant) and ``db = sum(g)``.
+
+Layers reading the same input (Q, K, V) should share one packed mask: compute
+it once with ``pack_sign`` (or the ``ASASignPack`` module) and pass it to each
+layer as ``packed_sign``; all of them then save that same tensor.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from aalconvert.errors import ConversionError
+from aalconvert.kernels import pack_bits, packed_nbytes, unpack_bits
+from aalconvert.nn.ara import (
+    WeightedGeometry,
+    add_batch_dim,
+    check_convertible,
+    needs_autograd,
+    saved_tensors_or_raise,
+    share_parameters,
+)
+
+SIGN_VARIANTS = ("sign", "relu")
+_DECODING = {"sign": "sign", "relu": "binary"}
+_OPTIONS = ("eps", "lr_expansion", "variant")
+
+
+def pack_sign(x: torch.Tensor) -> torch.Tensor:
+    """The 1-bit mask ``x > 0`` of ``x`` as ``ceil(x.numel() / 8)`` uint8 bytes.
+
+    Both variants share it: ``"sign"`` decodes a bit as -1/+1, ``"relu"`` as 0/1.
+    """
+    return pack_bits(x.detach())
+
+
+def auxiliary_sign(x: torch.Tensor, variant: str) -> torch.Tensor:
+    """``s`` of ``x`` in ``x``'s dtype: -1/+1 (``"sign"``, x <= 0 -> -1) or 0/1 (``"relu"``)."""
+    positive = (x > 0).to(x.dtype)
+    return positive * 2 - 1 if variant == "sign" else positive
+
+
+class ASASignPack(nn.Module):
+    """Packs an input's sign once for every ASA layer that reads that input.
+
+    Returns ``pack_sign(x)``, or ``None`` when autograd is off (nothing will be
+    saved then, so nothing is packed); ASA layers accept either.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        return pack_sign(x) if torch.is_grad_enabled() else None
+
+
+def validate_options(eps: float, lr_expansion: float, variant: str, where: str) -> None:
+    """ConversionError unless eps and lr_expansion are finite positive numbers and variant is known."""
+    for name, value in (("eps", eps), ("lr_expansion", lr_expansion)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConversionError(f"{where}: {name} must be a number, got {value!r}")
+        if not math.isfinite(value) or value <= 0:
+            raise ConversionError(f"{where}: {name} must be a finite number > 0, got {value!r}")
+    if variant not in SIGN_VARIANTS:
+        raise ConversionError(
+            f"{where}: variant must be one of {SIGN_VARIANTS} ('relu' for inputs coming "
+            f"straight from a ReLU), got {variant!r}"
+        )
+
+
+class ASAFunction(torch.autograd.Function):
+    """Forward ``layer(x + eps*s)``; saves the packed sign and the weight, not ``x``."""
+
+    @staticmethod
+    def forward(ctx, x, packed_sign, weight, bias, geometry, eps, lr_expansion, variant, layer):
+        ctx.geometry = geometry
+        ctx.input_shape = tuple(x.shape)
+        ctx.weight_scale = lr_expansion * eps
+        ctx.variant = variant
+        ctx.layer = layer
+        ctx.save_for_backward(packed_sign, weight)
+        perturbed = torch.add(x, auxiliary_sign(x, variant), alpha=eps)
+        return geometry.forward(perturbed, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        packed_sign, weight = saved_tensors_or_raise(
+            ctx, ctx.layer, "the packed ASA sign mask or this layer's weight"
+        )
+        need_dx, _, need_dw, need_db = ctx.needs_input_grad[:4]
+        if need_dw:
+            sign = unpack_bits(
+                packed_sign,
+                ctx.input_shape,
+                decode=_DECODING[ctx.variant],
+                dtype=grad_output.dtype,
+            )
+        else:
+            sign = grad_output.new_empty(1).expand(ctx.input_shape)
+        dx, dw, db = ctx.geometry.gradients(grad_output, sign, weight, (need_dx, need_dw, need_db))
+        if dw is not None:
+            dw = dw * ctx.weight_scale
+        return dx, None, dw, db, None, None, None, None, None
+
+
+class _ASAMixin:
+    """Shared forward/conversion of the ASA layers (mixed in before the torch class)."""
+
+    _torch_base: type[nn.Module]
+    eps: float
+    lr_expansion: float
+    variant: str
+
+    @classmethod
+    def from_module(
+        cls,
+        module: nn.Module,
+        *,
+        eps: float = 0.01,
+        lr_expansion: float = 100.0,
+        variant: str = "sign",
+    ):
+        """The ASA variant of ``module``, sharing its Parameters (a missing bias stays missing).
+
+        ``eps`` is the perturbation size (input units), ``lr_expansion`` scales
+        the weight gradient, ``variant`` is ``"sign"`` or ``"relu"``.
+        """
+        validate_options(eps, lr_expansion, variant, f"{cls.__name__}.from_module")
+        check_convertible(module, (cls._torch_base,))
+        WeightedGeometry.of(module)
+        new = share_parameters(module, cls)
+        new.eps = float(eps)
+        new.lr_expansion = float(lr_expansion)
+        new.variant = variant
+        return new
+
+    def to_module(self) -> nn.Module:
+        """The plain torch layer with the same Parameters (ASA options dropped)."""
+        return share_parameters(self, self._torch_base, skip=_OPTIONS)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, eps={self.eps}, lr_expansion={self.lr_expansion}, "
+            f"variant={self.variant!r}"
+        )
+
+    def forward(self, x: torch.Tensor, packed_sign: torch.Tensor | None = None) -> torch.Tensor:
+        """``layer(x + eps*s)``; ``packed_sign`` is ``pack_sign(x)`` shared with other readers of ``x``."""
+        layer = type(self).__name__
+        geometry = WeightedGeometry.of(self)
+        if not needs_autograd(x, self):
+            return super().forward(torch.add(x, auxiliary_sign(x, self.variant), alpha=self.eps))
+        if packed_sign is None:
+            packed_sign = pack_sign(x)
+        elif (
+            packed_sign.dtype != torch.uint8
+            or packed_sign.numel() != packed_nbytes(x.numel())
+            or packed_sign.device != x.device
+        ):
+            raise ConversionError(
+                f"{layer}: packed_sign is {packed_sign.numel()} {packed_sign.dtype} values on "
+                f"{packed_sign.device}, but an input of shape {tuple(x.shape)} on {x.device} "
+                f"needs {packed_nbytes(x.numel())} uint8 bytes: pass pack_sign(x) of this "
+                "layer's own input"
+            )
+        unbatched = add_batch_dim(geometry, x)
+        y = ASAFunction.apply(
+            x.unsqueeze(0) if unbatched else x, packed_sign, self.weight, self.bias, geometry,
+            self.eps, self.lr_expansion, self.variant, layer,
+        )
+        return y.squeeze(0) if unbatched else y
+
+
+class ASALinear(_ASAMixin, nn.Linear):
+    """nn.Linear on ``x + eps*s`` keeping a 1-bit sign of ``x`` (any leading dims, 1-D too)."""
+
+    _torch_base = nn.Linear
+
+
+class ASAConv1d(_ASAMixin, nn.Conv1d):
+    """nn.Conv1d on ``x + eps*s`` keeping a 1-bit sign of ``x``."""
+
+    _torch_base = nn.Conv1d
+
+
+class ASAConv2d(_ASAMixin, nn.Conv2d):
+    """nn.Conv2d on ``x + eps*s`` keeping a 1-bit sign of ``x``."""
+
+    _torch_base = nn.Conv2d
