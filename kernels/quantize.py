@@ -40,6 +40,8 @@ SUPPORTED_BITS = (8, 4, 2)
 SUPPORTED_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SUPPORTED_SCALE_DTYPES = (torch.float16, torch.bfloat16)
 SEED_LIMIT = 2**63
+# The NaN stored as min and scale of a group holding inf/NaN (quiet NaN, no payload).
+NAN_BITS = {torch.float16: 0x7E00, torch.bfloat16: 0x7FC0}
 _MASK32 = 0xFFFFFFFF
 
 
@@ -275,8 +277,9 @@ def quantize_reference(
     step = (high - mins.float()) / levels
     scales = step_toward(step.to(scale_dtype), step, +1)
     good = finite & mins.isfinite() & scales.isfinite()
-    mins = torch.where(good, mins, math.nan)
-    scales = torch.where(good, scales, math.nan)
+    nan = torch.tensor(NAN_BITS[scale_dtype], dtype=torch.int16, device=x.device)
+    mins = torch.where(good, mins.view(torch.int16), nan).view(scale_dtype)
+    scales = torch.where(good, scales.view(torch.int16), nan).view(scale_dtype)
 
     if stochastic:
         index = torch.arange(groups * group_size, device=x.device, dtype=torch.int64)
