@@ -36,6 +36,10 @@ _NORM_FUNCTIONS = (F.layer_norm, F.batch_norm, F.group_norm, F.instance_norm, F.
 _ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.ELU, nn.Mish,
                        nn.Hardswish)
 _ACTIVATION_FUNCTIONS = _RELU_FUNCTIONS + (F.relu6, F.leaky_relu, F.gelu, F.silu, F.elu, torch.tanh)
+_METADATA_FUNCTIONS = (torch.ones_like, torch.zeros_like, torch.empty_like, torch.full_like,
+                       torch.rand_like, torch.randn_like)
+_METADATA_ATTRIBUTES = ("shape", "dtype", "device", "ndim", "layout")
+_METADATA_METHODS = ("size", "dim", "new_zeros", "new_ones", "new_empty", "new_full")
 _PROJECTION_MAX_DEPTH = 8  # nodes walked back from a shortcut operand looking for the block input
 
 
@@ -180,6 +184,15 @@ def _producer(region: Region, node: fx.Node) -> tuple[str, str | None]:
     return (target if isinstance(target, str) else getattr(target, "__name__", str(target))), None
 
 
+def _reads_metadata_only(node: fx.Node) -> bool:
+    """True for ops that read only shape/dtype/device of their inputs (``ones_like(x)``, ``x.size()``):
+    such an edge is no data dependence."""
+    if node.op == "call_function":
+        return node.target in _METADATA_FUNCTIONS or (
+            node.target is getattr and len(node.args) > 1 and node.args[1] in _METADATA_ATTRIBUTES)
+    return node.op == "call_method" and node.target in _METADATA_METHODS
+
+
 class _Order:
     """Graph positions, so a backward walk can stop at nodes older than its source."""
 
@@ -198,7 +211,8 @@ class _Order:
             if node in backward or self.index[node] < low:
                 continue
             backward.add(node)
-            stack.extend(node.all_input_nodes)
+            if not _reads_metadata_only(node):
+                stack.extend(node.all_input_nodes)
         if source not in backward:
             return set()
         forward: set[fx.Node] = set()
@@ -272,6 +286,8 @@ def _projection(region: Region, order: _Order, operand: fx.Node,
         node = inputs[0]
         branch = order.between(node, other)
         if branch:
+            if branch & chain:  # the other operand reads the chain: no separate shortcut
+                return None
             if _weighted_in(region, chain) and _weighted_in(region, branch - {node}):
                 return node, chain
             return None
