@@ -270,7 +270,8 @@ def _offsets_to_indices(
 
 
 def _memory_format_of(x: torch.Tensor) -> torch.memory_format:
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    if channels_last and not x.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
 

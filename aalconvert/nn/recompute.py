@@ -1,0 +1,419 @@
+"""Weighted layers that rebuild their input from a cheap norm/activation chain in backward.
+
+methods.md section 4, "cheap recomputation". A Linear or Conv whose input
+``x = chain(z)`` comes from a short chain of norms and activations (BN -> ReLU,
+LayerNorm, GELU, ...) needs ``x`` only for its weight gradient. The chain's
+first module keeps ``z`` anyway (BN, LayerNorm and GELU all save their input),
+so the layer keeps ``z`` -- the same storage, counted once -- instead of ``x``
+and rebuilds ``x = chain(z)`` under ``no_grad`` in backward. No matmul or
+convolution is recomputed: backward calls the very backward ops torch's
+autograd would (``mm`` / ``convolution_backward`` on the same operands), so
+every gradient is bit-identical to the plain layer's.
+
+Calling convention (what a torch.fx rewrite produces)
+-----------------------------------------------------
+The graph computes ``z -> m_1 -> ... -> m_k -> x -> layer``. Keep every node
+as it is and
+
+1. ``layer = RecomputedInputConv2d.from_module(conv)`` (or ...Linear, ...Conv1d,
+   ...Conv3d), installed under the same name, so the Parameters, hooks and
+   state_dict keys stay those of ``conv``;
+2. ``layer.set_chain(m_1, ..., m_k)`` with the modules the chain nodes call,
+   in order (they stay registered where they are: the chain is a plain tuple
+   attribute, not a child, so nothing is registered twice);
+3. replace the call ``layer(x)`` by ``layer(x, z)``, where ``z`` is the first
+   argument of the ``m_1`` node.
+
+``forward(input, chain_input=None)``: ``input`` is ``x`` as computed by the
+chain (its autograd, which keeps ``z``, stays untouched); ``chain_input`` is
+``z``. Without ``chain_input``, without autograd, or when the weight needs no
+gradient, the layer is the plain torch layer. The caller guarantees
+``input == chain(chain_input)``; shape and dtype are checked in backward, the
+values are not. Chain modules must be deterministic and stateless apart from
+batch-norm running statistics (allowed types in ``CHAIN_MODULE_TYPES``);
+rebuilding a training-mode batch norm uses the batch statistics of ``z``
+again and leaves the running statistics alone. The chain's parameters must
+not change between forward and backward (the same holds for the layer's own
+weight in plain torch).
+
+Forward and backward run in the autocast state of the forward, so mixed
+precision gives the gradients plain torch gives.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from aalconvert.errors import ConversionError, SavedTensorModifiedError
+
+CHAIN_MODULE_TYPES: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.RMSNorm,
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.Hardtanh,
+    nn.GELU,
+    nn.SiLU,
+    nn.Hardswish,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Identity,
+)
+"""Modules a chain may hold: deterministic, and cheap to run again (elementwise or a norm)."""
+
+
+# ------------------------------------------------------------------ the chain
+
+
+def _validate_chain(chain: tuple[nn.Module, ...], where: str) -> None:
+    if not chain:
+        raise ConversionError(f"{where}: set_chain needs at least one module (norm or activation)")
+    for position, module in enumerate(chain):
+        if not isinstance(module, CHAIN_MODULE_TYPES):
+            allowed = ", ".join(t.__name__ for t in CHAIN_MODULE_TYPES)
+            raise ConversionError(
+                f"{where}: chain module {position} is {type(module).__name__}, which cannot be "
+                f"rebuilt exactly in backward; allowed: {allowed}"
+            )
+    if getattr(chain[0], "inplace", False):
+        raise ConversionError(
+            f"{where}: the first chain module {type(chain[0]).__name__} is in place, so it "
+            "overwrites the chain input; give the module before it as the chain start, or "
+            "convert it with inplace=False"
+        )
+
+
+def _rebuild_module(module: nn.Module, training: bool, x: torch.Tensor) -> torch.Tensor:
+    """One chain step with the forward's train/eval mode, never touching running statistics."""
+    if not isinstance(module, _BatchNorm):
+        return module(x)
+    # Mirrors _BatchNorm.forward, with throwaway copies of the running statistics
+    # so that the same kernel runs as in the forward and nothing is updated twice.
+    use_running = not training or module.track_running_stats
+    running_mean = module.running_mean if use_running else None
+    running_var = module.running_var if use_running else None
+    batch_stats = training or (running_mean is None and running_var is None)
+    if batch_stats and running_mean is not None:
+        running_mean, running_var = running_mean.clone(), running_var.clone()
+    return F.batch_norm(
+        x, running_mean, running_var, module.weight, module.bias, batch_stats, 0.0, module.eps
+    )
+
+
+class _ChainRecord:
+    """What backward needs to rebuild ``x = chain(z)`` exactly as the forward made it.
+
+    Rebuilding the same ops on the same ``z`` reproduces ``x``'s values and
+    strides, so the GEMM/convolution backward sees the forward's operands.
+    """
+
+    def __init__(self, chain: tuple[nn.Module, ...], x: torch.Tensor) -> None:
+        self.chain = chain
+        self.training = tuple(module.training for module in chain)
+        self.device_type = x.device.type
+        self.autocast = torch.is_autocast_enabled(self.device_type)
+        self.autocast_dtype = torch.get_autocast_dtype(self.device_type)
+        self.x_shape, self.x_dtype = x.shape, x.dtype
+
+    def rebuild(self, z: torch.Tensor, where: str) -> torch.Tensor:
+        with torch.no_grad(), torch.autocast(
+            self.device_type, dtype=self.autocast_dtype, enabled=self.autocast
+        ):
+            x = z
+            for module, training in zip(self.chain, self.training):
+                x = _rebuild_module(module, training, x)
+        if x.shape != self.x_shape or x.dtype != self.x_dtype:
+            raise ConversionError(
+                f"{where}: the chain rebuilt a {x.dtype} tensor of shape {tuple(x.shape)} but the "
+                f"layer's input was {self.x_dtype} {tuple(self.x_shape)}; the chain given to "
+                "set_chain does not produce this layer's input"
+            )
+        return x
+
+
+def _saved_tensors(ctx, where: str) -> tuple[torch.Tensor, ...]:
+    """ctx.saved_tensors, with in-place modification reported as SavedTensorModifiedError."""
+    try:
+        return ctx.saved_tensors
+    except RuntimeError as error:
+        if "modified by an inplace operation" not in str(error):
+            raise
+        raise SavedTensorModifiedError(
+            f"{where}: {_modified_name(ctx.saved_shapes, str(error))}, kept to rebuild this "
+            "layer's input in backward, was modified in place after the forward; do not modify "
+            "it between forward and backward (clone it before modifying)"
+        ) from error
+
+
+def _saved_shapes(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> dict:
+    shapes = {"the chain input (the tensor entering the norm/activation chain)": z.shape}
+    shapes["the weight"] = weight.shape
+    if bias is not None:
+        shapes["the bias"] = bias.shape
+    return shapes
+
+
+def _modified_name(shapes: dict, message: str) -> str:
+    """Which saved tensor torch's message is about, told apart by the shape it quotes."""
+    quoted = {name: f"[{', '.join(map(str, shape))}]]" for name, shape in shapes.items()}
+    matches = [name for name, text in quoted.items() if text in message]
+    return " or ".join(matches or shapes)
+
+
+# ---------------------------------------------------------------------- linear
+
+
+def _fold_to_2d(t: torch.Tensor, addmm: bool) -> torch.Tensor:
+    """The 2-D operand torch's ``linear`` hands to ``mm``/``addmm`` for this input or gradient."""
+    if t.dim() == 2:
+        return t
+    if t.dim() == 1:
+        return t.reshape(1, -1) if addmm else t.unsqueeze(0)
+    return t.reshape(-1, t.shape[-1])
+
+
+def _folded_stride(x: torch.Tensor, addmm: bool) -> tuple[int, ...]:
+    """Strides of ``_fold_to_2d(x)``, without the copy ``reshape`` makes when no view exists."""
+    if x.dim() != 2 and x.dim() != 1:
+        try:
+            return x.view(-1, x.shape[-1]).stride()
+        except RuntimeError:  # reshape copies into a fresh row-major tensor
+            return (x.shape[-1], 1)
+    return _fold_to_2d(x, addmm).stride()
+
+
+class RecomputedInputLinearFunction(torch.autograd.Function):
+    """``F.linear(x, W, b)`` keeping ``z`` instead of ``x``; backward mirrors torch's exactly.
+
+    torch's ``linear`` runs ``addmm`` on ``x`` folded to 2-D when there is a
+    bias and ``x`` is 2-D or contiguous, else ``mm`` on the folded ``x`` and then
+    adds the bias; backward applies the ``mm``/``addmm`` backward formulas of
+    that path to the same operands.
+    """
+
+    @staticmethod
+    def forward(ctx, layer, x, z, weight, bias):
+        y = F.linear(x, weight, bias)
+        ctx.where = layer.describe()
+        ctx.record = _ChainRecord(layer.chain, x)
+        ctx.addmm = bias is not None and (x.dim() == 2 or x.is_contiguous())
+        ctx.x_2d_stride = _folded_stride(x, ctx.addmm)
+        ctx.compute_dtype = y.dtype
+        ctx.saved_shapes = _saved_shapes(z, weight, bias)
+        ctx.save_for_backward(z, weight, bias)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        z, weight, bias = _saved_tensors(ctx, ctx.where)
+        _, need_x, _, need_weight, need_bias = ctx.needs_input_grad
+        shape = ctx.record.x_shape
+        rows = math.prod(shape[:-1])
+        weight_c = weight.to(ctx.compute_dtype)
+        grad_2d = _fold_to_2d(grad_output, ctx.addmm)
+        grad_x = grad_weight = grad_bias = None
+        if need_x:  # mm_mat1_backward
+            stride = ctx.x_2d_stride
+            if stride[0] == 1 and stride[1] == rows:
+                grad_x = weight_c.t().mm(grad_2d.t()).t()
+            else:
+                grad_x = grad_2d.mm(weight_c)
+            grad_x = grad_x.reshape(shape).to(ctx.record.x_dtype)
+        if need_weight:  # mm_mat2_backward, then the transpose of W.t()
+            x_2d = _fold_to_2d(ctx.record.rebuild(z, ctx.where).to(ctx.compute_dtype), ctx.addmm)
+            if weight_c.stride(1) == 1 and weight_c.stride(0) == weight_c.shape[1]:
+                grad_weight = grad_2d.t().mm(x_2d)
+            else:
+                grad_weight = x_2d.t().mm(grad_2d).t()
+            grad_weight = grad_weight.to(weight.dtype)
+        if need_bias:  # sum_to(grad, bias.shape) of addmm's self, or of the added bias
+            out_features = weight.shape[0]
+            if ctx.addmm:
+                grad_bias = grad_2d.sum(0, keepdim=True).view(out_features)
+            elif grad_output.dim() == 1:
+                grad_bias = grad_output
+            else:
+                leading = list(range(grad_output.dim() - 1))
+                grad_bias = grad_output.sum(leading, keepdim=True).view(out_features)
+            grad_bias = grad_bias.to(bias.dtype)
+        return None, grad_x, None, grad_weight, grad_bias
+
+
+# ------------------------------------------------------------------------ conv
+
+
+class RecomputedInputConvFunction(torch.autograd.Function):
+    """``layer._conv_forward(x, W, b)`` keeping ``z`` instead of ``x``.
+
+    Backward is ``convolution_backward`` with the arguments torch's own
+    ``ConvolutionBackward0`` uses, on the rebuilt ``x``.
+    """
+
+    @staticmethod
+    def forward(ctx, layer, x, z, weight, bias):
+        y = layer._conv_forward(x, weight, bias)
+        ctx.where = layer.describe()
+        ctx.record = _ChainRecord(layer.chain, x)
+        ctx.unbatched = x.dim() == weight.dim() - 1
+        ctx.geometry = (layer.stride, layer.explicit_padding(), layer.dilation, layer.groups)
+        ctx.compute_dtype = y.dtype
+        ctx.saved_shapes = _saved_shapes(z, weight, bias)
+        ctx.save_for_backward(z, weight, bias)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        z, weight, bias = _saved_tensors(ctx, ctx.where)
+        _, need_x, _, need_weight, need_bias = ctx.needs_input_grad
+        record = ctx.record
+        x = record.rebuild(z, ctx.where).to(ctx.compute_dtype)
+        if ctx.unbatched:
+            x, grad_output = x.unsqueeze(0), grad_output.unsqueeze(0)
+        stride, padding, dilation, groups = ctx.geometry
+        grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+            grad_output, x, weight.to(ctx.compute_dtype),
+            None if bias is None else list(bias.shape),
+            list(stride), list(padding), list(dilation), False, [0] * len(stride), groups,
+            [need_x, need_weight, need_bias],
+        )
+        if grad_x is not None:
+            grad_x = (grad_x.squeeze(0) if ctx.unbatched else grad_x).to(record.x_dtype)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
+        return None, grad_x, None, grad_weight, grad_bias
+
+
+# --------------------------------------------------------------------- modules
+
+
+def _rebind(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
+    """A new ``cls`` instance holding ``module``'s state: same Parameter objects, hooks, mode."""
+    converted = cls.__new__(cls)
+    converted.__dict__.update(
+        {key: (value.copy() if isinstance(value, dict) else value)
+         for key, value in module.__dict__.items()}
+    )
+    return converted
+
+
+class _RecomputedInput:
+    """Chain handling shared by the Linear and Conv variants (see the module docstring)."""
+
+    chain: tuple[nn.Module, ...] = ()
+    _plain_type: type[nn.Module]
+    _function: type[torch.autograd.Function]
+
+    @classmethod
+    def from_module(cls, module: nn.Module, chain: tuple[nn.Module, ...] = ()):
+        """Build from a plain layer, sharing its Parameters; ``chain`` as for ``set_chain``."""
+        if type(module) is not cls._plain_type:
+            raise ConversionError(
+                f"{cls.__name__}.from_module expects an nn.{cls._plain_type.__name__}, "
+                f"got {type(module).__name__}"
+            )
+        cls._check_convertible(module)
+        if chain:
+            _validate_chain(tuple(chain), cls.__name__)
+        converted = _rebind(module, cls)
+        converted.chain = tuple(chain)
+        return converted
+
+    @classmethod
+    def _check_convertible(cls, module: nn.Module) -> None:
+        """Refuse settings whose backward this variant cannot mirror exactly."""
+
+    def set_chain(self, *modules: nn.Module) -> None:
+        """Give the modules that compute this layer's input from ``chain_input``, in order."""
+        _validate_chain(tuple(modules), self.describe())
+        self.chain = tuple(modules)
+
+    def to_module(self) -> nn.Module:
+        """The plain torch layer with the same Parameter objects (the chain is dropped)."""
+        plain = _rebind(self, self._plain_type)
+        plain.__dict__.pop("chain", None)
+        return plain
+
+    def describe(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+    def forward(self, input: torch.Tensor, chain_input: torch.Tensor | None = None):
+        """``input`` = chain(``chain_input``); see the module docstring for the convention."""
+        if chain_input is None or not self._uses_rebuild():
+            return self._plain_type.forward(self, input)
+        if not self.chain:
+            raise ConversionError(
+                f"{self.describe()} got a chain_input but no chain: call set_chain(...) "
+                "with the modules that turn chain_input into input"
+            )
+        return self._function.apply(self, input, chain_input, self.weight, self.bias)
+
+    def _uses_rebuild(self) -> bool:
+        return torch.is_grad_enabled() and self.weight.requires_grad
+
+    def extra_repr(self) -> str:
+        chain = " -> ".join(type(module).__name__ for module in self.chain) or "unset"
+        return f"{self._plain_type.extra_repr(self)}, rebuilds input from chain={chain}"
+
+
+class RecomputedInputLinear(_RecomputedInput, nn.Linear):
+    """``nn.Linear`` keeping its chain's input instead of its own (module docstring)."""
+
+    _plain_type = nn.Linear
+    _function = RecomputedInputLinearFunction
+
+
+class _RecomputedInputConv(_RecomputedInput):
+    @classmethod
+    def _check_convertible(cls, module: nn.Module) -> None:
+        if module.padding_mode != "zeros":
+            raise ConversionError(
+                f"{cls.__name__}: padding_mode={module.padding_mode!r} pads the input with a "
+                "separate op that keeps it; only padding_mode='zeros' is supported, leave this "
+                "layer as it is"
+            )
+        if isinstance(module.padding, str) and module.padding == "same":
+            for k, d in zip(module.kernel_size, module.dilation):
+                if d * (k - 1) % 2:
+                    raise ConversionError(
+                        f"{cls.__name__}: padding='same' with kernel_size={module.kernel_size}, "
+                        f"dilation={module.dilation} pads unevenly through a separate op; "
+                        "leave this layer as it is"
+                    )
+
+    def explicit_padding(self) -> tuple[int, ...]:
+        """The per-dimension padding (elements) torch's conv passes to ``convolution``."""
+        if self.padding == "valid":
+            return (0,) * len(self.kernel_size)
+        if self.padding == "same":
+            return tuple(d * (k - 1) // 2 for k, d in zip(self.kernel_size, self.dilation))
+        return tuple(self.padding)
+
+
+class RecomputedInputConv1d(_RecomputedInputConv, nn.Conv1d):
+    """``nn.Conv1d`` keeping its chain's input instead of its own (module docstring)."""
+
+    _plain_type = nn.Conv1d
+    _function = RecomputedInputConvFunction
+
+
+class RecomputedInputConv2d(_RecomputedInputConv, nn.Conv2d):
+    """``nn.Conv2d`` keeping its chain's input instead of its own (module docstring)."""
+
+    _plain_type = nn.Conv2d
+    _function = RecomputedInputConvFunction
+
+
+class RecomputedInputConv3d(_RecomputedInputConv, nn.Conv3d):
+    """``nn.Conv3d`` keeping its chain's input instead of its own (module docstring)."""
+
+    _plain_type = nn.Conv3d
+    _function = RecomputedInputConvFunction
