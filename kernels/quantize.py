@@ -24,9 +24,10 @@ Layout (this torch reference defines it; the Triton kernel matches it byte for b
 
 Special groups: a group whose elements all equal one value representable in
 ``scale_dtype`` gets scale 0 and decodes exactly. A group containing inf or NaN,
-or whose min or step overflows ``scale_dtype`` (e.g. |x| > 65504 with fp16
-scales: use bf16 there), stores NaN as min and scale and codes 0: the whole
-group decodes to NaN, and no other group is affected.
+or whose rounded-down min or rounded-up step overflows ``scale_dtype`` (with
+fp16: a minimum below -65504 or a range above about 1.6e7; use bf16 there),
+stores NaN as min and scale and codes 0: the whole group decodes to NaN, and no
+other group is affected.
 """
 
 import math

@@ -1,0 +1,335 @@
+"""k-bit group quantization: the reference layout, its error bounds, and Triton held to it.
+
+Without CUDA the Triton kernels run in the interpreter (tests/conftest.py), so
+sizes stay small and hypothesis example counts low.
+"""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from aalconvert.kernels import QuantizedTensor, dequantize, quantize, quantized_nbytes
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SCALE_DTYPES = (torch.float16, torch.bfloat16)
+BITS = (8, 4, 2)
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality of two tensors of one dtype (NaN payloads included)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def same_values_nan_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality except that any NaN equals any NaN (payloads differ across backends)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    nan = a.isnan()
+    if not torch.equal(nan, b.isnan()):
+        return False
+    return same_bytes(torch.where(nan, 0, a), torch.where(nan, 0, b))
+
+
+def assert_backends_agree(x: torch.Tensor, **options) -> QuantizedTensor:
+    triton = quantize(x, backend="triton", **options)
+    reference = quantize(x, backend="reference", **options)
+    for name, a, b in zip(("codes", "mins", "scales"), triton.tensors(), reference.tensors()):
+        assert same_bytes(a, b), f"{name} differ for {tuple(x.shape)} {x.dtype} {options}"
+    decoded_triton = dequantize(reference, backend="triton")
+    decoded_reference = dequantize(reference, backend="reference")
+    assert same_values_nan_equal(decoded_triton, decoded_reference)
+    return reference
+
+
+def group_steps(q: QuantizedTensor) -> torch.Tensor:
+    """The step of each element's group, in the logical order of the original shape."""
+    numel = math.prod(q.shape)
+    return q.scales.float().repeat_interleave(q.group_size)[:numel].view(q.shape)
+
+
+def assert_within_half_step(x: torch.Tensor, q: QuantizedTensor, decoded: torch.Tensor) -> None:
+    """|decoded - x| <= step / 2, plus fp32 rounding and the output dtype's own rounding."""
+    x32, y32 = x.float(), decoded.float()
+    output_rounding = y32.abs() * torch.finfo(x.dtype).eps / 2
+    bound = group_steps(q) / 2 * (1 + 1e-5) + output_rounding + 1e-30
+    assert ((y32 - x32).abs() <= bound).all()
+
+
+def awkward_tensor(shape, dtype, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=generator) * 3 + 1).to(dtype)
+
+
+# ------------------------------------------------------------------ layout
+
+
+def test_layout_packs_codes_little_endian_within_a_byte():
+    q = quantize(torch.tensor([0.0, 1.0, 2.0, 3.0, 3.0, 2.0, 1.0, 0.0]), bits=2, group_size=8)
+    assert q.mins.tolist() == [0.0] and q.scales.tolist() == [1.0]
+    assert q.codes.tolist() == [0b11100100, 0b00011011]
+
+
+def test_unused_high_bits_of_last_byte_are_zero():
+    q = quantize(torch.full((5,), 3.0).index_fill(0, torch.tensor([0]), 0.0), bits=2, group_size=8)
+    assert q.codes.tolist() == [0b11111100, 0b00000011]
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("numel", [0, 1, 7, 8, 513, 10**5 + 3])
+@pytest.mark.parametrize("scale_dtype", SCALE_DTYPES)
+def test_packed_size_and_nbytes_match_the_formula(bits, numel, scale_dtype):
+    q = quantize(torch.randn(numel), bits, group_size=64, scale_dtype=scale_dtype)
+    groups = math.ceil(numel / 64)
+    assert q.codes.dtype == torch.uint8 and q.codes.numel() == math.ceil(numel * bits / 8)
+    assert q.mins.dtype == q.scales.dtype == scale_dtype
+    assert q.mins.numel() == q.scales.numel() == groups
+    assert q.nbytes == quantized_nbytes(numel, bits, 64, scale_dtype)
+    assert q.nbytes == math.ceil(numel * bits / 8) + 2 * groups * 2
+
+
+def test_from_tensors_rebuilds_an_equal_quantized_tensor():
+    q = quantize(torch.randn(3, 50), 4, group_size=16)
+    rebuilt = QuantizedTensor.from_tensors(q.tensors(), q.shape, q.dtype, q.bits, q.group_size)
+    assert torch.equal(dequantize(rebuilt), dequantize(q))
+
+
+# ------------------------------------------------------------------ Triton == reference
+
+
+@pytest.mark.parametrize("numel", [0, 1, 7, 8, 513, 10**5 + 3])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_matches_reference_bytes_over_sizes(numel, dtype):
+    assert_backends_agree(awkward_tensor((numel,), dtype), bits=4, group_size=256)
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_triton_matches_reference_bytes_on_large_stochastic_2bit(stochastic):
+    x = awkward_tensor((10**5 + 3,), torch.bfloat16, seed=1)
+    assert_backends_agree(
+        x, bits=2, group_size=128, stochastic=stochastic, seed=2**40 + 7,
+        scale_dtype=torch.bfloat16,
+    )  # fmt: skip
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    shape=st.lists(st.integers(0, 7), min_size=0, max_size=4),
+    dtype=st.sampled_from(DTYPES),
+    bits=st.sampled_from(BITS),
+    group_size=st.sampled_from([8, 16, 24, 64, 256]),
+    stochastic=st.booleans(),
+    scale_dtype=st.sampled_from(SCALE_DTYPES),
+    seed=st.integers(0, 2**63 - 1),
+    layout=st.sampled_from(["contiguous", "transposed", "strided"]),
+)
+def test_triton_matches_reference_bytes_property(
+    shape, dtype, bits, group_size, stochastic, scale_dtype, seed, layout
+):
+    x = awkward_tensor(shape, dtype, seed=len(shape))
+    if layout == "transposed" and x.dim() >= 2:
+        x = x.transpose(0, -1)
+    elif layout == "strided":
+        every_other = tuple(slice(None, None, 2) for _ in shape)
+        x = awkward_tensor([2 * d for d in shape], dtype)[every_other]
+    assert_backends_agree(
+        x, bits=bits, group_size=group_size, stochastic=stochastic,
+        scale_dtype=scale_dtype, seed=seed,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_channels_last_and_strided_inputs_quantize_in_logical_order(backend):
+    x = awkward_tensor((2, 5, 3, 7), torch.float16)
+    expected = quantize(x, 4, group_size=16, backend="reference")
+    transposed = x.transpose(1, 3).contiguous().transpose(1, 3)
+    for variant in (x.to(memory_format=torch.channels_last), transposed):
+        q = quantize(variant, 4, group_size=16, backend=backend)
+        assert all(same_bytes(a, b) for a, b in zip(q.tensors(), expected.tensors()))
+        decoded = dequantize(q, backend=backend)
+        assert decoded.is_contiguous() and decoded.shape == x.shape
+
+
+# ------------------------------------------------------------------ error bounds
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nearest_rounding_errs_by_at_most_half_a_step(backend, bits, dtype):
+    x = awkward_tensor((3, 7, 61), dtype, seed=bits)
+    q = quantize(x, bits, group_size=32, backend=backend)
+    decoded = dequantize(q, backend=backend)
+    assert decoded.dtype == dtype and decoded.shape == x.shape
+    assert_within_half_step(x, q, decoded)
+
+
+def test_half_step_bound_holds_far_from_zero_where_min_rounding_matters():
+    # |min| >> range: rounding the min to fp16 the wrong way would cost many steps.
+    x = 1000.0 + torch.linspace(0, 0.01, 512)
+    for bits in BITS:
+        q = quantize(x, bits, group_size=256, scale_dtype=torch.float16)
+        assert (q.mins.float() <= x.view(2, 256).amin(1)).all()
+        assert_within_half_step(x, q, dequantize(q))
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_stochastic_rounding_is_unbiased(backend):
+    # 2-bit groups with min 0 and max 3 (step exactly 1): nearest would be off by
+    # 0.25 or 0.3 on the fractional values. Each copy of the group draws its own
+    # noise (the hash runs over element indices), so copies act as independent draws.
+    group = torch.tensor([0.0, 3.0, 0.25, 1.7, 2.5, 0.9, 1.0, 2.1])
+    draws = 256
+    x = group.repeat(draws)
+    q = quantize(x, 2, group_size=8, stochastic=True, seed=11, backend=backend)
+    decoded = dequantize(q, backend=backend).view(draws, 8)
+    fraction = group - group.floor()
+    sigma = (fraction * (1 - fraction) / draws).sqrt()
+    assert ((decoded.mean(0) - group).abs() <= 4 * sigma + 1e-6).all()
+    assert ((decoded - group).abs() < 1).all()  # only the two neighbouring levels
+
+
+def test_stochastic_rounding_is_unbiased_over_many_groups():
+    x = torch.rand(8192, generator=torch.Generator().manual_seed(3))
+    draws = 16
+    error = torch.stack([
+        dequantize(quantize(x, 2, group_size=256, stochastic=True, seed=s)) - x
+        for s in range(draws)
+    ])  # fmt: skip
+    steps = quantize(x, 2, group_size=256).scales.float().repeat_interleave(256)
+    sigma = (steps / 2).pow(2).mean().sqrt() / math.sqrt(x.numel() * draws)
+    assert error.mean().abs() <= 5 * sigma
+
+
+def test_stochastic_codes_are_reproducible_from_the_seed():
+    x = torch.randn(1000)
+    first = quantize(x, 2, stochastic=True, seed=123)
+    again = quantize(x, 2, stochastic=True, seed=123)
+    other = quantize(x, 2, stochastic=True, seed=124)
+    assert torch.equal(first.codes, again.codes)
+    assert not torch.equal(first.codes, other.codes)
+    torch.manual_seed(7)
+    drawn = quantize(x, 2, stochastic=True)
+    torch.manual_seed(7)
+    assert torch.equal(quantize(x, 2, stochastic=True).codes, drawn.codes)
+
+
+# ------------------------------------------------------------------ special groups
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_constant_groups_decode_exactly(backend, dtype):
+    x = torch.cat([torch.zeros(16), torch.full((16,), 1.5), torch.full((5,), -3.0)]).to(dtype)
+    q = quantize(x, 2, group_size=16, backend=backend)
+    assert q.scales.tolist() == [0.0, 0.0, 0.0]
+    assert torch.equal(dequantize(q, backend=backend), x)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+def test_inf_or_nan_decodes_its_group_to_nan_and_spares_the_others(backend, bad):
+    x = awkward_tensor((64,), torch.float32)
+    x[20] = bad
+    q = quantize(x, 4, group_size=16, backend=backend)
+    decoded = dequantize(q, backend=backend)
+    assert decoded[16:32].isnan().all()
+    assert q.codes[8:16].eq(0).all()
+    others = torch.cat([torch.arange(16), torch.arange(32, 64)])
+    assert decoded[others].isfinite().all()
+    error = (decoded - x).abs()[others]
+    assert (error <= group_steps(q)[others] / 2 * (1 + 1e-5)).all()
+
+
+def test_values_below_float16_range_need_bfloat16_scales():
+    # fp16 mins round down, so a min below -65504 overflows; one above +65504 does not.
+    x = torch.cat([torch.full((8,), -1e5), torch.full((8,), 1e5), torch.linspace(-1, 1, 8)])
+    q = quantize(x, 8, group_size=8, scale_dtype=torch.float16)
+    with_fp16 = dequantize(q)
+    assert with_fp16[:8].isnan().all() and with_fp16[8:].isfinite().all()
+    assert_within_half_step(x[8:], _tail(q, 1), with_fp16[8:])
+    q = quantize(x, 8, group_size=8, scale_dtype=torch.bfloat16)
+    assert_within_half_step(x, q, dequantize(q))
+
+
+def _tail(q: QuantizedTensor, groups: int) -> QuantizedTensor:
+    """``q`` without its first ``groups`` groups (whole groups stay byte-aligned)."""
+    skipped = groups * q.group_size
+    codes = q.codes[skipped * q.bits // 8 :]
+    shape = torch.Size([math.prod(q.shape) - skipped])
+    mins, scales = q.mins[groups:], q.scales[groups:]
+    return QuantizedTensor(codes, mins, scales, shape, q.dtype, q.bits, q.group_size)
+
+
+# ------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize("bits", [0, 1, 3, 16, True])
+def test_unsupported_bits_are_rejected(bits):
+    with pytest.raises(ValueError, match="bits must be one of"):
+        quantize(torch.randn(8), bits)
+
+
+@pytest.mark.parametrize("group_size", [0, -8, 12, 7.5, True])
+def test_group_size_must_be_a_positive_multiple_of_8(group_size):
+    with pytest.raises(ValueError, match="positive multiple of 8"):
+        quantize(torch.randn(8), 4, group_size=group_size)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32, torch.bool])
+def test_unsupported_input_dtypes_are_rejected(dtype):
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        quantize(torch.ones(8, dtype=dtype), 4)
+
+
+def test_bad_scale_dtype_seed_and_backend_are_rejected():
+    with pytest.raises(TypeError, match="scale_dtype"):
+        quantize(torch.randn(8), 4, scale_dtype=torch.float32)
+    with pytest.raises(ValueError, match="seed"):
+        quantize(torch.randn(8), 4, stochastic=True, seed=-1)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        quantize(torch.randn(8), 4, backend="cuda")
+
+
+def test_dequantize_rejects_tensors_that_do_not_fit_the_shape():
+    q = quantize(torch.randn(40), 4, group_size=8)
+    wrong = QuantizedTensor(q.codes[:-1], q.mins, q.scales, q.shape, q.dtype, 4, 8)
+    with pytest.raises(ValueError, match="codes must be uint8 with 20 bytes"):
+        dequantize(wrong)
+    wrong = QuantizedTensor(q.codes, q.mins[:-1], q.scales, q.shape, q.dtype, 4, 8)
+    with pytest.raises(ValueError, match="mins must be"):
+        dequantize(wrong)
+
+
+# ------------------------------------------------------------------ torch.library
+
+
+def test_quantize_and_dequantize_run_on_fake_tensors_with_the_right_shapes():
+    with FakeTensorMode():
+        x = torch.empty(3, 5, 513, dtype=torch.bfloat16)
+        q = quantize(x, 2, group_size=64, scale_dtype=torch.bfloat16)
+        decoded = dequantize(q)
+    numel = 3 * 5 * 513
+    assert q.codes.shape == (math.ceil(numel * 2 / 8),) and q.codes.dtype == torch.uint8
+    assert q.mins.shape == q.scales.shape == (math.ceil(numel / 64),)
+    assert q.scales.dtype == torch.bfloat16
+    assert decoded.shape == x.shape and decoded.dtype == torch.bfloat16
+
+
+def test_ops_are_registered_under_the_aalconvert_namespace():
+    x = torch.randn(100)
+    codes, mins, scales = torch.ops.aalconvert.quantize_groups(
+        x, 4, 32, False, torch.float16, 0, "reference"
+    )
+    assert torch.equal(codes, quantize(x, 4, group_size=32).codes)
+    torch.library.opcheck(
+        torch.ops.aalconvert.quantize_groups.default,
+        (x, 4, 32, False, torch.float16, 0, "reference"),
+        test_utils=("test_schema", "test_faketensor"),
+    )
