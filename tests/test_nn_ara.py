@@ -360,3 +360,18 @@ def test_conversion_shares_parameters_and_state_dict_keys(module, variant_cls):
     assert type(back) is type(module)
     assert back.weight is module.weight and back.bias is module.bias
     assert list(dict(back.named_parameters())) == list(dict(module.named_parameters()))
+
+
+def test_ara_under_cpu_autocast_gives_parameter_dtype_gradients_from_the_anchor():
+    torch.manual_seed(10)
+    module = nn.Conv2d(3, 4, 3, padding=1)
+    layer = ARAConv2d.from_module(module)
+    x, anchor = torch.randn(2, 3, 5, 5, requires_grad=True), torch.randn(2, 3, 5, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x, anchor=anchor)
+    assert y.dtype == torch.bfloat16
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    assert x.grad.dtype == module.weight.grad.dtype == module.bias.grad.dtype == torch.float32
+    expected = reference_weight_grad(module, anchor.bfloat16(), grad)
+    assert_close_scaled(module.weight.grad, expected, 3e-2)

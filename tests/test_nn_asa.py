@@ -297,3 +297,18 @@ def test_in_place_change_of_packed_mask_raises_saved_tensor_modified_error():
     packed.bitwise_not_()
     with pytest.raises(SavedTensorModifiedError, match="packed ASA sign mask"):
         y.sum().backward()
+
+
+def test_asa_under_cpu_autocast_gives_parameter_dtype_gradients_from_the_sign():
+    torch.manual_seed(9)
+    module = nn.Linear(6, 4)
+    layer = ASALinear.from_module(module)
+    x = torch.randn(3, 6, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    assert x.grad.dtype == module.weight.grad.dtype == torch.float32
+    expected = layer.lr_expansion * layer.eps * reference_weight_grad(module, reference_sign(x, "sign"), grad)
+    assert_close_scaled(module.weight.grad, expected, 3e-2)

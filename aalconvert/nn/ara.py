@@ -25,7 +25,6 @@ from torch import nn
 from aalconvert.errors import ConversionError, SavedTensorModifiedError
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
-WEIGHTED_BASES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))
 
 
@@ -211,7 +210,8 @@ def needs_autograd(x: torch.Tensor, module: nn.Module) -> bool:
     """True when this forward will be differentiated, so something must be saved."""
     if not torch.is_grad_enabled():
         return False
-    return x.requires_grad or any(p.requires_grad for p in (module.weight, module.bias) if p is not None)
+    parameters = (module.weight, module.bias)
+    return x.requires_grad or any(p is not None and p.requires_grad for p in parameters)
 
 
 def add_batch_dim(geometry: WeightedGeometry, x: torch.Tensor) -> bool:

@@ -61,7 +61,7 @@ class ASASignPack(nn.Module):
 
 
 def validate_options(eps: float, lr_expansion: float, variant: str, where: str) -> None:
-    """ConversionError unless eps and lr_expansion are finite positive numbers and variant is known."""
+    """ConversionError unless eps and lr_expansion are finite numbers > 0 and variant is known."""
     for name, value in (("eps", eps), ("lr_expansion", lr_expansion)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConversionError(f"{where}: {name} must be a number, got {value!r}")
@@ -151,7 +151,7 @@ class _ASAMixin:
         )
 
     def forward(self, x: torch.Tensor, packed_sign: torch.Tensor | None = None) -> torch.Tensor:
-        """``layer(x + eps*s)``; ``packed_sign`` is ``pack_sign(x)`` shared with other readers of ``x``."""
+        """``layer(x + eps*s)``; ``packed_sign``: ``pack_sign(x)`` shared by all readers of ``x``."""
         layer = type(self).__name__
         geometry = WeightedGeometry.of(self)
         if not needs_autograd(x, self):
