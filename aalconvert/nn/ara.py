@@ -214,7 +214,7 @@ def needs_autograd(x: torch.Tensor, module: nn.Module) -> bool:
     return x.requires_grad or any(p is not None and p.requires_grad for p in parameters)
 
 
-def add_batch_dim(geometry: WeightedGeometry, x: torch.Tensor) -> bool:
+def is_unbatched(geometry: WeightedGeometry, x: torch.Tensor) -> bool:
     """True when ``x`` is an unbatched conv input (torch accepts those; backward needs a batch)."""
     return geometry.spatial_dims > 0 and x.dim() == geometry.spatial_dims + 1
 
@@ -302,7 +302,7 @@ class _ARAMixin:
         geometry = WeightedGeometry.of(self)
         if not needs_autograd(x, self):
             return super().forward(x)
-        if add_batch_dim(geometry, x):
+        if is_unbatched(geometry, x):
             y = ARAFunction.apply(
                 x.unsqueeze(0), anchor.unsqueeze(0), self.weight, self.bias, geometry, layer
             )

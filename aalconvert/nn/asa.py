@@ -23,7 +23,7 @@ from aalconvert.errors import ConversionError
 from aalconvert.kernels import pack_bits, packed_nbytes, unpack_bits
 from aalconvert.nn.ara import (
     WeightedGeometry,
-    add_batch_dim,
+    is_unbatched,
     check_convertible,
     needs_autograd,
     saved_tensors_or_raise,
@@ -169,7 +169,7 @@ class _ASAMixin:
                 f"needs {packed_nbytes(x.numel())} uint8 bytes: pass pack_sign(x) of this "
                 "layer's own input"
             )
-        unbatched = add_batch_dim(geometry, x)
+        unbatched = is_unbatched(geometry, x)
         y = ASAFunction.apply(
             x.unsqueeze(0) if unbatched else x, packed_sign, self.weight, self.bias, geometry,
             self.eps, self.lr_expansion, self.variant, layer,
