@@ -1,0 +1,196 @@
+"""Shared parts of the approximate-activation variants (methods.md section 3).
+
+The forward of every variant is exact; only the copy of an activation kept for
+backward is quantized to ``bits`` per element (``aalconvert.kernels.quantize``)
+and decoded in backward. Parameters are never quantized, and activations with
+fewer than ``min_numel`` elements (or of a dtype the quantizer does not take,
+e.g. float64) are kept exact, since their metadata would cost more than it saves.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+
+from aalconvert.errors import ConversionError
+from aalconvert.kernels import QuantizedTensor, dequantize, quantize
+
+ALLOWED_BITS = (8, 4, 2)
+ALLOWED_SCALE_DTYPES = (torch.float16, torch.bfloat16)
+QUANTIZABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class ApproxOptions:
+    """How the copy kept for backward is quantized.
+
+    bits: bits per element (8, 4 or 2). stochastic: unbiased stochastic rounding
+    instead of nearest. group_size: elements per (min, scale) pair, a positive
+    multiple of 8. min_numel: activations with fewer elements are kept exact.
+    scale_dtype: dtype of the per-group min and scale (bfloat16 for values
+    beyond float16's range of 65504).
+    """
+
+    bits: int = 4
+    stochastic: bool = False
+    group_size: int = 256
+    min_numel: int = 4096
+    scale_dtype: torch.dtype = torch.float16
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or self.bits not in ALLOWED_BITS:
+            raise ConversionError(f"bits must be one of {ALLOWED_BITS}, got {self.bits!r}")
+        if not isinstance(self.stochastic, bool):
+            raise ConversionError(f"stochastic must be True or False, got {self.stochastic!r}")
+        if (
+            isinstance(self.group_size, bool)
+            or not isinstance(self.group_size, int)
+            or self.group_size <= 0
+            or self.group_size % 8
+        ):
+            raise ConversionError(
+                f"group_size must be a positive multiple of 8 (e.g. 64, 256), got {self.group_size!r}"
+            )
+        if isinstance(self.min_numel, bool) or not isinstance(self.min_numel, int) or self.min_numel < 0:
+            raise ConversionError(
+                f"min_numel must be an int >= 0 (0 quantizes every tensor), got {self.min_numel!r}"
+            )
+        if self.scale_dtype not in ALLOWED_SCALE_DTYPES:
+            raise ConversionError(
+                f"scale_dtype must be one of {ALLOWED_SCALE_DTYPES}, got {self.scale_dtype!r}"
+            )
+
+    def describe(self) -> str:
+        """The options as ``extra_repr`` shows them."""
+        return (
+            f"bits={self.bits}, stochastic={self.stochastic}, group_size={self.group_size}, "
+            f"min_numel={self.min_numel}, scale_dtype={self.scale_dtype}"
+        )
+
+
+def make_options(module_name: str, options: dict) -> ApproxOptions:
+    """Validated ``ApproxOptions`` from keyword options; unknown names are reported with the allowed ones."""
+    allowed = [f.name for f in fields(ApproxOptions)]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ConversionError(
+            f"{module_name}: unknown option(s) {unknown}; allowed options are {allowed}"
+        )
+    return ApproxOptions(**options)
+
+
+@dataclass(frozen=True)
+class SavedLayout:
+    """How an activation was kept: exact (one tensor) or quantized (codes, mins, scales)."""
+
+    quantized: bool
+    shape: torch.Size
+    dtype: torch.dtype
+    bits: int
+    group_size: int
+
+    @property
+    def count(self) -> int:
+        """How many tensors this activation occupies in ``ctx.saved_tensors``."""
+        return 3 if self.quantized else 1
+
+
+def should_quantize(x: torch.Tensor, options: ApproxOptions) -> bool:
+    """True when ``x`` is large enough and of a dtype the quantizer takes."""
+    return x.dtype in QUANTIZABLE_DTYPES and x.numel() >= max(options.min_numel, 1)
+
+
+def compress(x: torch.Tensor, options: ApproxOptions) -> tuple[tuple[torch.Tensor, ...], SavedLayout]:
+    """Tensors to pass to ``ctx.save_for_backward`` for ``x``, and how to decode them."""
+    if not should_quantize(x, options):
+        return (x,), SavedLayout(False, x.shape, x.dtype, 0, 0)
+    q = quantize(
+        x.detach(),
+        options.bits,
+        group_size=options.group_size,
+        stochastic=options.stochastic,
+        scale_dtype=options.scale_dtype,
+    )
+    return q.tensors(), SavedLayout(True, x.shape, x.dtype, q.bits, q.group_size)
+
+
+def restore(tensors: Sequence[torch.Tensor], layout: SavedLayout) -> torch.Tensor:
+    """The activation (exact, or decoded to its original shape and dtype) from ``compress``'s tensors."""
+    if not layout.quantized:
+        return tensors[0]
+    q = QuantizedTensor.from_tensors(
+        tuple(tensors), layout.shape, layout.dtype, layout.bits, layout.group_size
+    )
+    return dequantize(q)
+
+
+def needs_graph(*tensors: torch.Tensor | None) -> bool:
+    """True when autograd will record this call (so a copy for backward is worth making)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def check_module_type(module: nn.Module, torch_class: type, variant: str) -> None:
+    """Raise unless ``module`` is exactly ``torch_class`` (a subclass may change forward)."""
+    if type(module) is not torch_class:
+        raise ConversionError(
+            f"{variant}.from_module takes a torch.nn.{torch_class.__name__}, got "
+            f"{type(module).__module__}.{type(module).__qualname__}; subclasses are not converted "
+            "because their forward may differ"
+        )
+
+
+def rebuild_as(cls: type, module: nn.Module, drop: Sequence[str] = ()) -> nn.Module:
+    """A ``cls`` instance sharing ``module``'s Parameters, buffers, submodules and hooks.
+
+    The registries are copied (not shared) so that later registrations on one
+    module do not appear on the other; the tensors inside are the same objects.
+    """
+    new = cls.__new__(cls)
+    state = {key: value for key, value in module.__dict__.items() if key not in drop}
+    for key, value in state.items():
+        if isinstance(value, (dict, set)):
+            state[key] = type(value)(value)
+    new.__dict__.update(state)
+    return new
+
+
+class ApproxVariant:
+    """Mixin for a torch module class rebuilt to keep a k-bit copy for backward.
+
+    Subclasses list the torch class they replace in ``torch_class`` and put this
+    mixin first in their bases (``class ApproxLinear(ApproxVariant, nn.Linear)``),
+    so isinstance checks, hooks, state_dict keys and Parameters stay those of the
+    original module.
+    """
+
+    torch_class: type[nn.Module]
+    approx_options: ApproxOptions
+
+    @classmethod
+    def from_module(cls, module: nn.Module, **options) -> nn.Module:
+        """The variant of ``module`` sharing its Parameters; ``options`` as in ``ApproxOptions``."""
+        check_module_type(module, cls.torch_class, cls.__name__)
+        approx_options = cls.make_options(options)
+        cls.check_convertible(module)
+        new = rebuild_as(cls, module)
+        new.approx_options = approx_options
+        return new
+
+    @classmethod
+    def make_options(cls, options: dict) -> ApproxOptions:
+        """Validated options for this variant (a variant may change defaults or refuse values)."""
+        return make_options(cls.__name__, options)
+
+    @classmethod
+    def check_convertible(cls, module: nn.Module) -> None:
+        """Raise ``ConversionError`` when ``module``'s own settings cannot be converted."""
+
+    def to_module(self) -> nn.Module:
+        """The plain torch module, sharing this variant's Parameters."""
+        return rebuild_as(self.torch_class, self, drop=("approx_options",))
+
+    def extra_repr(self) -> str:
+        base = super().extra_repr()  # type: ignore[misc]
+        options = self.approx_options.describe()
+        return f"{base}, {options}" if base else options
