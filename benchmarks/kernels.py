@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"fast run: sizes {QUICK_SIZES}, 5 repeats")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads for torch (default 1: steadier on a shared machine)")  # fmt: skip
+                        help="CPU threads for torch (default 1: steady on a shared machine)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
 
@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> None:
         result = dict(
             device=device_name(device),
             date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            backend=backend, dtype=args.dtype, cpu_threads=args.threads, group_size=GROUP_SIZE, repeats=repeats,
+            backend=backend, dtype=args.dtype, cpu_threads=args.threads,
+            group_size=GROUP_SIZE, repeats=repeats,
             torch=torch.__version__, rows=rows,
         )  # fmt: skip
         args.json.parent.mkdir(parents=True, exist_ok=True)
