@@ -5,4 +5,6 @@ Public API only. Importing this package must not import triton or touch CUDA.
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+from aalconvert.api import convert, revert  # noqa: E402
+
+__all__ = ["convert", "revert", "__version__"]

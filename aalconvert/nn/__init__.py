@@ -1,1 +1,33 @@
-"""Trainable layer variants: one file per technique."""
+"""Trainable layer variants: one file per technique.
+
+``CONVERTED_TYPES`` lists every variant class
+so that ``revert`` and the rules can recognise converted modules.
+"""
+
+from aalconvert.nn import approx, ara, asa, lossless, recompute
+
+CONVERTED_TYPES: tuple[type, ...] = (
+    lossless.MaskReLU,
+    lossless.MaskDropout,
+    lossless.CompactMaxPool2d,
+    ara.ARALinear,
+    ara.ARAConv1d,
+    ara.ARAConv2d,
+    asa.ASALinear,
+    asa.ASAConv1d,
+    asa.ASAConv2d,
+    recompute.RecomputedInputLinear,
+    recompute.RecomputedInputConv1d,
+    recompute.RecomputedInputConv2d,
+    recompute.RecomputedInputConv3d,
+    approx.ApproxLinear,
+    approx.ApproxConv1d,
+    approx.ApproxConv2d,
+    approx.ApproxBatchNorm1d,
+    approx.ApproxBatchNorm2d,
+    approx.ApproxLayerNorm,
+    approx.ApproxGELU,
+    approx.ApproxSiLU,
+    approx.ApproxSoftmax,
+    approx.ApproxReLU,
+)

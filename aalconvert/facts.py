@@ -1,0 +1,60 @@
+"""Everything a rule may ask about a model, gathered once before any rule runs.
+
+Rules read these facts and never trace or analyse on their own, so every rule
+sees the same graph and the report can explain every decision from them.
+"""
+
+from dataclasses import dataclass, field
+
+from torch import fx, nn
+
+from aalconvert.analysis import ResidualBlock, find_residual_blocks
+from aalconvert.trace import TraceResult, trace_model
+
+
+@dataclass
+class ModelFacts:
+    """The traced regions, residual blocks and per-module call sites of one model."""
+
+    model: nn.Module
+    trace: TraceResult
+    blocks: list[ResidualBlock]
+    modules: dict[str, nn.Module]
+    call_nodes: dict[str, list[fx.Node]] = field(default_factory=dict)
+
+    def call_count(self, module_name: str) -> int:
+        """How many times the traced graphs call ``module_name`` (0 when untraced)."""
+        return len(self.call_nodes.get(module_name, ()))
+
+    def input_producer(self, module_name: str) -> nn.Module | None:
+        """The module whose output feeds ``module_name``'s only call, if a module."""
+        nodes = self.call_nodes.get(module_name, ())
+        if len(nodes) != 1 or not nodes[0].args:
+            return None
+        source = nodes[0].args[0]
+        if isinstance(source, fx.Node) and source.op == "call_module":
+            return self.modules.get(_qualified_name(source))
+        return None
+
+
+def _qualified_name(node: fx.Node) -> str:
+    return node.meta["aalconvert"].qualified_name
+
+
+def gather_facts(model: nn.Module, example_inputs: tuple | None = None) -> ModelFacts:
+    """Trace ``model`` (largest traceable parts), find residual blocks, index call sites."""
+    traced = trace_model(model, example_inputs)
+    blocks: list[ResidualBlock] = []
+    call_nodes: dict[str, list[fx.Node]] = {}
+    for region in traced.regions:
+        blocks.extend(find_residual_blocks(region))
+        for node in region.graph_module.graph.nodes:
+            if node.op == "call_module":
+                call_nodes.setdefault(_qualified_name(node), []).append(node)
+    return ModelFacts(
+        model=model,
+        trace=traced,
+        blocks=blocks,
+        modules=dict(model.named_modules()),
+        call_nodes=call_nodes,
+    )

@@ -1,0 +1,66 @@
+"""``approx8`` / ``approx4`` / ``approx2``: keep a k-bit copy of what is saved for backward.
+
+Forward stays exact (methods.md section 3). ReLU, dropout and max-pool take
+their lossless variants here too: a 1-bit mask is smaller than any k-bit copy
+and exact, so the approximate rule never quantizes what a mask can hold.
+"""
+
+from dataclasses import fields
+from typing import Any
+
+from torch import nn
+
+from aalconvert.errors import ConversionError
+from aalconvert.nn import approx
+from aalconvert.nn.approx_common import ApproxOptions
+from aalconvert.rules.exact import ExactRule
+
+_APPROX_VARIANTS: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Linear: approx.ApproxLinear,
+    nn.Conv1d: approx.ApproxConv1d,
+    nn.Conv2d: approx.ApproxConv2d,
+    nn.BatchNorm1d: approx.ApproxBatchNorm1d,
+    nn.BatchNorm2d: approx.ApproxBatchNorm2d,
+    nn.LayerNorm: approx.ApproxLayerNorm,
+    nn.GELU: approx.ApproxGELU,
+    nn.SiLU: approx.ApproxSiLU,
+    nn.Softmax: approx.ApproxSoftmax,
+}
+
+
+class ApproxRule(ExactRule):
+    name = "approx4"
+    description = "k-bit copies of saved inputs (linear, conv, norms, GELU/SiLU, softmax)"
+    forward_exact = True
+    gradient_exact = False
+
+    def __init__(self, options: ApproxOptions | None = None) -> None:
+        self.options = options or ApproxOptions()
+        self.name = f"approx{self.options.bits}"
+        self.description = (
+            f"{self.options.bits}-bit copies of saved inputs (linear, conv, norms, GELU/SiLU, "
+            "softmax); ReLU/dropout/max-pool masked as in exact"
+        )
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any], *, bits: int) -> "ApproxRule":
+        if "bits" in options and options["bits"] != bits:
+            raise ConversionError(
+                f"bits={options['bits']!r} contradicts rule 'approx{bits}'; "
+                f"drop bits= or choose the rule 'approx{options['bits']}'"
+            )
+        known = ("stochastic", "group_size", "min_numel")
+        return cls(ApproxOptions(bits=bits, **{k: options[k] for k in known if k in options}))
+
+    def variants(self) -> dict[type[nn.Module], type[nn.Module]]:
+        return {**super().variants(), **_APPROX_VARIANTS}
+
+    def variant_options(self, module: nn.Module) -> dict[str, Any]:
+        if type(module) in _APPROX_VARIANTS:
+            return {field.name: getattr(self.options, field.name) for field in fields(self.options)}
+        return {}
+
+    def site_reason(self, module: nn.Module, variant: type[nn.Module]) -> str:
+        if type(module) in _APPROX_VARIANTS:
+            return f"keeps a {self.options.bits}-bit copy of what {type(module).__name__} saves"
+        return super().site_reason(module, variant)

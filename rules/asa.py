@@ -1,0 +1,97 @@
+"""``asa``: auxiliary sign activations for the linear layers of residual branches.
+
+The paper's recipe (methods.md section 2): every linear layer inside a
+transformer / MLP residual branch ``x + F(x)`` (Q, K, V, output projection,
+both MLP layers) keeps a 1-bit sign of its input instead of the input.
+Embeddings, stems, heads, norms and the attention core stay as they are.
+Layers reading the same tensor in one forward share one packed mask.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from aalconvert.errors import ConversionError
+from aalconvert.facts import ModelFacts
+from aalconvert.nn.asa import ASALinear, pack_sign, validate_options
+from aalconvert.rules.base import Rule, Site, Skip
+from aalconvert.rules.wiring import SharedPack, swap_module
+
+_ASA_VARIANTS: dict[type[nn.Module], type[nn.Module]] = {nn.Linear: ASALinear}
+_NONNEGATIVE_PRODUCERS = (nn.ReLU, nn.ReLU6)
+VARIANT_CHOICES = ("auto", "sign", "relu")
+
+
+@dataclass(frozen=True)
+class ASAOptions:
+    """eps: perturbation size; lr_expansion: weight-gradient scale; variant: "auto" picks
+    "relu" for inputs straight from a ReLU and "sign" otherwise."""
+
+    eps: float = 0.01
+    lr_expansion: float = 100.0
+    variant: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANT_CHOICES:
+            raise ConversionError(f"asa_variant must be one of {VARIANT_CHOICES}, got {self.variant!r}")
+        validate_options(self.eps, self.lr_expansion, "sign", "asa options")
+
+
+class ASARule(Rule):
+    name = "asa"
+    description = "ASA: linear layers in residual branches keep a 1-bit sign of their input"
+    forward_exact = False
+    gradient_exact = False
+
+    def __init__(self, options: ASAOptions | None = None) -> None:
+        self.options = options or ASAOptions()
+        self.shared = SharedPack("packed_sign", lambda module, x: pack_sign(x))
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> "ASARule":
+        names = {"asa_eps": "eps", "asa_lr_expansion": "lr_expansion", "asa_variant": "variant"}
+        return cls(ASAOptions(**{field: options[key] for key, field in names.items() if key in options}))
+
+    def find(self, facts: ModelFacts) -> tuple[list[Site], list[Skip]]:
+        sites, skips, seen = [], [], set()
+        for block in facts.blocks:
+            for name in block.branch_weighted:
+                if name in seen:
+                    continue
+                seen.add(name)
+                module = facts.modules[name]
+                if type(module) not in _ASA_VARIANTS:
+                    if not isinstance(module, ASALinear):
+                        skips.append(Skip(self.name, name, f"{type(module).__name__} in a residual branch: ASA converts nn.Linear only"))
+                    continue
+                if facts.call_count(name) != 1:
+                    skips.append(Skip(self.name, name, f"called {facts.call_count(name)} times; ASA needs one call"))
+                    continue
+                variant = self._variant(facts, name)
+                sites.append(
+                    Site(
+                        self.name,
+                        name,
+                        f"input kept as a 1-bit {variant} mask (ASA, eps={self.options.eps}) in a residual branch",
+                        payload={"variant": variant},
+                    )
+                )
+        return sites, skips
+
+    def _variant(self, facts: ModelFacts, name: str) -> str:
+        if self.options.variant != "auto":
+            return self.options.variant
+        producer = facts.input_producer(name)
+        return "relu" if isinstance(producer, _NONNEGATIVE_PRODUCERS) else "sign"
+
+    def apply(self, model: nn.Module, site: Site, facts: ModelFacts) -> nn.Module:
+        module = model.get_submodule(site.module_name)
+        variant = _ASA_VARIANTS[type(module)].from_module(
+            module,
+            eps=self.options.eps,
+            lr_expansion=self.options.lr_expansion,
+            variant=site.payload["variant"],
+        )
+        self.shared.wire([variant])
+        return swap_module(model, site.module_name, variant)

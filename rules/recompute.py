@@ -1,0 +1,124 @@
+"""``recompute``: weighted layers rebuild their input from a norm/activation chain.
+
+When a Linear/Conv's input is ``chain(z)`` and the chain's first module keeps
+``z`` anyway (a norm, GELU, SiLU...), the layer keeps nothing of its own and
+rebuilds its input in backward (methods.md section 4; exact gradients). ReLUs
+inside such chains keep a 1-bit mask, else they would keep the very tensor the
+layer stopped keeping.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import fx, nn
+
+from aalconvert.facts import ModelFacts
+from aalconvert.nn.lossless import MaskReLU
+from aalconvert.nn.recompute import (
+    CHAIN_MODULE_TYPES,
+    RecomputedInputConv1d,
+    RecomputedInputConv2d,
+    RecomputedInputLinear,
+)
+from aalconvert.rules.base import Rule, Site, Skip
+from aalconvert.rules.wiring import TensorSlot, swap_module
+
+_RECOMPUTE_VARIANTS: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Linear: RecomputedInputLinear,
+    nn.Conv1d: RecomputedInputConv1d,
+    nn.Conv2d: RecomputedInputConv2d,
+}
+# Chain modules whose backward keeps their own input, so a chain may start there.
+_KEEPS_INPUT = (
+    nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
+    nn.GELU, nn.SiLU, nn.LeakyReLU, nn.Hardtanh, nn.Hardswish,
+)
+
+
+@dataclass(frozen=True)
+class RecomputeOptions:
+    """The recompute rule has no options."""
+
+
+@dataclass(frozen=True)
+class Chain:
+    """``modules`` turn ``start``'s input z into the layer's input; ``start`` keeps z."""
+
+    start: str
+    modules: tuple[str, ...]
+
+
+def input_chain(facts: ModelFacts, node: fx.Node) -> Chain | str:
+    """The chain feeding ``node``'s input, or why there is none (in words)."""
+    names: list[str] = []
+    current = node.args[0] if node.args else None
+    while isinstance(current, fx.Node) and current.op == "call_module":
+        name = current.meta["aalconvert"].qualified_name
+        module = facts.modules[name]
+        if type(module) not in CHAIN_MODULE_TYPES and not isinstance(module, MaskReLU):
+            break
+        names.insert(0, name)
+        if isinstance(module, _KEEPS_INPUT):
+            if facts.call_count(name) != 1:
+                return f"{name} starts the input chain but is called {facts.call_count(name)} times"
+            return Chain(start=name, modules=tuple(names))
+        current = current.args[0] if current.args else None
+    if not names:
+        return "input does not come from a norm or activation module"
+    return f"input chain {' -> '.join(names)} starts at no module that keeps its input"
+
+
+class RecomputeRule(Rule):
+    name = "recompute"
+    description = "exact: layers after a norm/activation rebuild their input in backward instead of keeping it"
+    forward_exact = True
+    gradient_exact = True
+
+    def __init__(self, options: RecomputeOptions | None = None) -> None:
+        self.options = options or RecomputeOptions()
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> "RecomputeRule":
+        return cls()
+
+    def find(self, facts: ModelFacts) -> tuple[list[Site], list[Skip]]:
+        sites, skips = [], []
+        for name, nodes in facts.call_nodes.items():
+            if type(facts.modules[name]) not in _RECOMPUTE_VARIANTS:
+                continue
+            if len(nodes) != 1:
+                skips.append(Skip(self.name, name, f"called {len(nodes)} times; recompute needs one call"))
+                continue
+            chain = input_chain(facts, nodes[0])
+            if isinstance(chain, str):
+                skips.append(Skip(self.name, name, chain))
+                continue
+            start_module = facts.modules[chain.start]
+            sites += [
+                Site(self.name, relu, f"keeps a 1-bit mask: its output is rebuilt for {name}")
+                for relu in chain.modules
+                if type(facts.modules[relu]) is nn.ReLU
+            ]
+            sites.append(
+                Site(
+                    self.name,
+                    name,
+                    f"input not kept: rebuilt in backward as {' -> '.join(chain.modules)} of the "
+                    f"input {type(start_module).__name__} {chain.start} keeps anyway",
+                    payload={"chain": chain},
+                    requires=(chain.start,),
+                )
+            )
+        return sites, skips
+
+    def apply(self, model: nn.Module, site: Site, facts: ModelFacts) -> nn.Module:
+        module = model.get_submodule(site.module_name)
+        if "chain" not in site.payload:
+            return swap_module(model, site.module_name, MaskReLU.from_module(module))
+        chain: Chain = site.payload["chain"]
+        variant = _RECOMPUTE_VARIANTS[type(module)].from_module(
+            module, chain=tuple(model.get_submodule(name) for name in chain.modules)
+        )
+        model = swap_module(model, site.module_name, variant)
+        TensorSlot("chain_input").wire(model.get_submodule(chain.start), [variant])
+        return model

@@ -1,0 +1,100 @@
+"""Rule names, the ``auto`` recipe, and the precedence that settles conflicts.
+
+Precedence (first wins when two rules claim one module): ``ara`` > ``asa`` >
+``recompute`` > ``exact`` > ``approx*``. The learning rules come first because
+they drop a weighted layer's input outright; ``recompute`` keeps nothing extra
+and is exact; ``exact`` masks (1 bit) beat a k-bit copy of the same tensor;
+``approx*`` then covers whatever is still kept in full.
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from aalconvert.errors import ConversionError
+from aalconvert.rules.approx import ApproxRule
+from aalconvert.rules.ara import ARARule
+from aalconvert.rules.asa import ASARule
+from aalconvert.rules.base import Rule
+from aalconvert.rules.exact import ExactRule
+from aalconvert.rules.recompute import RecomputeRule
+
+AUTO = ("ara", "asa", "recompute", "exact")
+PRECEDENCE = ("ara", "asa", "recompute", "exact", "approx")
+
+_FACTORIES: dict[str, Callable[[dict[str, Any]], Rule]] = {
+    "exact": lambda options: ExactRule.from_options(options),
+    "recompute": lambda options: RecomputeRule.from_options(options),
+    "ara": lambda options: ARARule.from_options(options),
+    "asa": lambda options: ASARule.from_options(options),
+    "approx8": lambda options: ApproxRule.from_options(options, bits=8),
+    "approx4": lambda options: ApproxRule.from_options(options, bits=4),
+    "approx2": lambda options: ApproxRule.from_options(options, bits=2),
+}
+NAMES = ("auto", *_FACTORIES)
+
+# Which convert() keyword options each rule reads; an option no chosen rule reads is an error.
+OPTIONS_BY_RULE: dict[str, tuple[str, ...]] = {
+    "ara": ("ara_group",),
+    "asa": ("asa_eps", "asa_lr_expansion", "asa_variant"),
+    "approx": ("bits", "stochastic", "group_size", "min_numel"),
+}
+
+
+def available() -> dict[str, str]:
+    """Every rule name with its one-line description (``auto`` included)."""
+    described = {"auto": "the paper's recipe: " + " + ".join(AUTO)}
+    for name, factory in _FACTORIES.items():
+        described[name] = factory({}).description
+    return described
+
+
+def _names(rules: str | Rule | Sequence[str | Rule]) -> list[str | Rule]:
+    if isinstance(rules, (str, Rule)):
+        rules = [rules]
+    expanded: list[str | Rule] = []
+    for rule in rules:
+        if rule == "auto":
+            expanded.extend(AUTO)
+        elif isinstance(rule, Rule) or rule in _FACTORIES:
+            expanded.append(rule)
+        else:
+            raise ConversionError(
+                f"unknown rule {rule!r}; choose from {', '.join(NAMES)} or pass a Rule object"
+            )
+    return expanded
+
+
+def _family(rule: Rule) -> str:
+    return "approx" if rule.name.startswith("approx") else rule.name
+
+
+def resolve(rules: str | Rule | Sequence[str | Rule], options: dict[str, Any]) -> list[Rule]:
+    """Turn names and Rule objects into Rule objects in precedence order.
+
+    ``options`` are convert()'s keyword options; each is checked against the
+    rules chosen, so a misspelt or irrelevant option fails before any change.
+    """
+    chosen: list[Rule] = []
+    for rule in _names(rules):
+        built = rule if isinstance(rule, Rule) else _FACTORIES[rule](options)
+        if _family(built) in {_family(r) for r in chosen}:
+            if any(r.name == built.name for r in chosen):
+                continue
+            raise ConversionError(
+                f"rules {built.name!r} and {[r.name for r in chosen if _family(r) == _family(built)][0]!r} "
+                "both quantize the same tensors; choose one"
+            )
+        chosen.append(built)
+    families = {_family(rule) for rule in chosen}
+    allowed = {"skip"} | {o for f in families for o in OPTIONS_BY_RULE.get(f, ())}
+    for option in options:
+        if option not in allowed:
+            known = sorted({"skip"} | {o for opts in OPTIONS_BY_RULE.values() for o in opts})
+            if option in known:
+                raise ConversionError(
+                    f"option {option}= only applies to a rule you did not choose "
+                    f"(chosen: {', '.join(r.name for r in chosen)})"
+                )
+            raise ConversionError(f"unknown option {option}=; allowed options: {', '.join(known)}")
+    chosen.sort(key=lambda rule: PRECEDENCE.index(_family(rule)))
+    return chosen
