@@ -445,3 +445,17 @@ def test_parameters_are_shared_and_state_dict_keys_identical(case):
         assert getattr(variant, name) is b and getattr(back, name) is b
     assert "bits=2, stochastic=True, group_size=64" in repr(variant)
     assert not hasattr(back, "approx_options")
+
+
+@pytest.mark.parametrize("case", ["linear", "conv1d", "conv2d"])
+def test_autocast_forward_is_bit_identical_and_backward_runs_outside_it(case):
+    module, variant, shape = make_pair(case, bits=8, min_numel=0)
+    x = torch.randn(shape, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected_y, actual_y = module(x), variant(x)
+    assert actual_y.dtype == torch.bfloat16 and torch.equal(actual_y, expected_y)
+    g = torch.randn(expected_y.shape, dtype=torch.bfloat16)
+    expected = torch.autograd.grad(expected_y, [x, *module.parameters()], g)
+    actual = torch.autograd.grad(actual_y, [x, *variant.parameters()], g)
+    for e, a in zip(expected, actual):
+        assert a.dtype == e.dtype and cosine(e, a) >= 0.999

@@ -32,11 +32,13 @@ class ApproxLinearFunction(torch.autograd.Function):
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         out_features = g.shape[-1]
         g_rows = g.reshape(-1, out_features)
-        dx = g.matmul(weight) if need_dx else None
+        # ``.to(g.dtype)``: under autocast g is in the low precision, weight and x may not be;
+        # autograd casts each returned gradient back to its input's dtype.
+        dx = g.matmul(weight.to(g.dtype)) if need_dx else None
         dw = None
         if need_dw:
             x = restore(saved, ctx.layout)
-            dw = g_rows.t().matmul(x.reshape(-1, x.shape[-1]))
+            dw = g_rows.t().matmul(x.reshape(-1, x.shape[-1]).to(g.dtype))
         db = g_rows.sum(0) if need_db else None
         return dx, dw, db, None
 
@@ -73,10 +75,10 @@ class ApproxConvFunction(torch.autograd.Function):
             x = restore(saved, ctx.layout)
         else:  # dx needs only the input's shape
             x = g.new_empty(1).expand(ctx.x_shape)
-        dx, dw, db = torch.ops.aten.convolution_backward(
+        dx, dw, db = torch.ops.aten.convolution_backward(  # dtypes as in ApproxLinearFunction
             g.contiguous(),
-            x,
-            weight,
+            x.to(g.dtype),
+            weight.to(g.dtype),
             ctx.bias_sizes,
             list(stride),
             list(padding),
