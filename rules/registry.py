@@ -1,5 +1,9 @@
 """Rule names, the ``auto`` recipe, and the precedence that settles conflicts.
 
+``auto`` is ``ara`` + ``asa`` + ``recompute`` + ``exact``; next to an
+``approx*`` rule it drops ``ara`` (k-bit copies of a group's block inputs keep
+less than one full-precision anchor). Explicitly named rules are always kept.
+
 Precedence (first wins when two rules claim one module): ``ara`` > ``asa`` >
 ``recompute`` > ``exact`` > ``approx*``. The learning rules come first because
 they drop a weighted layer's input outright; ``recompute`` keeps nothing extra
@@ -51,10 +55,16 @@ def available() -> dict[str, str]:
 def _names(rules: str | Rule | Sequence[str | Rule]) -> list[str | Rule]:
     if isinstance(rules, (str, Rule)):
         rules = [rules]
+    quantizing = any(
+        (isinstance(r, Rule) and r.name.startswith("approx")) or str(r).startswith("approx")
+        for r in rules
+    )
     expanded: list[str | Rule] = []
     for rule in rules:
         if rule == "auto":
-            expanded.extend(AUTO)
+            # One full-precision anchor per group keeps more than k-bit copies of the
+            # group's block inputs would, so auto leaves ARA out next to an approx rule.
+            expanded.extend(name for name in AUTO if not (quantizing and name == "ara"))
         elif isinstance(rule, Rule) or rule in _FACTORIES:
             expanded.append(rule)
         else:

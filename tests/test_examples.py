@@ -25,15 +25,6 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: on a shared 2-core machine intra-op threads only contend (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def softmax_nodes(graph_module: torch.fx.GraphModule) -> list[torch.fx.Node]:
     return [n for n in graph_module.graph.nodes if getattr(n.target, "__name__", n.target) == "softmax"]
 

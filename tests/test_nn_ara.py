@@ -14,15 +14,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even k
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: extra threads only add contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # (dtype, relative tolerance against a float64 reference, scaled by the reference's largest entry)
 DTYPES = [(torch.float32, 1e-5), (torch.float16, 5e-3), (torch.bfloat16, 3e-2)]
 

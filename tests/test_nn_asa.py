@@ -42,15 +42,6 @@ CONV1D_CONFIGS = [
 LINEAR_INPUT_SHAPES = [(7,), (1, 7), (5, 7), (2, 3, 7), (2, 1, 3, 7)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: extra threads only add contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, rel: float) -> None:
     """|actual - expected| <= rel * max|expected| (+ a floor for all-zero references)."""
     error = (actual.double() - expected.double()).abs().max().item()

@@ -17,15 +17,6 @@ from aalconvert.nn.indicator import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: extra threads only add contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 finite_values = st.floats(-1e6, 1e6, allow_nan=False, width=32)
 samples = st.lists(st.lists(finite_values, min_size=9, max_size=9), min_size=1, max_size=3)
 epsilons = st.floats(1e-4, 1.0)
