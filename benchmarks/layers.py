@@ -317,9 +317,11 @@ class Runner:
         self.state = [*module.parameters(), *module.buffers()]
         for step in extra:
             self.state += [*step.parameters(), *step.buffers()]
-        output = self.forward()
-        self.output_shape = tuple(output.shape)
-        self.grad_output = torch.randn_like(output)
+        # Bytes one forward keeps for backward: parameters, buffers and not_counted excluded.
+        saved = measure_saved(self.forward, exclude=[*self.state, *self.not_counted])
+        self.saved_bytes = saved.nbytes
+        self.output_shape = tuple(saved.output.shape)
+        self.grad_output = torch.randn_like(saved.output)
 
     def forward(self) -> torch.Tensor:
         return self.module(self.input, *self.args)
@@ -330,10 +332,6 @@ class Runner:
         for tensor in self.state:
             tensor.grad = None
         torch.autograd.backward(self.forward(), self.grad_output)
-
-    def saved_bytes(self) -> int:
-        """Bytes the forward keeps for backward (parameters, buffers and ``not_counted`` excluded)."""
-        return measure_saved(self.forward, exclude=[*self.state, *self.not_counted]).nbytes
 
 
 def _build(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -372,17 +370,18 @@ def measure_layer(layer: Layer, device: torch.device, dtype: torch.dtype, repeat
                   on_cuda: bool) -> list[dict]:
     """One JSON row per variant of ``layer``."""
     runners = make_runners(layer, device, dtype)
-    torch_bytes = runners[0].saved_bytes()
-    variant_bytes = [runner.saved_bytes() for runner in runners[1:]]
     times = time_runners(runners, repeats, device)
+    torch_bytes = runners[0].saved_bytes
     rows = []
-    for variant, runner, kept, ms in zip(layer.variants, runners[1:], variant_bytes, times[1:]):
+    for variant, runner, ms in zip(layer.variants, runners[1:], times[1:]):
+        kept = runner.saved_bytes
         ratio = ms / times[0]
         rows.append({
             "model": layer.model,
             "layer": layer.name,
             "variant": variant.cls.__name__,
             "label": variant.label,
+            "options": variant.options,
             "input_shape": list(layer.input_shape),
             "input_numel": math.prod(layer.input_shape),
             "output_shape": list(runner.output_shape),
@@ -431,7 +430,10 @@ def render(result: dict, console: Console) -> None:
     console.print("* not counted (kept by the model anyway): the ARA anchor, kept once per group "
                   "by the group's first block; a recomputing layer's chain input, kept by the "
                   "norm or activation that reads it.")
-    if not on_cuda:
+    if on_cuda:
+        judged = [row["meets_target"] for row in result["rows"] if row["meets_target"] is not None]
+        console.print(f"{sum(judged)} of {len(judged)} rows with a target meet it.")
+    else:
         console.print(f"{result['device_name']}: these timings are of the torch reference kernels "
                       "(no Triton); the issue's targets (<= 1.05x ARA/ASA/lossless, <= 1.25x "
                       "approximate 4-bit) apply on a GPU.")
@@ -447,7 +449,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="tiny shapes at batch 2: a CPU smoke run of a few seconds")
     parser.add_argument("--repeats", type=int, default=None,
-                        help="timed runs per layer, median reported (default 10, or 2 with --quick)")
+                        help="timed runs per layer, median reported "
+                             "(default 10 on CUDA, 3 on CPU, 2 with --quick)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's own, or 1 with --quick, "
@@ -460,7 +463,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.batch is None:
         args.batch = 2 if args.quick else 64
     if args.repeats is None:
-        args.repeats = 2 if args.quick else 10
+        args.repeats = 2 if args.quick else 10 if args.device == "cuda" else 3
     if args.threads is None:
         args.threads = 1 if args.quick else torch.get_num_threads()
     if min(args.batch, args.repeats, args.threads) < 1:
