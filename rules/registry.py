@@ -5,10 +5,10 @@
 less than one full-precision anchor). Explicitly named rules are always kept.
 
 Precedence (first wins when two rules claim one module): ``ara`` > ``asa`` >
-``recompute`` > ``exact`` > ``approx*``. The learning rules come first because
-they drop a weighted layer's input outright; ``recompute`` keeps nothing extra
-and is exact; ``exact`` masks (1 bit) beat a k-bit copy of the same tensor;
-``approx*`` then covers whatever is still kept in full.
+``exact`` > ``approx*`` > ``recompute``. The learning rules come first because
+they drop a weighted layer's input outright; a 1-bit ``exact`` mask beats a
+k-bit copy of the same tensor; ``approx*`` beats ``recompute``, whose layers
+rely on a norm keeping its input in full, where k-bit copies of both keep less.
 """
 
 from collections.abc import Callable, Sequence
@@ -23,7 +23,7 @@ from aalconvert.rules.exact import ExactRule
 from aalconvert.rules.recompute import RecomputeRule
 
 AUTO = ("ara", "asa", "recompute", "exact")
-PRECEDENCE = ("ara", "asa", "recompute", "exact", "approx")
+PRECEDENCE = ("ara", "asa", "exact", "approx", "recompute")
 
 _FACTORIES: dict[str, Callable[[dict[str, Any]], Rule]] = {
     "exact": lambda options: ExactRule.from_options(options),
@@ -44,11 +44,16 @@ OPTIONS_BY_RULE: dict[str, tuple[str, ...]] = {
 }
 
 
+def build_rule(name: str, options: dict[str, Any]) -> Rule:
+    """The Rule object for one registered name (not ``auto``), built from convert() options."""
+    return _FACTORIES[name](options)
+
+
 def available() -> dict[str, str]:
     """Every rule name with its one-line description (``auto`` included)."""
     described = {"auto": "the paper's recipe: " + " + ".join(AUTO)}
-    for name, factory in _FACTORIES.items():
-        described[name] = factory({}).description
+    for name in _FACTORIES:
+        described[name] = build_rule(name, {}).description
     return described
 
 
@@ -86,7 +91,7 @@ def resolve(rules: str | Rule | Sequence[str | Rule], options: dict[str, Any]) -
     """
     chosen: list[Rule] = []
     for rule in _names(rules):
-        built = rule if isinstance(rule, Rule) else _FACTORIES[rule](options)
+        built = rule if isinstance(rule, Rule) else build_rule(rule, options)
         if _family(built) in {_family(r) for r in chosen}:
             if any(r.name == built.name for r in chosen):
                 continue

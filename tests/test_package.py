@@ -24,3 +24,16 @@ def test_console_script_reports_version():
 def test_console_script_help_lists_usage():
     out = subprocess.run([CONSOLE_SCRIPT, "--help"], capture_output=True, text=True, check=True)
     assert "usage: aalconvert" in out.stdout
+
+
+def test_rules_command_lists_every_rule_with_its_exactness():
+    from aalconvert.rules.registry import NAMES
+
+    out = subprocess.run(
+        [CONSOLE_SCRIPT, "rules"], capture_output=True, text=True, check=True,
+        env={"COLUMNS": "200", "PATH": ""},
+    )
+    for name in NAMES:
+        assert f"│ {name} " in out.stdout, name
+    assert "│ exact     │ yes           │ yes" in out.stdout
+    assert "│ asa       │ no            │ no" in out.stdout
