@@ -36,6 +36,27 @@ class ModelFacts:
             return self.modules.get(_qualified_name(source))
         return None
 
+    def output_readers(self, module_name: str) -> list[fx.Node] | None:
+        """The nodes that read ``module_name``'s output, seen through zero-probability dropouts.
+
+        A dropout with ``p == 0`` hands its input on unchanged, so whatever reads
+        its output reads the very same tensor. None when the module is untraced
+        or called more than once.
+        """
+        nodes = self.call_nodes.get(module_name, ())
+        if len(nodes) != 1:
+            return None
+        readers: list[fx.Node] = []
+        pending = [(nodes[0], user) for user in nodes[0].users]
+        while pending:
+            source, node = pending.pop()
+            module = self.modules.get(_qualified_name(node)) if node.op == "call_module" else None
+            if isinstance(module, nn.Dropout) and module.p == 0 and node.args[:1] == (source,):
+                pending.extend((node, user) for user in node.users)
+            else:
+                readers.append(node)
+        return readers
+
 
 def _qualified_name(node: fx.Node) -> str:
     return node.meta["aalconvert"].qualified_name

@@ -14,6 +14,7 @@ from aalconvert.errors import ConversionError
 from aalconvert.nn import approx
 from aalconvert.nn.approx_common import ApproxOptions
 from aalconvert.rules.exact import ExactRule
+from aalconvert.rules.swap import TypeSwapRule
 
 _APPROX_VARIANTS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: approx.ApproxLinear,
@@ -51,6 +52,9 @@ class ApproxRule(ExactRule):
             )
         known = ("stochastic", "group_size", "min_numel")
         return cls(ApproxOptions(bits=bits, **{k: options[k] for k in known if k in options}))
+
+    # Every ReLU takes its mask: the layers reading it keep a k-bit copy, not the output.
+    find = TypeSwapRule.find
 
     def variants(self) -> dict[type[nn.Module], type[nn.Module]]:
         return {**super().variants(), **_APPROX_VARIANTS}

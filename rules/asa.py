@@ -4,17 +4,20 @@ The paper's recipe (methods.md section 2): every linear layer inside a
 transformer / MLP residual branch ``x + F(x)`` (Q, K, V, output projection,
 both MLP layers) keeps a 1-bit sign of its input instead of the input.
 Embeddings, stems, heads, norms and the attention core stay as they are.
-Layers reading the same tensor in one forward share one packed mask.
+Layers reading the same tensor in one forward share one packed mask. A ReLU
+feeding such a layer keeps a 1-bit mask, else it would keep the very input the
+layer stopped keeping.
 """
 
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
+from torch import fx, nn
 
 from aalconvert.errors import ConversionError
 from aalconvert.facts import ModelFacts
 from aalconvert.nn.asa import ASALinear, pack_sign, validate_options
+from aalconvert.nn.lossless import MaskReLU
 from aalconvert.rules.base import Rule, Site, Skip
 from aalconvert.rules.wiring import SharedPack, swap_module
 
@@ -36,6 +39,21 @@ class ASAOptions:
         if self.variant not in VARIANT_CHOICES:
             raise ConversionError(f"asa_variant must be one of {VARIANT_CHOICES}, got {self.variant!r}")
         validate_options(self.eps, self.lr_expansion, "sign", "asa options")
+
+
+def _feeding_relu(facts: ModelFacts, name: str) -> str | None:
+    """The plain ReLU whose output is ``name``'s input (through zero-probability dropouts)."""
+    nodes = facts.call_nodes.get(name, ())
+    source = nodes[0].args[0] if len(nodes) == 1 and nodes[0].args else None
+    while isinstance(source, fx.Node) and source.op == "call_module":
+        producer = source.meta["aalconvert"].qualified_name
+        module = facts.modules[producer]
+        if type(module) is nn.ReLU and facts.call_count(producer) == 1:
+            return producer
+        if not (isinstance(module, nn.Dropout) and module.p == 0) or not source.args:
+            return None
+        source = source.args[0]
+    return None
 
 
 class ASARule(Rule):
@@ -69,6 +87,10 @@ class ASARule(Rule):
                     skips.append(Skip(self.name, name, f"called {facts.call_count(name)} times; ASA needs one call"))
                     continue
                 variant = self._variant(facts, name)
+                relu = _feeding_relu(facts, name)
+                if relu is not None and relu not in seen:
+                    seen.add(relu)
+                    sites.append(Site(self.name, relu, f"keeps a 1-bit mask: its output feeds ASA layer {name}"))
                 sites.append(
                     Site(
                         self.name,
@@ -87,6 +109,8 @@ class ASARule(Rule):
 
     def apply(self, model: nn.Module, site: Site, facts: ModelFacts) -> nn.Module:
         module = model.get_submodule(site.module_name)
+        if "variant" not in site.payload:
+            return swap_module(model, site.module_name, MaskReLU.from_module(module))
         variant = _ASA_VARIANTS[type(module)].from_module(
             module,
             eps=self.options.eps,

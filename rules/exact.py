@@ -1,6 +1,8 @@
 """``exact``: lossless 1-bit masks for ReLU and dropout, 1-byte argmax for max-pool.
 
 Forward and gradients are bit-identical to ordinary backprop (methods.md section 4).
+A ReLU whose output a following layer keeps anyway (a conv or linear reading it
+directly) is left as is: its mask would be kept on top of that very tensor.
 """
 
 from dataclasses import dataclass
@@ -8,8 +10,29 @@ from typing import Any
 
 from torch import nn
 
+from aalconvert.facts import ModelFacts
 from aalconvert.nn.lossless import CompactMaxPool2d, MaskDropout, MaskReLU
+from aalconvert.rules.base import Site, Skip
 from aalconvert.rules.swap import TypeSwapRule
+from aalconvert.trace import is_linear_like
+
+# Modules whose backward keeps their input; a ReLU feeding one gains nothing from a mask.
+_KEEPS_INPUT = (
+    nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
+    nn.GELU, nn.SiLU, nn.LeakyReLU, nn.Hardtanh, nn.Hardswish,
+)
+
+
+def kept_by_reader(facts: ModelFacts, name: str) -> str | None:
+    """The module that keeps ``name``'s output for its own backward anyway, if any."""
+    for node in facts.output_readers(name) or ():
+        if node.op != "call_module":
+            continue
+        reader = node.meta["aalconvert"].qualified_name
+        module = facts.modules[reader]
+        if is_linear_like(module) or isinstance(module, _KEEPS_INPUT):
+            return reader
+    return None
 
 
 @dataclass(frozen=True)
@@ -32,6 +55,20 @@ class ExactRule(TypeSwapRule):
 
     def variants(self) -> dict[type[nn.Module], type[nn.Module]]:
         return {nn.ReLU: MaskReLU, nn.Dropout: MaskDropout, nn.MaxPool2d: CompactMaxPool2d}
+
+    def find(self, facts: ModelFacts) -> tuple[list[Site], list[Skip]]:
+        sites, skips = super().find(facts)
+        kept = []
+        for site in sites:
+            reader = None
+            if type(facts.modules[site.module_name]) is nn.ReLU:
+                reader = kept_by_reader(facts, site.module_name)
+            if reader is None:
+                kept.append(site)
+            else:
+                skips.append(Skip(self.name, site.module_name,
+                                  f"{reader} keeps this ReLU's output anyway; a mask would add to it"))
+        return kept, skips
 
     def site_reason(self, module: nn.Module, variant: type[nn.Module]) -> str:
         if isinstance(module, nn.MaxPool2d):
