@@ -1,0 +1,209 @@
+"""Every rule on every example model: runs, keeps no more than BP, exactness flags hold, ARA/ASA wiring."""
+
+import dataclasses
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/ lives at the repo root
+
+import aalconvert  # noqa: E402
+from aalconvert.analysis import group_blocks  # noqa: E402
+from aalconvert.api import plan_conversion  # noqa: E402
+from aalconvert.facts import gather_facts  # noqa: E402
+from aalconvert.memory import measure_saved  # noqa: E402
+from aalconvert.nn.ara import ARAConv2d  # noqa: E402
+from aalconvert.nn.asa import ASALinear  # noqa: E402
+from aalconvert.rules.registry import NAMES  # noqa: E402
+from aalconvert.rules.wiring import SharedPack, TensorSlot  # noqa: E402
+from examples import EXAMPLES  # noqa: E402
+
+BATCH = 4
+RULE_CHOICES = [*NAMES, ["auto", "approx4"], ["ara", "approx4"]]
+FORWARD_EXACT = ["exact", "recompute", "ara", "approx8", "approx4", "approx2"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def rule_id(rules) -> str:
+    return "+".join(rules) if isinstance(rules, list) else rules
+
+
+def build(name: str, **overrides) -> nn.Module:
+    torch.manual_seed(0)
+    return EXAMPLES[name].build_model(**overrides).train()
+
+
+def no_dropout(name: str) -> dict:
+    fields = {f.name for f in dataclasses.fields(EXAMPLES[name].config)}
+    return {"dropout": 0.0} if "dropout" in fields else {}
+
+
+def inputs_of(name: str, **overrides) -> tuple:
+    return EXAMPLES[name].example_inputs(batch_size=BATCH, **overrides)
+
+
+def kept_bytes(model: nn.Module, inputs: tuple, seed: int = 1):
+    """Bytes the forward keeps for backward (parameters excluded), and the output."""
+    torch.manual_seed(seed)
+    saved = measure_saved(lambda: model(*inputs), exclude=list(model.parameters()))
+    return saved.nbytes, saved.output
+
+
+def loss_of(output: torch.Tensor) -> torch.Tensor:
+    return output.float().square().mean()
+
+
+@pytest.mark.parametrize("rules", RULE_CHOICES, ids=rule_id)
+@pytest.mark.parametrize("example", list(EXAMPLES))
+def test_every_rule_on_every_example_trains_and_keeps_at_most_bp(example, rules):
+    model = build(example)
+    inputs = inputs_of(example)
+    bp_bytes, _ = kept_bytes(model, inputs)
+    plan, _ = plan_conversion(model, rules)
+    converted = aalconvert.convert(model, rules)
+    nbytes, output = kept_bytes(converted, inputs)
+    loss_of(output).backward()
+    grads = [p.grad for p in converted.parameters() if p.requires_grad]
+    assert any(g is not None for g in grads)
+    assert all(torch.isfinite(g).all() for g in grads if g is not None)
+    assert nbytes <= bp_bytes
+    if plan.sites:  # default configs keep dropout active, so every accepted site saves bytes
+        assert nbytes < bp_bytes, f"{len(plan.sites)} sites accepted but nothing saved"
+
+
+@pytest.mark.parametrize("rules", FORWARD_EXACT)
+@pytest.mark.parametrize("example", list(EXAMPLES))
+def test_forward_exact_rules_give_bit_identical_outputs(example, rules):
+    overrides = no_dropout(example)
+    model = build(example, **overrides)
+    inputs = inputs_of(example)
+    converted = aalconvert.convert(model, rules)
+    torch.manual_seed(3)
+    expected = model(*inputs)
+    torch.manual_seed(3)
+    actual = converted(*inputs)
+    assert torch.equal(actual, expected)
+    if rules in ("exact", "recompute"):
+        expected_grads = torch.autograd.grad(loss_of(expected), list(model.parameters()), allow_unused=True)
+        actual_grads = torch.autograd.grad(loss_of(actual), list(converted.parameters()), allow_unused=True)
+        for name, e, a in zip([n for n, _ in model.named_parameters()], expected_grads, actual_grads):
+            assert (e is None) == (a is None), name
+            assert e is None or torch.equal(a, e), f"{rules}: gradient of {name} differs"
+
+
+@pytest.mark.parametrize("example", ["vit", "bert", "mixer"])
+def test_asa_changes_the_forward(example):
+    model = build(example, **no_dropout(example))
+    inputs = inputs_of(example)
+    converted = aalconvert.convert(model, "asa")
+    assert any(isinstance(m, ASALinear) for m in converted.modules())
+    assert not torch.equal(converted(*inputs), model(*inputs))
+
+
+@pytest.mark.parametrize("example", list(EXAMPLES))
+def test_exact_never_keeps_more_and_keeps_less_where_a_mask_pays(example):
+    # Dropout active: every example has a ReLU, dropout or max-pool that keeps something.
+    model = build(example)
+    inputs = inputs_of(example)
+    bp_bytes, _ = kept_bytes(model, inputs)
+    assert kept_bytes(aalconvert.convert(model, "exact"), inputs)[0] < bp_bytes
+    # Dropout off: nothing may get worse; ResNets still gain from the max-pool argmax.
+    quiet = build(example, **no_dropout(example))
+    bp_quiet, _ = kept_bytes(quiet, inputs)
+    exact_quiet, _ = kept_bytes(aalconvert.convert(quiet, "exact"), inputs)
+    assert exact_quiet <= bp_quiet
+    if any(isinstance(m, nn.MaxPool2d) for m in quiet.modules()):
+        assert exact_quiet < bp_quiet
+
+
+def slots_of(model: nn.Module) -> set:
+    found = set()
+    for module in model.modules():
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for hook in hooks.values():
+                owner = getattr(hook, "__self__", None)
+                if isinstance(owner, (TensorSlot, SharedPack)):
+                    found.add(owner)
+    return found
+
+
+def test_ara_releases_anchor_feeds_layers_and_drops_the_block_inputs():
+    model = build("resnet_basic")
+    inputs = inputs_of("resnet_basic")
+    facts = gather_facts(model, inputs)
+    groups = group_blocks(facts.blocks, 2)
+    assert groups and all(len(g.blocks) >= 2 for g in groups)
+    converted = aalconvert.convert(model, "ara", example_inputs=inputs)
+
+    # Expected drop, from the group structure: each non-first block input is no longer
+    # kept (its conv takes dW from the anchor); each call of a masked ReLU keeps numel/8 bytes.
+    dropped = sum(math.prod(b.input_shape) * 4 for g in groups for b in g.blocks[1:])
+    relu_numels: list[int] = []
+    hooks = [
+        model.get_submodule(name).register_forward_hook(lambda m, a, out: relu_numels.append(out.numel()))
+        for g in groups for name in g.mask_relus
+    ]
+    bp_bytes, _ = kept_bytes(model, inputs)
+    for hook in hooks:
+        hook.remove()
+    masks = sum(math.ceil(n / 8) for n in relu_numels)
+
+    ara_bytes, ara_out = kept_bytes(converted, inputs)
+    assert bp_bytes - ara_bytes == dropped - masks
+
+    slots = [s for s in slots_of(converted) if isinstance(s, TensorSlot)]
+    assert len(slots) == len(groups)
+    assert all(s.tensor is None for s in slots), "anchor outlived the forward"
+
+    loss_of(ara_out).backward()  # the converted model shares model's Parameters: one backward only
+    params = dict(model.named_parameters())
+    ara_layers = {name for g in groups for name in g.ara_layers}
+    anchor_layers = {name for g in groups for name in g.anchor_consumers}
+    for name in ara_layers:
+        assert isinstance(converted.get_submodule(name), ARAConv2d)
+    # BP reference from an identical, separate model.
+    reference = build("resnet_basic")
+    torch.manual_seed(1)
+    loss_of(reference(*inputs)).backward()
+    ref = dict(reference.named_parameters())
+    for name in ara_layers:
+        assert not torch.equal(params[f"{name}.weight"].grad, ref[f"{name}.weight"].grad), name
+    for name in anchor_layers:
+        assert torch.equal(params[f"{name}.weight"].grad, ref[f"{name}.weight"].grad), name
+
+
+def test_asa_query_key_value_share_one_packed_mask_counted_once():
+    model = build("bert", **no_dropout("bert"))
+    inputs = inputs_of("bert")
+    converted = aalconvert.convert(model, "asa")
+    prefix = "encoder.layer.0.attention.self"
+    names = [f"{prefix}.{p}" for p in ("query", "key", "value")]
+    assert all(isinstance(converted.get_submodule(n), ASALinear) for n in names)
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [
+        converted.get_submodule(n).register_forward_pre_hook(
+            lambda m, args, kwargs, n=n: seen.__setitem__(n, kwargs["packed_sign"]), with_kwargs=True)
+        for n in names
+    ]
+    shared_bytes, _ = kept_bytes(converted, inputs)
+    for hook in hooks:
+        hook.remove()
+    pointers = {seen[n].untyped_storage().data_ptr() for n in names}
+    assert len(pointers) == 1
+    # Without the shared pack every layer packs its own sign: two more masks per attention.
+    for pack in [s for s in slots_of(converted) if isinstance(s, SharedPack)]:
+        pack.remove()
+    own_bytes, _ = kept_bytes(converted, inputs)
+    attentions = sum(1 for n, _ in converted.named_modules() if n.endswith("attention.self"))
+    assert own_bytes - shared_bytes == 2 * attentions * seen[names[0]].untyped_storage().nbytes()
