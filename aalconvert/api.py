@@ -91,8 +91,10 @@ def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """
     _check_model(model)
     target = model if inplace else _shallow_copy(model)
+    # Unwire first: a slot's handles point at the hook dicts of the modules it was wired on,
+    # so once a variant is swapped out (to_module() may carry its hooks over) they miss.
+    remove_wiring(target)
     for name, module in list(target.named_modules()):
         if isinstance(module, CONVERTED_TYPES):
             target = swap_module(target, name, module.to_module())
-    remove_wiring(target)
     return target
