@@ -19,7 +19,7 @@ from aalconvert.nn.asa import (
     ASASignPack,
     pack_sign,
 )
-from aalconvert.nn.ara import WeightedGeometry
+from aalconvert.nn.weighted import WeightedGeometry
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 

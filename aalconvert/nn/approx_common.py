@@ -15,6 +15,7 @@ from torch import nn
 
 from aalconvert.errors import ConversionError
 from aalconvert.kernels import QuantizedTensor, dequantize, quantize
+from aalconvert.nn.rebuild import rebuild_as
 
 ALLOWED_BITS = (8, 4, 2)
 ALLOWED_SCALE_DTYPES = (torch.float16, torch.bfloat16)
@@ -138,21 +139,6 @@ def check_module_type(module: nn.Module, torch_class: type, variant: str) -> Non
             f"{type(module).__module__}.{type(module).__qualname__}; subclasses are not converted "
             "because their forward may differ"
         )
-
-
-def rebuild_as(cls: type, module: nn.Module, drop: Sequence[str] = ()) -> nn.Module:
-    """A ``cls`` instance sharing ``module``'s Parameters, buffers, submodules and hooks.
-
-    The registries are copied (not shared) so that later registrations on one
-    module do not appear on the other; the tensors inside are the same objects.
-    """
-    new = cls.__new__(cls)
-    state = {key: value for key, value in module.__dict__.items() if key not in drop}
-    for key, value in state.items():
-        if isinstance(value, (dict, set)):
-            state[key] = type(value)(value)
-    new.__dict__.update(state)
-    return new
 
 
 class ApproxVariant:

@@ -21,13 +21,14 @@ from torch import nn
 
 from aalconvert.errors import ConversionError
 from aalconvert.kernels import pack_bits, packed_nbytes, unpack_bits
-from aalconvert.nn.ara import (
+from aalconvert.nn.rebuild import rebuild_as
+from aalconvert.nn.saved import saved_tensors_or_raise
+from aalconvert.nn.weighted import (
     WeightedGeometry,
-    is_unbatched,
     check_convertible,
+    in_place_message,
+    is_unbatched,
     needs_autograd,
-    saved_tensors_or_raise,
-    share_parameters,
 )
 
 SIGN_VARIANTS = ("sign", "relu")
@@ -91,7 +92,10 @@ class ASAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         packed_sign, weight = saved_tensors_or_raise(
-            ctx, ctx.layer, "the packed ASA sign mask or this layer's weight"
+            ctx,
+            lambda _: in_place_message(
+                ctx.layer, "the packed ASA sign mask or this layer's weight"
+            ),
         )
         need_dx, _, need_dw, need_db = ctx.needs_input_grad[:4]
         if need_dw:
@@ -134,7 +138,7 @@ class _ASAMixin:
         validate_options(eps, lr_expansion, variant, f"{cls.__name__}.from_module")
         check_convertible(module, (cls._torch_base,))
         WeightedGeometry.of(module)
-        new = share_parameters(module, cls)
+        new = rebuild_as(cls, module)
         new.eps = float(eps)
         new.lr_expansion = float(lr_expansion)
         new.variant = variant
@@ -142,7 +146,7 @@ class _ASAMixin:
 
     def to_module(self) -> nn.Module:
         """The plain torch layer with the same Parameters (ASA options dropped)."""
-        return share_parameters(self, self._torch_base, skip=_OPTIONS)
+        return rebuild_as(self._torch_base, self, drop=_OPTIONS)
 
     def extra_repr(self) -> str:
         return (

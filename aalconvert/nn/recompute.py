@@ -47,7 +47,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from aalconvert.errors import ConversionError, SavedTensorModifiedError
+from aalconvert.errors import ConversionError
+from aalconvert.nn.rebuild import rebuild_as
+from aalconvert.nn.saved import saved_tensors_or_raise
 
 CHAIN_MODULE_TYPES: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d,
@@ -140,16 +142,14 @@ class _ChainRecord:
 
 def _saved_tensors(ctx, where: str) -> tuple[torch.Tensor, ...]:
     """ctx.saved_tensors, with in-place modification reported as SavedTensorModifiedError."""
-    try:
-        return ctx.saved_tensors
-    except RuntimeError as error:
-        if "modified by an inplace operation" not in str(error):
-            raise
-        raise SavedTensorModifiedError(
-            f"{where}: {_modified_name(ctx.saved_shapes, str(error))}, kept to rebuild this "
+    return saved_tensors_or_raise(
+        ctx,
+        lambda message: (
+            f"{where}: {_modified_name(ctx.saved_shapes, message)}, kept to rebuild this "
             "layer's input in backward, was modified in place after the forward; do not modify "
             "it between forward and backward (clone it before modifying)"
-        ) from error
+        ),
+    )
 
 
 def _saved_shapes(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> dict:
@@ -295,16 +295,6 @@ class RecomputedInputConvFunction(torch.autograd.Function):
 # --------------------------------------------------------------------- modules
 
 
-def _rebind(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
-    """A new ``cls`` instance holding ``module``'s state: same Parameter objects, hooks, mode."""
-    converted = cls.__new__(cls)
-    converted.__dict__.update(
-        {key: (value.copy() if isinstance(value, dict) else value)
-         for key, value in module.__dict__.items()}
-    )
-    return converted
-
-
 class _RecomputedInput:
     """Chain handling shared by the Linear and Conv variants (see the module docstring)."""
 
@@ -323,7 +313,7 @@ class _RecomputedInput:
         cls._check_convertible(module)
         if chain:
             _validate_chain(tuple(chain), cls.__name__)
-        converted = _rebind(module, cls)
+        converted = rebuild_as(cls, module)
         converted.chain = tuple(chain)
         return converted
 
@@ -338,9 +328,7 @@ class _RecomputedInput:
 
     def to_module(self) -> nn.Module:
         """The plain torch layer with the same Parameter objects (the chain is dropped)."""
-        plain = _rebind(self, self._plain_type)
-        plain.__dict__.pop("chain", None)
-        return plain
+        return rebuild_as(self._plain_type, self, drop=("chain",))
 
     def describe(self) -> str:
         return f"{type(self).__name__}({self.extra_repr()})"
