@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from examples._common import logits_shape, token_inputs
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -151,17 +153,8 @@ def build_model(**overrides) -> GPT:
     return GPT(dataclasses.replace(CONFIG, **overrides))
 
 
-def example_inputs(batch_size: int = 4, **overrides) -> tuple[Tensor]:
-    """One reproducible batch of uniform token ids, int64 ``(batch, seq_len)`` in ``[0, vocab_size)``."""
-    config = dataclasses.replace(CONFIG, **overrides)
-    generator = torch.Generator().manual_seed(0)
-    return (torch.randint(0, config.vocab_size, (batch_size, config.seq_len), generator=generator),)
-
-
-def output_shape(batch_size: int = 4, **overrides) -> tuple[int, ...]:
-    """Shape of the logits: ``(batch, seq_len, vocab_size)``."""
-    config = dataclasses.replace(CONFIG, **overrides)
-    return (batch_size, config.seq_len, config.vocab_size)
+example_inputs = token_inputs(CONFIG)
+output_shape = logits_shape(CONFIG, "seq_len", "vocab_size")
 
 
 # Per-sample shape of the default input (token positions); the batch dimension comes first.

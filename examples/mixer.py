@@ -14,8 +14,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
+
+from examples._common import image_inputs, logits_shape
 
 
 @dataclass(frozen=True)
@@ -129,19 +130,8 @@ def build_model(**overrides) -> MlpMixer:
     return MlpMixer(dataclasses.replace(CONFIG, **overrides))
 
 
-def example_inputs(batch_size: int = 4, **overrides) -> tuple[Tensor]:
-    """One reproducible batch of standard-normal images, ``(batch, in_channels, size, size)``."""
-    config = dataclasses.replace(CONFIG, **overrides)
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(batch_size, config.in_channels, config.image_size, config.image_size,
-                         generator=generator)
-    return (images,)
-
-
-def output_shape(batch_size: int = 4, **overrides) -> tuple[int, ...]:
-    """Shape of the logits for a batch: ``(batch, num_classes)``."""
-    config = dataclasses.replace(CONFIG, **overrides)
-    return (batch_size, config.num_classes)
+example_inputs = image_inputs(CONFIG)
+output_shape = logits_shape(CONFIG, "num_classes")
 
 
 # Per-sample shape of the default input (channels, height, width); the batch dimension comes first.
