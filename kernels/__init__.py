@@ -13,7 +13,7 @@ from aalconvert.kernels.quantize import (
     quantize,
     quantized_nbytes,
 )
-from aalconvert.kernels import ops  # noqa: E402  (registers the custom ops)
+from aalconvert.kernels import ops  # noqa: F401  (importing registers the custom ops)
 
 __all__ = [
     "pack_bits",

@@ -98,7 +98,8 @@ class SharedPack:
         self._source, self._packed = None, None
 
 
-def _wiring_of(module: nn.Module) -> set:
+def wiring_of(module: nn.Module) -> set:
+    """The slots and shared packs whose hooks sit on ``module`` itself."""
     found = set()
     for hooks in (module._forward_pre_hooks, module._forward_hooks):
         for hook in hooks.values():
@@ -110,11 +111,11 @@ def _wiring_of(module: nn.Module) -> set:
 
 def is_wired(module: nn.Module) -> bool:
     """True when a previous conversion already wired hooks on ``module``."""
-    return bool(_wiring_of(module))
+    return bool(wiring_of(module))
 
 
 def remove_wiring(model: nn.Module) -> None:
     """Remove every slot and shared pack that conversion wired into ``model``."""
     for module in model.modules():
-        for owner in _wiring_of(module):
+        for owner in wiring_of(module):
             owner.remove()

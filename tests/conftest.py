@@ -2,11 +2,16 @@
 
 Without CUDA, Triton kernels run in the interpreter on CPU tensors. The suite's
 tensors are tiny, so intra-op threads only contend on a small machine: one thread.
+The example models live in ``examples/`` at the repository root.
 """
 
 import os
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/ lives at the repo root
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

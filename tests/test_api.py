@@ -1,29 +1,17 @@
 """convert() / revert(): shared Parameters, idempotence, inplace, revert, bad input, Hugging Face models."""
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/ lives at the repo root
-
-import aalconvert  # noqa: E402
-from aalconvert.api import plan_conversion  # noqa: E402
-from aalconvert.errors import ConversionError  # noqa: E402
-from aalconvert.memory import measure_saved  # noqa: E402
-from aalconvert.rules.registry import NAMES  # noqa: E402
-from aalconvert.rules.wiring import is_wired  # noqa: E402
-from examples import EXAMPLES  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+import aalconvert
+from aalconvert.api import plan_conversion
+from aalconvert.errors import ConversionError
+from aalconvert.memory import measure_saved
+from aalconvert.rules.registry import NAMES
+from aalconvert.rules.wiring import is_wired
+from examples import EXAMPLES
 
 
 def build(name: str = "resnet_basic", **overrides) -> nn.Module:

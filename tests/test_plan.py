@@ -1,25 +1,12 @@
 """Planning: nothing modified, one rule per module by precedence, skip= recorded, rule registry."""
 
-import sys
-from pathlib import Path
 
-import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/ lives at the repo root
-
-from aalconvert.api import plan_conversion  # noqa: E402
-from aalconvert.rules.registry import NAMES, PRECEDENCE, available  # noqa: E402
-from examples import EXAMPLES  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from aalconvert.api import plan_conversion
+from aalconvert.rules.registry import NAMES, PRECEDENCE, available
+from examples import EXAMPLES
 
 
 def resnet() -> nn.Module:

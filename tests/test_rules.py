@@ -2,37 +2,25 @@
 
 import dataclasses
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/ lives at the repo root
-
-import aalconvert  # noqa: E402
-from aalconvert.analysis import group_blocks  # noqa: E402
-from aalconvert.api import plan_conversion  # noqa: E402
-from aalconvert.facts import gather_facts  # noqa: E402
-from aalconvert.memory import measure_saved  # noqa: E402
-from aalconvert.nn.ara import ARAConv2d  # noqa: E402
-from aalconvert.nn.asa import ASALinear  # noqa: E402
-from aalconvert.rules.registry import NAMES  # noqa: E402
-from aalconvert.rules.wiring import SharedPack, TensorSlot  # noqa: E402
-from examples import EXAMPLES  # noqa: E402
+import aalconvert
+from aalconvert.analysis import group_blocks
+from aalconvert.api import plan_conversion
+from aalconvert.facts import gather_facts
+from aalconvert.memory import measure_saved
+from aalconvert.nn.ara import ARAConv2d
+from aalconvert.nn.asa import ASALinear
+from aalconvert.rules.registry import NAMES
+from aalconvert.rules.wiring import SharedPack, TensorSlot, wiring_of
+from examples import EXAMPLES
 
 BATCH = 4
 RULE_CHOICES = [*NAMES, ["auto", "approx4"], ["ara", "approx4"]]
 FORWARD_EXACT = ["exact", "recompute", "ara", "approx8", "approx4", "approx2"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def rule_id(rules) -> str:
@@ -128,14 +116,7 @@ def test_exact_never_keeps_more_and_keeps_less_where_a_mask_pays(example):
 
 
 def slots_of(model: nn.Module) -> set:
-    found = set()
-    for module in model.modules():
-        for hooks in (module._forward_pre_hooks, module._forward_hooks):
-            for hook in hooks.values():
-                owner = getattr(hook, "__self__", None)
-                if isinstance(owner, (TensorSlot, SharedPack)):
-                    found.add(owner)
-    return found
+    return {owner for module in model.modules() for owner in wiring_of(module)}
 
 
 def test_ara_releases_anchor_feeds_layers_and_drops_the_block_inputs():
