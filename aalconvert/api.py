@@ -8,10 +8,10 @@ from torch import nn
 
 from aalconvert.errors import ConversionError
 from aalconvert.facts import ModelFacts, gather_facts
+from aalconvert.nn import CONVERTED_TYPES
 from aalconvert.plan import Plan, SkipFilter, make_plan, skip_filter
 from aalconvert.rules.base import Rule
 from aalconvert.rules.registry import resolve
-from aalconvert.nn import CONVERTED_TYPES
 from aalconvert.rules.wiring import remove_wiring, swap_module
 
 
