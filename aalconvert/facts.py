@@ -11,6 +11,12 @@ from torch import fx, nn
 from aalconvert.analysis import ResidualBlock, find_residual_blocks
 from aalconvert.trace import TraceResult, trace_model
 
+# Modules whose backward keeps their own input: a tensor they read stays alive anyway.
+KEEPS_INPUT: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
+    nn.GELU, nn.SiLU, nn.LeakyReLU, nn.Hardtanh, nn.Hardswish,
+)
+
 
 @dataclass
 class ModelFacts:

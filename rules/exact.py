@@ -10,17 +10,11 @@ from typing import Any
 
 from torch import nn
 
-from aalconvert.facts import ModelFacts
+from aalconvert.facts import KEEPS_INPUT, ModelFacts
 from aalconvert.nn.lossless import CompactMaxPool2d, MaskDropout, MaskReLU
 from aalconvert.rules.base import Site, Skip
 from aalconvert.rules.swap import TypeSwapRule
 from aalconvert.trace import is_linear_like
-
-# Modules whose backward keeps their input; a ReLU feeding one gains nothing from a mask.
-_KEEPS_INPUT = (
-    nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
-    nn.GELU, nn.SiLU, nn.LeakyReLU, nn.Hardtanh, nn.Hardswish,
-)
 
 
 def kept_by_reader(facts: ModelFacts, name: str) -> str | None:
@@ -30,7 +24,7 @@ def kept_by_reader(facts: ModelFacts, name: str) -> str | None:
             continue
         reader = node.meta["aalconvert"].qualified_name
         module = facts.modules[reader]
-        if is_linear_like(module) or isinstance(module, _KEEPS_INPUT):
+        if is_linear_like(module) or isinstance(module, KEEPS_INPUT):
             return reader
     return None
 

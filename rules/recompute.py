@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import fx, nn
 
-from aalconvert.facts import ModelFacts
+from aalconvert.facts import KEEPS_INPUT, ModelFacts
 from aalconvert.nn.lossless import MaskReLU
 from aalconvert.nn.recompute import (
     CHAIN_MODULE_TYPES,
@@ -28,12 +28,6 @@ _RECOMPUTE_VARIANTS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Conv1d: RecomputedInputConv1d,
     nn.Conv2d: RecomputedInputConv2d,
 }
-# Chain modules whose backward keeps their own input, so a chain may start there.
-_KEEPS_INPUT = (
-    nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
-    nn.GELU, nn.SiLU, nn.LeakyReLU, nn.Hardtanh, nn.Hardswish,
-)
-
 
 @dataclass(frozen=True)
 class RecomputeOptions:
@@ -58,7 +52,7 @@ def input_chain(facts: ModelFacts, node: fx.Node) -> Chain | str:
         if type(module) not in CHAIN_MODULE_TYPES and not isinstance(module, MaskReLU):
             break
         names.insert(0, name)
-        if isinstance(module, _KEEPS_INPUT):
+        if isinstance(module, KEEPS_INPUT):
             if facts.call_count(name) != 1:
                 return f"{name} starts the input chain but is called {facts.call_count(name)} times"
             return Chain(start=name, modules=tuple(names))
