@@ -39,7 +39,7 @@ class ModelFacts:
             return None
         source = nodes[0].args[0]
         if isinstance(source, fx.Node) and source.op == "call_module":
-            return self.modules.get(_qualified_name(source))
+            return self.modules.get(qualified_name(source))
         return None
 
     def output_readers(self, module_name: str) -> list[fx.Node] | None:
@@ -56,7 +56,7 @@ class ModelFacts:
         pending = [(nodes[0], user) for user in nodes[0].users]
         while pending:
             source, node = pending.pop()
-            module = self.modules.get(_qualified_name(node)) if node.op == "call_module" else None
+            module = self.modules.get(qualified_name(node)) if node.op == "call_module" else None
             if isinstance(module, nn.Dropout) and module.p == 0 and node.args[:1] == (source,):
                 pending.extend((node, user) for user in node.users)
             else:
@@ -64,7 +64,8 @@ class ModelFacts:
         return readers
 
 
-def _qualified_name(node: fx.Node) -> str:
+def qualified_name(node: fx.Node) -> str:
+    """The model-root-relative name of the module a call_module node calls."""
     return node.meta["aalconvert"].qualified_name
 
 
@@ -77,7 +78,7 @@ def gather_facts(model: nn.Module, example_inputs: tuple | None = None) -> Model
         blocks.extend(find_residual_blocks(region))
         for node in region.graph_module.graph.nodes:
             if node.op == "call_module":
-                call_nodes.setdefault(_qualified_name(node), []).append(node)
+                call_nodes.setdefault(qualified_name(node), []).append(node)
     return ModelFacts(
         model=model,
         trace=traced,

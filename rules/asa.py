@@ -15,7 +15,7 @@ from typing import Any
 from torch import fx, nn
 
 from aalconvert.errors import ConversionError
-from aalconvert.facts import ModelFacts
+from aalconvert.facts import ModelFacts, qualified_name
 from aalconvert.nn.asa import ASALinear, pack_sign, validate_options
 from aalconvert.nn.lossless import MaskReLU
 from aalconvert.rules.base import Rule, Site, Skip
@@ -46,7 +46,7 @@ def _feeding_relu(facts: ModelFacts, name: str) -> str | None:
     nodes = facts.call_nodes.get(name, ())
     source = nodes[0].args[0] if len(nodes) == 1 and nodes[0].args else None
     while isinstance(source, fx.Node) and source.op == "call_module":
-        producer = source.meta["aalconvert"].qualified_name
+        producer = qualified_name(source)
         module = facts.modules[producer]
         if type(module) is nn.ReLU and facts.call_count(producer) == 1:
             return producer

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from aalconvert.facts import KEEPS_INPUT, ModelFacts
+from aalconvert.facts import KEEPS_INPUT, ModelFacts, qualified_name
 from aalconvert.nn.lossless import CompactMaxPool2d, MaskDropout, MaskReLU
 from aalconvert.rules.base import Site, Skip
 from aalconvert.rules.swap import TypeSwapRule
@@ -22,7 +22,7 @@ def kept_by_reader(facts: ModelFacts, name: str) -> str | None:
     for node in facts.output_readers(name) or ():
         if node.op != "call_module":
             continue
-        reader = node.meta["aalconvert"].qualified_name
+        reader = qualified_name(node)
         module = facts.modules[reader]
         if is_linear_like(module) or isinstance(module, KEEPS_INPUT):
             return reader

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import fx, nn
 
-from aalconvert.facts import KEEPS_INPUT, ModelFacts
+from aalconvert.facts import KEEPS_INPUT, ModelFacts, qualified_name
 from aalconvert.nn.lossless import MaskReLU
 from aalconvert.nn.recompute import (
     CHAIN_MODULE_TYPES,
@@ -47,7 +47,7 @@ def input_chain(facts: ModelFacts, node: fx.Node) -> Chain | str:
     names: list[str] = []
     current = node.args[0] if node.args else None
     while isinstance(current, fx.Node) and current.op == "call_module":
-        name = current.meta["aalconvert"].qualified_name
+        name = qualified_name(current)
         module = facts.modules[name]
         if type(module) not in CHAIN_MODULE_TYPES and not isinstance(module, MaskReLU):
             break
