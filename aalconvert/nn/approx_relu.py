@@ -91,8 +91,9 @@ class ApproxReLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, inplace: bool, options: ApproxOptions):
         if inplace:
-            y = torch.relu_(x)
+            torch.relu_(x)
             ctx.mark_dirty(x)
+            y = x  # the input object itself: torch.compile supports mark_dirty only then
         else:
             y = torch.relu(x)
         ctx.quantized = should_quantize(y, options)

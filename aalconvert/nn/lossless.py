@@ -87,8 +87,9 @@ class MaskReLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, inplace: bool) -> torch.Tensor:
         if inplace:
-            y = torch.relu_(x)
+            torch.relu_(x)
             ctx.mark_dirty(x)
+            y = x  # the input object itself: torch.compile supports mark_dirty only then
         else:
             y = torch.relu(x)
         layout = _PackedLayout(y)
@@ -159,7 +160,7 @@ class MaskDropoutFunction(torch.autograd.Function):
             ctx.layout = _PackedLayout(keep)
             packed = ctx.layout.pack(keep)
             if inplace:
-                y = x.copy_(y)
+                x.copy_(y)
         else:
             noise = torch.empty_like(x).bernoulli_(1 - p)
             ctx.layout = _PackedLayout(noise)
@@ -168,6 +169,7 @@ class MaskDropoutFunction(torch.autograd.Function):
             y = x.mul_(noise) if inplace else x * noise
         if inplace:
             ctx.mark_dirty(x)
+            y = x  # the input object itself: torch.compile supports mark_dirty only then
         ctx.save_for_backward(packed)
         return y
 
