@@ -93,9 +93,15 @@ def _validate_chain(chain: tuple[nn.Module, ...], where: str) -> None:
 
 
 def _rebuild_module(module: nn.Module, training: bool, x: torch.Tensor) -> torch.Tensor:
-    """One chain step with the forward's train/eval mode, never touching running statistics."""
+    """One chain step with the forward's train/eval mode, never touching running statistics.
+
+    Calls ``forward`` directly: the module's hooks ran in the real forward, and
+    running them again in backward would re-fire conversion's wiring (a chain
+    start's capture hook would keep the rebuilt input alive after backward, and
+    torch.compile breaks the graph on that side effect).
+    """
     if not isinstance(module, _BatchNorm):
-        return module(x)
+        return module.forward(x)
     # Mirrors _BatchNorm.forward, with throwaway copies of the running statistics
     # so that the same kernel runs as in the forward and nothing is updated twice.
     use_running = not training or module.track_running_stats
