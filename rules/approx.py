@@ -3,6 +3,13 @@
 Forward stays exact (methods.md section 3). ReLU, dropout and max-pool take
 their lossless variants here too: a 1-bit mask is smaller than any k-bit copy
 and exact, so the approximate rule never quantizes what a mask can hold.
+
+Attention cores written with functional ops (``softmax``, ``q @ k^T``,
+``probs @ v`` inside a module's forward) are part of this rule too
+(``aalconvert.rules.attention``): the module making those calls becomes an
+``ApproxAttention`` keeping k-bit softmax outputs and matmul operands. They
+belong to the approx family rather than a rule of their own because they
+quantize the same kind of tensors with the same options.
 """
 
 from dataclasses import fields
@@ -13,8 +20,13 @@ from torch import nn
 from aalconvert.errors import ConversionError
 from aalconvert.nn import approx
 from aalconvert.nn.approx_common import ApproxOptions
+from aalconvert.facts import ModelFacts
+from aalconvert.nn.approx_attention import ApproxAttention
+from aalconvert.rules.attention import PAYLOAD_KEY, attention_sites
+from aalconvert.rules.base import Site, Skip
 from aalconvert.rules.exact import ExactRule
 from aalconvert.rules.swap import TypeSwapRule
+from aalconvert.rules.wiring import swap_module
 
 _APPROX_VARIANTS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: approx.ApproxLinear,
@@ -53,16 +65,27 @@ class ApproxRule(ExactRule):
         known = ("stochastic", "group_size", "min_numel")
         return cls(ApproxOptions(bits=bits, **{k: options[k] for k in known if k in options}))
 
-    # Every ReLU takes its mask: the layers reading it keep a k-bit copy, not the output.
-    find = TypeSwapRule.find
+    def find(self, facts: ModelFacts) -> tuple[list[Site], list[Skip]]:
+        # Every ReLU takes its mask: the layers reading it keep a k-bit copy, not the output.
+        sites, skips = TypeSwapRule.find(self, facts)
+        core_sites, core_skips = attention_sites(facts, self.name, self.option_values())
+        return sites + core_sites, skips + core_skips
+
+    def apply(self, model: nn.Module, site: Site, facts: ModelFacts) -> nn.Module:
+        if not site.payload.get(PAYLOAD_KEY):
+            return super().apply(model, site, facts)
+        module = model.get_submodule(site.module_name)
+        return swap_module(model, site.module_name, ApproxAttention.from_module(module, **self.option_values()))
+
+    def option_values(self) -> dict[str, Any]:
+        """The rule's ApproxOptions as keyword arguments of a variant's from_module."""
+        return {field.name: getattr(self.options, field.name) for field in fields(self.options)}
 
     def variants(self) -> dict[type[nn.Module], type[nn.Module]]:
         return {**super().variants(), **_APPROX_VARIANTS}
 
     def variant_options(self, module: nn.Module) -> dict[str, Any]:
-        if type(module) in _APPROX_VARIANTS:
-            return {field.name: getattr(self.options, field.name) for field in fields(self.options)}
-        return {}
+        return self.option_values() if type(module) in _APPROX_VARIANTS else {}
 
     def site_reason(self, module: nn.Module, variant: type[nn.Module]) -> str:
         if type(module) in _APPROX_VARIANTS:
