@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aalconvert.errors import ConversionError
-from aalconvert.trace import META_KEY, NodeFacts, Region, is_linear_like
+from aalconvert.trace import META_KEY, NodeFacts, Region, is_linear_like, is_norm_like
 
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _ADD_METHODS = ("add", "add_", "__add__", "__iadd__")
@@ -129,15 +129,10 @@ def _module(region: Region, node: fx.Node) -> nn.Module | None:
     return region.graph_module.get_submodule(node.target)
 
 
-def _is_norm_module(module: nn.Module) -> bool:
-    norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm)
-    return isinstance(module, norms) or type(module).__name__.endswith("Norm")
-
-
 def _is_norm(region: Region, node: fx.Node) -> bool:
     module = _module(region, node)
     if module is not None:
-        return _is_norm_module(module)
+        return is_norm_like(module)
     return node.op == "call_function" and node.target in _NORM_FUNCTIONS
 
 
@@ -170,7 +165,7 @@ def _producer(region: Region, node: fx.Node) -> tuple[str, str | None]:
         name = _facts(node).qualified_name
         if isinstance(module, nn.ReLU):
             return "relu", name
-        if _is_norm_module(module):
+        if is_norm_like(module):
             return "norm", name
         return type(module).__name__, name
     if _is_add(node):

@@ -7,6 +7,13 @@ the module's qualified name relative to the *model root* in
 ``node.meta["aalconvert"]`` (a :class:`NodeFacts`), and every module that could
 not be traced is listed with the reason.
 
+A module that plain fx cannot trace (Hugging Face layers unpack ``x.shape``,
+take ``**kwargs``, branch on tensor metadata) is traced a second time, when
+example inputs are given, on the arguments it really received: every proxy
+then carries its example value (a fake tensor), so shapes, ``len``, iteration
+and ``if`` resolve to the concrete answers of that call. Such a graph is
+specialised to the example inputs, which is all the facts need.
+
 Shapes come from one run of the model on fake tensors
 (``torch._subclasses.FakeTensorMode``: no memory, no compute); if the fake run
 fails the model runs once for real under ``torch.no_grad``. Either run happens
@@ -16,7 +23,10 @@ counters are not touched.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,8 +99,20 @@ def is_linear_like(module: nn.Module) -> bool:
     return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
 
 
+def is_norm_like(module: nn.Module) -> bool:
+    """True for torch norms and for zoo norms: a class named ``...Norm`` with no child modules.
+
+    Zoo norms (``LlamaRMSNorm``, ``T5LayerNorm``) are kept whole as graph leaves,
+    so a pre-norm block shows its norm as one module call.
+    """
+    norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm)
+    if isinstance(module, norms):
+        return True
+    return type(module).__name__.endswith("Norm") and next(module.children(), None) is None
+
+
 class _LeafTracer(fx.Tracer):
-    """fx tracer that keeps torch.nn modules, aalconvert's modules, zoo linears and user types as leaves."""
+    """fx tracer that keeps torch.nn modules, aalconvert's modules, zoo linears/norms and user types as leaves."""
 
     def __init__(self, leaf_types: tuple[type, ...]):
         super().__init__()
@@ -106,7 +128,7 @@ def _is_leaf(module: nn.Module, leaf_types: tuple[type, ...]) -> bool:
         return True
     if type(module).__module__.startswith("aalconvert"):
         return True
-    return is_linear_like(module)
+    return is_linear_like(module) or is_norm_like(module)
 
 
 def _is_default_leaf(module: nn.Module, leaf_types: tuple[type, ...]) -> bool:
@@ -122,17 +144,21 @@ def trace_model(
 
     ``example_inputs``: positional arguments of ``model``; when given, optional
     arguments of each traced part are specialised to the values the model really
-    passes, and output shapes are recorded. Tracing errors never escape: they
-    become :class:`Untraced` entries. Raises ConversionError only when the model
-    itself cannot run on ``example_inputs``.
+    passes, output shapes are recorded, and a module plain fx cannot trace is
+    traced again on the values it received (see the module docstring). Tracing
+    errors never escape: they become :class:`Untraced` entries. Raises
+    ConversionError only when the model itself cannot run on ``example_inputs``.
+    The model is left as it was (attributes a trace sets on it are removed).
     """
     calls = _capture_calls(model, example_inputs) if example_inputs is not None else None
-    regions: list[Region] = []
-    untraced: list[Untraced] = []
-    _trace_or_descend(model, "", leaf_types, calls, regions, untraced)
+    walk = _Walk(leaf_types, calls)
+    _trace_or_descend(model, "", walk)
     shape_errors: dict[str, str] = {}
-    for region in regions:
+    for region in walk.regions:
         _annotate_modules(region)
+        if region.name in walk.known_shapes:
+            _record_shapes(region, walk.known_shapes[region.name])
+            continue
         if calls is None:
             continue
         if region.name not in calls.inputs:
@@ -141,7 +167,7 @@ def trace_model(
         error = _propagate_shapes(region, model, calls)
         if error is not None:
             shape_errors[region.name] = error
-    return TraceResult(regions=regions, untraced=untraced, shape_errors=shape_errors)
+    return TraceResult(regions=walk.regions, untraced=walk.untraced, shape_errors=shape_errors)
 
 
 def _one_line(error: BaseException) -> str:
@@ -149,48 +175,88 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
-def _trace_or_descend(
-    module: nn.Module,
-    name: str,
-    leaf_types: tuple[type, ...],
-    calls: _CapturedCalls | None,
-    regions: list[Region],
-    untraced: list[Untraced],
-) -> None:
-    """Trace ``module``; on failure record why and try each child in turn."""
+@dataclass
+class _Walk:
+    """State of one walk over the module tree: settings in, regions and reasons out."""
+
+    leaf_types: tuple[type, ...]
+    calls: _CapturedCalls | None
+    regions: list[Region] = field(default_factory=list)
+    untraced: list[Untraced] = field(default_factory=list)
+    known_shapes: dict[str, dict[fx.Node, tuple[tuple[int, ...], torch.dtype]]] = field(default_factory=dict)
+
+
+def _trace_or_descend(module: nn.Module, name: str, walk: _Walk) -> None:
+    """Trace ``module`` (plainly, else on its example values); on failure record why and try each child."""
+    call = walk.calls.inputs.get(name) if walk.calls else None
     try:
-        concrete_args = _concrete_args(module, calls.inputs.get(name) if calls else None)
-        graph = _LeafTracer(leaf_types).trace(module, concrete_args=concrete_args)
-        graph_module = fx.GraphModule(module, graph, class_name=type(module).__name__)
+        with _ModuleStateGuard(module):
+            graph = _LeafTracer(walk.leaf_types).trace(module, concrete_args=_concrete_args(module, call))
+            graph_module = fx.GraphModule(module, graph, class_name=type(module).__name__)
     except Exception as error:  # fx raises many types; none may escape (reported instead)
-        untraced.append(Untraced(name, type(module).__name__, _one_line(error)))
+        reason = _one_line(error)
     else:
-        regions.append(Region(name, graph_module))
+        walk.regions.append(Region(name, graph_module))
         return
-    _descend(module, name, leaf_types, calls, regions, untraced)
+    if call is not None:
+        try:
+            graph_module, shapes = _trace_on_values(module, call, walk)
+        except Exception as error:  # as above: reported, never raised
+            reason = f"{reason}; traced on its example inputs: {_one_line(error)}"
+        else:
+            walk.regions.append(Region(name, graph_module))
+            walk.known_shapes[name] = shapes
+            return
+    walk.untraced.append(Untraced(name, type(module).__name__, reason))
+    _descend(module, name, walk)
 
 
-def _descend(
-    module: nn.Module,
-    name: str,
-    leaf_types: tuple[type, ...],
-    calls: _CapturedCalls | None,
-    regions: list[Region],
-    untraced: list[Untraced],
-) -> None:
+def _descend(module: nn.Module, name: str, walk: _Walk) -> None:
     """Handle each child of a module that has no graph: descend, or list it as an untraced leaf."""
     for child_name, child in module.named_children():
         qualified = f"{name}.{child_name}" if name else child_name
         if isinstance(child, _CONTAINERS):
             reason = f"container without forward ({type(child).__name__}); its children are traced one by one"
-            untraced.append(Untraced(qualified, type(child).__name__, reason))
-            _descend(child, qualified, leaf_types, calls, regions, untraced)
-        elif _is_default_leaf(child, leaf_types):
+            walk.untraced.append(Untraced(qualified, type(child).__name__, reason))
+            _descend(child, qualified, walk)
+        elif _is_default_leaf(child, walk.leaf_types):
             parent = name or "<root>"
             reason = f"leaf module inside untraced module {parent!r}"
-            untraced.append(Untraced(qualified, type(child).__name__, reason))
+            walk.untraced.append(Untraced(qualified, type(child).__name__, reason))
         else:
-            _trace_or_descend(child, qualified, leaf_types, calls, regions, untraced)
+            _trace_or_descend(child, qualified, walk)
+
+
+class _ModuleStateGuard:
+    """Restores every module's attributes after a trace.
+
+    fx stores tensor constants on the traced module (``_tensor_constant0``) and
+    forward code may cache values (proxies, during a trace) on ``self``; neither
+    may stay on the user's model.
+    """
+
+    _TABLES = ("_parameters", "_buffers", "_modules")
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.saved: list[tuple[nn.Module, dict[str, Any], dict[str, dict[str, Any]]]] = []
+
+    def __enter__(self) -> None:
+        self.saved = [
+            (m, dict(vars(m)), {table: dict(getattr(m, table)) for table in self._TABLES})
+            for m in self.module.modules()
+        ]
+
+    def __exit__(self, *exc: object) -> None:
+        for module, attributes, tables in self.saved:
+            current = vars(module)
+            for key in [key for key in current if key not in attributes]:
+                del current[key]
+            current.update(attributes)
+            for table, entries in tables.items():
+                live = current[table]
+                live.clear()
+                live.update(entries)
 
 
 def _traced_parameters(module: nn.Module) -> list[inspect.Parameter]:
@@ -240,6 +306,248 @@ def _bind(module: nn.Module, call: tuple[tuple, dict]) -> dict[str, Any] | None:
         return dict(inspect.signature(module.forward).bind(*args, **kwargs).arguments)
     except (TypeError, ValueError):
         return None
+
+
+# ------------------------------------------------------------ tracing on example values
+
+_UNKNOWN = object()  # a value the example run could not give
+# Tensor attributes and methods answered from the example value instead of recorded.
+_TENSOR_METADATA = frozenset({
+    "shape", "dtype", "device", "ndim", "layout", "is_cuda", "is_sparse", "is_quantized", "is_meta",
+    "size", "dim", "numel", "nelement", "element_size", "stride", "is_contiguous", "is_floating_point",
+    "is_complex", "get_device",
+})
+
+
+class _UnknownValue(Exception):
+    """An argument of an operation has no example value."""
+
+
+class _ValueProxy(fx.Proxy):
+    """Proxy that answers metadata, ``len`` and ``int()`` from the example value it stands for."""
+
+    def __getattr__(self, k: str) -> Any:
+        value = self.tracer.values.get(self.node, _UNKNOWN)
+        if k in _TENSOR_METADATA and isinstance(value, torch.Tensor):
+            return getattr(value, k)
+        return super().__getattr__(k)
+
+    def __len__(self) -> int:
+        value = self.tracer.values.get(self.node, _UNKNOWN)
+        if value is _UNKNOWN or not hasattr(value, "__len__"):
+            return super().__len__()
+        return len(value)
+
+    def __index__(self) -> int:
+        value = self.tracer.values.get(self.node, _UNKNOWN)
+        if value is _UNKNOWN:
+            raise fx.proxy.TraceError(f"{self.node.format_node()} has no example value to use as an index")
+        return value.__index__()
+
+
+def _is_plain_constant(value: Any) -> bool:
+    """Python values the traced code may branch on: they replace their proxy."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device, torch.Size)):
+        return True
+    return isinstance(value, (tuple, list)) and all(_is_plain_constant(v) for v in value)
+
+
+def _substitute(obj: Any, replace: Callable[[fx.Proxy], Any]) -> Any:
+    """``obj`` with every proxy inside tuples, lists, dicts and slices replaced."""
+    if isinstance(obj, fx.Proxy):
+        return replace(obj)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(_substitute(v, replace) for v in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_substitute(v, replace) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _substitute(v, replace) for k, v in obj.items()}
+    if isinstance(obj, slice):
+        return slice(*(_substitute(v, replace) for v in (obj.start, obj.stop, obj.step)))
+    return obj
+
+
+class _ValueTracer(_LeafTracer):
+    """Leaf tracer whose proxies carry the values of one captured call (fake tensors, or real ones).
+
+    Each recorded operation also runs on the example values (no grad, fake mode
+    when the capture used one); metadata, ``len``, iteration and ``bool`` are
+    answered from those values; a result that is a plain Python value (None, an
+    int, a shape) is handed back as that value, so ``*x.shape`` and
+    ``if mask is not None`` behave as in the example run.
+    """
+
+    def __init__(self, leaf_types: tuple[type, ...], call: tuple[tuple, dict], fake_mode: FakeTensorMode | None):
+        super().__init__(leaf_types)
+        self.call = call
+        self.fake_mode = fake_mode
+        self.values: dict[fx.Node, Any] = {}
+        self.replaced: list[fx.Node] = []  # nodes whose plain value was handed back instead
+        self._evaluating = False
+        self._leaf_forward: Callable[..., Any] | None = None
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ValueProxy(node, self)
+
+    def create_args_for_root(self, root_fn: Callable[..., Any], is_module: bool,
+                             concrete_args: Any = None) -> tuple[Callable[..., Any], list[Any]]:
+        """Placeholders for the tensors of the captured call; every other argument as captured."""
+        args, kwargs = self.call
+        positional = [
+            p.name for p in _traced_parameters(self.root)
+            if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        ]
+        used: set[str] = set()
+        traced_args = [
+            self._inputs(positional[i] if i < len(positional) else f"arg{i}", value, used)
+            for i, value in enumerate(args)
+        ]
+        traced_kwargs = {key: self._inputs(key, value, used) for key, value in kwargs.items()}
+        root = self.root
+
+        def forward_on_example_inputs() -> Any:
+            return root_fn(root, *traced_args, **traced_kwargs)
+
+        return forward_on_example_inputs, []
+
+    def _inputs(self, name: str, value: Any, used: set[str]) -> Any:
+        if isinstance(value, torch.Tensor):
+            target = re.sub(r"\W", "_", name)
+            while target in used:
+                target += "_"
+            used.add(target)
+            proxy = self.create_proxy("placeholder", target, (), {})
+            with self._value_mode():  # a private copy: in-place ops must not reach the captured tensor
+                self.values[proxy.node] = value.detach().clone()
+            return proxy
+        if isinstance(value, tuple) and hasattr(value, "_fields"):
+            return type(value)(*(self._inputs(f"{name}_{i}", v, used) for i, v in enumerate(value)))
+        if isinstance(value, (tuple, list)):
+            return type(value)(self._inputs(f"{name}_{i}", v, used) for i, v in enumerate(value))
+        if isinstance(value, dict):
+            return {k: self._inputs(f"{name}_{i}", v, used) for i, (k, v) in enumerate(value.items())}
+        return value
+
+    def create_proxy(self, kind: str, target: fx.node.Target, args: tuple[Any, ...], kwargs: dict[str, Any],
+                     name: str | None = None, type_expr: Any | None = None,
+                     proxy_factory_fn: Callable[[fx.Node], fx.Proxy] | None = None) -> Any:
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        if kind == "placeholder":
+            return proxy
+        value = self._evaluate(kind, target, args, kwargs)
+        self.values[proxy.node] = value
+        if value is not _UNKNOWN and target is not getattr and _is_plain_constant(value):
+            self.replaced.append(proxy.node)
+            return value
+        return proxy
+
+    def create_arg(self, a: Any) -> Any:
+        """Objects a graph cannot hold (a Hugging Face cache in the output) become their class name:
+        the graph is read, never run, and values come from the real objects."""
+        try:
+            return super().create_arg(a)
+        except NotImplementedError:
+            return f"<{type(a).__name__}>"
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> Any:
+        if self._evaluating:  # a leaf running on example values calls its children plainly
+            return forward(*args, **kwargs)
+        self._leaf_forward = forward
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if self._evaluating:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        value = self.values.get(obj.node, _UNKNOWN)
+        if value is _UNKNOWN:
+            return super().to_bool(obj)
+        with self._value_mode():
+            return bool(value)
+
+    def iter(self, obj: fx.Proxy) -> Iterator:
+        value = self.values.get(obj.node, _UNKNOWN)
+        if isinstance(value, dict):
+            return iter(list(value))
+        if value is _UNKNOWN or not hasattr(value, "__len__"):
+            return super().iter(obj)
+        return iter([obj[i] for i in range(len(value))])
+
+    def keys(self, obj: fx.Proxy) -> Any:
+        value = self.values.get(obj.node, _UNKNOWN)
+        return list(value) if isinstance(value, dict) else super().keys(obj)
+
+    def _value_of(self, proxy: fx.Proxy) -> Any:
+        value = self.values.get(proxy.node, _UNKNOWN)
+        if value is _UNKNOWN:
+            raise _UnknownValue(proxy.node.name)
+        return value
+
+    @contextlib.contextmanager
+    def _value_mode(self) -> Iterator[None]:
+        with torch.no_grad(), (self.fake_mode if self.fake_mode is not None else contextlib.nullcontext()):
+            yield
+
+    def _evaluate(self, kind: str, target: fx.node.Target, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The operation's result on the example values; _UNKNOWN when an input has none or it fails."""
+        try:
+            args, kwargs = _substitute((args, kwargs), self._value_of)
+        except _UnknownValue:
+            return _UNKNOWN
+        self._evaluating = True
+        try:
+            with self._value_mode():
+                if kind == "call_function":
+                    return target(*args, **kwargs)
+                if kind == "call_method":
+                    return getattr(args[0], target)(*args[1:], **kwargs)
+                if kind == "call_module" and self._leaf_forward is not None:
+                    return self._leaf_forward(*args, **kwargs)
+                if kind == "get_attr":
+                    return _attribute(self.root, target)
+        except Exception:  # an op the example values cannot run: the node just has no value
+            return _UNKNOWN
+        finally:
+            self._evaluating = False
+        return _UNKNOWN
+
+
+def _attribute(root: nn.Module, target: str) -> Any:
+    value: Any = root
+    for atom in target.split("."):
+        value = getattr(value, atom)
+    return value
+
+
+def _trace_on_values(
+    module: nn.Module, call: tuple[tuple, dict], walk: _Walk
+) -> tuple[fx.GraphModule, dict[fx.Node, tuple[tuple[int, ...], torch.dtype]]]:
+    """Trace ``module`` on the arguments it received; the graph and the shape/dtype of its tensor nodes.
+
+    Random number state is restored afterwards (real example values may run dropout).
+    """
+    tracer = _ValueTracer(walk.leaf_types, call, walk.calls.fake_mode)
+    with _ModuleStateGuard(module), torch.random.fork_rng(devices=[]):
+        graph = tracer.trace(module)
+        for node in reversed(tracer.replaced):
+            if not node.users:
+                graph.erase_node(node)
+        graph_module = fx.GraphModule(module, graph, class_name=type(module).__name__)
+    shapes = {
+        node: (tuple(int(size) for size in value.shape), value.dtype)
+        for node, value in tracer.values.items()
+        if isinstance(value, torch.Tensor) and node.graph is graph
+    }
+    return graph_module, shapes
+
+
+def _record_shapes(region: Region, shapes: dict[fx.Node, tuple[tuple[int, ...], torch.dtype]]) -> None:
+    for node, (shape, dtype) in shapes.items():
+        facts = node.meta[META_KEY]
+        node.meta[META_KEY] = NodeFacts(facts.qualified_name, facts.module_type, facts.calls_in_region, shape, dtype)
 
 
 def _annotate_modules(region: Region) -> None:
@@ -297,8 +605,10 @@ def _capture_calls(model: nn.Module, example_inputs: tuple) -> _CapturedCalls:
         return _CapturedCalls(_run_with_hooks(model, fake_inputs, fake_mode), fake_mode)
     except Exception:  # unsupported op on fake tensors: fall back to one real run
         pass
+    # A copy, so that in-place operations of the model leave the caller's tensors alone.
+    copies = tuple(x.detach().clone() if isinstance(x, torch.Tensor) else x for x in example_inputs)
     try:
-        return _CapturedCalls(_run_with_hooks(model, example_inputs, None), None)
+        return _CapturedCalls(_run_with_hooks(model, copies, None), None)
     except Exception as error:
         raise ConversionError(
             f"the model failed to run on example_inputs ({_one_line(error)}); "
@@ -320,7 +630,7 @@ def _run_with_hooks(
     for name, module in model.named_modules():
         handles.append(module.register_forward_pre_hook(recorder(name), with_kwargs=True))
     try:
-        with _EvalMode(model), torch.no_grad():
+        with _ModuleStateGuard(model), _EvalMode(model), torch.no_grad():
             if fake_mode is None:
                 model(*inputs)
             else:
@@ -368,9 +678,5 @@ def _propagate_shapes(region: Region, model: nn.Module, calls: _CapturedCalls) -
                     recorder.run(*values)
     except Exception as error:
         return _one_line(error)
-    for node, (shape, dtype) in recorder.outputs.items():
-        facts = node.meta[META_KEY]
-        node.meta[META_KEY] = NodeFacts(
-            facts.qualified_name, facts.module_type, facts.calls_in_region, shape, dtype
-        )
+    _record_shapes(region, recorder.outputs)
     return None

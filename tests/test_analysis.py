@@ -198,3 +198,27 @@ def test_bert_post_norm_blocks_report_a_norm_producer_and_shared_qkv():
     shared = dict((node.name, names) for node, names in shared_input_consumers(result.regions[0]))
     assert blocks[0].consumers in shared.values()
     assert len(blocks[0].consumers) == 3  # query, key, value
+
+
+def test_zoo_norm_module_before_the_branch_makes_a_pre_norm_block():
+    class RMSNorm(nn.Module):  # a model zoo's norm: not a torch.nn class
+        def __init__(self, width: int):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(width))
+
+        def forward(self, x):
+            return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    class PreNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = RMSNorm(7)
+            self.fc = nn.Linear(7, 7)
+
+        def forward(self, x):
+            return x + self.fc(self.norm(x))
+
+    blocks, _ = blocks_of(nn.Sequential(PreNorm(), PreNorm()), (torch.randn(2, 7),))
+    assert len(blocks) == 2 and all(b.prenorm for b in blocks)
+    assert blocks[1].input_producer == "add"
+    assert all("pre-norm" in u.reason for u in ungrouped_blocks(blocks, 2))
