@@ -14,6 +14,7 @@ the same data and the split never depends on the training seed.
 from __future__ import annotations
 
 import importlib.util
+import math
 from dataclasses import dataclass
 
 import torch
@@ -66,7 +67,7 @@ def digits(image_size: int = 32, in_channels: int = 1) -> ImageSplit:
     images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1)  # (1797, 1, 8, 8)
     labels = torch.tensor(bunch.target, dtype=torch.int64)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(DIGITS_SPLIT_SEED))
-    n_test = round(len(labels) * DIGITS_TEST_FRACTION)
+    n_test = math.ceil(len(labels) * DIGITS_TEST_FRACTION)
     test, train = order[:n_test], order[n_test:]
     mean, std = images[train].mean(), images[train].std()
     images = (images - mean) / std
