@@ -1,0 +1,182 @@
+"""The approx rules on functional attention cores (rules/attention.py via rules/approx.py)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import aalconvert
+from aalconvert.api import plan_conversion
+from aalconvert.kernels import quantized_nbytes
+from aalconvert.memory import measure_saved
+from aalconvert.nn.approx import ApproxLinear
+from aalconvert.nn.approx_attention import ApproxAttention
+from aalconvert.nn.asa import ASALinear
+from aalconvert.rules.wiring import swap_module, wiring_of
+from examples import EXAMPLES
+from examples.vit import Block
+
+ATTENTION_EXAMPLES = {  # example -> the module names ending its attention modules
+    "vit": ("attn",),
+    "bert": ("attention.self",),
+    "gpt": ("attn",),
+    "transformer": ("self_attn", "cross_attn"),
+}
+DROPOUT_OFF = {"vit": {"dropout": 0.0}, "bert": {"dropout": 0.0}, "gpt": {"dropout": 0.0},
+               "transformer": {"dropout": 0.0}}
+
+
+def build(name: str, **overrides) -> nn.Module:
+    torch.manual_seed(0)
+    return EXAMPLES[name].build_model(**overrides).train()
+
+
+def inputs_of(name: str) -> tuple:
+    return EXAMPLES[name].example_inputs(batch_size=4)
+
+
+def attention_names(model: nn.Module, example: str) -> list[str]:
+    suffixes = ATTENTION_EXAMPLES[example]
+    return [n for n, _ in model.named_modules() if any(n.endswith("." + s) for s in suffixes)]
+
+
+def types_of(model: nn.Module) -> dict[str, type]:
+    return {name: type(m) for name, m in model.named_modules()}
+
+
+def hook_count(model: nn.Module) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("example", list(ATTENTION_EXAMPLES))
+def test_approx_converts_every_attention_core_forward_exact_and_trains(example):
+    model = build(example, **DROPOUT_OFF[example])
+    inputs = inputs_of(example)
+    plan, _ = plan_conversion(model, "approx4")
+    names = attention_names(model, example)
+    assert names and all(name in plan.sites for name in names)
+    converted = aalconvert.convert(model, "approx4")
+    for name in names:
+        core = converted.get_submodule(name)
+        assert isinstance(core, ApproxAttention) and isinstance(core, type(model.get_submodule(name)))
+        assert any(isinstance(child, ApproxLinear) for child in core.children()), "leaf swaps lost"
+    torch.manual_seed(3)
+    expected = model(*inputs)
+    torch.manual_seed(3)
+    actual = converted(*inputs)
+    assert torch.equal(actual, expected)
+    actual.float().square().mean().backward()
+    grads = [p.grad for p in converted.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_vit_attention_operands_drop_by_the_quantization_formula():
+    config = dict(dropout=0.0)
+    model = build("vit", **config)
+    (images,) = inputs_of("vit")
+    converted = aalconvert.convert(model, "approx4")
+    measure = lambda m: measure_saved(lambda: m(images), m.parameters()).nbytes
+    with_core = measure(converted)
+    for name in attention_names(converted, "vit"):  # put the attention cores back, children stay k-bit
+        swap_module(converted, name, converted.get_submodule(name).to_module())
+    without_core = measure(converted)
+
+    vit = EXAMPLES["vit"].config
+    batch, tokens = images.shape[0], (vit.image_size // vit.patch_size) ** 2 + 1
+    heads, dim = vit.num_heads, vit.dim
+    per_head = batch * tokens * dim  # q, k or v over all heads
+    scores = batch * heads * tokens * tokens
+    q4 = lambda n: quantized_nbytes(n, 4, 256)
+    # BP core, fp32: q*scale; contiguous copies of k^T and v (the head split leaves views that
+    # torch's batched product must copy); the softmax output (dropout p=0 hands the same
+    # tensor to the second product).
+    full = 4 * (3 * per_head + scores)
+    # Converted core: k-bit q*scale, k, v; k-bit softmax output, k-bit probabilities operand.
+    kbit = 3 * q4(per_head) + 2 * q4(scores)
+    assert without_core - with_core == vit.depth * (full - kbit)
+
+
+@pytest.mark.parametrize("example", list(ATTENTION_EXAMPLES))
+def test_converting_twice_is_a_no_op_and_revert_restores_original_classes(example):
+    model = build(example, **DROPOUT_OFF[example])
+    inputs = inputs_of(example)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    once = aalconvert.convert(model, "approx4")
+    assert list(once.state_dict()) == list(model.state_dict())
+    assert [id(p) for p in once.parameters()] == [id(p) for p in model.parameters()]
+    plan, _ = plan_conversion(once, "approx4")
+    assert not any(isinstance(once.get_submodule(n), ApproxAttention) for n in plan.sites)
+    twice = aalconvert.convert(once, "approx4")
+    assert types_of(twice) == types_of(once) and hook_count(twice) == hook_count(once)
+    torch.manual_seed(2)
+    expected = once(*inputs)
+    torch.manual_seed(2)
+    assert torch.equal(twice(*inputs), expected)
+
+    reverted = aalconvert.revert(once)
+    assert types_of(reverted) == types_of(model)
+    assert [id(p) for p in reverted.parameters()] == [id(p) for p in model.parameters()]
+    torch.manual_seed(2)
+    assert torch.equal(reverted(*inputs), expected)
+    expected.float().square().mean().backward()  # an optimizer built before conversion still works
+    before = model.get_submodule(attention_names(model, example)[0])
+    weight = next(before.parameters())
+    snapshot = weight.detach().clone()
+    optimizer.step()
+    assert not torch.equal(weight, snapshot)
+
+
+def test_auto_with_approx_keeps_asa_layers_and_their_shared_mask_inside_the_core():
+    model = build("bert", dropout=0.0)
+    converted = aalconvert.convert(model, ["auto", "approx4"])
+    core = converted.get_submodule("encoder.layer.0.attention.self")
+    assert isinstance(core, ApproxAttention)
+    layers = [core.query, core.key, core.value]
+    assert all(isinstance(layer, ASALinear) for layer in layers)
+    packs = [wiring_of(layer) for layer in layers]
+    assert packs[0] and packs[0] == packs[1] == packs[2]
+    converted(*inputs_of("bert")).float().square().mean().backward()
+    assert core.query.weight.grad is not None
+
+
+def test_skip_leaves_the_attention_core_and_a_refused_core_is_reported():
+    model = build("vit")
+    converted = aalconvert.convert(model, "approx4", skip=["blocks.1.attn"])
+    assert type(converted.blocks[1].attn) is type(model.blocks[1].attn)
+    assert isinstance(converted.blocks[0].attn, ApproxAttention)
+
+    class MaskedAttention(type(model.blocks[0].attn)):
+        def forward(self, x, mask=None):
+            return super().forward(x)
+
+    model.blocks[0].attn.__class__ = MaskedAttention
+    plan, _ = plan_conversion(model, "approx4")
+    reasons = [s.reason for s in plan.skips if s.module_name == "blocks.0.attn"]
+    assert "blocks.0.attn" not in plan.sites
+    assert any("optional argument 'mask'" in reason for reason in reasons)
+
+
+class _Untraceable(nn.Module):
+    """A root plain fx cannot trace (data-dependent branch) around traceable ViT blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(Block(32, 4, 2.0, 0.0, True), Block(32, 4, 2.0, 0.0, False))
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = x * 1.0
+        return self.body(x)
+
+
+def test_attention_cores_are_found_inside_regions_below_an_untraced_root():
+    torch.manual_seed(0)
+    model = _Untraceable().train()
+    x = torch.randn(2, 9, 32)
+    plan, facts = plan_conversion(model, "approx4")  # no example values: plain fx, root fails
+    assert [r.name for r in facts.trace.regions] == ["body"]
+    assert {"body.0.attn", "body.1.attn"} <= set(plan.sites)
+    converted = aalconvert.convert(model, "approx4")
+    assert torch.equal(converted(x), model(x))
+    assert math.isfinite(converted(x).sum().item())
