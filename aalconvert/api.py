@@ -1,18 +1,24 @@
-"""convert() and revert(): thin orchestration of trace -> facts -> plan -> apply."""
+"""convert(), revert() and inspect(): thin orchestration of trace -> facts -> plan -> apply (-> report)."""
 
 import copy
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import torch
 from torch import nn
+from torch._subclasses import FakeTensorMode
+from torch.func import functional_call
 
 from aalconvert.errors import ConversionError
 from aalconvert.facts import ModelFacts, gather_facts
+from aalconvert.memory import SavedByModule, fake_copy, fake_inputs, saved_by_module
 from aalconvert.nn import CONVERTED_TYPES
 from aalconvert.plan import Plan, SkipFilter, make_plan, skip_filter
+from aalconvert.report import Report, build_report, optimizer_state_factor
 from aalconvert.rules.base import Rule
 from aalconvert.rules.registry import resolve
 from aalconvert.rules.wiring import remove_wiring, swap_module
+from aalconvert.trace import _one_line
 
 
 def _check_model(model: Any) -> None:
@@ -98,3 +104,97 @@ def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         if isinstance(module, CONVERTED_TYPES):
             target = swap_module(target, name, module.to_module())
     return target
+
+
+def inspect(
+    model: nn.Module,
+    example_inputs: tuple,
+    rules: str | Rule | Sequence[str | Rule] = "auto",
+    *,
+    optimizer: str | None = None,
+    skip: Iterable[str] | SkipFilter | None = None,
+    **rule_options: Any,
+) -> Report:
+    """What conversion would save, module by module, without running the real computation.
+
+    Plans the conversion on a fake copy of ``model`` (``model`` itself is not
+    touched) and runs a training-mode forward of that copy under ordinary
+    backprop, then applies the plan to the copy and runs it again: fake
+    tensors carry shapes and dtypes only (no memory, no compute), so a model
+    on the meta device or larger than the machine works. Every tensor kept for
+    backward is attributed to the module that kept it. If an op fails on fake
+    tensors, the forward runs on the meta device instead (the report says so).
+    ``optimizer`` (None, "sgd", "sgd_momentum", "adam", "adamw") adds its
+    state to the predicted peak; ``rules``, ``skip`` and ``rule_options`` are
+    as for :func:`convert`. All figures are bytes.
+    """
+    if not isinstance(model, nn.Module):
+        raise ConversionError(
+            f"inspect() takes a torch.nn.Module, got {type(model).__name__}; "
+            "pass the model object itself (not a state_dict or a class)"
+        )
+    if not isinstance(example_inputs, tuple):
+        raise ConversionError(
+            f"example_inputs must be a tuple of the model's positional arguments, got "
+            f"{type(example_inputs).__name__}; wrap a single tensor as (tensor,)"
+        )
+    optimizer_state_factor(optimizer)
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    device = _estimate_device(model, example_inputs)
+    target = fake_copy(model, fake_mode, device).train()
+    inputs = fake_inputs(example_inputs, fake_mode, device)
+    plan, facts = plan_conversion(target, rules, example_inputs=inputs, skip=skip, **rule_options)
+    notes: list[str] = []
+    bp = _saved_by_module(target, inputs, fake_mode, notes)
+    # The copy is ours: apply the very plan the report shows, as convert(inplace=True) would.
+    for site in plan.sites.values():
+        rule = next(r for r in plan.rules if r.name == site.rule)
+        target = rule.apply(target, site, facts)
+    kept = _saved_by_module(target, inputs, fake_mode, notes)
+    return build_report(
+        facts, plan, bp, kept, optimizer=optimizer,
+        estimated_on="the meta device" if notes else "fake tensors", notes=notes[:1],
+    )
+
+
+def _saved_by_module(
+    model: nn.Module, inputs: tuple, fake_mode: FakeTensorMode, notes: list[str]
+) -> SavedByModule:
+    """What a training forward of ``model`` keeps, on fake tensors, else on the meta device (noted)."""
+    try:
+        with fake_mode:
+            return saved_by_module(model, lambda: model(*inputs), model.parameters())
+    except Exception as error:  # an op without a fake implementation: the meta device may do
+        notes.append(f"fake tensors failed ({_one_line(error)}); estimated on the meta device")
+        return _saved_on_meta(model, inputs, error)
+
+
+def _estimate_device(model: nn.Module, example_inputs: tuple) -> torch.device:
+    """The device the fake tensors claim: the inputs', else the parameters', else CPU (never meta)."""
+    tensors = [x for x in example_inputs if isinstance(x, torch.Tensor)]
+    for tensor in (*tensors, *model.parameters()):
+        if not tensor.is_meta:
+            return tensor.device
+    return torch.device("cpu")
+
+
+def _saved_on_meta(model: nn.Module, inputs: tuple, fake_error: Exception) -> SavedByModule:
+    """``saved_by_module`` with every parameter, buffer and input swapped for a meta tensor."""
+
+    def meta(tensor: torch.Tensor) -> torch.Tensor:
+        return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="meta")
+
+    state = {name: meta(t) for name, t in model.named_parameters(remove_duplicate=False)}
+    state.update({name: meta(t) for name, t in model.named_buffers(remove_duplicate=False)})
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        state[name].requires_grad_(parameter.requires_grad)
+    meta_inputs = tuple(meta(x) if isinstance(x, torch.Tensor) else x for x in inputs)
+    try:
+        return saved_by_module(
+            model, lambda: functional_call(model, state, meta_inputs), state.values()
+        )
+    except Exception as error:
+        raise ConversionError(
+            f"the model ran neither on fake tensors ({_one_line(fake_error)}) nor on the meta "
+            f"device ({_one_line(error)}); use aalconvert.memory.measure_saved on real tensors"
+        ) from error

@@ -1,16 +1,22 @@
-"""What a forward keeps for backward, measured on real tensors.
+"""What a forward keeps for backward: measured on real tensors, estimated on fake ones.
 
 methods.md section 5: add up the distinct storages that saved tensors point
 to, excluding parameters; shared storage counts once. Saved tensors are seen
 through ``torch.autograd.graph.saved_tensors_hooks``, so every variant in
-``aalconvert.nn`` must save through ``ctx.save_for_backward``.
+``aalconvert.nn`` must save through ``ctx.save_for_backward``. The estimate runs the same
+forward on fake tensors (``torch._subclasses.FakeTensorMode``: shapes and
+dtypes only, no memory, no compute), so a model larger than the machine can
+be studied; ``saved_by_module`` also says which module kept each storage.
 """
 
+import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
+from torch._subclasses import FakeTensorMode
 
 
 @dataclass
@@ -48,3 +54,116 @@ def measure_saved(
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         result.output = forward()
     return result
+
+
+@dataclass
+class SavedByModule:
+    """What one forward keeps for backward, attributed to the module that saved it first.
+
+    ``bytes_by_module``: qualified module name ("" = the root) -> bytes of the
+    distinct storages first saved while that module was the innermost one
+    running. ``outputs``: module name -> (shape, dtype) of the first tensor its
+    first call returned.
+    """
+
+    bytes_by_module: dict[str, int] = field(default_factory=dict)
+    outputs: dict[str, tuple[tuple[int, ...], torch.dtype]] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        """Total bytes kept, each storage counted once."""
+        return sum(self.bytes_by_module.values())
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)):
+        return next((t for t in map(_first_tensor, value) if t is not None), None)
+    if isinstance(value, dict):
+        return next((t for t in map(_first_tensor, value.values()) if t is not None), None)
+    return None
+
+
+def saved_by_module(
+    model: nn.Module, forward: Callable[[], Any], exclude: Iterable[torch.Tensor] = ()
+) -> SavedByModule:
+    """Run ``forward()`` (a call of ``model``) and attribute every saved storage to a module.
+
+    Works on real, fake and meta tensors alike: storages are told apart by
+    their identity, not their address (fake and meta storages have none).
+    Global module hooks track which of ``model``'s modules is running; they are
+    registered only for the duration of the call. ``exclude`` (parameters) is
+    not counted. Shared storage counts once, for the module that saved it first.
+    """
+    names = {id(module): name for name, module in model.named_modules()}
+    excluded = {t.untyped_storage()._cdata for t in exclude}
+    seen: set[int] = set()
+    result = SavedByModule()
+    running: list[str] = []
+
+    def enter(module: nn.Module, args: tuple) -> None:
+        if id(module) in names:
+            running.append(names[id(module)])
+
+    def leave(module: nn.Module, args: tuple, output: Any) -> None:
+        if id(module) not in names:
+            return
+        name = running.pop()
+        tensor = _first_tensor(output)
+        if tensor is not None and name not in result.outputs:
+            result.outputs[name] = (tuple(int(s) for s in tensor.shape), tensor.dtype)
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key not in excluded and key not in seen and storage.nbytes() > 0:
+            seen.add(key)
+            owner = running[-1] if running else ""
+            result.bytes_by_module[owner] = result.bytes_by_module.get(owner, 0) + storage.nbytes()
+        return tensor
+
+    handles = [
+        nn.modules.module.register_module_forward_pre_hook(enter),
+        nn.modules.module.register_module_forward_hook(leave),
+    ]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return result
+
+
+def fake_copy(model: nn.Module, fake_mode: FakeTensorMode, device: torch.device) -> nn.Module:
+    """A copy of ``model``'s module tree whose parameters and buffers are fake tensors on ``device``.
+
+    Nothing is allocated and ``model`` is not touched; meta parameters work too.
+    Tied parameters stay tied (one fake per Parameter object).
+    """
+    memo: dict[int, torch.Tensor] = {}
+    with fake_mode:
+        for p in model.parameters():
+            if id(p) not in memo:
+                fake = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device=device)
+                memo[id(p)] = nn.Parameter(fake, requires_grad=p.requires_grad)
+        for b in model.buffers():
+            if id(b) not in memo:
+                memo[id(b)] = torch.empty_strided(b.shape, b.stride(), dtype=b.dtype, device=device)
+    return copy.deepcopy(model, memo)
+
+
+def fake_inputs(inputs: tuple, fake_mode: FakeTensorMode, device: torch.device) -> tuple:
+    """``inputs`` with every tensor made fake (meta tensors become fakes on ``device``)."""
+    converted = []
+    for value in inputs:
+        if isinstance(value, torch.Tensor) and value.is_meta:
+            with fake_mode:
+                value = torch.empty_strided(
+                    value.shape, value.stride(), dtype=value.dtype, device=device
+                )
+        elif isinstance(value, torch.Tensor):
+            value = fake_mode.from_tensor(value)
+        converted.append(value)
+    return tuple(converted)

@@ -1,0 +1,337 @@
+"""Report: what a forward keeps for backward, module by module, before and after conversion.
+
+Built by ``aalconvert.inspect()`` from the conversion plan and two fake-tensor
+forwards (ordinary backprop and the converted model). Every number is in
+bytes; the rich table shows KiB/MiB/GiB, JSON and CSV keep exact bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import IO, Any
+
+import torch
+from torch import nn
+
+from aalconvert.errors import ConversionError
+from aalconvert.facts import ModelFacts
+from aalconvert.memory import SavedByModule
+from aalconvert.plan import Plan
+from aalconvert.trace import Untraced
+
+# Optimizer state per trainable parameter byte: SGD keeps nothing, momentum one
+# buffer, Adam/AdamW two (exp_avg, exp_avg_sq), each the parameter's size.
+OPTIMIZER_STATE_PER_PARAMETER: dict[str | None, int] = {
+    None: 0, "sgd": 0, "sgd_momentum": 1, "adam": 2, "adamw": 2,
+}
+
+_SHORT_DTYPES = {
+    torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+}
+
+
+def optimizer_state_factor(optimizer: str | None) -> int:
+    """Optimizer state bytes per trainable parameter byte; raises on an unknown name."""
+    if optimizer not in OPTIMIZER_STATE_PER_PARAMETER:
+        allowed = ", ".join(str(name) for name in OPTIMIZER_STATE_PER_PARAMETER)
+        raise ConversionError(f"unknown optimizer {optimizer!r}; allowed: {allowed}")
+    return OPTIMIZER_STATE_PER_PARAMETER[optimizer]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Short dtype name as the CLI spells it (fp32, bf16, ...), else torch's name (int64)."""
+    return _SHORT_DTYPES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def format_bytes(count: int) -> str:
+    """Bytes in the largest binary unit that keeps the number >= 1 (one decimal)."""
+    size = float(abs(count))
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            text = f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
+            return f"-{text}" if count < 0 else text
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_shape(shape: tuple[int, ...] | None) -> str:
+    return "" if shape is None else "x".join(map(str, shape))
+
+
+def display_name(name: str) -> str:
+    return name or "<root>"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One module that keeps something for backward (bytes), under BP and after conversion."""
+
+    name: str
+    op: str
+    output_shape: tuple[int, ...] | None
+    dtype: str | None
+    bytes_bp: int
+    bytes_converted: int
+    rule: str
+    explanation: str
+
+    @property
+    def bytes_saved(self) -> int:
+        return self.bytes_bp - self.bytes_converted
+
+
+@dataclass(frozen=True)
+class Totals:
+    """Whole-model figures for one training step, all in bytes.
+
+    ``peak_*`` = parameters + gradients + optimizer state + activations kept
+    + largest transient, where the largest transient is twice the largest
+    module output (the gradient arriving at that module and the one it sends
+    back, both alive while backward passes it). A model-level estimate: it
+    ignores allocator rounding, fragmentation and workspace buffers.
+    """
+
+    bp_bytes: int
+    converted_bytes: int
+    parameter_bytes: int
+    gradient_bytes: int
+    optimizer: str | None
+    optimizer_state_bytes: int
+    largest_transient_bytes: int
+
+    @property
+    def ratio(self) -> float:
+        """Converted / BP bytes kept for backward (1.0 for a model that keeps nothing)."""
+        return self.converted_bytes / self.bp_bytes if self.bp_bytes else 1.0
+
+    def peak(self, activation_bytes: int) -> int:
+        return (self.parameter_bytes + self.gradient_bytes + self.optimizer_state_bytes
+                + activation_bytes + self.largest_transient_bytes)
+
+    @property
+    def peak_bp_bytes(self) -> int:
+        return self.peak(self.bp_bytes)
+
+    @property
+    def peak_converted_bytes(self) -> int:
+        return self.peak(self.converted_bytes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ratio": self.ratio, "peak_bp_bytes": self.peak_bp_bytes,
+                "peak_converted_bytes": self.peak_converted_bytes}
+
+
+@dataclass
+class Report:
+    """Per-module rows (sorted by bytes saved), totals, untraced modules and how it was estimated."""
+
+    model: str
+    rules: list[str]
+    rows: list[Row]
+    totals: Totals
+    untraced: list[Untraced]
+    estimated_on: str
+    notes: list[str] = field(default_factory=list)
+    module_info: dict[str, tuple[str, tuple[int, ...] | None, str | None]] = field(
+        default_factory=dict, repr=False)
+    """Every module's (class, output shape, dtype), for rows aggregated by depth."""
+
+    def aggregated(self, depth: int | None = None) -> list[Row]:
+        """Rows summed over module-name prefixes of ``depth`` parts (None: one row per module)."""
+        if depth is None:
+            return list(self.rows)
+        if depth < 0:
+            raise ConversionError(f"depth must be >= 0, got {depth}")
+        groups: dict[str, list[Row]] = {}
+        for row in self.rows:
+            prefix = ".".join(row.name.split(".")[:depth]) if row.name else ""
+            groups.setdefault(prefix, []).append(row)
+        merged = []
+        for prefix, rows in groups.items():
+            if len(rows) == 1 and rows[0].name == prefix:
+                merged.append(rows[0])
+                continue
+            op, shape, dtype = self.module_info.get(prefix, ("", None, None))
+            rules = ", ".join(sorted({row.rule for row in rows if row.rule}))
+            merged.append(Row(prefix, op, shape, dtype, sum(r.bytes_bp for r in rows),
+                              sum(r.bytes_converted for r in rows), rules,
+                              f"{len(rows)} modules under {display_name(prefix)}"))
+        return sorted(merged, key=_largest_saving_first)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, exact bytes: model, rules, estimated_on, notes, totals, rows, untraced."""
+        return {
+            "model": self.model,
+            "rules": list(self.rules),
+            "estimated_on": self.estimated_on,
+            "notes": list(self.notes),
+            "totals": self.totals.to_dict(),
+            "rows": [
+                {**asdict(row),
+                 "output_shape": None if row.output_shape is None else list(row.output_shape),
+                 "bytes_saved": row.bytes_saved}
+                for row in self.rows
+            ],
+            "untraced": [{"name": u.name, "type": u.type_name, "reason": u.reason}
+                         for u in self.untraced],
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def to_csv(self) -> str:
+        """One line per row with exact bytes; the shape is written as ``4x3x32x32``."""
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["name", "op", "output_shape", "dtype", "bytes_bp", "bytes_converted",
+                         "bytes_saved", "rule", "explanation"])
+        for row in self.rows:
+            writer.writerow([row.name, row.op, format_shape(row.output_shape), row.dtype or "",
+                             row.bytes_bp, row.bytes_converted, row.bytes_saved, row.rule,
+                             row.explanation])
+        return buffer.getvalue()
+
+    def print(self, depth: int | None = None, top: int | None = None, *,
+              file: IO[str] | None = None) -> None:
+        """Render with rich: the table sorted by bytes saved, then the totals panel.
+
+        ``depth`` sums rows by module-name prefix of that many parts; ``top``
+        keeps the first rows. ``file`` defaults to stdout.
+        """
+        from rich.console import Console
+        from rich.panel import Panel
+        from rich.table import Table
+
+        if top is not None and top < 1:
+            raise ConversionError(f"top must be >= 1, got {top}")
+        console = Console(file=file)
+        if not console.is_terminal:
+            console.width = 180
+        rows = self.aggregated(depth)
+        shown = rows[:top] if top is not None else rows
+        title = f"{self.model}: bytes kept for backward, BP vs {'+'.join(self.rules)}"
+        table = Table(title=title)
+        for column, justify in (("module", "left"), ("op", "left"), ("output", "left"),
+                                ("dtype", "left"), ("BP", "right"), ("converted", "right"),
+                                ("saved", "right"), ("rule", "left"), ("why", "left")):
+            table.add_column(column, justify=justify)
+        for row in shown:
+            table.add_row(display_name(row.name), row.op, format_shape(row.output_shape),
+                          row.dtype or "", format_bytes(row.bytes_bp),
+                          format_bytes(row.bytes_converted), format_bytes(row.bytes_saved),
+                          row.rule, row.explanation)
+        if len(shown) < len(rows):
+            table.caption = f"{len(rows) - len(shown)} more rows not shown (--top)"
+        console.print(table)
+        console.print(Panel(self._totals_text(), title="totals (one training step)", expand=False))
+        if self.untraced:
+            listed = "; ".join(f"{display_name(u.name)} ({u.type_name}): {u.reason}"
+                               for u in self.untraced[:5])
+            more = f" and {len(self.untraced) - 5} more" if len(self.untraced) > 5 else ""
+            console.print(f"untraced: {listed}{more}", highlight=False)
+        for note in self.notes:
+            console.print(f"note: {note}", highlight=False)
+
+    def _totals_text(self) -> str:
+        t = self.totals
+        optimizer = t.optimizer or "none given"
+        return "\n".join([
+            f"activations kept, BP         {format_bytes(t.bp_bytes)}",
+            f"activations kept, converted  {format_bytes(t.converted_bytes)}"
+            f"  (ratio {t.ratio:.3f}, saved {format_bytes(t.bp_bytes - t.converted_bytes)})",
+            f"parameters                   {format_bytes(t.parameter_bytes)}",
+            f"gradients                    {format_bytes(t.gradient_bytes)}",
+            f"optimizer state ({optimizer}) {format_bytes(t.optimizer_state_bytes)}",
+            f"largest transient            {format_bytes(t.largest_transient_bytes)}",
+            f"predicted peak, BP           {format_bytes(t.peak_bp_bytes)}",
+            f"predicted peak, converted    {format_bytes(t.peak_converted_bytes)}",
+            f"estimated on {self.estimated_on}",
+        ])
+
+
+def _largest_saving_first(row: Row) -> tuple[int, int, str]:
+    return (-row.bytes_saved, -row.bytes_bp, row.name)
+
+
+def _explanation(name: str, module: nn.Module, plan: Plan, untraced: dict[str, Untraced]) -> str:
+    """Why ``name`` keeps what it keeps: the site's reason, a rule's skip, or what BP does."""
+    if name in plan.sites:
+        return plan.sites[name].reason
+    if name in untraced:
+        return f"not traced ({untraced[name].reason}); kept as is"
+    if any(True for _ in module.children()):
+        return f"functional ops in {display_name(name)} (not rewritten)"
+    skips = [skip for skip in plan.skips if skip.module_name == name]
+    if skips:
+        return f"left as is by {skips[0].rule}: {skips[0].reason}"
+    return f"kept as is: no rule converts {type(module).__name__}; its backward needs what it keeps"
+
+
+def build_report(
+    facts: ModelFacts,
+    plan: Plan,
+    bp: SavedByModule,
+    converted: SavedByModule,
+    *,
+    optimizer: str | None = None,
+    estimated_on: str = "fake tensors",
+    notes: list[str] | None = None,
+) -> Report:
+    """Rows for every module that keeps anything under BP or converted, and the totals.
+
+    ``facts`` describe the model as planned (before any rewrite): its modules
+    name the rows and its parameters give the parameter, gradient and
+    optimizer-state bytes.
+    """
+    factor = optimizer_state_factor(optimizer)
+    modules = facts.modules
+    untraced = {u.name: u for u in facts.trace.untraced}
+    info = {
+        name: (type(module).__name__, *_output_of(bp, name))
+        for name, module in modules.items()
+    }
+    rows = []
+    for name in sorted(set(bp.bytes_by_module) | set(converted.bytes_by_module)):
+        op, shape, dtype = info.get(name, ("", None, None))
+        rows.append(Row(
+            name, op, shape, dtype,
+            bp.bytes_by_module.get(name, 0), converted.bytes_by_module.get(name, 0),
+            plan.sites[name].rule if name in plan.sites else "",
+            _explanation(name, modules.get(name, facts.model), plan, untraced),
+        ))
+    rows.sort(key=_largest_saving_first)
+    parameters = list(modules[""].parameters())
+    parameter_bytes = sum(p.numel() * p.element_size() for p in parameters)
+    trainable = sum(p.numel() * p.element_size() for p in parameters if p.requires_grad)
+    largest_output = max(
+        (math.prod(shape) * dtype.itemsize for shape, dtype in bp.outputs.values()), default=0)
+    totals = Totals(
+        bp_bytes=bp.nbytes,
+        converted_bytes=converted.nbytes,
+        parameter_bytes=parameter_bytes,
+        gradient_bytes=trainable,
+        optimizer=optimizer,
+        optimizer_state_bytes=factor * trainable,
+        largest_transient_bytes=2 * largest_output,
+    )
+    return Report(
+        model=type(modules[""]).__name__,
+        rules=[rule.name for rule in plan.rules],
+        rows=rows,
+        totals=totals,
+        untraced=list(facts.trace.untraced),
+        estimated_on=estimated_on,
+        notes=list(notes or ()),
+        module_info=info,
+    )
+
+
+def _output_of(saved: SavedByModule, name: str) -> tuple[tuple[int, ...] | None, str | None]:
+    if name not in saved.outputs:
+        return None, None
+    shape, dtype = saved.outputs[name]
+    return shape, dtype_name(dtype)
