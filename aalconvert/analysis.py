@@ -227,7 +227,8 @@ def find_residual_blocks(region: Region) -> list[ResidualBlock]:
     Adds are ``operator.add``/``iadd``, ``torch.add`` and ``Tensor.add``/``add_``; ``f``
     must reach ``s`` through at least one Linear/Conv/linear-like module, and a
     projection ``P`` is a single-input chain holding a weighted module (e.g. a
-    ``downsample`` Sequential(conv, bn)). Returned in graph order.
+    ``downsample`` Sequential(conv, bn)); an ``nn.Identity`` module on the shortcut is
+    looked through. Returned in graph order.
     """
     order = _Order(region.graph_module.graph)
     blocks = []
@@ -237,10 +238,18 @@ def find_residual_blocks(region: Region) -> list[ResidualBlock]:
         left, right = node.args[0], node.args[1]
         if not isinstance(left, fx.Node) or not isinstance(right, fx.Node):
             continue
+        left, right = _through_identity(region, left), _through_identity(region, right)
         block = _match_block(region, order, node, left, right)
         if block is not None:
             blocks.append(block)
     return blocks
+
+
+def _through_identity(region: Region, node: fx.Node) -> fx.Node:
+    """The tensor an ``nn.Identity`` call hands on (a shortcut written as ``self.shortcut = nn.Identity()``)."""
+    while isinstance(_module(region, node), nn.Identity) and len(node.all_input_nodes) == 1:
+        node = node.all_input_nodes[0]
+    return node
 
 
 def _match_block(region: Region, order: _Order, add: fx.Node, left: fx.Node,

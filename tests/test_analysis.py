@@ -222,3 +222,19 @@ def test_zoo_norm_module_before_the_branch_makes_a_pre_norm_block():
     assert len(blocks) == 2 and all(b.prenorm for b in blocks)
     assert blocks[1].input_producer == "add"
     assert all("pre-norm" in u.reason for u in ungrouped_blocks(blocks, 2))
+
+
+def test_identity_module_on_the_shortcut_is_an_identity_shortcut():
+    class IdentityShortcut(ResidualMlp):
+        def __init__(self, width: int):
+            super().__init__(width)
+            self.shortcut = nn.Identity()
+
+        def forward(self, x):
+            return self.act(self.fc2(self.act(self.fc1(x))) + self.shortcut(x))
+
+    blocks, _ = blocks_of(nn.Sequential(*[IdentityShortcut(7) for _ in range(3)]), (torch.randn(2, 7),))
+    assert [b.name for b in blocks] == ["0", "1", "2"]
+    assert all(b.shortcut == "identity" for b in blocks)
+    assert blocks[1].consumers == ("1.fc1",) and blocks[1].input_producer_module == "0.act"
+    assert [[b.name for b in g.blocks] for g in group_blocks(blocks, "stage")] == [["0", "1", "2"]]
