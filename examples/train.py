@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,22 @@ from examples import EXAMPLES
 from examples import data as datasets
 
 BP = "bp"  # the rule-set name for plain, unconverted backprop
+
+
+class Task(Protocol):
+    """What the training loop needs from a task: batches, a loss and a held-out metric."""
+
+    metric: str  # name and unit of the held-out metric
+    higher_is_better: bool
+
+    def batch(self, batch_size: int, generator: torch.Generator) -> tuple[tuple[Tensor, ...], Tensor]:
+        """Model inputs and targets for one training step, drawn with ``generator`` (CPU tensors)."""
+
+    def loss(self, output: Tensor, targets: Tensor) -> Tensor:
+        """Scalar training loss."""
+
+    def evaluate(self, model: nn.Module, device: torch.device) -> float:
+        """The metric on the fixed held-out data (the model is already in eval mode)."""
 
 
 class ImageClassification:
@@ -140,7 +157,7 @@ class TrainConfig:
     ``make_task(smoke)`` builds the task (data loaded once per call); ``lr`` is AdamW's peak learning rate.
     """
 
-    make_task: Callable[[bool], object]
+    make_task: Callable[[bool], Task]
     overrides: dict
     smoke_overrides: dict
     steps: int
@@ -265,7 +282,7 @@ def train(
     lr: float | None = None,
     eval_points: int = 10,
     indicator_every: int = 5,
-    task: object | None = None,
+    task: Task | None = None,
     log: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Train ``example`` converted with ``rules`` ('+'-joined names, or 'bp') and return the record.
@@ -337,13 +354,19 @@ def train(
             model.eval()
             result.curve.append((step + 1, task.evaluate(model, target)))
             if log:
-                li = result.indicators[-1] if result.indicators else None
-                li_text = "" if li is None else f"  LI mean {statistics.fmean(v['mean'] for v in li['layers'].values()):.3f} min {min(v['min'] for v in li['layers'].values()):.3f}"
                 log(f"[{example} {rules} seed {seed}] step {step + 1}/{steps}  train loss {loss.item():.4f}  "
-                    f"{task.metric} {result.curve[-1][1]:.3f}{li_text}")
+                    f"{task.metric} {result.curve[-1][1]:.3f}{_indicator_text(result.indicators)}")
     result.final_metric = result.curve[-1][1]
     result.step_time_s = statistics.median(step_times) if step_times else math.nan
     return result
+
+
+def _indicator_text(intervals: list[dict]) -> str:
+    """Mean and min LI over the layers of the latest logging interval, for progress lines."""
+    if not intervals:
+        return ""
+    layers = intervals[-1]["layers"].values()
+    return f"  LI mean {statistics.fmean(v['mean'] for v in layers):.3f} min {min(v['min'] for v in layers):.3f}"
 
 
 def _describe(result: RunResult) -> str:
