@@ -327,9 +327,10 @@ class _ValueProxy(fx.Proxy):
     """Proxy that answers metadata, ``len`` and ``int()`` from the example value it stands for."""
 
     def __getattr__(self, k: str) -> Any:
-        value = self.tracer.values.get(self.node, _UNKNOWN)
-        if k in _TENSOR_METADATA and isinstance(value, torch.Tensor):
-            return getattr(value, k)
+        if k in _TENSOR_METADATA:
+            value = self.tracer.values.get(self.node, _UNKNOWN)
+            if isinstance(value, torch.Tensor):
+                return getattr(value, k)
         return super().__getattr__(k)
 
     def __len__(self) -> int:
@@ -399,10 +400,10 @@ class _ValueTracer(_LeafTracer):
         ]
         used: set[str] = set()
         traced_args = [
-            self._inputs(positional[i] if i < len(positional) else f"arg{i}", value, used)
+            self._placeholders_for(positional[i] if i < len(positional) else f"arg{i}", value, used)
             for i, value in enumerate(args)
         ]
-        traced_kwargs = {key: self._inputs(key, value, used) for key, value in kwargs.items()}
+        traced_kwargs = {key: self._placeholders_for(key, value, used) for key, value in kwargs.items()}
         root = self.root
 
         def forward_on_example_inputs() -> Any:
@@ -410,7 +411,8 @@ class _ValueTracer(_LeafTracer):
 
         return forward_on_example_inputs, []
 
-    def _inputs(self, name: str, value: Any, used: set[str]) -> Any:
+    def _placeholders_for(self, name: str, value: Any, used: set[str]) -> Any:
+        """``value`` with a placeholder for each tensor in it (tuples, lists, dicts opened)."""
         if isinstance(value, torch.Tensor):
             target = re.sub(r"\W", "_", name)
             while target in used:
@@ -421,11 +423,11 @@ class _ValueTracer(_LeafTracer):
                 self.values[proxy.node] = value.detach().clone()
             return proxy
         if isinstance(value, tuple) and hasattr(value, "_fields"):
-            return type(value)(*(self._inputs(f"{name}_{i}", v, used) for i, v in enumerate(value)))
+            return type(value)(*(self._placeholders_for(f"{name}_{i}", v, used) for i, v in enumerate(value)))
         if isinstance(value, (tuple, list)):
-            return type(value)(self._inputs(f"{name}_{i}", v, used) for i, v in enumerate(value))
+            return type(value)(self._placeholders_for(f"{name}_{i}", v, used) for i, v in enumerate(value))
         if isinstance(value, dict):
-            return {k: self._inputs(f"{name}_{i}", v, used) for i, (k, v) in enumerate(value.items())}
+            return {k: self._placeholders_for(f"{name}_{i}", v, used) for i, (k, v) in enumerate(value.items())}
         return value
 
     def create_proxy(self, kind: str, target: fx.node.Target, args: tuple[Any, ...], kwargs: dict[str, Any],
