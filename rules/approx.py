@@ -22,11 +22,10 @@ from aalconvert.nn import approx
 from aalconvert.nn.approx_common import ApproxOptions
 from aalconvert.facts import ModelFacts
 from aalconvert.nn.approx_attention import ApproxAttention
-from aalconvert.rules.attention import PAYLOAD_KEY, attention_sites
+from aalconvert.rules.attention import PAYLOAD_KEY, apply_attention_site, attention_sites
 from aalconvert.rules.base import Site, Skip
 from aalconvert.rules.exact import ExactRule
 from aalconvert.rules.swap import TypeSwapRule
-from aalconvert.rules.wiring import swap_module
 
 _APPROX_VARIANTS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: approx.ApproxLinear,
@@ -68,14 +67,16 @@ class ApproxRule(ExactRule):
     def find(self, facts: ModelFacts) -> tuple[list[Site], list[Skip]]:
         # Every ReLU takes its mask: the layers reading it keep a k-bit copy, not the output.
         sites, skips = TypeSwapRule.find(self, facts)
-        core_sites, core_skips = attention_sites(facts, self.name, self.option_values())
+        core_sites, core_skips = attention_sites(
+            facts, self.name, ApproxAttention, self.option_values(),
+            f"keeps {self.options.bits}-bit copies of its functional softmax outputs and matmul operands",
+        )
         return sites + core_sites, skips + core_skips
 
     def apply(self, model: nn.Module, site: Site, facts: ModelFacts) -> nn.Module:
-        if not site.payload.get(PAYLOAD_KEY):
+        if PAYLOAD_KEY not in site.payload:
             return super().apply(model, site, facts)
-        module = model.get_submodule(site.module_name)
-        return swap_module(model, site.module_name, ApproxAttention.from_module(module, **self.option_values()))
+        return apply_attention_site(model, site, self.option_values())
 
     def option_values(self) -> dict[str, Any]:
         """The rule's ApproxOptions as keyword arguments of a variant's from_module."""

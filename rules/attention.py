@@ -1,22 +1,27 @@
-"""Attention cores for the ``approx*`` rules: functional softmax and activation products in k bits.
+"""Attention cores: the sites where a rule rewrites a module's own functional softmax / matmul.
 
 q, k, v, the attention probabilities and the operands of ``q @ k^T`` and
 ``probs @ v`` are kept by functional calls inside an attention module's
 forward, where no leaf-module swap reaches. The module that makes those calls
-(the innermost module on the traced node's ``nn_module_stack``) becomes an
-``ApproxAttention`` variant (aalconvert.nn.approx_attention). Its children
-stay the same objects, so the leaf swaps of the same rule (e.g. the qkv
-Linear, the dropout on the probabilities) apply inside it whatever the order.
+(the innermost module on the traced node's ``nn_module_stack``) becomes a
+traced-forward variant (aalconvert.nn.traced_forward): ``ApproxAttention``
+for the ``approx*`` rules (k-bit softmax outputs and matmul operands),
+``RecomputedAttention`` for ``recompute`` (dropped probabilities rebuilt from
+the softmax output and a 1-bit mask, exact). The variant's children stay the
+same objects, so leaf swaps (the qkv Linear, the dropout) apply inside it
+whatever the order in which sites are applied.
 """
 
 from typing import Any
 
-from torch import fx
+from torch import fx, nn
 
 from aalconvert.errors import ConversionError
 from aalconvert.facts import ModelFacts
-from aalconvert.nn.approx_attention import ApproxAttention, depends_on_input, matmul_replacement, softmax_dim
+from aalconvert.nn.approx_attention import is_rewritable
+from aalconvert.nn.traced_forward import TracedForwardVariant
 from aalconvert.rules.base import Site, Skip
+from aalconvert.rules.wiring import swap_module
 
 PAYLOAD_KEY = "attention_core"
 
@@ -28,47 +33,39 @@ def _owner(region_name: str, node: fx.Node) -> str:
     return ".".join(part for part in (region_name, inner) if part)
 
 
-def _is_core_op(node: fx.Node) -> bool:
-    if softmax_dim(node) is not None:
-        return True
-    return matmul_replacement(node) is not None and all(
-        isinstance(a, fx.Node) and depends_on_input(a) for a in node.args
-    )
-
-
-def core_modules(facts: ModelFacts) -> dict[str, int]:
-    """Module name -> number of functional softmax / activation-product calls in its own forward."""
-    found: dict[str, int] = {}
+def core_modules(facts: ModelFacts) -> list[str]:
+    """Modules whose own forward calls a functional softmax or multiplies two activations."""
+    found: dict[str, None] = {}
     for region in facts.trace.regions:
         for node in region.graph_module.graph.nodes:
-            if _is_core_op(node):
-                owner = _owner(region.name, node)
-                found[owner] = found.get(owner, 0) + 1
-    return found
+            if is_rewritable(node):
+                found[_owner(region.name, node)] = None
+    return list(found)
 
 
 def attention_sites(
-    facts: ModelFacts, rule: str, options: dict[str, Any]
+    facts: ModelFacts,
+    rule: str,
+    variant: type[TracedForwardVariant],
+    options: dict[str, Any],
+    reason: str,
 ) -> tuple[list[Site], list[Skip]]:
-    """A site per module whose forward holds an attention core, or the reason it stays exact."""
+    """A site per module whose forward holds an attention core ``variant`` converts, or why not."""
     sites, skips = [], []
-    bits = options.get("bits", 4)
-    for name, count in core_modules(facts).items():
+    for name in core_modules(facts):
         module = facts.modules.get(name)
-        if module is None or isinstance(module, ApproxAttention):
+        if module is None or isinstance(module, TracedForwardVariant):
             continue
         try:  # building the variant traces and checks; it shares tensors and copies nothing
-            ApproxAttention.from_module(module, **options)
+            variant.from_module(module, **options)
         except ConversionError as error:
             skips.append(Skip(rule, name, str(error)))
             continue
-        sites.append(
-            Site(
-                rule,
-                name,
-                f"keeps {bits}-bit copies of its functional softmax outputs and matmul operands "
-                f"({count} calls in its forward)",
-                payload={PAYLOAD_KEY: True},
-            )
-        )
+        sites.append(Site(rule, name, reason, payload={PAYLOAD_KEY: variant}))
     return sites, skips
+
+
+def apply_attention_site(model: nn.Module, site: Site, options: dict[str, Any]) -> nn.Module:
+    """Swap the site's module for its traced-forward variant (built from the module as it is now)."""
+    module = model.get_submodule(site.module_name)
+    return swap_module(model, site.module_name, site.payload[PAYLOAD_KEY].from_module(module, **options))

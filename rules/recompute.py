@@ -5,6 +5,11 @@ When a Linear/Conv's input is ``chain(z)`` and the chain's first module keeps
 rebuilds its input in backward (methods.md section 4; exact gradients). ReLUs
 inside such chains keep a 1-bit mask, else they would keep the very tensor the
 layer stopped keeping.
+
+Attention cores too (``aalconvert.rules.attention``): a module whose own forward
+computes ``matmul(dropout(softmax(s)), v)`` becomes a ``RecomputedAttention``
+that rebuilds the dropped probabilities in backward from the softmax output
+(kept by softmax anyway) and a 1-bit mask, instead of keeping them.
 """
 
 from dataclasses import dataclass
@@ -20,6 +25,8 @@ from aalconvert.nn.recompute import (
     RecomputedInputConv2d,
     RecomputedInputLinear,
 )
+from aalconvert.nn.recompute_attention import RecomputedAttention
+from aalconvert.rules.attention import PAYLOAD_KEY, apply_attention_site, attention_sites
 from aalconvert.rules.base import Rule, Site, Skip
 from aalconvert.rules.wiring import TensorSlot, swap_module
 
@@ -103,9 +110,16 @@ class RecomputeRule(Rule):
                     requires=(chain.start,),
                 )
             )
-        return sites, skips
+        core_sites, core_skips = attention_sites(
+            facts, self.name, RecomputedAttention, {},
+            "dropped attention probabilities not kept: rebuilt in backward from the softmax "
+            "output and a 1-bit mask (exact)",
+        )
+        return sites + core_sites, skips + core_skips
 
     def apply(self, model: nn.Module, site: Site, facts: ModelFacts) -> nn.Module:
+        if PAYLOAD_KEY in site.payload:
+            return apply_attention_site(model, site, {})
         module = model.get_submodule(site.module_name)
         if "chain" not in site.payload:
             return swap_module(model, site.module_name, MaskReLU.from_module(module))

@@ -4,7 +4,7 @@
 so that ``revert`` and the rules can recognise converted modules.
 """
 
-from aalconvert.nn import approx, approx_attention, ara, asa, lossless, recompute
+from aalconvert.nn import approx, ara, asa, lossless, recompute, traced_forward
 
 CONVERTED_TYPES: tuple[type, ...] = (
     lossless.MaskReLU,
@@ -30,5 +30,5 @@ CONVERTED_TYPES: tuple[type, ...] = (
     approx.ApproxSiLU,
     approx.ApproxSoftmax,
     approx.ApproxReLU,
-    approx_attention.ApproxAttention,
+    traced_forward.TracedForwardVariant,
 )

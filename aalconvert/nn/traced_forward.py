@@ -1,0 +1,161 @@
+"""Variants whose forward is the module's own forward, traced with torch.fx and rewritten.
+
+Leaf-module swaps cannot reach functional ops a module calls in its own
+``forward`` (``softmax``, ``q @ k^T``, ...). A ``TracedForwardVariant``
+re-traces such a module with every submodule kept as one call (so swaps and
+hooks on children still apply, whenever they are made), lets the subclass
+rewrite the graph, and runs the rewritten code as the module's forward.
+
+The variant of a module is an instance of a subclass of both the variant
+mixin and the module's own class (so isinstance checks hold), sharing the
+module's Parameters, buffers, submodules and hooks: state_dict keys, their
+order and an optimizer built earlier are unchanged. ``to_module()`` gives
+back an instance of the original class with the same registries.
+
+What the trace fixes: plain Python attributes read in forward (a head count,
+a scale) become constants of the rewritten code. A forward whose traced code
+depends on ``self.training``, that takes optional or variadic arguments, or
+in which the subclass finds nothing to rewrite is refused with the reason.
+"""
+
+import inspect
+from typing import Any, ClassVar
+
+import torch.fx as fx
+from torch import nn
+
+from aalconvert.errors import ConversionError
+from aalconvert.nn.rebuild import rebuild_as
+
+OPTIONS_ATTRIBUTE = "core_options"
+_CODE_ATTRIBUTES = (OPTIONS_ATTRIBUTE, "core_forward", "core_code")
+
+
+def depends_on_input(node: Any) -> bool:
+    """True when ``node`` is computed from a graph input (an activation, not only parameters)."""
+    pending, seen = [node], set()
+    while pending:
+        current = pending.pop()
+        if not isinstance(current, fx.Node) or current in seen:
+            continue
+        if current.op == "placeholder":
+            return True
+        seen.add(current)
+        pending.extend(current.all_input_nodes)
+    return False
+
+
+def options_node(graph: fx.Graph) -> fx.Node:
+    """The graph's node reading the variant's options (``self.core_options``), made once."""
+    for node in graph.nodes:
+        if node.op == "get_attr" and node.target == OPTIONS_ATTRIBUTE:
+            return node
+    first = next(n for n in graph.nodes if n.op != "placeholder")
+    with graph.inserting_before(first):
+        return graph.get_attr(OPTIONS_ATTRIBUTE)
+
+
+class _ChildrenAsCalls(fx.Tracer):
+    """Traces only the root's own forward: every submodule stays one ``call_module`` node."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
+def _check_signature(module: nn.Module) -> None:
+    for parameter in inspect.signature(module.forward).parameters.values():
+        if parameter.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            raise ConversionError(
+                f"{type(module).__name__}.forward takes *{parameter.name}; a traced copy cannot "
+                "follow variadic arguments, so its forward is left as it is"
+            )
+        if parameter.default is not inspect.Parameter.empty:
+            raise ConversionError(
+                f"{type(module).__name__}.forward has the optional argument {parameter.name!r}; a "
+                "traced copy would fix it to one value, so its forward is left as it is"
+            )
+
+
+def _trace(module: nn.Module, training: bool) -> fx.Graph:
+    was_training = module.training
+    module.training = training
+    try:
+        return _ChildrenAsCalls().trace(module)
+    except Exception as error:  # fx raises many types; report one clear reason instead
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        raise ConversionError(
+            f"{type(module).__name__} does not trace with torch.fx ({type(error).__name__}: "
+            f"{first_line}); its forward is left as it is"
+        ) from error
+    finally:
+        module.training = was_training
+
+
+def _compile(graph: fx.Graph) -> tuple[Any, str]:
+    """The forward function (taking ``self`` first) and its source for ``graph``."""
+    code = graph.python_code(root_module="self")
+    namespace = dict(code.globals)
+    exec(compile(code.src, "<aalconvert traced forward>", "exec"), namespace)  # noqa: S102
+    return namespace["forward"], code.src
+
+
+class TracedForwardVariant(nn.Module):
+    """Mixin of the variants built from a traced forward. ``core_code`` shows the rewritten forward.
+
+    Subclasses implement ``make_options`` and ``rewrite``; ``nothing_found`` says
+    what the rewrite looks for.
+    """
+
+    nothing_found: ClassVar[str]
+    torch_class: ClassVar[type[nn.Module]]
+    _variant_classes: ClassVar[dict[tuple[type, type], type]] = {}
+
+    @classmethod
+    def make_options(cls, options: dict[str, Any]) -> Any:
+        """The validated options object the rewritten code reads as ``self.core_options``."""
+        raise NotImplementedError
+
+    @classmethod
+    def rewrite(cls, graph: fx.Graph, module: nn.Module) -> int:
+        """Rewrite ``graph`` (``module``'s own forward) in place; return how many ops changed."""
+        raise NotImplementedError
+
+    @classmethod
+    def variant_class(cls, torch_class: type[nn.Module]) -> type:
+        """The subclass of ``cls`` and ``torch_class`` (one per pair, reused)."""
+        key = (cls, torch_class)
+        if key not in cls._variant_classes:
+            variant = type(f"{cls.__name__}[{torch_class.__name__}]", (cls, torch_class), {})
+            variant.__module__ = cls.__module__  # aalconvert's tracer keeps aalconvert modules as leaves
+            variant.__qualname__ = variant.__name__
+            variant.torch_class = torch_class
+            cls._variant_classes[key] = variant
+        return cls._variant_classes[key]
+
+    @classmethod
+    def from_module(cls, module: nn.Module, **options: Any) -> "TracedForwardVariant":
+        """The variant of ``module`` sharing everything it holds."""
+        if isinstance(module, TracedForwardVariant):
+            raise ConversionError(f"{type(module).__name__} is already a traced-forward variant")
+        core_options = cls.make_options(options)
+        _check_signature(module)
+        graph = _trace(module, training=True)
+        if graph.python_code("self").src != _trace(module, training=False).python_code("self").src:
+            raise ConversionError(
+                f"{type(module).__name__}.forward traces differently in train and eval mode "
+                "(it reads self.training); its forward is left as it is"
+            )
+        if cls.rewrite(graph, module) == 0:
+            raise ConversionError(f"{type(module).__name__}.forward {cls.nothing_found}")
+        graph.lint()
+        new = rebuild_as(cls.variant_class(type(module)), module)
+        setattr(new, OPTIONS_ATTRIBUTE, core_options)
+        new.core_forward, new.core_code = _compile(graph)
+        return new
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.core_forward(self, *args, **kwargs)
+
+    def to_module(self) -> nn.Module:
+        """An instance of the original class holding this variant's Parameters, buffers and submodules."""
+        return rebuild_as(self.torch_class, self, drop=_CODE_ATTRIBUTES)
