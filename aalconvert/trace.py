@@ -228,7 +228,7 @@ def _descend(module: nn.Module, name: str, walk: _Walk) -> None:
 
 
 class _ModuleStateGuard:
-    """Restores every module's attributes after a trace.
+    """Restores every module's attributes after a trace or the example run.
 
     fx stores tensor constants on the traced module (``_tensor_constant0``) and
     forward code may cache values (proxies, during a trace) on ``self``; neither
@@ -541,7 +541,7 @@ def _trace_on_values(
     shapes = {
         node: (tuple(int(size) for size in value.shape), value.dtype)
         for node, value in tracer.values.items()
-        if isinstance(value, torch.Tensor) and node.graph is graph
+        if isinstance(value, torch.Tensor)
     }
     return graph_module, shapes
 
