@@ -13,6 +13,7 @@ from aalconvert.memory import measure_saved
 from aalconvert.nn.approx import ApproxLinear
 from aalconvert.nn.approx_attention import ApproxAttention
 from aalconvert.nn.asa import ASALinear
+from aalconvert.nn.recompute_attention import RecomputedAttention
 from aalconvert.rules.wiring import swap_module, wiring_of
 from examples import EXAMPLES
 from examples.vit import Block
@@ -180,3 +181,43 @@ def test_attention_cores_are_found_inside_regions_below_an_untraced_root():
     converted = aalconvert.convert(model, "approx4")
     assert torch.equal(converted(x), model(x))
     assert math.isfinite(converted(x).sum().item())
+
+
+@pytest.mark.parametrize("example", list(ATTENTION_EXAMPLES))
+def test_recompute_rebuilds_dropped_probabilities_with_bit_identical_gradients(example):
+    model = build(example)  # dropout on: the masks must be the very same draws
+    inputs = inputs_of(example)
+    converted = aalconvert.convert(model, "recompute")
+    names = attention_names(model, example)
+    assert all(isinstance(converted.get_submodule(n), RecomputedAttention) for n in names)
+    torch.manual_seed(5)
+    expected = model(*inputs)
+    torch.manual_seed(5)
+    actual = converted(*inputs)
+    assert torch.equal(actual, expected)
+    params = list(model.parameters())
+    loss = lambda out: out.float().square().mean()
+    for e, a in zip(torch.autograd.grad(loss(expected), params), torch.autograd.grad(loss(actual), params)):
+        assert torch.equal(a, e)
+    with_approx = aalconvert.convert(model, ["auto", "approx4"])
+    assert all(isinstance(with_approx.get_submodule(n), ApproxAttention) for n in names), "approx precedes"
+
+
+def test_auto_on_vit_drops_one_probability_tensor_per_attention():
+    model = build("vit")
+    (images,) = inputs_of("vit")
+    converted = aalconvert.convert(model, "auto")
+
+    def measure(m):
+        torch.manual_seed(0)
+        return measure_saved(lambda: m(images), m.parameters()).nbytes
+
+    with_core = measure(converted)
+    for name in attention_names(converted, "vit"):
+        swap_module(converted, name, converted.get_submodule(name).to_module())
+    without_core = measure(converted)
+    vit = EXAMPLES["vit"].config
+    tokens = (vit.image_size // vit.patch_size) ** 2 + 1
+    scores = images.shape[0] * vit.num_heads * tokens * tokens
+    # Both keep the softmax output, the 1-bit mask and v; only the dropped probabilities (fp32) go.
+    assert without_core - with_core == vit.depth * 4 * scores
