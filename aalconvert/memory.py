@@ -63,11 +63,14 @@ class SavedByModule:
     ``bytes_by_module``: qualified module name ("" = the root) -> bytes of the
     distinct storages first saved while that module was the innermost one
     running. ``outputs``: module name -> (shape, dtype) of the first tensor its
-    first call returned.
+    first call returned. ``counted_at``: module name -> the module where a
+    storage it also kept was counted (its first saver), for modules that
+    kept a storage another module had saved before.
     """
 
     bytes_by_module: dict[str, int] = field(default_factory=dict)
     outputs: dict[str, tuple[tuple[int, ...], torch.dtype]] = field(default_factory=dict)
+    counted_at: dict[str, str] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
@@ -98,7 +101,7 @@ def saved_by_module(
     """
     names = {id(module): name for name, module in model.named_modules()}
     excluded = {t.untyped_storage()._cdata for t in exclude}
-    seen: set[int] = set()
+    first_saver: dict[int, str] = {}
     result = SavedByModule()
     running: list[str] = []
 
@@ -117,10 +120,15 @@ def saved_by_module(
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
         key = storage._cdata
-        if key not in excluded and key not in seen and storage.nbytes() > 0:
-            seen.add(key)
-            owner = running[-1] if running else ""
-            result.bytes_by_module[owner] = result.bytes_by_module.get(owner, 0) + storage.nbytes()
+        if key in excluded or storage.nbytes() == 0:
+            return tensor
+        saver = running[-1] if running else ""
+        if key in first_saver:
+            if first_saver[key] != saver:
+                result.counted_at.setdefault(saver, first_saver[key])
+            return tensor
+        first_saver[key] = saver
+        result.bytes_by_module[saver] = result.bytes_by_module.get(saver, 0) + storage.nbytes()
         return tensor
 
     handles = [

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from typing import IO, Any
 
@@ -209,8 +210,8 @@ class Report:
         if top is not None and top < 1:
             raise ConversionError(f"top must be >= 1, got {top}")
         console = Console(file=file)
-        if not console.is_terminal:
-            console.width = 180
+        if not console.is_terminal and "COLUMNS" not in os.environ:
+            console.width = 180  # wide enough for the explanations in a file or pipe
         rows = self.aggregated(depth)
         shown = rows[:top] if top is not None else rows
         title = f"{self.model}: bytes kept for backward, BP vs {'+'.join(self.rules)}"
@@ -271,6 +272,14 @@ def _explanation(name: str, module: nn.Module, plan: Plan, untraced: dict[str, U
     return f"kept as is: no rule converts {type(module).__name__}; its backward needs what it keeps"
 
 
+def _shared_note(name: str, bp: SavedByModule, converted: SavedByModule) -> str:
+    """Why a row keeps more after conversion: a tensor BP counted at another module is counted here now."""
+    owner = bp.counted_at.get(name)
+    if owner is None or converted.bytes_by_module.get(name, 0) <= bp.bytes_by_module.get(name, 0):
+        return ""
+    return f"; BP counted this tensor at {display_name(owner)} (shared), so the extra is not new memory"
+
+
 def build_report(
     facts: ModelFacts,
     plan: Plan,
@@ -301,7 +310,8 @@ def build_report(
             name, op, shape, dtype,
             bp.bytes_by_module.get(name, 0), converted.bytes_by_module.get(name, 0),
             plan.sites[name].rule if name in plan.sites else "",
-            _explanation(name, modules.get(name, facts.model), plan, untraced),
+            _explanation(name, modules.get(name, facts.model), plan, untraced)
+            + _shared_note(name, bp, converted),
         ))
     rows.sort(key=_largest_saving_first)
     parameters = list(modules[""].parameters())
