@@ -228,7 +228,10 @@ class Report:
         if len(shown) < len(rows):
             table.caption = f"{len(rows) - len(shown)} more rows not shown (--top)"
         console.print(table)
-        console.print(Panel(self._totals_text(), title="totals (one training step)", expand=False))
+        totals = Table.grid(padding=(0, 2))
+        for label, value in self._totals_lines():
+            totals.add_row(label, value)
+        console.print(Panel(totals, title="totals (one training step)", expand=False))
         if self.untraced:
             listed = "; ".join(f"{display_name(u.name)} ({u.type_name}): {u.reason}"
                                for u in self.untraced[:5])
@@ -237,21 +240,21 @@ class Report:
         for note in self.notes:
             console.print(f"note: {note}", highlight=False)
 
-    def _totals_text(self) -> str:
+    def _totals_lines(self) -> list[tuple[str, str]]:
         t = self.totals
-        optimizer = t.optimizer or "none given"
-        return "\n".join([
-            f"activations kept, BP         {format_bytes(t.bp_bytes)}",
-            f"activations kept, converted  {format_bytes(t.converted_bytes)}"
-            f"  (ratio {t.ratio:.3f}, saved {format_bytes(t.bp_bytes - t.converted_bytes)})",
-            f"parameters                   {format_bytes(t.parameter_bytes)}",
-            f"gradients                    {format_bytes(t.gradient_bytes)}",
-            f"optimizer state ({optimizer}) {format_bytes(t.optimizer_state_bytes)}",
-            f"largest transient            {format_bytes(t.largest_transient_bytes)}",
-            f"predicted peak, BP           {format_bytes(t.peak_bp_bytes)}",
-            f"predicted peak, converted    {format_bytes(t.peak_converted_bytes)}",
-            f"estimated on {self.estimated_on}",
-        ])
+        saved = format_bytes(t.bp_bytes - t.converted_bytes)
+        return [
+            ("activations kept, BP", format_bytes(t.bp_bytes)),
+            ("activations kept, converted",
+             f"{format_bytes(t.converted_bytes)}  (ratio {t.ratio:.3f}, saved {saved})"),
+            ("parameters", format_bytes(t.parameter_bytes)),
+            ("gradients", format_bytes(t.gradient_bytes)),
+            (f"optimizer state ({t.optimizer or 'none given'})", format_bytes(t.optimizer_state_bytes)),
+            ("largest transient", format_bytes(t.largest_transient_bytes)),
+            ("predicted peak, BP", format_bytes(t.peak_bp_bytes)),
+            ("predicted peak, converted", format_bytes(t.peak_converted_bytes)),
+            ("estimated on", self.estimated_on),
+        ]
 
 
 def _largest_saving_first(row: Row) -> tuple[int, int, str]:
