@@ -5,7 +5,7 @@ autograd through torch at the decoded operands (quantize -> dequantize).
 """
 
 import copy
-import math
+import io
 
 import pytest
 import torch
@@ -187,6 +187,19 @@ def test_to_module_gives_the_original_class_with_the_same_registries_and_deepcop
     assert type(clone) is type(variant) and torch.equal(clone(x), variant(x))
     with pytest.raises(ConversionError, match="already"):
         ApproxAttention.from_module(variant)
+
+
+def test_pickled_variant_loads_as_the_same_variant_with_the_same_state():
+    torch.manual_seed(0)
+    variant = ApproxAttention.from_module(Attention(), bits=2, min_numel=0)
+    buffer = io.BytesIO()
+    torch.save(variant, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded) is type(variant) and loaded.core_options == variant.core_options
+    assert list(loaded.state_dict()) == list(variant.state_dict())
+    x = torch.randn(2, 5, 32)
+    assert torch.equal(loaded(x), variant(x))
 
 
 class _Optional(Attention):

@@ -28,7 +28,7 @@ from aalconvert.errors import ConversionError
 from aalconvert.nn.rebuild import rebuild_as
 
 OPTIONS_ATTRIBUTE = "core_options"
-_CODE_ATTRIBUTES = (OPTIONS_ATTRIBUTE, "core_forward", "core_code")
+_CODE_ATTRIBUTES = (OPTIONS_ATTRIBUTE, "core_forward", "core_code", "core_option_values")
 
 
 def depends_on_input(node: Any) -> bool:
@@ -99,6 +99,11 @@ def _compile(graph: fx.Graph) -> tuple[Any, str]:
     return namespace["forward"], code.src
 
 
+def _rebuild_variant(mixin: type, module: nn.Module, options: dict[str, Any]) -> nn.Module:
+    """Unpickling: the variant of ``module`` built again (traced again) with the same options."""
+    return mixin.from_module(module, **options)
+
+
 class TracedForwardVariant(nn.Module):
     """Mixin of the variants built from a traced forward. ``core_code`` shows the rewritten forward.
 
@@ -150,8 +155,15 @@ class TracedForwardVariant(nn.Module):
         graph.lint()
         new = rebuild_as(cls.variant_class(type(module)), module)
         setattr(new, OPTIONS_ATTRIBUTE, core_options)
+        new.core_option_values = dict(options)
         new.core_forward, new.core_code = _compile(graph)
         return new
+
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        # The variant class is made at run time and cannot be pickled by name: pickle the
+        # original module and rebuild the variant from it when loading.
+        mixin = next(c for c in type(self).__bases__ if issubclass(c, TracedForwardVariant))
+        return (_rebuild_variant, (mixin, self.to_module(), self.core_option_values))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.core_forward(self, *args, **kwargs)
