@@ -1,0 +1,221 @@
+"""Checkpoints of converted models, and activation checkpointing around converted blocks (issue 7).
+
+- state_dicts move both ways between a converted model and its original architecture;
+- training resumed from model + optimizer + RNG state repeats the uninterrupted run exactly;
+- ``torch.save(model)`` / ``torch.load`` of a whole converted module keeps its wiring;
+- ``torch.utils.checkpoint(use_reentrant=False)`` around converted blocks gives the
+  unchecked converted model's gradients and keeps no more than around plain blocks.
+
+Failures that belong to the rule engine (rules/) are marked ``xfail(strict=True)``,
+so they turn into errors once fixed and the marker must go.
+"""
+
+import io
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import aalconvert
+from aalconvert.memory import measure_saved
+from aalconvert.rules.wiring import TensorSlot, wiring_of
+from examples import EXAMPLES
+
+MODELS = {
+    "resnet_basic": dict(width=4, image_size=16),
+    "vit": dict(dropout=0.1, depth=2, dim=16, num_heads=2, image_size=16),
+}
+# Each rule on the model it rewrites; the ViT keeps dropout on, so the RNG state matters.
+CASES = [
+    ("resnet_basic", "exact"),
+    ("resnet_basic", "ara"),
+    ("resnet_basic", "approx4"),
+    ("vit", "exact"),
+    ("vit", "recompute"),
+    ("vit", "asa"),
+    ("vit", "auto"),
+]
+RESUME_CASES = [("vit", "exact"), ("resnet_basic", "ara"), ("vit", "asa")]
+ASA_PICKLE = "rules/asa.py: ASARule wires a SharedPack whose pack is a lambda, so it cannot be pickled"
+ASA_WEAKREF = "rules/wiring.py: after a forward SharedPack holds a weakref.ref (_source), which cannot be pickled"
+ARA_SPLIT = (
+    "rules/wiring.py: a TensorSlot releases the ARA anchor after the last consumer's forward; "
+    "checkpoint recomputes a consumer in backward with no anchor, so its weight gradient "
+    "silently becomes BP's (and the slot holds a tensor after backward)"
+)
+
+
+def _build(name: str, seed: int = 0) -> tuple[nn.Module, tuple]:
+    torch.manual_seed(seed)
+    example = EXAMPLES[name]
+    model = example.build_model(**MODELS[name])
+    return model, example.example_inputs(batch_size=2, **MODELS[name])
+
+
+def _converted(name: str, rules: str, seed: int = 0) -> tuple[nn.Module, tuple]:
+    model, inputs = _build(name, seed)
+    return aalconvert.convert(model, rules, example_inputs=inputs), inputs
+
+
+def _gradients(model: nn.Module, inputs: tuple, seed: int = 1) -> list[torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    model(*inputs).square().mean().backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def _all_equal(first: list[torch.Tensor], second: list[torch.Tensor]) -> bool:
+    return len(first) == len(second) and all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+# ------------------------------------------------------------------ state_dict
+
+
+@pytest.mark.parametrize("name, rules", CASES)
+def test_state_dicts_move_between_converted_and_original_architectures(name, rules):
+    converted, _ = _converted(name, rules, seed=0)
+    plain, _ = _build(name, seed=1)
+    plain.load_state_dict(converted.state_dict())  # strict: same keys, same shapes
+    assert _all_equal(list(plain.state_dict().values()), list(converted.state_dict().values()))
+    other, _ = _build(name, seed=2)
+    converted.load_state_dict(other.state_dict())
+    assert _all_equal(list(converted.state_dict().values()), list(other.state_dict().values()))
+
+
+# ------------------------------------------------------------------ resuming
+
+
+def _steps(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: tuple, count: int) -> list[float]:
+    losses = []
+    for _ in range(count):
+        loss = model(*inputs).logsumexp(-1).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("name, rules", RESUME_CASES)
+def test_training_resumed_from_a_checkpoint_repeats_the_uninterrupted_run_exactly(name, rules):
+    model, inputs = _converted(name, rules)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _steps(model, optimizer, inputs, 2)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "rng": torch.get_rng_state()}, buffer)
+    uninterrupted = _steps(model, optimizer, inputs, 2)
+
+    buffer.seek(0)
+    state = torch.load(buffer)
+    resumed, _ = _converted(name, rules, seed=5)  # other initial weights, overwritten by the load
+    resumed.load_state_dict(state["model"])
+    resumed_optimizer = torch.optim.AdamW(resumed.parameters(), lr=1e-2)
+    resumed_optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    assert _steps(resumed, resumed_optimizer, inputs, 2) == uninterrupted
+    assert _all_equal(list(resumed.state_dict().values()), list(model.state_dict().values()))
+
+
+# ------------------------------------------------------------- whole modules
+
+
+def _pickled(model: nn.Module) -> nn.Module:
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+def _wiring_count(model: nn.Module) -> int:
+    return sum(len(wiring_of(m)) for m in model.modules())
+
+
+def _assert_pickled_copy_trains_like_the_original(model: nn.Module, inputs: tuple) -> None:
+    copy = _pickled(model)
+    assert _wiring_count(copy) == _wiring_count(model)
+    # ARA and ASA gradients differ from BP's, so equal gradients prove the wiring was carried.
+    assert _all_equal(_gradients(copy, inputs), _gradients(model, inputs))
+    optimizer = torch.optim.SGD(copy.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in copy.parameters()]
+    _steps(copy, optimizer, inputs, 1)
+    assert not _all_equal(before, [p.detach() for p in copy.parameters()])
+
+
+@pytest.mark.parametrize(
+    "name, rules",
+    [case if case[1] not in ("asa", "auto") else pytest.param(
+        *case, marks=pytest.mark.xfail(strict=True, raises=AttributeError, reason=ASA_PICKLE))
+     for case in CASES],
+)
+def test_whole_converted_module_survives_torch_save_and_load_with_its_wiring(name, rules):
+    model, inputs = _converted(name, rules)
+    _assert_pickled_copy_trains_like_the_original(model, inputs)
+
+
+@pytest.mark.xfail(strict=True, reason=f"{ASA_PICKLE}; {ASA_WEAKREF}")
+def test_asa_module_survives_torch_save_after_a_forward():
+    model, inputs = _converted("vit", "asa")
+    model(*inputs).sum().backward()
+    _assert_pickled_copy_trains_like_the_original(model, inputs)
+
+
+def test_ara_anchor_wiring_survives_torch_save_after_a_forward():
+    model, inputs = _converted("resnet_basic", "ara")
+    assert any(isinstance(s, TensorSlot) for m in model.modules() for s in wiring_of(m))
+    model(*inputs).sum().backward()
+    _assert_pickled_copy_trains_like_the_original(model, inputs)
+
+
+# ------------------------------------------------- activation checkpointing
+
+
+class Checkpointed(nn.Module):
+    """Runs ``inner`` under ``torch.utils.checkpoint`` (non-reentrant)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args):
+        return checkpoint(self.inner, *args, use_reentrant=False)
+
+
+def _checkpoint_blocks(model: nn.Module, name: str, per_block: bool) -> None:
+    """Wrap the ViT's blocks, or the ResNet's first stage (whole or block by block)."""
+    if name == "vit":
+        for index, block in enumerate(model.blocks):
+            model.blocks[index] = Checkpointed(block)
+    elif per_block:
+        for index, block in enumerate(model.layer1):
+            model.layer1[index] = Checkpointed(block)
+    else:
+        model.layer1 = Checkpointed(model.layer1)
+
+
+def _saved_bytes(model: nn.Module, inputs: tuple) -> int:
+    torch.manual_seed(1)
+    return measure_saved(lambda: model(*inputs), exclude=list(model.parameters())).nbytes
+
+
+@pytest.mark.parametrize("name, rules", CASES)
+def test_checkpointed_converted_blocks_give_unchecked_gradients_and_keep_no_more_than_plain(name, rules):
+    # The whole first ResNet stage is one region: its ARA group (2 blocks) stays inside it.
+    model, inputs = _converted(name, rules)
+    unchecked = _gradients(model, inputs)
+    _checkpoint_blocks(model, name, per_block=False)
+    assert _all_equal(_gradients(model, inputs), unchecked)
+    plain, _ = _build(name)
+    _checkpoint_blocks(plain, name, per_block=False)
+    assert _saved_bytes(model, inputs) <= _saved_bytes(plain, inputs)
+    slots = [s for m in model.modules() for s in wiring_of(m) if isinstance(s, TensorSlot)]
+    assert [s.tensor for s in slots] == [None] * len(slots)
+
+
+@pytest.mark.xfail(strict=True, reason=ARA_SPLIT)
+def test_checkpoint_splitting_an_ara_group_keeps_the_ara_gradients():
+    model, inputs = _converted("resnet_basic", "ara")
+    unchecked = _gradients(model, inputs)
+    _checkpoint_blocks(model, "resnet_basic", per_block=True)
+    assert _all_equal(_gradients(model, inputs), unchecked)
