@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from aalconvert import __version__
+from aalconvert.trace import _one_line
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 OPTIMIZERS = ("sgd", "sgd_momentum", "adam", "adamw")
@@ -99,11 +100,6 @@ def main(argv: list[str] | None = None) -> int:
         return run_inspect(args)
     parser.print_help()
     return 0
-
-
-def _one_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def load_namespace(target: str) -> tuple[dict[str, Any], str]:
@@ -244,32 +240,37 @@ def run_inspect(args: argparse.Namespace) -> int:
     errors = Console(stderr=True, highlight=False)
     try:
         report = build_inspect_report(args, errors)
-        if args.format == "json":
-            text = report.to_json()
-        elif args.format == "csv":
-            text = report.to_csv()
+        write_report(report, args)
         if args.output is not None:
-            with open(args.output, "w", encoding="utf-8") as file:
-                if args.format == "table":
-                    report.print(depth=args.depth, top=args.top, file=file)
-                else:
-                    file.write(text)
-            errors.print(f"wrote {args.output}")
-        elif args.format == "table":
-            report.print(depth=args.depth, top=args.top)
-        else:
-            sys.stdout.write(text if text.endswith("\n") else text + "\n")
+            errors.print(f"wrote {args.output}", markup=False)
     except Exception as error:
         if args.debug:
             raise
         code = error.code if isinstance(error, CommandError) else 1
         message = str(error) if isinstance(error, CommandError) else _one_line(error)
-        errors.print(f"aalconvert inspect: error: {message}", soft_wrap=True)
+        errors.print(f"aalconvert inspect: error: {message}", soft_wrap=True, markup=False)
         return code
     return 0
 
 
+def write_report(report: Any, args: argparse.Namespace) -> None:
+    """The report as --format asks, to --output or stdout (JSON and CSV alone on stdout)."""
+    if args.format == "table":
+        if args.output is None:
+            report.print(depth=args.depth, top=args.top)
+            return
+        with open(args.output, "w", encoding="utf-8") as file:
+            report.print(depth=args.depth, top=args.top, file=file)
+        return
+    text = report.to_json() + "\n" if args.format == "json" else report.to_csv()
+    if args.output is None:
+        sys.stdout.write(text)
+        return
+    args.output.write_text(text, encoding="utf-8")
+
+
 def build_inspect_report(args: argparse.Namespace, errors: Any) -> Any:
+    """Check the command line, load TARGET, build inputs and run aalconvert.inspect (progress on stderr)."""
     if args.batch_size < 1 or (args.top is not None and args.top < 1) or (
             args.depth is not None and args.depth < 0):
         raise CommandError("--batch-size and --top must be >= 1 and --depth >= 0", code=2)
@@ -285,7 +286,7 @@ def build_inspect_report(args: argparse.Namespace, errors: Any) -> Any:
         dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else torch.float32
         if args.dtype:
             model = model.to(dtype)
-        inputs = find_inputs(namespace, model, args, shapes, dtype, lambda text: errors.print(f"note: {text}"))
+        inputs = find_inputs(namespace, model, args, shapes, dtype, lambda text: errors.print(f"note: {text}", markup=False))
     with errors.status(f"planning and estimating {type(model).__name__} on fake tensors"):
         return aalconvert.inspect(model, inputs, rules[0] if len(rules) == 1 else rules,
                                   optimizer=args.optimizer)

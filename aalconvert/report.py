@@ -226,7 +226,8 @@ class Report:
                           format_bytes(row.bytes_converted), format_bytes(row.bytes_saved),
                           row.rule, row.explanation)
         if len(shown) < len(rows):
-            table.caption = f"{len(rows) - len(shown)} more rows not shown (--top)"
+            hidden = len(rows) - len(shown)
+            table.caption = f"{hidden} more row{'s' if hidden > 1 else ''} not shown (top={top})"
         console.print(table)
         totals = Table.grid(padding=(0, 2))
         for label, value in self._totals_lines():
@@ -272,7 +273,7 @@ def _explanation(name: str, module: nn.Module, plan: Plan, untraced: dict[str, U
     skips = [skip for skip in plan.skips if skip.module_name == name]
     if skips:
         return f"left as is by {skips[0].rule}: {skips[0].reason}"
-    return f"kept as is: no rule converts {type(module).__name__}; its backward needs what it keeps"
+    return f"kept as is: no chosen rule converts {type(module).__name__}; its backward needs what it keeps"
 
 
 def _shared_note(name: str, bp: SavedByModule, converted: SavedByModule) -> str:
