@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_inspect_parser(commands: argparse._SubParsersAction) -> None:
+    """The ``inspect`` subcommand and its options."""
     inspect = commands.add_parser(
         "inspect",
         help="estimate, module by module, what conversion saves (fake tensors: nothing is computed)",
@@ -223,6 +224,7 @@ def find_inputs(namespace: dict[str, Any], model: Any, args: argparse.Namespace,
 
 
 def check_rules(text: str) -> list[str]:
+    """``--rules`` split at commas, every name checked against the registry before any work."""
     from aalconvert.rules.registry import NAMES
 
     names = [name.strip() for name in text.split(",") if name.strip()]

@@ -53,17 +53,19 @@ def format_bytes(count: int) -> str:
     size = float(abs(count))
     for unit in ("B", "KiB", "MiB", "GiB"):
         if size < 1024 or unit == "GiB":
-            text = f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
-            return f"-{text}" if count < 0 else text
+            break
         size /= 1024
-    raise AssertionError("unreachable")
+    text = f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
+    return f"-{text}" if count < 0 else text
 
 
 def format_shape(shape: tuple[int, ...] | None) -> str:
+    """``(4, 3, 32, 32)`` -> ``"4x3x32x32"`` ("" when unknown)."""
     return "" if shape is None else "x".join(map(str, shape))
 
 
 def display_name(name: str) -> str:
+    """A qualified module name as shown to people: the root ("") is ``<root>``."""
     return name or "<root>"
 
 
@@ -82,6 +84,7 @@ class Row:
 
     @property
     def bytes_saved(self) -> int:
+        """BP bytes minus converted bytes (negative when this row now holds a shared tensor)."""
         return self.bytes_bp - self.bytes_converted
 
 
@@ -110,6 +113,7 @@ class Totals:
         return self.converted_bytes / self.bp_bytes if self.bp_bytes else 1.0
 
     def peak(self, activation_bytes: int) -> int:
+        """Predicted peak bytes of one training step that keeps ``activation_bytes`` for backward."""
         return (self.parameter_bytes + self.gradient_bytes + self.optimizer_state_bytes
                 + activation_bytes + self.largest_transient_bytes)
 
@@ -122,6 +126,7 @@ class Totals:
         return self.peak(self.converted_bytes)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field and derived figure (ratio, peaks), bytes as exact integers."""
         return {**asdict(self), "ratio": self.ratio, "peak_bp_bytes": self.peak_bp_bytes,
                 "peak_converted_bytes": self.peak_converted_bytes}
 
@@ -182,6 +187,7 @@ class Report:
         }
 
     def to_json(self, indent: int | None = 2) -> str:
+        """``to_dict()`` as JSON text."""
         return json.dumps(self.to_dict(), indent=indent)
 
     def to_csv(self) -> str:
