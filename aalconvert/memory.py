@@ -102,6 +102,7 @@ def saved_by_module(
     names = {id(module): name for name, module in model.named_modules()}
     excluded = {t.untyped_storage()._cdata for t in exclude}
     first_saver: dict[int, str] = {}
+    alive: list[torch.UntypedStorage] = []  # a freed storage's identity could be reused mid-forward
     result = SavedByModule()
     running: list[str] = []
 
@@ -128,6 +129,7 @@ def saved_by_module(
                 result.counted_at.setdefault(saver, first_saver[key])
             return tensor
         first_saver[key] = saver
+        alive.append(storage)
         result.bytes_by_module[saver] = result.bytes_by_module.get(saver, 0) + storage.nbytes()
         return tensor
 
