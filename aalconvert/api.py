@@ -125,8 +125,11 @@ def inspect(
     backward is attributed to the module that kept it. If an op fails on fake
     tensors, the forward runs on the meta device instead (the report says so).
     ``optimizer`` (None, "sgd", "sgd_momentum", "adam", "adamw") adds its
-    state to the predicted peak; ``rules``, ``skip`` and ``rule_options`` are
-    as for :func:`convert`. All figures are bytes.
+    state (0, 0, 1x, 2x, 2x the trainable parameter bytes) to the predicted
+    peak of one step = parameters + gradients + optimizer state + activations
+    kept + twice the largest module output (see ``Report.totals``).
+    ``rules``, ``skip`` and ``rule_options`` are as for :func:`convert`. All
+    figures are bytes.
     """
     if not isinstance(model, nn.Module):
         raise ConversionError(
