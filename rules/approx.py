@@ -42,7 +42,7 @@ _APPROX_VARIANTS: dict[type[nn.Module], type[nn.Module]] = {
 
 class ApproxRule(ExactRule):
     name = "approx4"
-    description = "k-bit copies of saved inputs (linear, conv, norms, GELU/SiLU, softmax)"
+    description = "k-bit copies of saved inputs (linear, conv, norms, GELU/SiLU, softmax, attention matmuls)"
     forward_exact = True
     gradient_exact = False
 
@@ -51,7 +51,7 @@ class ApproxRule(ExactRule):
         self.name = f"approx{self.options.bits}"
         self.description = (
             f"{self.options.bits}-bit copies of saved inputs (linear, conv, norms, GELU/SiLU, "
-            "softmax); ReLU/dropout/max-pool masked as in exact"
+            "softmax, attention matmul operands); ReLU/dropout/max-pool masked as in exact"
         )
 
     @classmethod

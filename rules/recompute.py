@@ -71,7 +71,10 @@ def input_chain(facts: ModelFacts, node: fx.Node) -> Chain | str:
 
 class RecomputeRule(Rule):
     name = "recompute"
-    description = "exact: layers after a norm/activation rebuild their input in backward instead of keeping it"
+    description = (
+        "exact: layers after a norm/activation, and attention products after softmax+dropout, "
+        "rebuild their input in backward instead of keeping it"
+    )
     forward_exact = True
     gradient_exact = True
 
