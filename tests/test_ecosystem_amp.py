@@ -22,8 +22,8 @@ LOSSLESS = ("exact", "recompute")
 # at 16 px its last stage is 1x1, where plain torch's own bf16 conv weight gradient
 # on CPU (oneDNN) was seen to vary between identical runs.
 MODELS = {
-    "resnet_basic": dict(width=8, image_size=32),
-    "resnet_bottleneck": dict(width=4, layers=(1, 2, 1, 1), image_size=32),
+    "resnet_basic": dict(width=4, layers=(2, 1, 1, 1), image_size=32),
+    "resnet_bottleneck": dict(width=4, layers=(2, 1, 1, 1), image_size=32),
     "vit": dict(dropout=0.0, depth=2, dim=32, image_size=16),
     "gpt": dict(dropout=0.0, n_embd=32, n_head=2, seq_len=16),
 }
@@ -45,12 +45,19 @@ def _autocast_gradients(model: torch.nn.Module, inputs: tuple) -> dict[str, torc
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-@pytest.mark.parametrize("rules", RULES)
+# Every rule on every model it rewrites (ARA: ResNets; ASA: the transformers).
+AUTOCAST_CASES = [
+    (name, rules) for name in MODELS for rules in RULES
+    if rules != ("ara" if name in ("vit", "gpt") else "asa")
+]
+
+
+@pytest.mark.parametrize("name, rules", AUTOCAST_CASES)
 def test_autocast_bf16_runs_with_finite_gradients_and_lossless_rules_match_torch_bit_for_bit(name, rules):
     model, inputs = _build(name)
     reference = _autocast_gradients(model, inputs)
     converted = aalconvert.convert(model, rules, example_inputs=inputs)
+    assert any(type(m).__module__.startswith("aalconvert") for m in converted.modules())
     gradients = _autocast_gradients(converted, inputs)
     assert gradients.keys() == reference.keys()
     assert all(torch.isfinite(g).all() for g in gradients.values())
@@ -59,11 +66,15 @@ def test_autocast_bf16_runs_with_finite_gradients_and_lossless_rules_match_torch
         assert differing == []
 
 
-@pytest.mark.parametrize("rules", RULES)
+@pytest.mark.parametrize("name, rules", [
+    ("resnet_basic", "exact"), ("resnet_basic", "ara"), ("resnet_basic", "approx4"),
+    ("vit", "recompute"), ("vit", "asa"), ("vit", "auto"),
+])
 @pytest.mark.parametrize("cast", ["half", "bfloat16", "double"])
-def test_dtype_moves_after_conversion_keep_training(rules, cast):
-    model, (images,) = _build("resnet_basic")
+def test_dtype_moves_after_conversion_keep_training(name, rules, cast):
+    model, (images,) = _build(name)
     converted = getattr(aalconvert.convert(model, rules, example_inputs=(images,)), cast)()
+    assert any(type(m).__module__.startswith("aalconvert") for m in converted.modules())
     dtype = {"half": torch.float16, "bfloat16": torch.bfloat16, "double": torch.float64}[cast]
     converted(images.to(dtype)).float().square().mean().backward()
     grads = [p.grad for p in converted.parameters()]
