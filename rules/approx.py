@@ -18,10 +18,10 @@ from typing import Any
 from torch import nn
 
 from aalconvert.errors import ConversionError
-from aalconvert.nn import approx
-from aalconvert.nn.approx_common import ApproxOptions
 from aalconvert.facts import ModelFacts
+from aalconvert.nn import approx
 from aalconvert.nn.approx_attention import ApproxAttention
+from aalconvert.nn.approx_common import ApproxOptions
 from aalconvert.rules.attention import PAYLOAD_KEY, apply_attention_site, attention_sites
 from aalconvert.rules.base import Site, Skip
 from aalconvert.rules.exact import ExactRule
