@@ -2,11 +2,12 @@
 
 One spawn of two ranks runs everything (process start-up dominates the time):
 the README's DDP and FSDP2 blocks, then DDP training of ``exact`` and ``ara``
-ResNets and an ``asa`` ViT, then FSDP2 (``fully_shard``) training of the ``asa``
-ViT. Each rank saves its final parameters; the test process compares the ranks
+ResNets and an ``asa`` ViT, then FSDP2 (``fully_shard``) training of the ``ara``
+ResNet and the ``asa`` ViT. Each rank saves its final parameters; the test process compares the ranks
 with each other and with a single-process run on the same global batch
 (gradients of the two shards accumulated, each loss divided by the world size,
-which is the average DDP and FSDP take).
+which is the average DDP and FSDP take; shard by shard, because without
+SyncBatchNorm each rank's batch norm uses its own shard's statistics).
 """
 
 import os
@@ -33,7 +34,7 @@ MODELS = {
     "vit": dict(dropout=0.0, depth=2, dim=16, num_heads=2, image_size=16),
 }
 DDP_CASES = [("resnet_basic", "exact"), ("resnet_basic", "ara"), ("vit", "asa")]
-FSDP_CASES = [("vit", "asa")]
+FSDP_CASES = [("resnet_basic", "ara"), ("vit", "asa")]
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -88,8 +89,9 @@ def _replica(rank: int, port: int, out_dir: str) -> None:
 
     for name, rules in FSDP_CASES:
         model, images, labels = _model_and_batch(name, rules)
-        for block in model.blocks:
-            fully_shard(block)
+        stages = model.blocks if name == "vit" else [model.layer1, model.layer2, model.layer3, model.layer4]
+        for stage in stages:
+            fully_shard(stage)
         fully_shard(model)
         _train(model, images, labels, [_shard(rank)], loss_scale=1.0)
         results[f"fsdp2 {name} {rules}"] = [p.full_tensor().detach().clone() for p in model.parameters()]
