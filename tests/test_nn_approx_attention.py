@@ -140,7 +140,7 @@ def test_variant_is_forward_exact_and_shares_every_tensor_and_key_in_order():
     assert variant.qkv is module.qkv and variant.unused_stat is module.unused_stat
     x = torch.randn(2, 9, 32, requires_grad=True)
     assert torch.equal(variant(x), module(x))
-    assert "approx_softmax" in variant.core_code and "approx_matmul" in variant.core_code
+    assert "softmax_dropout_matmul" in variant.core_code and "approx_matmul" in variant.core_code
 
 
 def test_variant_keeps_k_bit_attention_operands_instead_of_full_ones():
@@ -151,12 +151,12 @@ def test_variant_keeps_k_bit_attention_operands_instead_of_full_ones():
     variant = ApproxAttention.from_module(module, bits=4, min_numel=0)
     saved = measure_saved(lambda: variant(x), module.parameters())
     # Expected from shapes alone: qkv keeps x, proj keeps its input (both fp32, plain Linears);
-    # q @ k^T keeps k-bit q and k^T, the softmax its k-bit output, probs @ v k-bit probs
-    # (dropout p=0 hands the same tensor on) and k-bit v.
+    # q @ k^T keeps k-bit q and k^T; softmax -> dropout (p=0) -> @ v keeps the k-bit softmax
+    # output and k-bit v (the probabilities after dropout are rebuilt from them).
     head = batch * heads * tokens * (dim // heads)
     square = batch * heads * tokens * tokens
     q4 = lambda n: quantized_nbytes(n, 4, 256)
-    expected = 2 * 4 * batch * tokens * dim + 3 * q4(head) + 2 * q4(square)
+    expected = 2 * 4 * batch * tokens * dim + 3 * q4(head) + q4(square)
     assert saved.nbytes == expected
     g = torch.randn(saved.output.shape)
     saved.output.backward(g)
@@ -200,6 +200,22 @@ def test_pickled_variant_loads_as_the_same_variant_with_the_same_state():
     assert list(loaded.state_dict()) == list(variant.state_dict())
     x = torch.randn(2, 5, 32)
     assert torch.equal(loaded(x), variant(x))
+
+
+class _SoftmaxReadTwice(Attention):
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        attn = (q @ k.transpose(-2, -1)).softmax(-1)
+        return (attn @ v).sum() + attn.sum()  # no dropout chain: softmax and products one by one
+
+
+def test_softmax_and_products_outside_a_dropout_chain_are_replaced_one_by_one():
+    torch.manual_seed(0)
+    module = _SoftmaxReadTwice()
+    variant = ApproxAttention.from_module(module, bits=8, min_numel=0)
+    assert variant.core_code.count("approx_matmul(") == 2 and "approx_softmax(" in variant.core_code
+    x = torch.randn(2, 7, 32, requires_grad=True)
+    assert torch.equal(variant(x), module(x))
 
 
 class _Optional(Attention):

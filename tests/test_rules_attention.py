@@ -93,8 +93,9 @@ def test_vit_attention_operands_drop_by_the_quantization_formula():
     # torch's batched product must copy); the softmax output (dropout p=0 hands the same
     # tensor to the second product).
     full = 4 * (3 * per_head + scores)
-    # Converted core: k-bit q*scale, k, v; k-bit softmax output, k-bit probabilities operand.
-    kbit = 3 * q4(per_head) + 2 * q4(scores)
+    # Converted core: k-bit q*scale, k, v; k-bit softmax output (the probabilities after
+    # dropout are rebuilt from it).
+    kbit = 3 * q4(per_head) + q4(scores)
     assert without_core - with_core == vit.depth * (full - kbit)
 
 

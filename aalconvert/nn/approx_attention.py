@@ -1,10 +1,13 @@
 """Attention written with functional ops (``q @ k^T``, ``softmax``, ``probs @ v``), kept in k bits.
 
 ``ApproxAttention.from_module(module, **options)`` (options as ``ApproxOptions``)
-re-traces the module's own forward (``aalconvert.nn.traced_forward``) and
-replaces each functional softmax by ``approx_softmax`` and each product of two
-activations by ``approx_matmul`` / ``approx_bmm``: forward stays exact, the
-softmax outputs and matmul operands are kept in k bits for backward. A
+re-traces the module's own forward (``aalconvert.nn.traced_forward``). Each
+``matmul(dropout(softmax(s)), v)`` becomes ``softmax_dropout_matmul`` with
+k-bit copies (k-bit softmax output and v, 1-bit mask; the probabilities after
+dropout are rebuilt from them), each other functional softmax
+``approx_softmax`` and each other product of two activations
+``approx_matmul`` / ``approx_bmm``. Forward stays exact; what is kept for
+backward is k-bit. A
 product with a parameter operand is left alone (parameters are never
 quantized), and so is a softmax with a ``dtype``.
 """
@@ -14,36 +17,16 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
 from aalconvert.nn.approx_activation import approx_softmax
 from aalconvert.nn.approx_common import ApproxOptions, make_options
 from aalconvert.nn.approx_matmul import approx_bmm, approx_matmul
+from aalconvert.nn.softmax_dropout_matmul import fuse_chains, softmax_dim
 from aalconvert.nn.traced_forward import TracedForwardVariant, depends_on_input, options_node
 
-_SOFTMAX_FUNCTIONS = (torch.softmax, F.softmax)
 _MATMUL_FUNCTIONS = {torch.matmul: approx_matmul, operator.matmul: approx_matmul, torch.bmm: approx_bmm}
 _MATMUL_METHODS = {"matmul": approx_matmul, "__matmul__": approx_matmul, "bmm": approx_bmm}
-
-
-def softmax_dim(node: fx.Node) -> int | None:
-    """The dim of a functional/method softmax node over one tensor (no dtype), else None."""
-    is_softmax = (node.op == "call_function" and node.target in _SOFTMAX_FUNCTIONS) or (
-        node.op == "call_method" and node.target == "softmax"
-    )
-    if not is_softmax:
-        return None
-    rest = dict(node.kwargs)
-    positional = list(node.args[1:])
-    dim = positional.pop(0) if positional else rest.pop("dim", None)
-    if node.target is F.softmax and positional:  # F.softmax(input, dim, _stacklevel, dtype)
-        positional.pop(0)
-    rest.pop("_stacklevel", None)
-    dtype = positional.pop(0) if positional else rest.pop("dtype", None)
-    if positional or rest or dtype is not None or not isinstance(dim, int) or isinstance(dim, bool):
-        return None
-    return dim
 
 
 def matmul_replacement(node: fx.Node):
@@ -98,7 +81,8 @@ class ApproxAttention(TracedForwardVariant):
 
     @classmethod
     def rewrite(cls, graph: fx.Graph, module: nn.Module) -> int:
-        return rewrite(graph)
+        # matmul(dropout(softmax(s)), v) first: one k-bit y and a 1-bit mask instead of k-bit y and p.
+        return fuse_chains(graph, module, options_node(graph)) + rewrite(graph)
 
     def extra_repr(self) -> str:
         base = super().extra_repr()
