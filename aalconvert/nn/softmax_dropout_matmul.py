@@ -27,11 +27,13 @@ from aalconvert.kernels import pack_bits, unpack_bits
 from aalconvert.nn.approx_activation import approx_softmax
 from aalconvert.nn.approx_common import ApproxOptions, compress, restore
 from aalconvert.nn.approx_matmul import approx_matmul
+from aalconvert.nn.lossless import MaskDropout
 from aalconvert.nn.traced_forward import depends_on_input
 
 _SOFTMAX_FUNCTIONS = (torch.softmax, F.softmax)
 _FUSED_DROPOUT_DEVICES = ("cuda", "xpu")  # devices where F.dropout runs native_dropout
 _MATMUL_FUNCTIONS = (torch.matmul, operator.matmul)
+_DROPOUT_TYPES = (nn.Dropout, MaskDropout)  # whose forward the fused op repeats
 
 
 class SoftmaxDropoutMatmulFunction(torch.autograd.Function):
@@ -161,7 +163,8 @@ def find_chains(graph: fx.Graph, module: nn.Module) -> list[tuple[fx.Node, fx.No
     """(softmax, dropout call, matmul, dim) for each ``matmul(dropout(softmax(s)), v)`` in ``graph``.
 
     Each intermediate must have no other reader, the dropout must be an
-    ``nn.Dropout`` child (``MaskDropout`` included) and ``v`` an activation.
+    ``nn.Dropout`` or ``MaskDropout`` child (a subclass may change forward) and
+    ``v`` an activation.
     """
     chains = []
     for node in graph.nodes:
@@ -171,7 +174,7 @@ def find_chains(graph: fx.Graph, module: nn.Module) -> list[tuple[fx.Node, fx.No
         (drop,) = node.users
         if drop.op != "call_module" or drop.args != (node,) or drop.kwargs or len(drop.users) != 1:
             continue
-        if not isinstance(module.get_submodule(drop.target), nn.Dropout):
+        if type(module.get_submodule(drop.target)) not in _DROPOUT_TYPES:
             continue
         (product,) = drop.users
         is_matmul = (product.op == "call_function" and product.target in _MATMUL_FUNCTIONS) or (
@@ -181,8 +184,6 @@ def find_chains(graph: fx.Graph, module: nn.Module) -> list[tuple[fx.Node, fx.No
             if depends_on_input(product.args[1]):
                 chains.append((node, drop, product, dim))
     return chains
-
-
 
 
 def fuse_chains(graph: fx.Graph, module: nn.Module, options: fx.Node | None) -> int:
