@@ -101,7 +101,9 @@ class MaskReLUFunction(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         (packed,) = ctx.saved_tensors
         keep = ctx.layout.unpack(packed, "bool", torch.bool)
-        return torch.where(keep, grad_output, 0), None
+        # torch's own ReLU backward op, so the gradient's strides are torch's too (they
+        # steer later kernels' rounding, e.g. for channels_last (N, C, 1, 1) tensors).
+        return torch.ops.aten.threshold_backward(grad_output, keep, 0), None
 
 
 class MaskReLU(nn.ReLU):
