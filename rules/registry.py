@@ -1,6 +1,8 @@
 """Rule names, the ``auto`` recipe, and the precedence that settles conflicts.
 
-``auto`` is ``ara`` + ``asa`` + ``recompute`` + ``exact``; next to an
+Every rule set includes ``exact``: its masks change no number and never keep
+more, so leaving them out would only waste memory. ``auto`` is ``ara`` +
+``asa`` + ``recompute`` + ``exact``; next to an
 ``approx*`` rule it drops ``ara`` (k-bit copies of a group's block inputs keep
 less than one full-precision anchor). Explicitly named rules are always kept.
 
@@ -76,6 +78,8 @@ def _names(rules: str | Rule | Sequence[str | Rule]) -> list[str | Rule]:
             raise ConversionError(
                 f"unknown rule {rule!r}; choose from {', '.join(NAMES)} or pass a Rule object"
             )
+    if not any(r == "exact" or isinstance(r, ExactRule) for r in expanded):
+        expanded.append("exact")  # the lossless base tier of every rule set
     return expanded
 
 
