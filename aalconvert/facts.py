@@ -9,13 +9,18 @@ from dataclasses import dataclass, field
 from torch import fx, nn
 
 from aalconvert.analysis import ResidualBlock, find_residual_blocks
-from aalconvert.trace import TraceResult, trace_model
+from aalconvert.trace import TraceResult, is_norm_like, trace_model
 
 # Modules whose backward keeps their own input: a tensor they read stays alive anyway.
 KEEPS_INPUT: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
     nn.GELU, nn.SiLU, nn.LeakyReLU, nn.Hardtanh, nn.Hardswish,
 )
+
+
+def keeps_input(module: nn.Module) -> bool:
+    """True when ``module``'s backward keeps its input (torch's listed types, and zoo norms)."""
+    return isinstance(module, KEEPS_INPUT) or is_norm_like(module)
 
 
 @dataclass

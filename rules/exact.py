@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from aalconvert.facts import KEEPS_INPUT, ModelFacts, qualified_name
+from aalconvert.facts import ModelFacts, keeps_input, qualified_name
 from aalconvert.nn.lossless import CompactMaxPool2d, MaskDropout, MaskReLU
 from aalconvert.rules.base import Site, Skip
 from aalconvert.rules.swap import TypeSwapRule
@@ -24,7 +24,7 @@ def kept_by_reader(facts: ModelFacts, name: str) -> str | None:
             continue
         reader = qualified_name(node)
         module = facts.modules[reader]
-        if is_linear_like(module) or isinstance(module, KEEPS_INPUT):
+        if is_linear_like(module) or keeps_input(module):
             return reader
     return None
 
