@@ -11,3 +11,7 @@ class ConversionError(AALConvertError, ValueError):
 
 class SavedTensorModifiedError(AALConvertError, RuntimeError):
     """A tensor saved for backward (an input or an ARA anchor) was modified in place."""
+
+
+class WiringError(AALConvertError, RuntimeError):
+    """A converted layer ran without the tensor its wiring carries (e.g. an ARA anchor)."""

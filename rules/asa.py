@@ -64,7 +64,7 @@ class ASARule(Rule):
 
     def __init__(self, options: ASAOptions | None = None) -> None:
         self.options = options or ASAOptions()
-        self.shared = SharedPack("packed_sign", lambda module, x: pack_sign(x))
+        self.shared = SharedPack("packed_sign", pack_sign)
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> "ASARule":

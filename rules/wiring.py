@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from aalconvert.errors import WiringError
+
 
 def swap_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
     """Put ``new`` at qualified ``name`` in ``root``; return the root (``new`` when name is "")."""
@@ -45,6 +47,13 @@ class TensorSlot:
         self.tensor = args[0]
 
     def _inject(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if self.tensor is None:
+            raise WiringError(
+                f"{type(module).__name__} ran without its {self.keyword!r}: the module that "
+                "provides it did not run first in this forward. This happens when activation "
+                "checkpointing (or a direct call) splits one converted group, e.g. an ARA group "
+                "across checkpoint regions: checkpoint whole groups, or skip= these layers"
+            )
         return args, {**kwargs, self.keyword: self.tensor}
 
     def _release(self, module: nn.Module, args: tuple, output: object) -> None:
@@ -63,10 +72,12 @@ class SharedPack:
 
     ``pack`` maps a layer's input to what it saves (e.g. a 1-bit sign mask). The
     layer receives it as ``keyword``. Only a weak reference to the input is held,
-    and a cached pack is reused only for the very same tensor at the same version.
+    and a cached pack is reused only for the very same tensor at the same version
+    (under torch.compile, which cannot guard on version counters, for the same
+    tensor). The cache is not pickled: a loaded model packs afresh.
     """
 
-    def __init__(self, keyword: str, pack: Callable[[nn.Module, torch.Tensor], torch.Tensor]):
+    def __init__(self, keyword: str, pack: Callable[[torch.Tensor], torch.Tensor]):
         self.keyword = keyword
         self.pack = pack
         self.handles: list[RemovableHandle] = []
@@ -85,11 +96,15 @@ class SharedPack:
             return None
         x = args[0]
         cached = self._source() if self._source is not None else None
-        if cached is not x or self._version != x._version:
-            self._packed = self.pack(module, x)
+        compiling = torch.compiler.is_compiling()
+        if cached is not x or (not compiling and self._version != x._version):
+            self._packed = self.pack(x)
             self._source = weakref.ref(x)
-            self._version = x._version
+            self._version = -1 if compiling else x._version
         return args, {**kwargs, self.keyword: self._packed}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_source": None, "_version": -1, "_packed": None}
 
     def remove(self) -> None:
         for handle in self.handles:

@@ -4,10 +4,8 @@
 - training resumed from model + optimizer + RNG state repeats the uninterrupted run exactly;
 - ``torch.save(model)`` / ``torch.load`` of a whole converted module keeps its wiring;
 - ``torch.utils.checkpoint(use_reentrant=False)`` around converted blocks gives the
-  unchecked converted model's gradients and keeps no more than around plain blocks.
-
-Failures that belong to the rule engine (rules/) are marked ``xfail(strict=True)``,
-so they turn into errors once fixed and the marker must go.
+  unchecked converted model's gradients and keeps no more than around plain blocks;
+  a checkpoint region that splits an ARA group raises instead of giving BP's gradients.
 """
 
 import io
@@ -18,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import aalconvert
+from aalconvert.errors import WiringError
 from aalconvert.memory import measure_saved
 from aalconvert.rules.wiring import TensorSlot, wiring_of
 from examples import EXAMPLES
@@ -37,14 +36,6 @@ CASES = [
     ("vit", "auto"),
 ]
 RESUME_CASES = [("vit", "exact"), ("resnet_basic", "ara"), ("vit", "asa")]
-ASA_PICKLE = "rules/asa.py: ASARule wires a SharedPack whose pack is a lambda, so it cannot be pickled"
-ASA_WEAKREF = "rules/wiring.py: after a forward SharedPack holds a weakref.ref (_source), which cannot be pickled"
-ARA_SPLIT = (
-    "rules/wiring.py: a TensorSlot releases the ARA anchor after the last consumer's forward; "
-    "checkpoint recomputes a consumer in backward with no anchor, so its weight gradient "
-    "silently becomes BP's (and the slot holds a tensor after backward)"
-)
-
 
 def _build(name: str, seed: int = 0) -> tuple[nn.Module, tuple]:
     torch.manual_seed(seed)
@@ -145,16 +136,13 @@ def _assert_pickled_copy_trains_like_the_original(model: nn.Module, inputs: tupl
 
 @pytest.mark.parametrize(
     "name, rules",
-    [case if case[1] not in ("asa", "auto") else pytest.param(
-        *case, marks=pytest.mark.xfail(strict=True, raises=AttributeError, reason=ASA_PICKLE))
-     for case in CASES],
+    CASES,
 )
 def test_whole_converted_module_survives_torch_save_and_load_with_its_wiring(name, rules):
     model, inputs = _converted(name, rules)
     _assert_pickled_copy_trains_like_the_original(model, inputs)
 
 
-@pytest.mark.xfail(strict=True, reason=f"{ASA_PICKLE}; {ASA_WEAKREF}")
 def test_asa_module_survives_torch_save_after_a_forward():
     model, inputs = _converted("vit", "asa")
     model(*inputs).sum().backward()
@@ -213,9 +201,10 @@ def test_checkpointed_converted_blocks_give_unchecked_gradients_and_keep_no_more
     assert [s.tensor for s in slots] == [None] * len(slots)
 
 
-@pytest.mark.xfail(strict=True, reason=ARA_SPLIT)
-def test_checkpoint_splitting_an_ara_group_keeps_the_ara_gradients():
+def test_checkpoint_splitting_an_ara_group_fails_loudly_instead_of_giving_bp_gradients():
+    # Recomputing one block of a group in backward has no anchor (the group's first block is
+    # in another region): a silent fallback would give BP's weight gradient. It must raise.
     model, inputs = _converted("resnet_basic", "ara")
-    unchecked = _gradients(model, inputs)
     _checkpoint_blocks(model, "resnet_basic", per_block=True)
-    assert _all_equal(_gradients(model, inputs), unchecked)
+    with pytest.raises(WiringError, match="checkpoint whole groups"):
+        _gradients(model, inputs)
