@@ -88,6 +88,7 @@ def print_rules() -> None:
         yes_no = lambda flag: "yes" if flag else "no"
         table.add_row(name, yes_no(rule.forward_exact), yes_no(rule.gradient_exact), options, rule.description)
     Console().print(table)
+    print("every rule set includes exact (its masks change no number and never keep more);")
     print("every rule also takes skip= (module names or a predicate (module, name) -> bool)")
 
 
