@@ -1,7 +1,8 @@
 """``approx8`` / ``approx4`` / ``approx2``: keep a k-bit copy of what is saved for backward.
 
-Forward stays exact (methods.md section 3). ReLU, dropout and max-pool take
-their lossless variants here too: a 1-bit mask is smaller than any k-bit copy
+Forward stays exact (methods.md section 3). Zoo transposed linears (GPT-2's
+``Conv1D``), which no type table can list, take ``ApproxTransposedLinear``.
+ReLU, dropout and max-pool take their lossless variants here too: a 1-bit mask is smaller than any k-bit copy
 and exact, so the approximate rule never quantizes what a mask can hold.
 
 Attention cores written with functional ops (``softmax``, ``q @ k^T``,
@@ -22,10 +23,13 @@ from aalconvert.facts import ModelFacts
 from aalconvert.nn import approx
 from aalconvert.nn.approx_attention import ApproxAttention
 from aalconvert.nn.approx_common import ApproxOptions
+from aalconvert.nn.approx_weighted import ApproxTransposedLinear
+from aalconvert.nn.zoo_linear import is_transposed_linear, transposed_linear_problem
 from aalconvert.rules.attention import PAYLOAD_KEY, apply_attention_site, attention_sites
 from aalconvert.rules.base import Site, Skip
 from aalconvert.rules.exact import ExactRule
 from aalconvert.rules.swap import TypeSwapRule
+from aalconvert.rules.wiring import swap_module
 
 _APPROX_VARIANTS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: approx.ApproxLinear,
@@ -67,16 +71,35 @@ class ApproxRule(ExactRule):
     def find(self, facts: ModelFacts) -> tuple[list[Site], list[Skip]]:
         # Every ReLU takes its mask: the layers reading it keep a k-bit copy, not the output.
         sites, skips = TypeSwapRule.find(self, facts)
+        zoo_sites, zoo_skips = self._transposed_linear_sites(facts)
+        sites, skips = sites + zoo_sites, skips + zoo_skips
         core_sites, core_skips = attention_sites(
             facts, self.name, ApproxAttention, self.option_values(),
             f"keeps {self.options.bits}-bit copies of its functional softmax outputs and matmul operands",
         )
         return sites + core_sites, skips + core_skips
 
+    def _transposed_linear_sites(self, facts: ModelFacts) -> tuple[list[Site], list[Skip]]:
+        """Zoo ``Conv1D`` modules (GPT-2's linears, weight stored (in, out)), which no type table lists."""
+        sites, skips = [], []
+        for name, module in facts.modules.items():
+            if type(module).__name__ != "Conv1D" or isinstance(module, ApproxTransposedLinear):
+                continue
+            problem = transposed_linear_problem(module)
+            if problem is not None:
+                skips.append(Skip(self.name, name, f"{type(module).__name__} not converted: {problem}"))
+                continue
+            sites.append(Site(self.name, name, f"keeps a {self.options.bits}-bit copy of what {type(module).__name__} saves"))
+        return sites, skips
+
     def apply(self, model: nn.Module, site: Site, facts: ModelFacts) -> nn.Module:
-        if PAYLOAD_KEY not in site.payload:
-            return super().apply(model, site, facts)
-        return apply_attention_site(model, site, self.option_values())
+        if PAYLOAD_KEY in site.payload:
+            return apply_attention_site(model, site, self.option_values())
+        module = model.get_submodule(site.module_name)
+        if is_transposed_linear(module):
+            variant = ApproxTransposedLinear.from_module(module, **self.option_values())
+            return swap_module(model, site.module_name, variant)
+        return super().apply(model, site, facts)
 
     def option_values(self) -> dict[str, Any]:
         """The rule's ApproxOptions as keyword arguments of a variant's from_module."""

@@ -1,6 +1,7 @@
 """``asa``: auxiliary sign activations for the linear layers of residual branches.
 
-The paper's recipe (methods.md section 2): every linear layer inside a
+The paper's recipe (methods.md section 2): every linear layer (``nn.Linear``
+or a zoo transposed linear such as GPT-2's ``Conv1D``) inside a
 transformer / MLP residual branch ``x + F(x)`` (Q, K, V, output projection,
 both MLP layers) keeps a 1-bit sign of its input instead of the input.
 Embeddings, stems, heads, norms and the attention core stay as they are.
@@ -16,8 +17,9 @@ from torch import fx, nn
 
 from aalconvert.errors import ConversionError
 from aalconvert.facts import ModelFacts, qualified_name
-from aalconvert.nn.asa import ASALinear, pack_sign, validate_options
+from aalconvert.nn.asa import ASALinear, ASATransposedLinear, pack_sign, validate_options
 from aalconvert.nn.lossless import MaskReLU
+from aalconvert.nn.zoo_linear import is_transposed_linear, transposed_linear_problem
 from aalconvert.rules.base import Rule, Site, Skip
 from aalconvert.rules.wiring import SharedPack, swap_module
 
@@ -39,6 +41,23 @@ class ASAOptions:
         if self.variant not in VARIANT_CHOICES:
             raise ConversionError(f"asa_variant must be one of {VARIANT_CHOICES}, got {self.variant!r}")
         validate_options(self.eps, self.lr_expansion, "sign", "asa options")
+
+
+def _asa_variant(module: nn.Module) -> type[nn.Module] | None:
+    """The ASA class for ``module``: a plain nn.Linear or a zoo transposed linear (GPT-2 Conv1D)."""
+    if is_transposed_linear(module):
+        return ASATransposedLinear
+    return _ASA_VARIANTS.get(type(module))
+
+
+def _unconvertible_reason(module: nn.Module) -> str:
+    kind = type(module).__name__
+    if kind == "Conv1D":
+        return f"{kind} in a residual branch: not converted, {transposed_linear_problem(module)}"
+    return (
+        f"{kind} in a residual branch: ASA converts nn.Linear and zoo transposed linears "
+        "(transformers Conv1D) only"
+    )
 
 
 def _feeding_relu(facts: ModelFacts, name: str) -> str | None:
@@ -79,9 +98,10 @@ class ASARule(Rule):
                     continue
                 seen.add(name)
                 module = facts.modules[name]
-                if type(module) not in _ASA_VARIANTS:
-                    if not isinstance(module, ASALinear):
-                        skips.append(Skip(self.name, name, f"{type(module).__name__} in a residual branch: ASA converts nn.Linear only"))
+                if isinstance(module, (ASALinear, ASATransposedLinear)):
+                    continue
+                if _asa_variant(module) is None:
+                    skips.append(Skip(self.name, name, _unconvertible_reason(module)))
                     continue
                 if facts.call_count(name) != 1:
                     skips.append(Skip(self.name, name, f"called {facts.call_count(name)} times; ASA needs one call"))
@@ -111,7 +131,7 @@ class ASARule(Rule):
         module = model.get_submodule(site.module_name)
         if "variant" not in site.payload:
             return swap_module(model, site.module_name, MaskReLU.from_module(module))
-        variant = _ASA_VARIANTS[type(module)].from_module(
+        variant = _asa_variant(module).from_module(
             module,
             eps=self.options.eps,
             lr_expansion=self.options.lr_expansion,

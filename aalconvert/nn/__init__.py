@@ -4,7 +4,15 @@
 so that ``revert`` and the rules can recognise converted modules.
 """
 
-from aalconvert.nn import approx, ara, asa, lossless, recompute, traced_forward
+from aalconvert.nn import (
+    approx,
+    approx_weighted,
+    ara,
+    asa,
+    lossless,
+    recompute,
+    traced_forward,
+)
 
 CONVERTED_TYPES: tuple[type, ...] = (
     lossless.MaskReLU,
@@ -16,6 +24,7 @@ CONVERTED_TYPES: tuple[type, ...] = (
     asa.ASALinear,
     asa.ASAConv1d,
     asa.ASAConv2d,
+    asa.ASATransposedLinear,
     recompute.RecomputedInputLinear,
     recompute.RecomputedInputConv1d,
     recompute.RecomputedInputConv2d,
@@ -23,6 +32,7 @@ CONVERTED_TYPES: tuple[type, ...] = (
     approx.ApproxLinear,
     approx.ApproxConv1d,
     approx.ApproxConv2d,
+    approx_weighted.ApproxTransposedLinear,
     approx.ApproxBatchNorm1d,
     approx.ApproxBatchNorm2d,
     approx.ApproxLayerNorm,

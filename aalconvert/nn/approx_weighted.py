@@ -1,6 +1,9 @@
 """Linear and convolution layers that keep a k-bit copy of their input for backward.
 
-Forward is exactly torch's. Backward: ``dx = g W`` (exact, from the Parameter),
+Also zoo transposed linears (GPT-2's ``Conv1D``, weight stored (in, out)):
+``ApproxTransposedLinear``, whose forward is the zoo layer's own ``addmm``.
+
+Forward is exactly torch's (or the zoo layer's). Backward: ``dx = g W`` (exact, from the Parameter),
 ``db = sum(g)`` (exact), and only ``dW = g^T x`` uses the decoded input. So the
 input copy is made only when the weight needs a gradient, and the weight is
 kept only when the input needs one (a Parameter: no activation memory).
@@ -11,7 +14,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from aalconvert.errors import ConversionError
-from aalconvert.nn.approx_common import ApproxOptions, ApproxVariant, compress, needs_graph, restore
+from aalconvert.nn.approx_common import (
+    ApproxOptions,
+    ApproxVariant,
+    compress,
+    make_options,
+    needs_graph,
+    restore,
+)
+from aalconvert.nn.weighted import TransposedLinearGeometry, transposed_linear
+from aalconvert.nn.zoo_linear import TransposedLinearVariant
 
 _CONV_FORWARD = {1: F.conv1d, 2: F.conv2d}
 
@@ -143,3 +155,51 @@ class ApproxConv2d(_ApproxConvNd, nn.Conv2d):
     """``nn.Conv2d`` keeping a k-bit copy of its input for ``dW``."""
 
     torch_class = nn.Conv2d
+
+
+class ApproxTransposedLinearFunction(torch.autograd.Function):
+    """A zoo ``Conv1D``'s ``x @ W + b`` (``W`` (in, out)) whose input is kept quantized for ``dW``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, options: ApproxOptions):
+        y = transposed_linear(x, weight, bias)
+        ctx.input_shape = x.shape
+        saved, ctx.layout = compress(x, options) if ctx.needs_input_grad[1] else ((), None)
+        ctx.save_for_backward(weight if ctx.needs_input_grad[0] else None, *saved)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        weight, *saved = ctx.saved_tensors
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        # dx needs only the input's shape when dW is not wanted
+        x = restore(saved, ctx.layout) if need_dw else g.new_empty(1).expand(ctx.input_shape)
+        dx, dw, db = TransposedLinearGeometry().gradients(g, x, weight, (need_dx, need_dw, need_db))
+        return dx, dw, db, None
+
+
+class ApproxTransposedLinear(TransposedLinearVariant):
+    """A zoo ``Conv1D`` (GPT-2's linear layers, ``W`` (in, out)) keeping a k-bit copy of its input for ``dW``.
+
+    Built with ``ApproxTransposedLinear.from_module(conv1d, bits=4, ...)``; the
+    forward is the zoo layer's own arithmetic (bit-identical), the weight and
+    bias are the original Parameter objects and are never quantized.
+    """
+
+    OPTIONS = ("approx_options",)
+
+    @classmethod
+    def from_module(cls, module: nn.Module, **options) -> "ApproxTransposedLinear":
+        """The variant of zoo ``Conv1D`` ``module`` sharing its Parameters; ``options`` as in ``ApproxOptions``."""
+        approx_options = make_options(cls.__name__, options)
+        new = cls.rebuild_from(module)
+        new.approx_options = approx_options
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not needs_graph(x, self.weight, self.bias):
+            return transposed_linear(x, self.weight, self.bias)
+        return ApproxTransposedLinearFunction.apply(x, self.weight, self.bias, self.approx_options)
+
+    def describe_options(self) -> str:
+        return self.approx_options.describe()

@@ -9,6 +9,10 @@ ReLU). For backward it keeps only ``s`` packed to 1 bit per element
 ``lr_expansion * eps * g^T s``), ``dx = g W`` (exact for the perturbed forward,
 since ``s`` is piecewise constant) and ``db = sum(g)``.
 
+``ASATransposedLinear`` does the same for a zoo ``Conv1D`` (GPT-2's linear
+layers, weight stored (in, out)): ``y = (x + eps*s) @ W + b`` and
+``dW = lr_expansion * eps * s^T g`` of shape (in, out).
+
 Layers reading the same input (Q, K, V) should share one packed mask: compute
 it once with ``pack_sign`` (or the ``ASASignPack`` module) and pass it to each
 layer as ``packed_sign``; all of them then save that same tensor.
@@ -24,12 +28,14 @@ from aalconvert.kernels import pack_bits, packed_nbytes, unpack_bits
 from aalconvert.nn.rebuild import rebuild_as
 from aalconvert.nn.saved import saved_tensors_or_raise
 from aalconvert.nn.weighted import (
+    TransposedLinearGeometry,
     WeightedGeometry,
     check_convertible,
     in_place_message,
     is_unbatched,
     needs_autograd,
 )
+from aalconvert.nn.zoo_linear import TransposedLinearVariant
 
 SIGN_VARIANTS = ("sign", "relu")
 _DECODING = {"sign": "sign", "relu": "binary"}
@@ -73,6 +79,24 @@ def validate_options(eps: float, lr_expansion: float, variant: str, where: str) 
             f"{where}: variant must be one of {SIGN_VARIANTS} ('relu' for inputs coming "
             f"straight from a ReLU), got {variant!r}"
         )
+
+
+def checked_packed_sign(layer: str, x: torch.Tensor, packed_sign: torch.Tensor | None) -> torch.Tensor:
+    """``packed_sign`` if it fits ``x`` (``pack_sign(x)`` when None); ConversionError naming ``layer`` if not."""
+    if packed_sign is None:
+        return pack_sign(x)
+    if (
+        packed_sign.dtype != torch.uint8
+        or packed_sign.numel() != packed_nbytes(x.numel())
+        or packed_sign.device != x.device
+    ):
+        raise ConversionError(
+            f"{layer}: packed_sign is {packed_sign.numel()} {packed_sign.dtype} values on "
+            f"{packed_sign.device}, but an input of shape {tuple(x.shape)} on {x.device} "
+            f"needs {packed_nbytes(x.numel())} uint8 bytes: pass pack_sign(x) of this "
+            "layer's own input"
+        )
+    return packed_sign
 
 
 class ASAFunction(torch.autograd.Function):
@@ -160,19 +184,7 @@ class _ASAMixin:
         geometry = WeightedGeometry.of(self)
         if not needs_autograd(x, self):
             return super().forward(torch.add(x, auxiliary_sign(x, self.variant), alpha=self.eps))
-        if packed_sign is None:
-            packed_sign = pack_sign(x)
-        elif (
-            packed_sign.dtype != torch.uint8
-            or packed_sign.numel() != packed_nbytes(x.numel())
-            or packed_sign.device != x.device
-        ):
-            raise ConversionError(
-                f"{layer}: packed_sign is {packed_sign.numel()} {packed_sign.dtype} values on "
-                f"{packed_sign.device}, but an input of shape {tuple(x.shape)} on {x.device} "
-                f"needs {packed_nbytes(x.numel())} uint8 bytes: pass pack_sign(x) of this "
-                "layer's own input"
-            )
+        packed_sign = checked_packed_sign(layer, x, packed_sign)
         unbatched = is_unbatched(geometry, x)
         y = ASAFunction.apply(
             x.unsqueeze(0) if unbatched else x, packed_sign, self.weight, self.bias, geometry,
@@ -197,3 +209,42 @@ class ASAConv2d(_ASAMixin, nn.Conv2d):
     """nn.Conv2d on ``x + eps*s`` keeping a 1-bit sign of ``x``."""
 
     _torch_base = nn.Conv2d
+
+
+class ASATransposedLinear(TransposedLinearVariant):
+    """A zoo ``Conv1D`` (``x @ W + b``, ``W`` (in, out)) on ``x + eps*s`` keeping a 1-bit sign of ``x``.
+
+    Built with ``ASATransposedLinear.from_module(conv1d, eps=..., lr_expansion=...,
+    variant=...)``; same Parameters and state_dict keys as the zoo layer.
+    """
+
+    OPTIONS = _OPTIONS
+
+    @classmethod
+    def from_module(
+        cls,
+        module: nn.Module,
+        *,
+        eps: float = 0.01,
+        lr_expansion: float = 100.0,
+        variant: str = "sign",
+    ) -> "ASATransposedLinear":
+        """The ASA variant of zoo ``Conv1D`` ``module``, sharing its Parameters; options as in ``ASALinear``."""
+        validate_options(eps, lr_expansion, variant, f"{cls.__name__}.from_module")
+        new = cls.rebuild_from(module)
+        new.eps = float(eps)
+        new.lr_expansion = float(lr_expansion)
+        new.variant = variant
+        return new
+
+    def forward(self, x: torch.Tensor, packed_sign: torch.Tensor | None = None) -> torch.Tensor:
+        """``(x + eps*s) @ W + b``; ``packed_sign``: ``pack_sign(x)`` shared by all readers of ``x``."""
+        geometry = TransposedLinearGeometry()
+        if not needs_autograd(x, self):
+            perturbed = torch.add(x, auxiliary_sign(x, self.variant), alpha=self.eps)
+            return geometry.forward(perturbed, self.weight, self.bias)
+        layer = type(self).__name__
+        return ASAFunction.apply(
+            x, checked_packed_sign(layer, x, packed_sign), self.weight, self.bias, geometry,
+            self.eps, self.lr_expansion, self.variant, layer,
+        )

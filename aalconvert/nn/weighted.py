@@ -1,8 +1,10 @@
 """Geometry of the weighted layers the auxiliary-activation variants replace (ARA, ASA).
 
 ``WeightedGeometry`` gives forward and the three gradients of a Linear, Conv1d
-or Conv2d from explicit tensors, so a variant's backward can use a tensor other
-than the layer's own input for the weight gradient (methods.md sections 1-2).
+or Conv2d (``TransposedLinearGeometry`` the same for a zoo ``Conv1D``, a linear
+with an (in, out) weight) from explicit tensors, so a variant's backward can
+use a tensor other than the layer's own input for the weight gradient
+(methods.md sections 1-2).
 The helpers below decide whether a module can be converted and whether a
 forward will be differentiated.
 """
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aalconvert.errors import ConversionError
+
 
 @dataclass(frozen=True)
 class WeightedGeometry:
@@ -135,6 +138,49 @@ class WeightedGeometry:
         return dx, dw, db
 
 
+def transposed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``x @ weight + bias`` with an (in, out) weight, computed as zoo ``Conv1D`` computes it.
+
+    One ``addmm`` on ``x`` folded to (rows, in), so the result is bit-identical
+    to the zoo layer's own forward (``F.linear`` with ``weight.t()`` is not, for
+    strided half-precision inputs).
+    """
+    rows = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight)
+    return rows.view(*x.shape[:-1], weight.shape[1])
+
+
+@dataclass(frozen=True)
+class TransposedLinearGeometry:
+    """``WeightedGeometry``'s interface for a linear whose weight is stored (in, out) (zoo ``Conv1D``).
+
+    ``forward`` is the zoo layer's arithmetic; ``gradients`` give ``dW`` in the
+    weight's own (in, out) layout, so autograd hands it to the Parameter as is.
+    """
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """The zoo layer's ordinary output (``transposed_linear``)."""
+        return transposed_linear(x, weight, bias)
+
+    def gradients(
+        self,
+        grad_output: torch.Tensor,
+        source: torch.Tensor,
+        weight: torch.Tensor | None,
+        needs: tuple[bool, bool, bool],
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """``(dx, dW, db)`` as ``WeightedGeometry.gradients``, with ``dW = source^T g`` of shape (in, out).
+
+        The ops are those of autograd through ``addmm`` on the folded rows
+        (``weight`` may be None when ``dx`` is not needed).
+        """
+        need_dx, need_dw, need_db = needs
+        rows = grad_output.reshape(-1, grad_output.shape[-1])
+        dx = rows.mm(weight.to(rows.dtype).t()).view(source.shape) if need_dx else None
+        dw = source.reshape(-1, source.shape[-1]).to(rows.dtype).t().mm(rows) if need_dw else None
+        db = rows.sum(0) if need_db else None
+        return dx, dw, db
+
+
 def check_convertible(module: nn.Module, bases: tuple[type[nn.Module], ...]) -> type[nn.Module]:
     """The torch base class ``module`` is an instance of; ConversionError if it cannot be converted.
 
@@ -157,8 +203,6 @@ def check_convertible(module: nn.Module, bases: tuple[type[nn.Module], ...]) -> 
             return base
     names = ", ".join(base.__name__ for base in bases)
     raise ConversionError(f"cannot convert {type(module).__name__}: expected one of {names}")
-
-
 
 
 def needs_autograd(x: torch.Tensor, module: nn.Module) -> bool:
