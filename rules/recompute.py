@@ -1,8 +1,8 @@
 """``recompute``: weighted layers rebuild their input from a norm/activation chain.
 
-When a Linear/Conv's input is ``chain(z)`` and the chain's first module keeps
-``z`` anyway (a norm, GELU, SiLU...), the layer keeps nothing of its own and
-rebuilds its input in backward (methods.md section 4; exact gradients). ReLUs
+When a Linear/Conv's (or a zoo ``Conv1D``'s) input is ``chain(z)`` and the
+chain's first module keeps ``z`` anyway (a norm, GELU, SiLU...), the layer
+keeps nothing of its own and rebuilds its input in backward (methods.md section 4; exact gradients). ReLUs
 inside such chains keep a 1-bit mask, else they would keep the very tensor the
 layer stopped keeping.
 
@@ -24,8 +24,10 @@ from aalconvert.nn.recompute import (
     RecomputedInputConv1d,
     RecomputedInputConv2d,
     RecomputedInputLinear,
+    RecomputedInputTransposedLinear,
 )
 from aalconvert.nn.recompute_attention import RecomputedAttention
+from aalconvert.nn.zoo_linear import is_transposed_linear
 from aalconvert.rules.attention import PAYLOAD_KEY, apply_attention_site, attention_sites
 from aalconvert.rules.base import Rule, Site, Skip
 from aalconvert.rules.wiring import TensorSlot, swap_module
@@ -35,6 +37,14 @@ _RECOMPUTE_VARIANTS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Conv1d: RecomputedInputConv1d,
     nn.Conv2d: RecomputedInputConv2d,
 }
+
+
+def _recompute_variant(module: nn.Module) -> type[nn.Module] | None:
+    """The variant for ``module``: a plain Linear/Conv1d/Conv2d or a zoo transposed linear (GPT-2 Conv1D)."""
+    if is_transposed_linear(module):
+        return RecomputedInputTransposedLinear
+    return _RECOMPUTE_VARIANTS.get(type(module))
+
 
 @dataclass(frozen=True)
 class RecomputeOptions:
@@ -88,7 +98,7 @@ class RecomputeRule(Rule):
     def find(self, facts: ModelFacts) -> tuple[list[Site], list[Skip]]:
         sites, skips = [], []
         for name, nodes in facts.call_nodes.items():
-            if type(facts.modules[name]) not in _RECOMPUTE_VARIANTS:
+            if _recompute_variant(facts.modules[name]) is None:
                 continue
             if len(nodes) != 1:
                 skips.append(Skip(self.name, name, f"called {len(nodes)} times; recompute needs one call"))
@@ -127,7 +137,7 @@ class RecomputeRule(Rule):
         if "chain" not in site.payload:
             return swap_module(model, site.module_name, MaskReLU.from_module(module))
         chain: Chain = site.payload["chain"]
-        variant = _RECOMPUTE_VARIANTS[type(module)].from_module(
+        variant = _recompute_variant(module).from_module(
             module, chain=tuple(model.get_submodule(name) for name in chain.modules)
         )
         model = swap_module(model, site.module_name, variant)

@@ -17,6 +17,7 @@ from aalconvert.nn import CONVERTED_TYPES
 from aalconvert.nn.approx_common import compress, restore
 from aalconvert.nn.approx_weighted import ApproxTransposedLinear
 from aalconvert.nn.asa import ASATransposedLinear, pack_sign
+from aalconvert.nn.recompute import RecomputedInputTransposedLinear
 from aalconvert.nn.zoo_linear import is_transposed_linear
 
 DTYPES = [(torch.float32, 1e-5), (torch.float16, 5e-3), (torch.bfloat16, 3e-2)]
@@ -86,7 +87,7 @@ def test_converting_a_variant_or_bad_options_is_refused():
         ASATransposedLinear.from_module(zoo_layer(), variant="tanh")
     with pytest.raises(ConversionError, match="bits must be one of"):
         ApproxTransposedLinear.from_module(zoo_layer(), bits=3)
-    assert set(CONVERTED_TYPES) >= {ASATransposedLinear, ApproxTransposedLinear}
+    assert set(CONVERTED_TYPES) >= {ASATransposedLinear, ApproxTransposedLinear, RecomputedInputTransposedLinear}
 
 
 # ------------------------------------------------------------------ ASA
@@ -218,7 +219,10 @@ def test_only_the_needed_gradients_are_computed_and_kept():
 # ------------------------------------------------------------------ module identity
 
 
-@pytest.mark.parametrize("variant_cls", [ASATransposedLinear, ApproxTransposedLinear])
+ZOO_VARIANTS = [ASATransposedLinear, ApproxTransposedLinear, RecomputedInputTransposedLinear]
+
+
+@pytest.mark.parametrize("variant_cls", ZOO_VARIANTS)
 def test_variant_shares_parameters_keys_and_reverts_to_the_zoo_class(variant_cls):
     layer = zoo_layer()
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
@@ -239,7 +243,7 @@ def test_variant_shares_parameters_keys_and_reverts_to_the_zoo_class(variant_cls
     assert torch.equal(back(x), layer(x))
 
 
-@pytest.mark.parametrize("variant_cls", [ASATransposedLinear, ApproxTransposedLinear])
+@pytest.mark.parametrize("variant_cls", ZOO_VARIANTS)
 def test_converted_layer_survives_torch_save_and_load(variant_cls):
     variant = variant_cls.from_module(zoo_layer())
     buffer = io.BytesIO()
@@ -255,7 +259,7 @@ def test_converted_layer_survives_torch_save_and_load(variant_cls):
 # ------------------------------------------------------------------ GPT-2 through the rules
 
 
-def test_gpt2_conv1d_layers_are_converted_by_asa_auto_and_approx4():
+def test_gpt2_conv1d_layers_are_converted_by_asa_auto_approx4_and_recompute():
     config = transformers.GPT2Config(
         n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=32,
         bos_token_id=0, eos_token_id=0,
@@ -296,3 +300,54 @@ def test_gpt2_conv1d_layers_are_converted_by_asa_auto_and_approx4():
             assert saved.nbytes < bp.nbytes
         reverted = aalconvert.revert(model)
         assert all(type(reverted.get_submodule(name)) is Conv1D for name in conv_names)
+
+    bp.output.pow(2).mean().backward()
+    model = aalconvert.convert(build(), "recompute", example_inputs=(ids,))
+    after_norm = [name for name in conv_names if name.endswith(("c_attn", "c_fc"))]
+    assert all(type(model.get_submodule(name)) is RecomputedInputTransposedLinear for name in after_norm)
+    saved = run(model)
+    saved.output.pow(2).mean().backward()
+    assert torch.equal(saved.output.detach(), bp.output.detach())
+    for (name, p), (_, p_bp) in zip(model.named_parameters(), bp_model.named_parameters()):
+        assert torch.equal(p.grad, p_bp.grad), name
+    assert saved.nbytes == exact.nbytes - 2 * 2 * 4 * 32 * 32 * 4  # two layer-norm outputs a layer
+
+
+# ------------------------------------------------------------------ recompute
+
+
+def recomputed_pair(dtype: torch.dtype = torch.float32, nx: int = 33, nf: int = 513):
+    """(layer norm, zoo layer, its recompute variant reading the norm's input)."""
+    norm = nn.LayerNorm(nx).to(dtype)
+    layer = zoo_layer(nx=nx, nf=nf, dtype=dtype)
+    return norm, layer, RecomputedInputTransposedLinear.from_module(layer, chain=(norm,))
+
+
+@pytest.mark.parametrize("shape", [(33,), (1, 33), (3, 7, 33)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_recomputed_transposed_linear_is_bit_identical_to_the_zoo_layer(shape, dtype):
+    norm, layer, recomputed = recomputed_pair(dtype)
+    torch.manual_seed(4)
+    z = torch.randn(shape, dtype=dtype, requires_grad=True)
+    g = torch.randn(*shape[:-1], 513, dtype=dtype)
+    results = []
+    for module in (layer, recomputed):
+        for p in (*norm.parameters(), *layer.parameters(), z):
+            p.grad = None
+        x = norm(z)
+        y = module(x, z) if module is recomputed else module(x)
+        y.backward(g)
+        results.append([y.detach(), z.grad, layer.weight.grad, layer.bias.grad, norm.weight.grad])
+    for plain, rebuilt in zip(*results):
+        assert torch.equal(plain, rebuilt)
+
+
+def test_recomputed_transposed_linear_keeps_only_the_norm_input_and_reverts():
+    norm, layer, recomputed = recomputed_pair()
+    z = torch.randn(4, 9, 33, requires_grad=True)
+    params = [*norm.parameters(), *layer.parameters()]
+    plain = measure_saved(lambda: layer(norm(z)), params)
+    rebuilt = measure_saved(lambda: recomputed(norm(z), z), params)
+    assert plain.nbytes - rebuilt.nbytes == z.numel() * 4  # the norm's output is no longer kept
+    assert "Conv1D, in_features=33, out_features=513" in repr(recomputed)
+    assert type(recomputed.to_module()) is Conv1D and recomputed.to_module().weight is layer.weight

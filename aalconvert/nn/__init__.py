@@ -29,6 +29,7 @@ CONVERTED_TYPES: tuple[type, ...] = (
     recompute.RecomputedInputConv1d,
     recompute.RecomputedInputConv2d,
     recompute.RecomputedInputConv3d,
+    recompute.RecomputedInputTransposedLinear,
     approx.ApproxLinear,
     approx.ApproxConv1d,
     approx.ApproxConv2d,

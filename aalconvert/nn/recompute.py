@@ -50,6 +50,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from aalconvert.errors import ConversionError
 from aalconvert.nn.rebuild import rebuild_as
 from aalconvert.nn.saved import saved_tensors_or_raise
+from aalconvert.nn.weighted import transposed_linear
+from aalconvert.nn.zoo_linear import TransposedLinearVariant
 
 CHAIN_MODULE_TYPES: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d,
@@ -252,6 +254,52 @@ class RecomputedInputLinearFunction(torch.autograd.Function):
         return None, grad_x, None, grad_weight, grad_bias
 
 
+class RecomputedInputTransposedLinearFunction(torch.autograd.Function):
+    """A zoo ``Conv1D``'s ``addmm(b, x_2d, W)`` (``W`` (in, out)) keeping ``z`` instead of ``x``.
+
+    Backward applies the ``addmm`` backward formulas to the same operands as
+    autograd through the zoo layer's own forward, so gradients are bit-identical.
+    """
+
+    @staticmethod
+    def forward(ctx, layer, x, z, weight, bias):
+        y = transposed_linear(x, weight, bias)
+        ctx.where = layer.describe()
+        ctx.record = _ChainRecord(layer.chain, x)
+        ctx.x_2d_stride = _folded_stride(x, addmm=True)
+        ctx.compute_dtype = y.dtype  # differs from the Parameters' under autocast
+        ctx.saved_shapes = _saved_shapes(z, weight, bias)
+        ctx.save_for_backward(z, weight, bias)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        z, weight, bias = _saved_tensors(ctx, ctx.where)
+        _, need_x, _, need_weight, need_bias = ctx.needs_input_grad
+        shape = ctx.record.x_shape
+        rows = math.prod(shape[:-1])
+        weight_c = weight.to(ctx.compute_dtype)
+        grad_2d = _fold_to_2d(grad_output, addmm=True)
+        grad_x = grad_weight = grad_bias = None
+        if need_x:  # mm_mat1_backward with mat2 = W
+            stride = ctx.x_2d_stride
+            if stride[0] == 1 and stride[1] == rows:
+                grad_x = weight_c.mm(grad_2d.t()).t()
+            else:
+                grad_x = grad_2d.mm(weight_c.t())
+            grad_x = grad_x.reshape(shape).to(ctx.record.x_dtype)
+        if need_weight:  # mm_mat2_backward with mat1 = the rebuilt x folded to 2-D
+            x_2d = _fold_to_2d(ctx.record.rebuild(z, ctx.where).to(ctx.compute_dtype), addmm=True)
+            if weight_c.stride(0) == 1 and weight_c.stride(1) == weight_c.shape[0]:
+                grad_weight = grad_2d.t().mm(x_2d).t()
+            else:
+                grad_weight = x_2d.t().mm(grad_2d)
+            grad_weight = grad_weight.to(weight.dtype)
+        if need_bias:  # sum_to(grad, bias.shape) of addmm's self
+            grad_bias = grad_2d.sum(0, keepdim=True).view(bias.shape[0]).to(bias.dtype)
+        return None, grad_x, None, grad_weight, grad_bias
+
+
 # ------------------------------------------------------------------------ conv
 
 
@@ -342,7 +390,7 @@ class _RecomputedInput:
     def forward(self, input: torch.Tensor, chain_input: torch.Tensor | None = None):
         """``input`` = chain(``chain_input``); see the module docstring for the convention."""
         if chain_input is None or not self._uses_rebuild():
-            return self._plain_type.forward(self, input)
+            return self._plain_forward(input)
         if not self.chain:
             raise ConversionError(
                 f"{self.describe()} got a chain_input but no chain: call set_chain(...) "
@@ -353,9 +401,15 @@ class _RecomputedInput:
     def _uses_rebuild(self) -> bool:
         return torch.is_grad_enabled() and self.weight.requires_grad
 
+    def _plain_forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._plain_type.forward(self, input)
+
+    def _layer_repr(self) -> str:
+        return self._plain_type.extra_repr(self)
+
     def extra_repr(self) -> str:
         chain = " -> ".join(type(module).__name__ for module in self.chain) or "unset"
-        return f"{self._plain_type.extra_repr(self)}, rebuilds input from chain={chain}"
+        return f"{self._layer_repr()}, rebuilds input from chain={chain}"
 
 
 class RecomputedInputLinear(_RecomputedInput, nn.Linear):
@@ -411,3 +465,34 @@ class RecomputedInputConv3d(_RecomputedInputConv, nn.Conv3d):
 
     _plain_type = nn.Conv3d
     _function = RecomputedInputConvFunction
+
+
+class RecomputedInputTransposedLinear(_RecomputedInput, TransposedLinearVariant):
+    """A zoo ``Conv1D`` (GPT-2's linears, ``W`` (in, out)) keeping its chain's input instead of its own.
+
+    Same convention as ``RecomputedInputLinear`` (module docstring); a plain
+    ``nn.Module`` remembering the zoo class, like the other zoo variants
+    (``aalconvert.nn.zoo_linear``).
+    """
+
+    OPTIONS = ("chain",)
+    _function = RecomputedInputTransposedLinearFunction
+
+    @classmethod
+    def from_module(cls, module: nn.Module, chain: tuple[nn.Module, ...] = ()):
+        """Build from a zoo ``Conv1D``, sharing its Parameters; ``chain`` as for ``set_chain``."""
+        if chain:
+            _validate_chain(tuple(chain), cls.__name__)
+        converted = cls.rebuild_from(module)
+        converted.chain = tuple(chain)
+        return converted
+
+    def to_module(self) -> nn.Module:
+        """An instance of the zoo class with the same Parameter objects (the chain is dropped)."""
+        return TransposedLinearVariant.to_module(self)
+
+    def _plain_forward(self, input: torch.Tensor) -> torch.Tensor:
+        return transposed_linear(input, self.weight, self.bias)
+
+    def _layer_repr(self) -> str:
+        return f"{self.zoo_class.__name__}, in_features={self.in_features}, out_features={self.out_features}"
