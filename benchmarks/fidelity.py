@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import aalconvert  # noqa: E402
 from aalconvert.nn import CONVERTED_TYPES  # noqa: E402
-from aalconvert.nn.indicator import ARA_LAYERS  # noqa: E402
+from aalconvert.nn.indicator import ARA_LAYERS, ASA_LAYERS  # noqa: E402
 from examples import EXAMPLES  # noqa: E402
 from examples.train import BP, TRAIN_CONFIGS, RunResult, rule_list, train  # noqa: E402
 
@@ -46,7 +46,7 @@ TARGETS = {
 
 
 def applies(example: str, rules: str, smoke: bool) -> str | None:
-    """Why ``rules`` does not apply to ``example`` (nothing converted / no ARA layer), or None."""
+    """Why ``rules`` does not apply to ``example`` (nothing converted, no ARA/ASA layer), or None."""
     if rules == BP:
         return None
     config = TRAIN_CONFIGS[example]
@@ -55,8 +55,9 @@ def applies(example: str, rules: str, smoke: bool) -> str | None:
     modules = list(converted.modules())
     if not any(isinstance(m, CONVERTED_TYPES) for m in modules):
         return "nothing converted"
-    if rules == "ara" and not any(isinstance(m, ARA_LAYERS) for m in modules):
-        return "no ARA layer"
+    for rule, layer_types in (("ara", ARA_LAYERS), ("asa", ASA_LAYERS)):
+        if rules == rule and not any(isinstance(m, layer_types) for m in modules):
+            return f"no {rule.upper()} layer"
     return None
 
 

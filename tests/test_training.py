@@ -159,7 +159,7 @@ def test_fidelity_quick_writes_table_and_json_with_exact_meeting_its_target(tmp_
     assert by_rules["bp"]["kept_ratio"] == 1.0
     assert by_rules["exact"]["identical_to_bp"] and by_rules["exact"]["target"] == "met"
     assert by_rules["ara"]["min_indicator"] is not None
-    assert by_rules["asa"]["skipped"] == "nothing converted"  # ASA leaves ResNet's convolutions alone
+    assert by_rules["asa"]["skipped"] == "no ASA layer"  # ASA leaves ResNet's convolutions alone
     table = prefix.with_suffix(".md").read_text()
     assert "| resnet_basic | test accuracy (%) | exact |" in table
     assert len(json.loads(prefix.with_suffix(".json").read_text())["runs"]) == 3
