@@ -229,7 +229,8 @@ class RunResult:
     auxiliary_layers: int  # ARA/ASA layers the rules put in
     curve: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out metric)
     losses: list[float] = field(default_factory=list)  # training loss of every step
-    indicators: list[dict] = field(default_factory=list)  # per logging interval, see ``train``
+    # per logging interval: {"step": steps done, "layers": {name: {"mean": LI, "min": LI}}}
+    indicators: list[dict] = field(default_factory=list)
 
     @property
     def min_indicator(self) -> float | None:
@@ -261,13 +262,13 @@ def _lr_factor(steps: int) -> Callable[[int], float]:
     return factor
 
 
-def _summarise_indicators(step: int, window: dict[str, list[Tensor]]) -> dict:
+def _summarise_indicators(steps_done: int, window: dict[str, list[Tensor]]) -> dict:
     """Mean and min of the per-sample LI gathered in one logging interval, per layer."""
     layers = {}
     for name, values in window.items():
         merged = torch.cat(values)
         layers[name] = {"mean": merged.mean().item(), "min": merged.min().item()}
-    return {"step": step, "layers": layers}
+    return {"step": steps_done, "layers": layers}
 
 
 def train(
@@ -348,7 +349,7 @@ def train(
         for name, values in indicators.items():
             window.setdefault(name, []).append(values.cpu())
         if window and ((step + 1) % log_every == 0 or step == steps - 1):
-            result.indicators.append(_summarise_indicators(step, window))
+            result.indicators.append(_summarise_indicators(step + 1, window))
             window = {}
         if step in eval_steps:
             model.eval()
