@@ -47,6 +47,7 @@ def _(
     stochastic: bool,
     scale_dtype: torch.dtype,
     seed: int,
+    companding: str,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     numel = x.numel()
@@ -64,6 +65,7 @@ def _(
     dtype: torch.dtype,
     bits: int,
     group_size: int,
+    companding: str,
     backend: str,
 ) -> torch.Tensor:
     return codes.new_empty(shape, dtype=dtype)

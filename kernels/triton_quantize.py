@@ -5,7 +5,8 @@ Each program takes ``GROUPS`` whole groups as a [GROUPS, BYTES, PER_BYTE] tile
 group min/max and the stored (min, scale) computed in registers, one masked
 write of the packed codes and of the per-group metadata. Decoding is the
 mirror image. Arithmetic follows the reference step by step (IEEE division via
-``div_rn``, the same integer hash), so results match it bit for bit.
+``div_rn``, IEEE square root via ``sqrt_rn`` for companding, the same integer
+hash), so results match it bit for bit.
 Importing this module imports triton; ``quantize.py`` imports it only to launch.
 """
 
@@ -76,6 +77,7 @@ def _quantize_kernel(
     STOCHASTIC: tl.constexpr,
     SCALE_DTYPE: tl.constexpr,
     NAN_RAW: tl.constexpr,
+    SQRT: tl.constexpr,
 ):
     PER_BYTE: tl.constexpr = 8 // BITS
     BYTES_PER_GROUP: tl.constexpr = GROUP_SIZE * BITS // 8
@@ -89,6 +91,9 @@ def _quantize_kernel(
     )
     valid = (byte[None, :, None] < BYTES_PER_GROUP) & (element < numel)
     x = tl.load(x_ptr + element, mask=valid, other=0.0).to(tl.float32)
+    if SQRT:
+        root = tl.sqrt_rn(tl.abs(x))
+        x = tl.where(x < 0, -root, root)
 
     low = tl.min(tl.min(tl.where(valid, x, float("inf")), axis=2), axis=1)
     high = tl.max(tl.max(tl.where(valid, x, float("-inf")), axis=2), axis=1)
@@ -139,6 +144,7 @@ def _dequantize_kernel(
     GROUP_SIZE: tl.constexpr,
     BYTES_BLOCK: tl.constexpr,
     GROUPS: tl.constexpr,
+    SQRT: tl.constexpr,
 ):
     PER_BYTE: tl.constexpr = 8 // BITS
     BYTES_PER_GROUP: tl.constexpr = GROUP_SIZE * BITS // 8
@@ -159,6 +165,8 @@ def _dequantize_kernel(
     # code * scale is exact in fp32 (<= 8 + 11 significant bits), so fused or not
     # the result is the reference's single rounding of the sum.
     decoded = code.to(tl.float32) * scale_value[:, None, None] + min_value[:, None, None]
+    if SQRT:
+        decoded = decoded * tl.abs(decoded)  # one rounding, as in the reference
 
     element = (
         group[:, None, None] * GROUP_SIZE + byte[None, :, None] * PER_BYTE + slot[None, None, :]
@@ -196,11 +204,13 @@ def quantize_triton(
     stochastic: bool,
     scale_dtype: torch.dtype,
     seed: int,
+    companding: str = "none",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(codes, mins, scales) of a float32/float16/bfloat16 tensor of any layout.
 
     Needs a CUDA tensor (or ``TRITON_INTERPRET=1``); reads ``x`` in logical
     row-major order (a channels_last or strided input is copied to that order).
+    ``companding`` ("none" or "sqrt") as in ``quantize.py``.
     """
     if x.dtype not in SUPPORTED_INPUT_DTYPES:
         raise TypeError(f"quantize_triton takes float32/float16/bfloat16, got {x.dtype}")
@@ -223,6 +233,7 @@ def quantize_triton(
             BITS=bits, GROUP_SIZE=group_size, BYTES_BLOCK=bytes_block,
             GROUPS=groups_per_program, STOCHASTIC=stochastic,
             SCALE_DTYPE=_TRITON_SCALE_DTYPES[scale_dtype], NAN_RAW=NAN_BITS[scale_dtype],
+            SQRT=companding == "sqrt",
         )  # fmt: skip
     return codes, mins, scales
 
@@ -235,6 +246,7 @@ def dequantize_triton(
     dtype: torch.dtype,
     bits: int,
     group_size: int,
+    companding: str = "none",
 ) -> torch.Tensor:
     """Decode (codes, mins, scales) into a contiguous tensor of ``shape`` and ``dtype``."""
     if dtype not in SUPPORTED_INPUT_DTYPES:
@@ -250,6 +262,6 @@ def dequantize_triton(
             codes.contiguous(), mins.contiguous(), scales.contiguous(), out,
             numel, num_groups, codes.numel(),
             BITS=bits, GROUP_SIZE=group_size, BYTES_BLOCK=bytes_block,
-            GROUPS=groups_per_program,
+            GROUPS=groups_per_program, SQRT=companding == "sqrt",
         )  # fmt: skip
     return out

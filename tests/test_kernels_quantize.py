@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from aalconvert.kernels import QuantizedTensor, dequantize, quantize, quantized_nbytes
+from aalconvert.kernels.quantize import compand
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SCALE_DTYPES = (torch.float16, torch.bfloat16)
@@ -54,8 +55,13 @@ def group_steps(q: QuantizedTensor) -> torch.Tensor:
 
 
 def assert_within_half_step(x: torch.Tensor, q: QuantizedTensor, decoded: torch.Tensor) -> None:
-    """|decoded - x| <= step / 2, plus fp32 rounding and the output dtype's own rounding."""
+    """|decoded - x| <= step / 2, plus fp32 rounding and the output dtype's own rounding.
+
+    Companded: the same bound in the quantized domain ``sign(x) * sqrt(|x|)``.
+    """
     x32, y32 = x.float(), decoded.float()
+    if q.companding == "sqrt":
+        x32, y32 = compand(x32), compand(y32)
     output_rounding = y32.abs() * torch.finfo(x.dtype).eps / 2
     bound = group_steps(q) / 2 * (1 + 1e-5) + output_rounding + 1e-30
     assert ((y32 - x32).abs() <= bound).all()
@@ -93,10 +99,14 @@ def test_packed_size_and_nbytes_match_the_formula(bits, numel, scale_dtype):
     assert q.nbytes == math.ceil(numel * bits / 8) + 2 * groups * 2
 
 
-def test_from_tensors_rebuilds_an_equal_quantized_tensor():
-    q = quantize(torch.randn(3, 50), 4, group_size=16)
-    rebuilt = QuantizedTensor.from_tensors(q.tensors(), q.shape, q.dtype, q.bits, q.group_size)
+@pytest.mark.parametrize("companding", ["none", "sqrt"])
+def test_from_tensors_rebuilds_an_equal_quantized_tensor(companding):
+    q = quantize(torch.randn(3, 50), 4, group_size=16, companding=companding)
+    rebuilt = QuantizedTensor.from_tensors(
+        q.tensors(), q.shape, q.dtype, q.bits, q.group_size, q.companding
+    )
     assert torch.equal(dequantize(rebuilt), dequantize(q))
+    assert q.nbytes == quantized_nbytes(150, 4, 16)  # companding adds no metadata
 
 
 # ------------------------------------------------------------------ Triton == reference
@@ -106,6 +116,18 @@ def test_from_tensors_rebuilds_an_equal_quantized_tensor():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_triton_matches_reference_bytes_over_sizes(numel, dtype):
     assert_backends_agree(awkward_tensor((numel,), dtype), bits=4, group_size=256)
+
+
+@pytest.mark.parametrize("dtype, bits", list(zip(DTYPES, BITS)))
+def test_triton_matches_reference_bytes_with_sqrt_companding(dtype, bits):
+    x = awkward_tensor((1031,), dtype, seed=bits)
+    x[::7] = 0.0
+    x[1::11] = -0.0
+    x[2::13] = torch.finfo(dtype).tiny / 4  # subnormal (flushed to 0 in bfloat16's fp32 view)
+    for scale_dtype in SCALE_DTYPES:
+        assert_backends_agree(
+            x, bits=bits, group_size=64, companding="sqrt", scale_dtype=scale_dtype
+        )
 
 
 @pytest.mark.parametrize("stochastic", [False, True])
@@ -127,10 +149,12 @@ def test_triton_matches_reference_bytes_on_large_stochastic_2bit(stochastic):
     scale_dtype=st.sampled_from(SCALE_DTYPES),
     seed=st.integers(0, 2**63 - 1),
     layout=st.sampled_from(["contiguous", "transposed", "strided"]),
+    sqrt=st.booleans(),
 )
 def test_triton_matches_reference_bytes_property(
-    shape, dtype, bits, group_size, stochastic, scale_dtype, seed, layout
+    shape, dtype, bits, group_size, stochastic, scale_dtype, seed, layout, sqrt
 ):
+    companding = "sqrt" if sqrt and not stochastic else "none"  # sqrt is nearest-only
     x = awkward_tensor(shape, dtype, seed=len(shape))
     if layout == "transposed" and x.dim() >= 2:
         x = x.transpose(0, -1)
@@ -139,7 +163,7 @@ def test_triton_matches_reference_bytes_property(
         x = awkward_tensor([2 * d for d in shape], dtype)[every_other]
     assert_backends_agree(
         x, bits=bits, group_size=group_size, stochastic=stochastic,
-        scale_dtype=scale_dtype, seed=seed,
+        scale_dtype=scale_dtype, seed=seed, companding=companding,
     )  # fmt: skip
 
 
@@ -158,15 +182,37 @@ def test_channels_last_and_strided_inputs_quantize_in_logical_order(backend):
 # ------------------------------------------------------------------ error bounds
 
 
+@pytest.mark.parametrize("companding", ["none", "sqrt"])
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_nearest_rounding_errs_by_at_most_half_a_step(backend, bits, dtype):
+def test_nearest_rounding_errs_by_at_most_half_a_step(backend, bits, dtype, companding):
     x = awkward_tensor((3, 7, 61), dtype, seed=bits)
-    q = quantize(x, bits, group_size=32, backend=backend)
+    q = quantize(x, bits, group_size=32, companding=companding, backend=backend)
+    assert q.companding == companding
     decoded = dequantize(q, backend=backend)
     assert decoded.dtype == dtype and decoded.shape == x.shape
     assert_within_half_step(x, q, decoded)
+
+
+def test_sqrt_companding_codes_are_uniform_codes_of_the_companded_tensor():
+    x = awkward_tensor((1000,), torch.float32)
+    companded = quantize(x, 4, group_size=64, companding="sqrt")
+    uniform = quantize(compand(x), 4, group_size=64)
+    assert all(same_bytes(a, b) for a, b in zip(companded.tensors(), uniform.tensors()))
+    y = dequantize(uniform)
+    assert torch.equal(dequantize(companded), y * y.abs())
+
+
+def test_sqrt_companding_is_finer_near_zero_on_heavy_tails():
+    # Student-t(3)-like values: a few outliers set the range, most values sit near 0.
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(64, 256, generator=generator) / torch.rand(64, 256, generator=generator).pow(0.5)
+    errors = {
+        c: (dequantize(quantize(x, 4, companding=c)) - x).pow(2).mean().item()
+        for c in ("none", "sqrt")
+    }
+    assert errors["sqrt"] < 0.8 * errors["none"]
 
 
 def test_half_step_bound_holds_far_from_zero_where_min_rounding_matters():
@@ -231,18 +277,31 @@ def test_constant_groups_decode_exactly(backend, dtype):
     assert torch.equal(dequantize(q, backend=backend), x)
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_companded_constant_groups_decode_exactly_where_the_root_is_representable(backend, dtype):
+    x = torch.cat([torch.zeros(16), torch.full((16,), 2.25), torch.full((5,), -4.0)]).to(dtype)
+    q = quantize(x, 2, group_size=16, companding="sqrt", backend=backend)
+    assert q.scales.tolist() == [0.0, 0.0, 0.0]
+    assert q.mins.tolist() == [0.0, 1.5, -2.0]
+    assert torch.equal(dequantize(q, backend=backend), x)
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("companding", ["none", "sqrt"])
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
-def test_inf_or_nan_decodes_its_group_to_nan_and_spares_the_others(backend, bad):
+def test_inf_or_nan_decodes_its_group_to_nan_and_spares_the_others(backend, bad, companding):
     x = awkward_tensor((64,), torch.float32)
     x[20] = bad
-    q = quantize(x, 4, group_size=16, backend=backend)
+    q = quantize(x, 4, group_size=16, companding=companding, backend=backend)
     decoded = dequantize(q, backend=backend)
     assert decoded[16:32].isnan().all()
     assert q.codes[8:16].eq(0).all()
     others = torch.cat([torch.arange(16), torch.arange(32, 64)])
     assert decoded[others].isfinite().all()
+    if companding == "sqrt":
+        x, decoded = compand(x), compand(decoded)
     error = (decoded - x).abs()[others]
     assert (error <= group_steps(q)[others] / 2 * (1 + 1e-5)).all()
 
@@ -297,6 +356,17 @@ def test_bad_scale_dtype_seed_and_backend_are_rejected():
         quantize(torch.randn(8), 4, backend="cuda")
 
 
+def test_companding_must_be_known_and_nearest_only():
+    with pytest.raises(ValueError, match=r"companding must be one of \('none', 'sqrt'\)"):
+        quantize(torch.randn(8), 4, companding="log")
+    with pytest.raises(ValueError, match="nearest rounding only"):
+        quantize(torch.randn(8), 4, stochastic=True, companding="sqrt")
+    q = quantize(torch.randn(8), 4, group_size=8)
+    wrong = QuantizedTensor(*q.tensors(), q.shape, q.dtype, 4, 8, companding="cube")
+    with pytest.raises(ValueError, match="companding must be one of"):
+        dequantize(wrong)
+
+
 def test_dequantize_rejects_tensors_that_do_not_fit_the_shape():
     q = quantize(torch.randn(40), 4, group_size=8)
     wrong = QuantizedTensor(q.codes[:-1], q.mins, q.scales, q.shape, q.dtype, 4, 8)
@@ -313,7 +383,7 @@ def test_dequantize_rejects_tensors_that_do_not_fit_the_shape():
 def test_quantize_and_dequantize_run_on_fake_tensors_with_the_right_shapes():
     with FakeTensorMode():
         x = torch.empty(3, 5, 513, dtype=torch.bfloat16)
-        q = quantize(x, 2, group_size=64, scale_dtype=torch.bfloat16)
+        q = quantize(x, 2, group_size=64, scale_dtype=torch.bfloat16, companding="sqrt")
         decoded = dequantize(q)
     numel = 3 * 5 * 513
     assert q.codes.shape == (math.ceil(numel * 2 / 8),) and q.codes.dtype == torch.uint8
@@ -325,11 +395,16 @@ def test_quantize_and_dequantize_run_on_fake_tensors_with_the_right_shapes():
 def test_ops_are_registered_under_the_aalconvert_namespace():
     x = torch.randn(100)
     codes, mins, scales = torch.ops.aalconvert.quantize_groups(
-        x, 4, 32, False, torch.float16, 0, "reference"
+        x, 4, 32, False, torch.float16, 0, "sqrt", "reference"
     )
-    assert torch.equal(codes, quantize(x, 4, group_size=32).codes)
+    assert torch.equal(codes, quantize(x, 4, group_size=32, companding="sqrt").codes)
     torch.library.opcheck(
         torch.ops.aalconvert.quantize_groups.default,
-        (x, 4, 32, False, torch.float16, 0, "reference"),
+        (x, 4, 32, False, torch.float16, 0, "sqrt", "reference"),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    torch.library.opcheck(
+        torch.ops.aalconvert.dequantize_groups.default,
+        (codes, mins, scales, [100], torch.float32, 4, 32, "sqrt", "reference"),
         test_utils=("test_schema", "test_faketensor"),
     )
