@@ -38,8 +38,11 @@ from aalconvert.nn.approx_relu import offset_ratio
 
 
 def decoded(x, bits, group_size=256, scale_dtype=torch.float16):
-    """What the variants decode in backward, with nearest rounding."""
-    return dequantize(quantize(x.detach(), bits, group_size=group_size, scale_dtype=scale_dtype))
+    """What the variants decode in backward, with nearest rounding (sqrt-companded by default)."""
+    q = quantize(
+        x.detach(), bits, group_size=group_size, scale_dtype=scale_dtype, companding="sqrt"
+    )
+    return dequantize(q)
 
 
 def normalization_grads(x_tilde, g, weight, mean, invstd, stat_dims, param_dims):
@@ -229,22 +232,37 @@ def _sample(kind, shape):
     return z.exp()  # lognormal
 
 
-def cosine_requirement(case, bits, kind, stochastic):
-    """The bound asserted: the target where groups of 256 reach it, else a regression floor.
+# 4-bit nearest-rounding cases still short of 0.99 with sqrt companding, and the
+# floor asserted for each (measured on these seeded samples: linear 0.9890,
+# layernorm 0.9897, layernorm_2d_nobias 0.9893, batchnorm1d 0.9787, batchnorm2d
+# 0.9415). Student-t(3) draws of a few thousand elements hold outliers of 30-100
+# standard deviations; a norm's dx mixes every element of a row or channel, so
+# one coarse outlier step moves all of them.
+SHORT_AT_4_BITS_NEAREST = {
+    ("linear", "student_t3"): 0.985,
+    ("layernorm", "student_t3"): 0.985,
+    ("layernorm_2d_nobias", "student_t3"): 0.985,
+    ("batchnorm1d", "student_t3"): 0.97,
+    ("batchnorm2d", "student_t3"): 0.93,
+}
 
-    Target: >= 0.999 at 8 bits, >= 0.99 at 4 bits. Min/max group quantization
-    reaches it at 8 bits everywhere except softmax with stochastic rounding, and at
-    4 bits with nearest rounding on normal and post-ReLU inputs except softmax.
-    Stochastic rounding (about twice the error variance), heavy tails (a wide
-    group range) and softmax outputs (mostly far below their group's step) fall
-    short: measured 0.83-0.99 at 4 bits. There only a floor is asserted, which a
-    wrong backward formula would not reach.
+
+def cosine_requirement(case, bits, kind, stochastic):
+    """The bound asserted: the target (0.999 at 8 bits, 0.99 at 4 bits), or a regression floor.
+
+    Nearest rounding (sqrt-companded, the default) reaches the target at 8 bits
+    everywhere and at 4 bits everywhere except ``SHORT_AT_4_BITS_NEAREST``.
+    Stochastic rounding stays uniform (to stay unbiased) and has about twice the
+    error variance: it reaches 0.999 at 8 bits except softmax, but at 4 bits
+    measured 0.88-0.999 (below 0.99 on heavy tails, softmax and several normal
+    cases), so only a floor is asserted there, which a wrong backward formula
+    would not reach.
     """
     softmax = case.startswith("softmax")
     if bits == 8:
         return 0.998 if softmax and stochastic else 0.999
-    if kind in ("normal", "post_relu") and not stochastic and not softmax:
-        return 0.99
+    if not stochastic:
+        return SHORT_AT_4_BITS_NEAREST.get((case, kind), 0.99)
     return 0.8
 
 
@@ -329,23 +347,42 @@ def test_batchnorm_eval_keeps_only_per_channel_stats_when_weight_needs_no_grad()
 # ------------------------------------------------------------ sign-preserving ReLU copy
 
 
-@pytest.mark.parametrize("stochastic", [False, True])
+@pytest.mark.parametrize(
+    "stochastic, companding", [(False, "none"), (False, "sqrt"), (True, "none")]
+)
 @pytest.mark.parametrize("bits", [8, 4, 2])
-def test_relu_copy_is_sign_preserving_and_within_one_step(bits, stochastic):
+def test_relu_copy_is_sign_preserving_and_within_one_step(bits, stochastic, companding):
     torch.manual_seed(3)
     group_scales = torch.tensor([1e-30, 1e-6, 1.0, 1e6, 0.0]).repeat_interleave(256)
     y = (torch.randn(5 * 256 + 77) * torch.cat([group_scales, torch.ones(77)])).relu()
     y[300:310] = 1e-12  # tiny positives in a group whose max is 1e-6
-    options = ApproxOptions(bits=bits, stochastic=stochastic, scale_dtype=torch.bfloat16)
+    options = ApproxOptions(
+        bits=bits, stochastic=stochastic, scale_dtype=torch.bfloat16, companding=companding
+    )
     q = quantize_relu_output(y, options)
+    assert q.companding == companding
     mask, values = decode_relu_output(q, y.shape, y.dtype)
     assert torch.equal(mask, y > 0)
     assert torch.equal(values[y == 0], torch.zeros_like(values[y == 0]))
-    group_max = F.pad(y, (0, 256 - 77)).view(-1, 256).amax(1)
+    # Companded, the step (and the error bound) is one of sqrt(y).
+    domain = torch.sqrt if companding == "sqrt" else (lambda t: t)
+    group_max = F.pad(domain(y), (0, 256 - 77)).view(-1, 256).amax(1)
     step = (1 + offset_ratio(bits)) * group_max / (2**bits - 1)
-    error = F.pad((values - y).abs(), (0, 256 - 77)).view(-1, 256).amax(1)
+    error = F.pad((domain(values) - domain(y)).abs(), (0, 256 - 77)).view(-1, 256).amax(1)
     assert torch.all(error <= 1.01 * step)
     assert q.nbytes == quantized_nbytes(y.numel(), bits, 256, torch.bfloat16)
+
+
+@pytest.mark.parametrize("companding", ["none", "sqrt"])
+@pytest.mark.parametrize("bits", [4, 2])
+def test_relu_variant_dx_is_bit_identical_to_bp_on_heavy_tails(bits, companding):
+    torch.manual_seed(4)
+    x = _sample("student_t3", (3, 17, 41)) * torch.logspace(-20, 3, 41)  # tiny to huge
+    x.requires_grad_(True)
+    variant = ApproxReLU.from_module(nn.ReLU(), bits=bits, min_numel=0, companding=companding)
+    g = torch.randn(x.shape)
+    (actual,) = torch.autograd.grad(variant(x), x, g)
+    assert torch.equal(actual, g * (x > 0))
 
 
 @pytest.mark.parametrize("case", ["relu", "silu"])
@@ -407,6 +444,8 @@ def test_approx_softmax_function_for_attention_probabilities():
         ({"group_size": 0}, "group_size must be a positive multiple of 8"),
         ({"min_numel": -1}, "min_numel must be an int >= 0"),
         ({"scale_dtype": torch.float32}, "scale_dtype must be one of"),
+        ({"companding": "log"}, r"companding must be one of \('auto', 'sqrt', 'none'\)"),
+        ({"companding": "sqrt", "stochastic": True}, "nearest rounding only"),
         ({"bit": 4}, r"unknown option\(s\) \['bit'\]; allowed options are \['bits'"),
     ],
 )
@@ -414,6 +453,29 @@ def test_bad_options_raise_conversion_error_naming_allowed_values(options, messa
     linear = nn.Linear(3, 3)
     with pytest.raises(ConversionError, match=message):
         ApproxLinear.from_module(linear, **options)
+
+
+@pytest.mark.parametrize(
+    "options, resolved",
+    [({}, "sqrt"), ({"stochastic": True}, "none"), ({"companding": "none"}, "none"),
+     ({"companding": "sqrt"}, "sqrt"), ({"companding": "auto", "stochastic": True}, "none")],
+)
+def test_companding_defaults_to_sqrt_for_nearest_and_none_for_stochastic(options, resolved):
+    variant = ApproxLinear.from_module(nn.Linear(3, 3), **options)
+    assert variant.approx_options.companding == resolved
+    assert f"companding={resolved}" in repr(variant)
+
+
+@pytest.mark.parametrize("companding", ["none", "sqrt"])
+def test_variant_decodes_the_companding_it_quantized_with(companding):
+    # dW of a Linear is g^T x_tilde with x_tilde decoded exactly as quantize/dequantize do.
+    _, variant, shape = make_pair("linear", bits=4, min_numel=0, companding=companding)
+    x = torch.randn(shape).requires_grad_(True)
+    g = torch.randn(*shape[:-1], 7)
+    (actual,) = torch.autograd.grad(variant(x), variant.weight, g)
+    q = quantize(x.detach(), 4, group_size=256, companding=companding)
+    x_tilde = dequantize(q).reshape(-1, shape[-1])
+    torch.testing.assert_close(actual, g.reshape(-1, 7).t() @ x_tilde)
 
 
 def test_unconvertible_modules_raise_conversion_error():

@@ -13,6 +13,13 @@ recovered from the stored min and step (``max + offset = min + L * scale``).
 The shift costs a factor ``1 + c`` in resolution: 1.71 at 2 bits, 1.09 at 4,
 1.005 at 8.
 
+With ``companding="sqrt"`` (the default for nearest rounding) the same scheme
+runs in the domain the quantizer rounds in, ``r = sqrt(y)``: positive ``r`` are
+shifted by ``c * max(r)``, the quantizer is given ``(r + offset)**2`` (whose
+root it takes again, within an ulp, far inside the 0.25-step margin), and
+decoding reads ``r`` straight from the codes (the same tensors decoded without
+companding), so the mask never depends on squaring a tiny value.
+
 Scales are kept in bfloat16: float16 steps underflow for small groups and
 overflow above 65504, either of which would break the exact mask.
 
@@ -23,6 +30,7 @@ gradient (one k-bit copy instead of a mask plus a k-bit input copy). Alone it
 keeps more than the mask. ``decode_relu_output`` gives that layer the values.
 """
 
+import dataclasses
 import math
 
 import torch
@@ -57,15 +65,17 @@ def _grouped(flat: torch.Tensor, group_size: int) -> torch.Tensor:
 def quantize_relu_output(y: torch.Tensor, options: ApproxOptions) -> QuantizedTensor:
     """Sign-preserving k-bit copy of a ReLU output ``y`` (all values >= 0)."""
     flat = y.detach().reshape(-1).float()
-    grouped = _grouped(flat, options.group_size)
+    companded = options.companding == "sqrt"
+    grouped = _grouped(flat.sqrt() if companded else flat, options.group_size)
     offset = offset_ratio(options.bits) * grouped.amax(dim=1, keepdim=True)
     shifted = torch.where(grouped > 0, grouped + offset, 0.0).reshape(-1)[: flat.numel()]
     return quantize(
-        shifted,
+        shifted.square() if companded else shifted,
         options.bits,
         group_size=options.group_size,
         stochastic=options.stochastic,
         scale_dtype=options.scale_dtype,
+        companding=options.companding,
     )
 
 
@@ -73,13 +83,17 @@ def decode_relu_output(
     q: QuantizedTensor, shape: torch.Size, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mask ``y > 0``, exact; values approximating ``y``) from ``quantize_relu_output``'s copy."""
-    decoded = _grouped(dequantize(q).reshape(-1), q.group_size)
+    # In the quantized domain (``sqrt(y)`` when companded): its codes decoded without companding.
+    in_domain = dataclasses.replace(q, companding="none")
+    decoded = _grouped(dequantize(in_domain).float().reshape(-1), q.group_size)
     levels = 2**q.bits - 1
     c = offset_ratio(q.bits)
     top = q.mins.float() + levels * q.scales.float()  # max + offset of each group
     offset = (c / (1 + c) * top)[:, None]
     positive = decoded > 0
     values = torch.where(positive, (decoded - offset).clamp_min(0), 0.0)
+    if q.companding == "sqrt":
+        values = values.square()
     numel = math.prod(shape)
     mask = positive.reshape(-1)[:numel].reshape(shape)
     return mask, values.reshape(-1)[:numel].reshape(shape).to(dtype)
@@ -99,7 +113,7 @@ class ApproxReLUFunction(torch.autograd.Function):
         ctx.quantized = should_quantize(y, options)
         if ctx.quantized:
             q = quantize_relu_output(y, options)
-            ctx.meta = (q.bits, q.group_size)
+            ctx.meta = (q.bits, q.group_size, q.companding)
             ctx.save_for_backward(*q.tensors())
         else:
             ctx.save_for_backward(y)
@@ -109,9 +123,9 @@ class ApproxReLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         if ctx.quantized:
-            bits, group_size = ctx.meta
+            bits, group_size, companding = ctx.meta
             q = QuantizedTensor.from_tensors(
-                ctx.saved_tensors, ctx.shape, torch.float32, bits, group_size
+                ctx.saved_tensors, ctx.shape, torch.float32, bits, group_size, companding
             )
             mask, _ = decode_relu_output(q, ctx.shape, ctx.dtype)
         else:
