@@ -72,7 +72,7 @@ def convert(
     Rule objects; see ``aalconvert.rules.available()``. ``rule_options``:
     ``ara_group`` (k, one k per stage, or ``"stage"``), ``asa_eps``,
     ``asa_lr_expansion``, ``asa_variant``, ``bits``, ``stochastic``,
-    ``group_size``, ``min_numel``. ``skip``: module names or a predicate
+    ``group_size``, ``min_numel``, ``companding``. ``skip``: module names or a predicate
     ``(module, name) -> bool``. ``example_inputs`` give shapes (else structure is used).
     The result shares the original Parameter objects (same state_dict keys);
     converting a converted model changes nothing. Unless ``inplace``, the

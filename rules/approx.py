@@ -65,7 +65,7 @@ class ApproxRule(ExactRule):
                 f"bits={options['bits']!r} contradicts rule 'approx{bits}'; "
                 f"drop bits= or choose the rule 'approx{options['bits']}'"
             )
-        known = ("stochastic", "group_size", "min_numel")
+        known = ("stochastic", "group_size", "min_numel", "companding")
         return cls(ApproxOptions(bits=bits, **{k: options[k] for k in known if k in options}))
 
     def find(self, facts: ModelFacts) -> tuple[list[Site], list[Skip]]:

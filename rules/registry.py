@@ -42,7 +42,7 @@ NAMES = ("auto", *_FACTORIES)
 OPTIONS_BY_RULE: dict[str, tuple[str, ...]] = {
     "ara": ("ara_group",),
     "asa": ("asa_eps", "asa_lr_expansion", "asa_variant"),
-    "approx": ("bits", "stochastic", "group_size", "min_numel"),
+    "approx": ("bits", "stochastic", "group_size", "min_numel", "companding"),
 }
 
 

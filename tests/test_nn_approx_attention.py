@@ -22,7 +22,7 @@ from aalconvert.nn.approx import ApproxLinear
 
 
 def decoded(x: torch.Tensor, bits: int) -> torch.Tensor:
-    return dequantize(quantize(x.detach(), bits, group_size=256))
+    return dequantize(quantize(x.detach(), bits, group_size=256, companding="sqrt"))
 
 
 def reference_grads(a, b, g, bits):
