@@ -51,14 +51,16 @@ from aalconvert.nn.approx import (
     ApproxSiLU,
     ApproxSoftmax,
 )
+from aalconvert.nn.approx_weighted import ApproxTransposedLinear
 from aalconvert.nn.ara import ARAConv1d, ARAConv2d, ARALinear
-from aalconvert.nn.asa import ASAConv1d, ASAConv2d, ASALinear
+from aalconvert.nn.asa import ASAConv1d, ASAConv2d, ASALinear, ASATransposedLinear
 from aalconvert.nn.lossless import CompactMaxPool2d, MaskDropout, MaskReLU
 from aalconvert.nn.recompute import (
     RecomputedInputConv1d,
     RecomputedInputConv2d,
     RecomputedInputConv3d,
     RecomputedInputLinear,
+    RecomputedInputTransposedLinear,
 )
 
 EXACT_KERNEL_TARGET = 1.05
@@ -284,8 +286,24 @@ def other_layers(s: Sizes) -> list[Layer]:
     ]
 
 
+def _zoo_layer_norm(conv1d: nn.Module) -> tuple[nn.Module, ...]:
+    return (nn.LayerNorm(conv1d.weight.shape[0]),)
+
+
+def gpt2_layers(s: Sizes) -> list[Layer]:
+    """The MLP input layer of GPT-2, a transformers Conv1D (weight stored (in, out))."""
+    from transformers.pytorch_utils import Conv1D  # the test extra; imported only here
+
+    d, m = s.dim, s.mlp
+    return [
+        Layer("GPT-2", f"Conv1D c_fc {d}->{m}", lambda: Conv1D(m, d), (s.batch, s.tokens, d),
+              (_exact(ASATransposedLinear), _approx(ApproxTransposedLinear),
+               _recompute(RecomputedInputTransposedLinear, _zoo_layer_norm, "LayerNorm"))),
+    ]
+
+
 def all_layers(sizes: Sizes) -> list[Layer]:
-    return resnet50_layers(sizes) + vit_b16_layers(sizes) + other_layers(sizes)
+    return resnet50_layers(sizes) + vit_b16_layers(sizes) + gpt2_layers(sizes) + other_layers(sizes)
 
 
 # ---------------------------------------------------------------------- measuring
