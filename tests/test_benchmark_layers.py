@@ -114,7 +114,7 @@ def test_approximate_variants_keep_a_4bit_copy_of_one_activation(rows):
     assert {row["variant"] for row in checked} == set(APPROX_INPUT_COPIES)
     for row in checked:
         scale_dtype = torch.bfloat16 if row["variant"] == "ApproxReLU" else torch.float16
-        expected = quantized_nbytes(row["input_numel"], 4, 256, scale_dtype)
+        expected = quantized_nbytes(row["input_numel"], 4, 64, scale_dtype)
         assert row["variant_bytes"] == expected, (row["variant"], row["layer"])
 
 

@@ -22,7 +22,7 @@ from aalconvert.nn.approx import ApproxLinear
 
 
 def decoded(x: torch.Tensor, bits: int) -> torch.Tensor:
-    return dequantize(quantize(x.detach(), bits, group_size=256, companding="sqrt"))
+    return dequantize(quantize(x.detach(), bits, group_size=256 if bits == 8 else 64, companding="sqrt"))
 
 
 def reference_grads(a, b, g, bits):
@@ -92,14 +92,14 @@ def test_approx_matmul_keeps_only_k_bit_copies_of_both_operands():
     a = torch.randn(4, 8, 64, 32, requires_grad=True)
     b = torch.randn(4, 8, 32, 64, requires_grad=True)
     saved = measure_saved(lambda: approx_matmul(a, b, ApproxOptions(bits=4)))
-    assert saved.nbytes == quantized_nbytes(a.numel(), 4, 256) + quantized_nbytes(b.numel(), 4, 256)
+    assert saved.nbytes == quantized_nbytes(a.numel(), 4, 64) + quantized_nbytes(b.numel(), 4, 64)
 
 
 def test_approx_matmul_copies_an_operand_only_when_the_other_needs_a_gradient():
     a = torch.randn(4, 64, 64, requires_grad=True)
     b = torch.randn(4, 64, 64)  # no gradient: a's copy (needed only for db) is not made
     saved = measure_saved(lambda: approx_matmul(a, b, ApproxOptions(bits=4)))
-    assert saved.nbytes == quantized_nbytes(b.numel(), 4, 256)
+    assert saved.nbytes == quantized_nbytes(b.numel(), 4, 64)
 
 
 def test_approx_matmul_of_vectors_and_without_grad_is_torch_matmul():
@@ -155,7 +155,7 @@ def test_variant_keeps_k_bit_attention_operands_instead_of_full_ones():
     # output and k-bit v (the probabilities after dropout are rebuilt from them).
     head = batch * heads * tokens * (dim // heads)
     square = batch * heads * tokens * tokens
-    q4 = lambda n: quantized_nbytes(n, 4, 256)
+    q4 = lambda n: quantized_nbytes(n, 4, 64)
     expected = 2 * 4 * batch * tokens * dim + 3 * q4(head) + q4(square)
     assert saved.nbytes == expected
     g = torch.randn(saved.output.shape)

@@ -85,7 +85,7 @@ def test_eval_mode_no_grad_and_hooked_dropout_run_the_original_ops():
 
 
 def decoded(x: torch.Tensor, bits: int) -> torch.Tensor:
-    return dequantize(quantize(x.detach(), bits, group_size=256, companding="sqrt"))
+    return dequantize(quantize(x.detach(), bits, group_size=256 if bits == 8 else 64, companding="sqrt"))
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
@@ -122,5 +122,5 @@ def test_k_bit_form_keeps_k_bit_y_and_v_and_a_1_bit_mask():
         lambda: softmax_dropout_matmul(scores, wide[..., :head_dim], -1, nn.Dropout(0.1), ApproxOptions(bits=4, min_numel=0))
     )
     square, values = math.prod(batch) * tokens * tokens, math.prod(batch) * tokens * head_dim
-    q4 = lambda n: quantized_nbytes(n, 4, 256)
+    q4 = lambda n: quantized_nbytes(n, 4, 64)
     assert saved.nbytes == q4(square) + q4(values) + math.ceil(square / 8)

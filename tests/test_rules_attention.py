@@ -88,7 +88,7 @@ def test_vit_attention_operands_drop_by_the_quantization_formula():
     heads, dim = vit.num_heads, vit.dim
     per_head = batch * tokens * dim  # q, k or v over all heads
     scores = batch * heads * tokens * tokens
-    q4 = lambda n: quantized_nbytes(n, 4, 256)
+    q4 = lambda n: quantized_nbytes(n, 4, 64)
     # BP core, fp32: q*scale; contiguous copies of k^T and v (the head split leaves views that
     # torch's batched product must copy); the softmax output (dropout p=0 hands the same
     # tensor to the second product).

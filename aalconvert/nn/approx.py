@@ -1,7 +1,7 @@
 """Approximate activations (methods.md section 3): exact forward, k-bit copy kept for backward.
 
 Each variant is built from a torch module with ``Variant.from_module(module,
-bits=4, stochastic=False, group_size=256, min_numel=4096)`` and shares its
+bits=4, stochastic=False, group_size=None, min_numel=4096)`` and shares its
 Parameters; ``to_module()`` gives the torch module back. Parameters are never
 quantized, and activations with fewer than ``min_numel`` elements are kept exact.
 The pieces live in ``approx_common`` (options, saving), ``approx_weighted``
