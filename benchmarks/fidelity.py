@@ -10,6 +10,9 @@ learning curves when matplotlib is installed.
     python benchmarks/fidelity.py                     # defaults: 3 seeds, every example and rule set
     python benchmarks/fidelity.py --quick             # tiny models, 20 steps, 1 seed (a minute or two)
     python benchmarks/fidelity.py --seeds 1 --examples resnet_basic,gpt --out /tmp/fidelity
+
+Parts run in parallel (say, one process per core, each with its own --examples
+and --out) become one table with ``--merge part1.json part2.json --out ...``.
 """
 
 from __future__ import annotations
@@ -158,33 +161,29 @@ def plot(runs: list[RunResult], path: Path) -> str:
     return f"plot written to {path}"
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--examples", default=",".join(TRAIN_CONFIGS), help="comma-separated example names")
-    parser.add_argument("--rules", default=",".join(RULE_SETS), help="comma-separated rule sets ('+'-joined names)")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per rule set (default 3)")
-    parser.add_argument("--steps", type=int, help="optimizer steps per run (default: each example's)")
-    parser.add_argument("--quick", action="store_true", help="tiny models, 20 steps, 1 seed")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (default 1)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/fidelity"),
-                        help="path prefix for .md, .json and .png (default benchmarks/results/fidelity)")
-    args = parser.parse_args(argv)
-    names, rule_sets = args.examples.split(","), args.rules.split(",")
-    unknown = [n for n in names if n not in TRAIN_CONFIGS]
-    if unknown:
-        parser.error(f"unknown examples {unknown}; choose from {list(TRAIN_CONFIGS)}")
-    for rules in rule_sets:
-        try:
-            rule_list(rules)
-        except ValueError as error:
-            parser.error(str(error))
-    if BP not in rule_sets:
-        rule_sets.insert(0, BP)  # every ratio is to the same seed's BP run
+def load_parts(paths: list[Path]) -> tuple[list[RunResult], dict[tuple[str, str], str], str]:
+    """(runs, skipped rule sets, header) of earlier runs' JSON files, refusing a run present twice."""
+    runs: list[RunResult] = []
+    skipped: dict[tuple[str, str], str] = {}
+    headers = []
+    for path in paths:
+        data = json.loads(path.read_text())
+        headers.append(data["header"])
+        runs.extend(RunResult(**run) for run in data["runs"])
+        skipped.update({(row["example"], row["rules"]): row["skipped"] for row in data["rows"] if "skipped" in row})
+    keys = [(r.example, r.rules, r.seed) for r in runs]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise SystemExit(f"--merge: runs {repeated} appear in more than one file; merge disjoint parts only")
+    return runs, skipped, "Merged from:\n\n" + "\n".join(f"- {header}" for header in headers)
+
+
+def train_all(args: argparse.Namespace, names: list[str], rule_sets: list[str]
+              ) -> tuple[list[RunResult], dict[tuple[str, str], str], str]:
+    """Train every example with every rule set and seed; (runs, skipped rule sets, header)."""
     seeds = 1 if args.quick else args.seeds
     steps = args.steps or (20 if args.quick else None)
     torch.set_num_threads(args.threads)
-
     runs: list[RunResult] = []
     skipped: dict[tuple[str, str], str] = {}
     for example in names:
@@ -200,12 +199,48 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 runs.append(result)
                 print(f"{example:18s} {rules:13s} seed {seed}: {result.metric} {result.final_metric:.3f}, "
                       f"kept {result.kept_bytes} B, step {1e3 * result.step_time_s:.1f} ms", flush=True)
-
-    rows = summarise(runs, skipped)
-    command = "python benchmarks/fidelity.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python benchmarks/fidelity.py " + " ".join(args.argv)
     header = (f"Fidelity: `{command.strip()}` ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
               f"torch {torch.__version__}, Python {platform.python_version()}, {args.device}, "
               f"{seeds} seed(s), steps {'per example' if steps is None else steps})")
+    return runs, skipped, header
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--examples", default=",".join(TRAIN_CONFIGS), help="comma-separated example names")
+    parser.add_argument("--rules", default=",".join(RULE_SETS), help="comma-separated rule sets ('+'-joined names)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per rule set (default 3)")
+    parser.add_argument("--steps", type=int, help="optimizer steps per run (default: each example's)")
+    parser.add_argument("--quick", action="store_true", help="tiny models, 20 steps, 1 seed")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (default 1)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/fidelity"),
+                        help="path prefix for .md, .json and .png (default benchmarks/results/fidelity)")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                        help="write the table from these earlier runs' JSON files instead of training")
+    args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
+    names, rule_sets = args.examples.split(","), args.rules.split(",")
+    unknown = [n for n in names if n not in TRAIN_CONFIGS]
+    if unknown:
+        parser.error(f"unknown examples {unknown}; choose from {list(TRAIN_CONFIGS)}")
+    for rules in rule_sets:
+        try:
+            rule_list(rules)
+        except ValueError as error:
+            parser.error(str(error))
+    if BP not in rule_sets:
+        rule_sets.insert(0, BP)  # every ratio is to the same seed's BP run
+
+    if args.merge:
+        missing = [str(path) for path in args.merge if not path.is_file()]
+        if missing:
+            parser.error(f"--merge: no such file(s) {missing}")
+        runs, skipped, header = load_parts(args.merge)
+    else:
+        runs, skipped, header = train_all(args, names, rule_sets)
+    rows = summarise(runs, skipped)
     table = markdown(rows, header)
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)

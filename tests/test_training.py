@@ -148,10 +148,15 @@ def test_command_line_compares_with_bp_and_writes_json(tmp_path, capsys):
     assert records[0]["kept_bytes"] < records[1]["kept_bytes"]
 
 
-def test_fidelity_quick_writes_table_and_json_with_exact_meeting_its_target(tmp_path):
+def load_fidelity():
     spec = importlib.util.spec_from_file_location("fidelity", FIDELITY_SCRIPT)
     fidelity = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fidelity)
+    return fidelity
+
+
+def test_fidelity_quick_writes_table_and_json_with_exact_meeting_its_target(tmp_path):
+    fidelity = load_fidelity()
     prefix = tmp_path / "fidelity"
     rows = fidelity.main(["--quick", "--examples", "resnet_basic", "--rules", "exact,ara,asa",
                           "--steps", "4", "--out", str(prefix)])
@@ -163,3 +168,18 @@ def test_fidelity_quick_writes_table_and_json_with_exact_meeting_its_target(tmp_
     table = prefix.with_suffix(".md").read_text()
     assert "| resnet_basic | test accuracy (%) | exact |" in table
     assert len(json.loads(prefix.with_suffix(".json").read_text())["runs"]) == 3
+
+
+def test_fidelity_merge_rebuilds_one_table_from_parts_run_apart(tmp_path):
+    fidelity = load_fidelity()
+    part = lambda example: ["--quick", "--examples", example, "--rules", "exact,asa", "--steps", "3",
+                            "--out", str(tmp_path / example)]  # fmt: skip
+    rows = fidelity.main(part("resnet_basic")) + fidelity.main(part("gpt"))
+    merged = fidelity.main(["--merge", str(tmp_path / "resnet_basic.json"), str(tmp_path / "gpt.json"),
+                            "--out", str(tmp_path / "merged")])
+    assert json.dumps(merged) == json.dumps(rows)  # skipped rows (ASA on the ResNet) included; NaN-safe
+    table = (tmp_path / "merged.md").read_text()
+    assert "| resnet_basic | | asa | n/a (no ASA layer) |" in table and "| gpt | validation loss" in table
+    with pytest.raises(SystemExit, match="appear in more than one file"):
+        fidelity.main(["--merge", str(tmp_path / "gpt.json"), str(tmp_path / "merged.json"),
+                       "--out", str(tmp_path / "again")])
