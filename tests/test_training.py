@@ -9,6 +9,8 @@ log of an ASA model is positive. No timing figure is checked beyond being positi
 import importlib.util
 import json
 import math
+import subprocess
+import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -183,3 +185,17 @@ def test_fidelity_merge_rebuilds_one_table_from_parts_run_apart(tmp_path):
     with pytest.raises(SystemExit, match="appear in more than one file"):
         fidelity.main(["--merge", str(tmp_path / "gpt.json"), str(tmp_path / "merged.json"),
                        "--out", str(tmp_path / "again")])
+
+
+@pytest.mark.parametrize("module, example", [
+    ("resnet", "resnet_basic"), ("resnet", "resnet_bottleneck"), ("vit", "vit"), ("mixer", "mixer"),
+    ("bert", "bert"), ("gpt", "gpt"), ("transformer", "transformer"),
+])
+def test_every_example_module_is_a_training_script(module, example):
+    extra = [example] if module == "resnet" and example != "resnet_basic" else []
+    done = subprocess.run(
+        [sys.executable, "-m", f"examples.{module}", *extra, "--smoke", "--rules", "exact", "--steps", "2"],
+        cwd=FIDELITY_SCRIPT.parents[1], capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert f"{example} [exact] seed 0:" in done.stdout and "forward kept" in done.stdout
