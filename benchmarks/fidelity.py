@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/fidelity"),
                         help="path prefix for .md, .json and .png (default benchmarks/results/fidelity)")
     parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
-                        help="write the table from these earlier runs' JSON files instead of training")
+                        help="write the table from these earlier runs' JSON files instead of training "
+                             "(parts split by --examples; only --out applies)")
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
     names, rule_sets = args.examples.split(","), args.rules.split(",")
@@ -234,6 +235,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rule_sets.insert(0, BP)  # every ratio is to the same seed's BP run
 
     if args.merge:
+        training_options = ("examples", "rules", "seeds", "steps", "quick", "device", "threads")
+        given = [f"--{name}" for name in training_options if getattr(args, name) != parser.get_default(name)]
+        if given:
+            parser.error(f"--merge takes the runs as they are in the files; drop {', '.join(given)}")
         missing = [str(path) for path in args.merge if not path.is_file()]
         if missing:
             parser.error(f"--merge: no such file(s) {missing}")

@@ -19,6 +19,7 @@ slows down mid-run slows every rule alike.
 """
 
 import argparse
+import gc
 import json
 import platform
 import statistics
@@ -35,6 +36,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import aalconvert  # noqa: E402
+from aalconvert.errors import ConversionError  # noqa: E402
 from aalconvert.memory import measure_saved  # noqa: E402
 from examples import EXAMPLES  # noqa: E402
 
@@ -100,9 +102,7 @@ def kept_bytes(trainer: Trainer, device: torch.device) -> int:
 
 
 def step_times(trainers: dict[str, Trainer], rounds: int, device: torch.device) -> dict[str, float]:
-    """Median step time per rule set, the rule sets interleaved in every round after one warm-up step."""
-    for trainer in trainers.values():
-        trainer.step()  # warm-up: lazy initialisation, kernel compilation, optimizer state
+    """Median step time per rule set, the rule sets interleaved in every round."""
     times: dict[str, list[float]] = {rules: [] for rules in trainers}
     for _ in range(rounds):
         for rules, trainer in trainers.items():
@@ -135,9 +135,14 @@ def largest_fitting(fits: Callable[[int], bool], limit: int = MAX_BATCH_LIMIT) -
     return good
 
 
+def release_cuda_memory() -> None:
+    """Free what dropped models still hold: a model and its optimizer form a reference cycle."""
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def step_fits(name: str, rule_set: str, batch: int, device: torch.device) -> bool:
     """True when two full training steps at ``batch`` run without a CUDA out-of-memory error."""
-    trainer = None
     try:
         inputs = make_inputs(name, batch, device)
         trainer = Trainer(build(name, rule_set, inputs, device), inputs)
@@ -146,17 +151,19 @@ def step_fits(name: str, rule_set: str, batch: int, device: torch.device) -> boo
         return True
     except torch.OutOfMemoryError:
         return False
+    except ConversionError as error:  # tracing on example values ran out of memory
+        if isinstance(error.__cause__, torch.OutOfMemoryError):
+            return False
+        raise
     finally:
-        del trainer
-        torch.cuda.empty_cache()
+        inputs = trainer = None
+        release_cuda_memory()
 
 
 def max_batches(name: str, rule_sets: list[str], cap_gib: float, device: torch.device) -> dict[str, int]:
     """Largest batch per rule set (BP included) whose training step fits under ``cap_gib`` GiB."""
-    total = torch.cuda.get_device_properties(device).total_memory
-    fraction = cap_gib * 2**30 / total
-    if not 0 < fraction <= 1:
-        raise SystemExit(f"--cap-gib {cap_gib} must be above 0 and at most the device's {total / 2**30:.1f} GiB")
+    release_cuda_memory()
+    fraction = cap_gib * 2**30 / torch.cuda.get_device_properties(device).total_memory
     torch.cuda.set_per_process_memory_fraction(fraction, device)
     try:
         return {rules: largest_fitting(lambda n: step_fits(name, rules, n, device)) for rules in [BP, *rule_sets]}
@@ -168,6 +175,10 @@ def measure_example(name: str, batch: int, rule_sets: list[str], rounds: int, de
     """One row per rule set: bytes kept and step time, each with its ratio to BP at this batch."""
     inputs = make_inputs(name, batch, device)
     trainers = {rules: Trainer(build(name, rules, inputs, device), inputs) for rules in [BP, *rule_sets]}
+    for trainer in trainers.values():
+        # Warm-up before anything is measured: lazy initialisation, kernel compilation,
+        # library workspaces (allocated once, on the first matmuls) and optimizer state.
+        trainer.step()
     kept = {rules: kept_bytes(trainer, device) for rules, trainer in trainers.items()}
     times = step_times(trainers, rounds, device)
     return [{"example": name, "batch": batch, "rules": rules,
@@ -212,8 +223,14 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was given but torch sees no CUDA device")
-    if args.cap_gib is not None and device.type != "cuda":
-        parser.error("--cap-gib needs --device cuda (the cap is a CUDA allocator limit)")
+    if device.type == "cuda" and device.index is None:  # the memory-fraction call needs an index
+        device = torch.device("cuda", torch.cuda.current_device())
+    if args.cap_gib is not None:
+        if device.type != "cuda":
+            parser.error("--cap-gib needs --device cuda (the cap is a CUDA allocator limit)")
+        total_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+        if not 0 < args.cap_gib <= total_gib:
+            parser.error(f"--cap-gib must be above 0 and at most the device's {total_gib:.1f} GiB")
     torch.set_num_threads(args.threads)
 
     rows: list[dict] = []
@@ -228,6 +245,8 @@ def main(argv: list[str] | None = None) -> dict:
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
               "command": "python benchmarks/memory.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "batches": batches, "rounds": args.rounds, "rows": rows}
+    if args.json:  # written now too, so a failing batch search cannot lose the measurements
+        args.json.write_text(json.dumps(result, indent=2))
     if args.cap_gib is not None:
         result["cap_gib"] = args.cap_gib
         result["max_batch"] = {}

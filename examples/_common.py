@@ -1,5 +1,4 @@
-"""The ``example_inputs`` / ``output_shape`` functions the image and token-id examples share,
-and the entry point that makes each example module a training script.
+"""The ``example_inputs`` / ``output_shape`` functions the image and token-id examples share.
 
 Each factory takes the module's default config (a frozen dataclass) and returns
 the module-level function; the function applies the same ``**overrides`` as
@@ -7,7 +6,6 @@ the module-level function; the function applies the same ``**overrides`` as
 """
 
 import dataclasses
-import sys
 from collections.abc import Callable
 
 import torch
@@ -49,17 +47,3 @@ def logits_shape(default: object, *fields: str) -> Callable[..., tuple[int, ...]
 
     output_shape.__doc__ = f"Shape of the logits for a batch: ``(batch, {', '.join(fields)})``."
     return output_shape
-
-
-def train_from_command_line(default_example: str) -> None:
-    """``python -m examples.<module> [options]``: ``examples.train`` on this module's example.
-
-    The options are ``examples.train``'s (``--rules``, ``--compare-bp``, ``--device``, ...);
-    an example name given first (``resnet_bottleneck``) replaces the default.
-    """
-    from examples.train import TRAIN_CONFIGS, main  # imported late: train imports every example
-
-    argv = sys.argv[1:]
-    if not argv or argv[0] not in TRAIN_CONFIGS:
-        argv = [default_example, *argv]
-    main(argv)

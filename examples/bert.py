@@ -243,9 +243,3 @@ output_shape = logits_shape(CONFIG, "seq_len", "vocab_size")
 
 # Per-sample shape of the default input (token positions); the batch dimension comes first.
 input_shape = (CONFIG.seq_len,)
-
-
-if __name__ == "__main__":  # python -m examples.bert --rules auto --compare-bp
-    from examples._common import train_from_command_line
-
-    train_from_command_line("bert")

@@ -136,9 +136,3 @@ output_shape = logits_shape(CONFIG, "num_classes")
 
 # Per-sample shape of the default input (channels, height, width); the batch dimension comes first.
 input_shape = (CONFIG.in_channels, CONFIG.image_size, CONFIG.image_size)
-
-
-if __name__ == "__main__":  # python -m examples.mixer --rules auto --compare-bp
-    from examples._common import train_from_command_line
-
-    train_from_command_line("mixer")

@@ -215,9 +215,3 @@ output_shape = logits_shape(CONFIG, "num_classes")
 
 # Per-sample shape of the default input (channels, height, width); the batch dimension comes first.
 input_shape = (CONFIG.in_channels, CONFIG.image_size, CONFIG.image_size)
-
-
-if __name__ == "__main__":  # python -m examples.resnet --rules auto --compare-bp  # or: python -m examples.resnet resnet_bottleneck ...
-    from examples._common import train_from_command_line
-
-    train_from_command_line("resnet_basic")

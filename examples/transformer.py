@@ -231,9 +231,3 @@ def output_shape(batch_size: int = 4, **overrides) -> tuple[int, ...]:
 
 # Per-sample shapes of the default inputs (source positions, target positions); batch comes first.
 input_shape = ((CONFIG.src_len,), (CONFIG.tgt_len,))
-
-
-if __name__ == "__main__":  # python -m examples.transformer --rules auto --compare-bp
-    from examples._common import train_from_command_line
-
-    train_from_command_line("transformer")

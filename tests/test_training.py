@@ -182,20 +182,20 @@ def test_fidelity_merge_rebuilds_one_table_from_parts_run_apart(tmp_path):
     assert json.dumps(merged) == json.dumps(rows)  # skipped rows (ASA on the ResNet) included; NaN-safe
     table = (tmp_path / "merged.md").read_text()
     assert "| resnet_basic | | asa | n/a (no ASA layer) |" in table and "| gpt | validation loss" in table
+    with pytest.raises(SystemExit):  # training options do not apply to runs already made
+        fidelity.main(["--merge", str(tmp_path / "gpt.json"), "--seeds", "2", "--out", str(tmp_path / "x")])
     with pytest.raises(SystemExit, match="appear in more than one file"):
         fidelity.main(["--merge", str(tmp_path / "gpt.json"), str(tmp_path / "merged.json"),
                        "--out", str(tmp_path / "again")])
 
 
-@pytest.mark.parametrize("module, example", [
-    ("resnet", "resnet_basic"), ("resnet", "resnet_bottleneck"), ("vit", "vit"), ("mixer", "mixer"),
-    ("bert", "bert"), ("gpt", "gpt"), ("transformer", "transformer"),
-])
-def test_every_example_module_is_a_training_script(module, example):
-    extra = [example] if module == "resnet" and example != "resnet_basic" else []
+def test_training_command_line_runs_an_example_next_to_bp():
     done = subprocess.run(
-        [sys.executable, "-m", f"examples.{module}", *extra, "--smoke", "--rules", "exact", "--steps", "2"],
+        [sys.executable, "-m", "examples.train", "resnet_bottleneck", "--smoke", "--rules", "exact",
+         "--steps", "2", "--compare-bp"],
         cwd=FIDELITY_SCRIPT.parents[1], capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert f"{example} [exact] seed 0:" in done.stdout and "forward kept" in done.stdout
+    assert "Warning" not in done.stderr, done.stderr
+    assert "resnet_bottleneck [exact] seed 0:" in done.stdout and "resnet_bottleneck [bp] seed 0:" in done.stdout
+    assert "exact / bp: forward kept" in done.stdout

@@ -27,8 +27,9 @@ ALLOWED_SCALE_DTYPES = (torch.float16, torch.bfloat16)
 ALLOWED_COMPANDINGS = ("auto", "sqrt", "none")
 QUANTIZABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Default elements per (min, scale) pair. At 8 bits a 256-element group's steps
-# are fine enough even with outliers; at 4 and 2 bits 64-element groups cost 1/16
-# byte per element more but confine an outlier's coarse steps to 64 neighbours.
+# are fine enough even with outliers; at 4 and 2 bits 64-element groups cost 3/64
+# byte per element more (4 bytes per 64 elements instead of per 256) but confine
+# an outlier's coarse steps to 64 neighbours.
 DEFAULT_GROUP_SIZE = {8: 256, 4: 64, 2: 64}
 
 
