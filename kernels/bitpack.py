@@ -12,6 +12,7 @@ Unpacking decodes each bit as ``bool`` (False/True), ``binary`` (0/1) or
 """
 
 import math
+import sys
 
 import torch
 
@@ -19,6 +20,15 @@ from aalconvert.kernels.dispatch import use_triton
 
 DECODINGS = ("bool", "binary", "sign")
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+# Packing eight 0/1 bytes at once: read them as one little-endian int64 v (byte j
+# is bit j); v * _GATHER has bit j of v's byte j at bit 56 + j, with no other
+# term reaching bits 56..63, so (v * _GATHER) >> 56 is the packed byte (the
+# product wraps modulo 2**64, which leaves those bits alone). Unpacking looks
+# each byte up in a 256 x 8 table. Both are several times faster on CPU than a
+# per-bit multiply-and-sum and give the same bytes (tests/test_kernels_bitpack.py).
+_GATHER = 0x0102040810204080
+_UNPACK_TABLE = (torch.arange(256, dtype=torch.uint8).view(-1, 1) & _BIT_WEIGHTS) != 0
+assert sys.byteorder == "little", "the int64 view of eight mask bytes assumes a little-endian machine"
 
 
 def packed_nbytes(numel: int) -> int:
@@ -33,16 +43,15 @@ def _bits_of(x: torch.Tensor) -> torch.Tensor:
 def _pack_reference(x: torch.Tensor) -> torch.Tensor:
     bits = _bits_of(x).reshape(-1)
     pad = (-bits.numel()) % 8
-    if pad:
+    if pad or bits.storage_offset() % 8:  # whole, 8-byte aligned int64 words
         bits = torch.cat([bits, bits.new_zeros(pad)])
-    weights = _BIT_WEIGHTS.to(bits.device)
-    return (bits.view(-1, 8).to(torch.uint8) * weights).sum(dim=1, dtype=torch.uint8)
+    words = bits.view(torch.uint8).view(torch.int64)
+    return ((words * _GATHER) >> 56).to(torch.uint8)
 
 
 def _unpack_reference(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    weights = _BIT_WEIGHTS.to(packed.device)
-    bits = (packed.view(-1, 1) & weights) != 0
-    return bits.reshape(-1)[:numel]
+    table = _UNPACK_TABLE.to(packed.device)
+    return table.index_select(0, packed.int()).reshape(-1)[:numel]
 
 
 def pack_bits(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:

@@ -307,11 +307,14 @@ def quantize_reference(
     pad = groups * group_size - numel
     levels = 2**bits - 1
 
-    padded = torch.nn.functional.pad(flat, (0, pad)).view(groups, group_size)
-    valid = torch.arange(groups * group_size, device=x.device).view(groups, group_size) < numel
-    low = torch.where(valid, padded, math.inf).amin(dim=1)
-    high = torch.where(valid, padded, -math.inf).amax(dim=1)
-    finite = torch.where(valid, padded.isfinite(), True).all(dim=1)
+    # The last group is padded with copies of its own first element, which change neither
+    # its min, its max nor its finiteness; the padding's codes are dropped when packing.
+    if pad:
+        flat = torch.cat([flat, flat[(groups - 1) * group_size].expand(pad)])
+    padded = flat.view(groups, group_size)
+    low = padded.amin(dim=1)
+    high = padded.amax(dim=1)
+    finite = padded.isfinite().all(dim=1)
 
     mins = step_toward(low.to(scale_dtype), low, -1)
     step = (high - mins.float()) / levels
@@ -328,7 +331,7 @@ def quantize_reference(
         offset = 0.5
     scaled = (padded - mins.float()[:, None]) / scales.float()[:, None]
     codes = torch.floor(scaled + offset).clamp(0, levels)
-    usable = valid & (good & (scales != 0))[:, None]
+    usable = (good & (scales != 0))[:, None]
     codes = torch.where(usable, codes, 0).to(torch.uint8).reshape(-1)
     return _pack_codes(codes, numel, bits), mins, scales
 

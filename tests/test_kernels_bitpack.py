@@ -44,6 +44,17 @@ def test_layout_puts_element_i_at_bit_i_mod_8_of_byte_i_div_8():
     assert pack_bits(x).tolist() == [0b00001001, 0b00000011]
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_every_byte_value_packs_and_unpacks_bit_by_bit(backend):
+    # All 256 patterns of eight elements, against a bit-by-bit definition of the layout.
+    patterns = [[(value >> bit) & 1 == 1 for bit in range(8)] for value in range(256)]
+    bits = torch.tensor(patterns).reshape(-1)
+    assert pack_bits(bits, backend=backend).tolist() == list(range(256))
+    assert unpack_bits(torch.arange(256, dtype=torch.uint8), bits.shape, backend=backend).tolist() == bits.tolist()
+    shifted = torch.cat([torch.ones(3, dtype=torch.bool), bits])[3:]  # a view whose storage starts mid-word
+    assert pack_bits(shifted, backend=backend).tolist() == list(range(256))
+
+
 @pytest.mark.parametrize("numel", [0, 1, 7, 8, 513, 10**5 + 3])
 @pytest.mark.parametrize("dtype", INPUT_DTYPES)
 def test_triton_matches_reference_bytes_over_sizes(numel, dtype):
