@@ -5,6 +5,10 @@ Forward stays exact (methods.md section 3). Zoo transposed linears (GPT-2's
 ReLU, dropout and max-pool take their lossless variants here too: a 1-bit mask is smaller than any k-bit copy
 and exact, so the approximate rule never quantizes what a mask can hold.
 
+Zoo activations and norms (``NewGELUActivation``, ``LlamaRMSNorm``, which no
+type table can list either) keep a k-bit copy of their input and run their
+forward again in backward (``aalconvert.nn.zoo_pointwise``).
+
 Attention cores written with functional ops (``softmax``, ``q @ k^T``,
 ``probs @ v`` inside a module's forward) are part of this rule too
 (``aalconvert.rules.attention``): the module making those calls becomes an
@@ -25,9 +29,11 @@ from aalconvert.nn.approx_attention import ApproxAttention
 from aalconvert.nn.approx_common import ApproxOptions
 from aalconvert.nn.approx_weighted import ApproxTransposedLinear
 from aalconvert.nn.zoo_linear import is_transposed_linear, transposed_linear_problem
+from aalconvert.nn.zoo_pointwise import PointwiseVariant
 from aalconvert.rules.attention import PAYLOAD_KEY, apply_attention_site, attention_sites
 from aalconvert.rules.base import Site, Skip
 from aalconvert.rules.exact import ExactRule
+from aalconvert.rules.recompute import POINTWISE_KEY, pointwise_sites
 from aalconvert.rules.swap import TypeSwapRule
 from aalconvert.rules.wiring import swap_module
 
@@ -72,7 +78,8 @@ class ApproxRule(ExactRule):
         # Every ReLU takes its mask: the layers reading it keep a k-bit copy, not the output.
         sites, skips = TypeSwapRule.find(self, facts)
         zoo_sites, zoo_skips = self._transposed_linear_sites(facts)
-        sites, skips = sites + zoo_sites, skips + zoo_skips
+        pointwise, pointwise_skips = pointwise_sites(self.name, facts, self.options.bits)
+        sites, skips = sites + zoo_sites + pointwise, skips + zoo_skips + pointwise_skips
         core_sites, core_skips = attention_sites(
             facts, self.name, ApproxAttention, self.option_values(),
             f"keeps {self.options.bits}-bit copies of its functional softmax outputs and matmul operands",
@@ -96,6 +103,8 @@ class ApproxRule(ExactRule):
         if PAYLOAD_KEY in site.payload:
             return apply_attention_site(model, site, self.option_values())
         module = model.get_submodule(site.module_name)
+        if POINTWISE_KEY in site.payload:
+            return swap_module(model, site.module_name, PointwiseVariant.from_module(module, **self.option_values()))
         if is_transposed_linear(module):
             variant = ApproxTransposedLinear.from_module(module, **self.option_values())
             return swap_module(model, site.module_name, variant)

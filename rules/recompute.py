@@ -6,6 +6,10 @@ keeps nothing of its own and rebuilds its input in backward (methods.md section 
 inside such chains keep a 1-bit mask, else they would keep the very tensor the
 layer stopped keeping.
 
+Zoo activations and norms (Hugging Face ``NewGELUActivation``, ``LlamaRMSNorm``)
+whose BP keeps more than their input keep only the input and run their forward
+again in backward (``aalconvert.nn.zoo_pointwise``; exact).
+
 Attention cores too (``aalconvert.rules.attention``): a module whose own forward
 computes ``matmul(dropout(softmax(s)), v)`` becomes a ``RecomputedAttention``
 that rebuilds the dropped probabilities in backward from the softmax output
@@ -28,6 +32,7 @@ from aalconvert.nn.recompute import (
 )
 from aalconvert.nn.recompute_attention import RecomputedAttention
 from aalconvert.nn.zoo_linear import is_transposed_linear
+from aalconvert.nn.zoo_pointwise import PointwiseVariant, bp_keeps_more_than_input, pointwise_problem
 from aalconvert.rules.attention import PAYLOAD_KEY, apply_attention_site, attention_sites
 from aalconvert.rules.base import Rule, Site, Skip
 from aalconvert.rules.wiring import TensorSlot, swap_module
@@ -96,7 +101,7 @@ class RecomputeRule(Rule):
         return cls()
 
     def find(self, facts: ModelFacts) -> tuple[list[Site], list[Skip]]:
-        sites, skips = [], []
+        sites, skips = pointwise_sites(self.name, facts, None)
         for name, nodes in facts.call_nodes.items():
             if _recompute_variant(facts.modules[name]) is None:
                 continue
@@ -134,6 +139,8 @@ class RecomputeRule(Rule):
         if PAYLOAD_KEY in site.payload:
             return apply_attention_site(model, site, {})
         module = model.get_submodule(site.module_name)
+        if POINTWISE_KEY in site.payload:
+            return swap_module(model, site.module_name, PointwiseVariant.from_module(module))
         if "chain" not in site.payload:
             return swap_module(model, site.module_name, MaskReLU.from_module(module))
         chain: Chain = site.payload["chain"]
@@ -143,3 +150,22 @@ class RecomputeRule(Rule):
         model = swap_module(model, site.module_name, variant)
         TensorSlot("chain_input").wire(model.get_submodule(chain.start), [variant])
         return model
+
+
+POINTWISE_KEY = "pointwise"
+
+
+def pointwise_sites(rule: str, facts: ModelFacts, bits: int | None) -> tuple[list[Site], list[Skip]]:
+    """Sites for zoo activations/norms: keep the exact input (``bits`` None) or a k-bit copy of it."""
+    sites, skips = [], []
+    for name, module in facts.modules.items():
+        if pointwise_problem(module) is not None:
+            continue
+        if bits is None and not bp_keeps_more_than_input(module):
+            skips.append(Skip(rule, name, f"{type(module).__name__} keeps only its input under BP already"))
+            continue
+        kept = "only its input" if bits is None else f"a {bits}-bit copy of its input"
+        exact = " (exact)" if bits is None else ""
+        reason = f"keeps {kept}; its forward runs again in backward{exact}"
+        sites.append(Site(rule, name, reason, payload={POINTWISE_KEY: True}))
+    return sites, skips

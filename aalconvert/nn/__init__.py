@@ -12,6 +12,7 @@ from aalconvert.nn import (
     lossless,
     recompute,
     traced_forward,
+    zoo_pointwise,
 )
 
 CONVERTED_TYPES: tuple[type, ...] = (
@@ -42,4 +43,5 @@ CONVERTED_TYPES: tuple[type, ...] = (
     approx.ApproxSoftmax,
     approx.ApproxReLU,
     traced_forward.TracedForwardVariant,
+    zoo_pointwise.PointwiseVariant,
 )

@@ -1,0 +1,179 @@
+"""Zoo activations and norms keeping only their input (aalconvert.nn.zoo_pointwise).
+
+References are the zoo modules themselves under torch autograd: the exact
+variant must give BP's outputs and gradients bit for bit; the k-bit variant
+must give BP's output and the gradients autograd computes at the decoded input.
+"""
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+from transformers.activations import GELUActivation, NewGELUActivation
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+import aalconvert
+from aalconvert.errors import ConversionError
+from aalconvert.kernels import dequantize, quantize, quantized_nbytes
+from aalconvert.memory import measure_saved
+from aalconvert.nn.approx import ApproxLayerNorm
+from aalconvert.nn.zoo_pointwise import PointwiseVariant, bp_keeps_more_than_input
+
+
+class ScaledTanhActivation(nn.Module):
+    """A user's own activation: recognised by its name like a zoo one."""
+
+    def forward(self, x):
+        return 1.7 * torch.tanh(0.6 * x) + 0.01 * x
+
+
+def rms_norm():
+    norm = LlamaRMSNorm(33)
+    with torch.no_grad():
+        norm.weight.add_(0.5 * torch.randn(33))
+    return norm
+
+
+MAKERS = {"new_gelu": NewGELUActivation, "gelu": GELUActivation, "rms_norm": rms_norm,
+          "user": ScaledTanhActivation}
+
+
+def grads(module, x, g):
+    inputs = [x, *module.parameters()]
+    return torch.autograd.grad(module(x), inputs, g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", MAKERS)
+def test_exact_variant_is_bit_identical_to_the_zoo_module_and_keeps_only_the_input(name, dtype):
+    torch.manual_seed(0)
+    module = MAKERS[name]().to(dtype)
+    variant = PointwiseVariant.from_module(copy.deepcopy(module))
+    assert isinstance(variant, type(module))
+    x = torch.randn(4, 7, 33, dtype=dtype, requires_grad=True)
+    g = torch.randn(4, 7, 33, dtype=dtype)
+    assert torch.equal(variant(x), module(x))
+    for expected, actual in zip(grads(module, x, g), grads(variant, x, g), strict=True):
+        assert torch.equal(expected, actual)
+    saved = measure_saved(lambda: variant(x), variant.parameters())
+    assert saved.nbytes == x.numel() * x.element_size()
+
+
+def test_exact_variant_recomputes_under_the_forwards_autocast_state():
+    torch.manual_seed(0)
+    module = rms_norm()
+    variant = PointwiseVariant.from_module(copy.deepcopy(module))
+    x = torch.randn(4, 33, requires_grad=True)
+    g = torch.randn(4, 33)
+    results = []
+    for m in (module, variant):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x)
+        results.append((y, *torch.autograd.grad(y, [x, m.weight], g.to(y.dtype))))
+    for expected, actual in zip(*results, strict=True):
+        assert torch.equal(expected, actual)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("name", MAKERS)
+def test_k_bit_variant_is_forward_exact_with_gradients_at_the_decoded_input(name, bits):
+    torch.manual_seed(1)
+    module = MAKERS[name]()
+    variant = PointwiseVariant.from_module(copy.deepcopy(module), bits=bits, min_numel=0)
+    x = torch.randn(4, 7, 33, requires_grad=True)
+    g = torch.randn(4, 7, 33)
+    assert torch.equal(variant(x), module(x))
+    group_size = 256 if bits == 8 else 64
+    x_tilde = dequantize(quantize(x.detach(), bits, group_size=group_size, companding="sqrt"))
+    x_tilde.requires_grad_(True)
+    expected = torch.autograd.grad(module(x_tilde), [x_tilde, *module.parameters()], g)
+    for e, a in zip(expected, grads(variant, x, g), strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+    saved = measure_saved(lambda: variant(x), variant.parameters())
+    assert saved.nbytes == quantized_nbytes(x.numel(), bits, group_size)
+
+
+def test_in_place_changes_after_forward_raise_instead_of_a_wrong_gradient():
+    variant = PointwiseVariant.from_module(rms_norm())
+    x = torch.randn(3, 33, requires_grad=True)
+    y = variant(x * 1.0)
+    with torch.no_grad():
+        variant.weight.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_state_dict_pickling_and_to_module_keep_the_zoo_module():
+    module = rms_norm()
+    variant = PointwiseVariant.from_module(module, bits=4)
+    assert variant.weight is module.weight
+    assert list(variant.state_dict()) == list(module.state_dict())
+    back = variant.to_module()
+    assert type(back) is LlamaRMSNorm and back.weight is module.weight
+    buffer = io.BytesIO()
+    torch.save(variant, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded) is type(variant) and loaded.pointwise_options == variant.pointwise_options
+    x = torch.randn(2, 33)
+    assert torch.equal(loaded(x), module(x))
+
+
+@pytest.mark.parametrize("module, message", [
+    (nn.GELU(), "torch module"),
+    (ApproxLayerNorm.from_module(nn.LayerNorm(4)), "already converted"),  # named ...Norm, but a variant
+    (PointwiseVariant.from_module(NewGELUActivation()), "already converted"),
+    (nn.Sequential(), "torch module"),
+    (type("ResidualActivation", (nn.Module,), {"forward": lambda self, x, y: x + y})(), "one input tensor"),
+    (type("Gate", (nn.Module,), {"forward": lambda self, x: x})(), "neither a zoo activation"),
+])
+def test_modules_it_cannot_take_are_refused_with_the_reason(module, message):
+    with pytest.raises(ConversionError, match=message):
+        PointwiseVariant.from_module(module)
+    nested = type("NestedActivation", (nn.Module,), {"forward": lambda self, x: self.inner(x)})()
+    nested.inner = nn.Tanh()
+    with pytest.raises(ConversionError, match="child modules"):
+        PointwiseVariant.from_module(nested)
+
+
+def test_probe_tells_which_modules_keep_more_than_their_input():
+    assert bp_keeps_more_than_input(NewGELUActivation())  # several ops, each keeping a tensor
+    assert bp_keeps_more_than_input(rms_norm())
+    assert not bp_keeps_more_than_input(GELUActivation())  # one functional gelu keeps x only
+
+
+def _tiny_gpt2():
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=100, n_layer=2, n_embd=32, n_head=2, n_positions=64,
+                                     attn_implementation="eager", bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def test_recompute_on_hugging_face_gpt2_keeps_less_with_bp_gradients_bit_for_bit():
+    model = _tiny_gpt2()
+    ids = torch.randint(0, 100, (4, 16))
+    converted = aalconvert.convert(model, "recompute", example_inputs=(ids,))
+    assert type(converted.transformer.h[0].mlp.act).__name__ == "KeepInput[NewGELUActivation]"
+    model.eval(), converted.eval()  # no dropout: the same function
+    grads_bp = torch.autograd.grad(model(ids).logits.square().sum(), list(model.parameters()))
+    grads_converted = torch.autograd.grad(converted(ids).logits.square().sum(), list(converted.parameters()))
+    for expected, actual in zip(grads_bp, grads_converted, strict=True):
+        assert torch.equal(expected, actual)
+    model.train(), converted.train()
+    kept = [measure_saved(lambda m=m: m(ids).logits, m.parameters()).nbytes for m in (model, converted)]
+    assert kept[1] < 0.8 * kept[0]
+    reverted = aalconvert.revert(converted)
+    assert type(reverted.transformer.h[0].mlp.act) is NewGELUActivation
+
+
+def test_approx_converts_zoo_activations_and_the_report_says_so():
+    model = _tiny_gpt2()
+    ids = torch.randint(0, 100, (4, 16))
+    report = aalconvert.inspect(model, (ids,), "approx4")
+    row = next(r for r in report.to_dict()["rows"] if r["name"] == "transformer.h.0.mlp.act")
+    assert row["rule"] == "approx4" and "4-bit copy of its input" in row["explanation"]
+    assert row["bytes_converted"] < row["bytes_bp"] / 4
