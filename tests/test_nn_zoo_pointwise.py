@@ -177,3 +177,15 @@ def test_approx_converts_zoo_activations_and_the_report_says_so():
     row = next(r for r in report.to_dict()["rows"] if r["name"] == "transformer.h.0.mlp.act")
     assert row["rule"] == "approx4" and "4-bit copy of its input" in row["explanation"]
     assert row["bytes_converted"] < row["bytes_bp"] / 4
+
+
+def test_gpt2_with_zoo_variants_compiles_into_one_graph_with_eager_gradients():
+    model = _tiny_gpt2().eval()
+    ids = torch.randint(0, 100, (2, 16))
+    converted = aalconvert.convert(model, ["recompute", "approx4"], example_inputs=(ids,))
+    assert isinstance(converted.transformer.h[0].mlp.act, PointwiseVariant)
+    eager = torch.autograd.grad(converted(ids).logits.square().sum(), list(converted.parameters()))
+    compiled = torch.compile(converted, backend="aot_eager", fullgraph=True)
+    graph = torch.autograd.grad(compiled(ids).logits.square().sum(), list(converted.parameters()))
+    for e, c in zip(eager, graph, strict=True):
+        torch.testing.assert_close(c, e)

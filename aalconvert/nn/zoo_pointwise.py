@@ -34,6 +34,7 @@ from aalconvert.nn.rebuild import rebuild_as
 from aalconvert.trace import is_norm_like
 
 OPTIONS_ATTRIBUTE = "pointwise_options"
+RECOMPUTE = "_aalconvert_recompute"  # PointwiseVariant.forward's keyword for backward's recomputation
 TIMM_ACTIVATIONS = "timm.layers.activations"
 
 
@@ -84,12 +85,17 @@ def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
 
 
 class _KeepInputOnly(torch.autograd.Function):
-    """Forward of the zoo module; keeps its input (exact or k-bit) and recomputes in backward."""
+    """Forward of the zoo module; keeps its input (exact or k-bit) and recomputes in backward.
+
+    Backward differentiates the recomputed forward with ``torch.func.vjp`` over
+    ``functional_call`` (not ``torch.autograd.grad``, which torch.compile cannot
+    trace inside a backward), so a converted model still compiles into one graph.
+    """
 
     @staticmethod
-    def forward(ctx, module: "PointwiseVariant", options: ApproxOptions | None, x: torch.Tensor,
-                *parameters: torch.Tensor) -> torch.Tensor:
-        ctx.module, ctx.device_type = module, x.device.type
+    def forward(ctx, module: "PointwiseVariant", options: ApproxOptions | None, names: tuple[str, ...],
+                x: torch.Tensor, *parameters: torch.Tensor) -> torch.Tensor:
+        ctx.module, ctx.names, ctx.device_type = module, names, x.device.type
         ctx.autocast = _autocast_state(x.device.type)
         kept, ctx.layout = ((x,), None) if options is None else compress(x, options)
         ctx.save_for_backward(*kept, *parameters)  # Parameters cost nothing and get version checks
@@ -100,17 +106,17 @@ class _KeepInputOnly(torch.autograd.Function):
         count = 1 if ctx.layout is None else ctx.layout.count
         saved = ctx.saved_tensors  # raises if x or a Parameter was modified in place since forward
         x = saved[0] if ctx.layout is None else restore(saved[:count], ctx.layout)
-        parameters = tuple(ctx.module.parameters())  # the objects the recomputed forward reads
-        wanted_x, wanted_parameters = ctx.needs_input_grad[2], ctx.needs_input_grad[3:]
-        x = x.detach().requires_grad_(wanted_x)
-        inputs = ([x] if wanted_x else []) + [p for p, wanted in zip(parameters, wanted_parameters) if wanted]
+        module, names = ctx.module, ctx.names
+
+        def recompute(x: torch.Tensor, *parameters: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(module, dict(zip(names, parameters)), (x,), {RECOMPUTE: True})
+
         enabled, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled):
-            output = ctx.module.zoo_forward(x)
-        grads = iter(torch.autograd.grad(output, inputs, grad, allow_unused=True))
-        grad_x = next(grads) if wanted_x else None
-        grad_parameters = [next(grads) if wanted else None for wanted in wanted_parameters]
-        return (None, None, grad_x, *grad_parameters)
+        with torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled):
+            _, vjp = torch.func.vjp(recompute, x, *saved[count:])
+            grads = vjp(grad)
+        wanted = ctx.needs_input_grad[3:]
+        return (None, None, None, *(g if need else None for g, need in zip(grads, wanted, strict=True)))
 
 
 class PointwiseVariant(nn.Module):
@@ -157,11 +163,13 @@ class PointwiseVariant(nn.Module):
     def zoo_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.zoo_class.forward(self, x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parameters = tuple(self.parameters())
-        if not needs_graph(x, *parameters):
+    def forward(self, x: torch.Tensor, *, _aalconvert_recompute: bool = False) -> torch.Tensor:
+        """The zoo forward, keeping only ``x`` for backward (the keyword is backward's recomputation)."""
+        named = tuple(self.named_parameters())
+        if _aalconvert_recompute or not needs_graph(x, *(p for _, p in named)):
             return self.zoo_forward(x)
-        return _KeepInputOnly.apply(self, getattr(self, OPTIONS_ATTRIBUTE), x, *parameters)
+        names = tuple(name for name, _ in named)
+        return _KeepInputOnly.apply(self, getattr(self, OPTIONS_ATTRIBUTE), names, x, *(p for _, p in named))
 
     def extra_repr(self) -> str:
         options = getattr(self, OPTIONS_ATTRIBUTE)
