@@ -60,8 +60,8 @@ class ApproxRule(ExactRule):
         self.options = options or ApproxOptions()
         self.name = f"approx{self.options.bits}"
         self.description = (
-            f"{self.options.bits}-bit copies of saved inputs (linear, conv, norms, GELU/SiLU, "
-            "softmax, attention matmul operands); ReLU/dropout/max-pool masked as in exact"
+            f"{self.options.bits}-bit copies of saved inputs (linear, conv, norms, GELU/SiLU, zoo "
+            "activations/norms, softmax, attention matmul operands); ReLU/dropout/max-pool masked as in exact"
         )
 
     @classmethod

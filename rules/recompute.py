@@ -88,7 +88,7 @@ class RecomputeRule(Rule):
     name = "recompute"
     description = (
         "exact: layers after a norm/activation, and attention products after softmax+dropout, "
-        "rebuild their input in backward instead of keeping it"
+        "rebuild their input in backward instead of keeping it; zoo activations/norms keep only their input"
     )
     forward_exact = True
     gradient_exact = True
