@@ -132,6 +132,10 @@ def test_state_dict_pickling_and_to_module_keep_the_zoo_module():
 def test_modules_it_cannot_take_are_refused_with_the_reason(module, message):
     with pytest.raises(ConversionError, match=message):
         PointwiseVariant.from_module(module)
+    counting = type("CountingNorm", (nn.Module,), {"forward": lambda self, x: x * self.seen.add_(1)})()
+    counting.register_buffer("seen", torch.zeros(()))
+    with pytest.raises(ConversionError, match="buffers"):
+        PointwiseVariant.from_module(counting)
     nested = type("NestedActivation", (nn.Module,), {"forward": lambda self, x: self.inner(x)})()
     nested.inner = nn.Tanh()
     with pytest.raises(ConversionError, match="child modules"):

@@ -14,10 +14,13 @@ it, under the autocast state of the forward, to get the gradients of the input
 and of the module's Parameters. With the exact input the gradients are
 bit-identical to BP's (the same ops on the same values); the extra work is one
 elementwise forward. A module qualifies (``pointwise_problem``) when it has no
-child modules, its forward takes one tensor, and it is a zoo norm (a class
+child modules and no buffers (a second forward must change nothing), its
+forward takes one tensor, and it is a zoo norm (a class
 named ``...Norm``, ``aalconvert.trace.is_norm_like``) or a zoo activation (a
 class named ``...Activation``, or any class of ``timm.layers.activations``);
-torch's own classes have dedicated variants. The variant is an instance of a
+torch's own classes have dedicated variants. The forward must be deterministic
+(recomputing a dropout inside would draw a new mask); no zoo activation or norm
+seen so far draws random numbers. The variant is an instance of a
 subclass of the zoo class, so isinstance checks, Parameters, state_dict keys
 and hooks stay those of the module.
 """
@@ -51,6 +54,8 @@ def pointwise_problem(module: nn.Module) -> str | None:
         return f"{name} is neither a zoo activation (a class named ...Activation) nor a zoo norm (...Norm)"
     if next(module.children(), None) is not None:
         return f"{name} has child modules; only a leaf activation or norm is recomputed"
+    if next(module.buffers(), None) is not None:
+        return f"{name} has buffers (say, running statistics) that a second forward could update again"
     parameters = list(inspect.signature(module.forward).parameters.values())
     positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if len(parameters) != 1 or len(positional) != 1:
