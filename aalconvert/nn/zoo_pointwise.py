@@ -78,8 +78,8 @@ def bp_keeps_more_than_input(module: nn.Module) -> bool:
     probe = torch.randn((2, *features), device=device, dtype=dtype, requires_grad=True)
     from aalconvert.memory import measure_saved  # late: aalconvert.memory imports the variants
 
-    try:
-        kept = measure_saved(lambda: module(probe), module.parameters()).nbytes
+    try:  # the class's forward, not module(): hooks (a user's, say) must not see the probe
+        kept = measure_saved(lambda: type(module).forward(module, probe), module.parameters()).nbytes
     except Exception:  # the probe does not fit the module's expectations
         return True
     return kept > probe.numel() * probe.element_size()
