@@ -7,12 +7,10 @@ one byte per output element, the 4-bit approximate variants what
 No timing figure is checked beyond being positive.
 """
 
-import importlib.util
 import inspect
 import json
 import math
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,8 +18,8 @@ from torch import nn
 
 from aalconvert.kernels import quantized_nbytes
 from aalconvert.nn import approx, ara, asa, lossless, recompute
+from benchmark_scripts import load_benchmark
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "layers.py"
 WEIGHTED_SUFFIXES = ("Linear", "Conv1d", "Conv2d", "Conv3d")
 ONE_BIT_MASKS = ("MaskReLU", "MaskDropout")
 APPROX_INPUT_COPIES = ("ApproxLinear", "ApproxConv1d", "ApproxConv2d", "ApproxGELU", "ApproxSiLU",
@@ -29,10 +27,7 @@ APPROX_INPUT_COPIES = ("ApproxLinear", "ApproxConv1d", "ApproxConv2d", "ApproxGE
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("benchmark_layers", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("layers")
 
 
 def _variant_class_names() -> set[str]:

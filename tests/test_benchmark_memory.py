@@ -7,9 +7,7 @@ under ``set_per_process_memory_fraction``) need a GPU and are not run here;
 the search itself is checked on plain predicates.
 """
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,16 +15,13 @@ import torch
 import aalconvert
 from aalconvert.memory import measure_saved
 from examples import EXAMPLES
+from benchmark_scripts import load_benchmark
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "memory.py"
 
 
 @pytest.fixture(scope="module")
 def memory_script():
-    spec = importlib.util.spec_from_file_location("benchmark_memory", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("memory")
 
 
 def test_rows_cover_every_example_batch_and_rule_with_measured_bytes(memory_script, tmp_path):

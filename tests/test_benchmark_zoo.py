@@ -1,23 +1,18 @@
 """benchmarks/zoo.py: Hugging Face models' kept bytes, converted / BP, agree with a direct measurement."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 import aalconvert
+from benchmark_scripts import load_benchmark
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "zoo.py"
 
 
 @pytest.fixture(scope="module")
 def zoo_script():
-    spec = importlib.util.spec_from_file_location("benchmark_zoo", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("zoo")
 
 
 def test_gpt2_rows_match_a_direct_measurement(zoo_script, tmp_path):

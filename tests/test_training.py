@@ -6,7 +6,6 @@ BP's losses bit for bit under the same seed (dropout on); the learning-indicator
 log of an ASA model is positive. No timing figure is checked beyond being positive.
 """
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -20,8 +19,9 @@ import torch
 from examples import EXAMPLES
 from examples import data as datasets
 from examples.train import TRAIN_CONFIGS, RunResult, main, rule_list, train
+from benchmark_scripts import load_benchmark
 
-FIDELITY_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity.py"
+REPO = Path(__file__).resolve().parents[1]
 SMOKE_RULE_SETS = ("auto", "exact+approx4")
 
 
@@ -151,10 +151,7 @@ def test_command_line_compares_with_bp_and_writes_json(tmp_path, capsys):
 
 
 def load_fidelity():
-    spec = importlib.util.spec_from_file_location("fidelity", FIDELITY_SCRIPT)
-    fidelity = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fidelity)
-    return fidelity
+    return load_benchmark("fidelity")
 
 
 def test_fidelity_quick_writes_table_and_json_with_exact_meeting_its_target(tmp_path):
@@ -193,7 +190,7 @@ def test_training_command_line_runs_an_example_next_to_bp():
     done = subprocess.run(
         [sys.executable, "-m", "examples.train", "resnet_bottleneck", "--smoke", "--rules", "exact",
          "--steps", "2", "--compare-bp"],
-        cwd=FIDELITY_SCRIPT.parents[1], capture_output=True, text=True, timeout=300,
+        cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "Warning" not in done.stderr, done.stderr

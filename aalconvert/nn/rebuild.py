@@ -29,3 +29,18 @@ def rebuild_as(cls: type[ModuleT], module: nn.Module, drop: Sequence[str] = ()) 
             state[key] = type(value)(value)
     new.__dict__.update(state)
     return new
+
+
+def mixed_class(mixin: type, base: type, name: str, cache: dict, **attributes) -> type:
+    """The class deriving from ``mixin`` then ``base``, made once per pair and kept in ``cache``.
+
+    It reports ``mixin``'s module as its own (aalconvert's tracer keeps aalconvert
+    modules as leaves) and carries ``attributes`` (say, the class to turn back into).
+    """
+    key = (mixin, base)
+    if key not in cache:
+        variant = type(name, (mixin, base), dict(attributes))
+        variant.__module__ = mixin.__module__
+        variant.__qualname__ = name
+        cache[key] = variant
+    return cache[key]

@@ -25,7 +25,7 @@ import torch.fx as fx
 from torch import nn
 
 from aalconvert.errors import ConversionError
-from aalconvert.nn.rebuild import rebuild_as
+from aalconvert.nn.rebuild import mixed_class, rebuild_as
 
 OPTIONS_ATTRIBUTE = "core_options"
 _CODE_ATTRIBUTES = (OPTIONS_ATTRIBUTE, "core_forward", "core_code", "core_option_values")
@@ -128,14 +128,8 @@ class TracedForwardVariant(nn.Module):
     @classmethod
     def variant_class(cls, torch_class: type[nn.Module]) -> type:
         """The subclass of ``cls`` and ``torch_class`` (one per pair, reused)."""
-        key = (cls, torch_class)
-        if key not in cls._variant_classes:
-            variant = type(f"{cls.__name__}[{torch_class.__name__}]", (cls, torch_class), {})
-            variant.__module__ = cls.__module__  # aalconvert's tracer keeps aalconvert modules as leaves
-            variant.__qualname__ = variant.__name__
-            variant.torch_class = torch_class
-            cls._variant_classes[key] = variant
-        return cls._variant_classes[key]
+        name = f"{cls.__name__}[{torch_class.__name__}]"
+        return mixed_class(cls, torch_class, name, cls._variant_classes, torch_class=torch_class)
 
     @classmethod
     def from_module(cls, module: nn.Module, **options: Any) -> "TracedForwardVariant":

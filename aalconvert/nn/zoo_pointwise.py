@@ -33,7 +33,7 @@ from torch import nn
 
 from aalconvert.errors import ConversionError
 from aalconvert.nn.approx_common import ApproxOptions, compress, make_options, needs_graph, restore
-from aalconvert.nn.rebuild import rebuild_as
+from aalconvert.nn.rebuild import mixed_class, rebuild_as
 from aalconvert.trace import is_norm_like
 
 OPTIONS_ATTRIBUTE = "pointwise_options"
@@ -132,18 +132,13 @@ class PointwiseVariant(nn.Module):
     """
 
     zoo_class: ClassVar[type[nn.Module]]
-    _variant_classes: ClassVar[dict[type, type]] = {}
+    _variant_classes: ClassVar[dict[tuple[type, type], type]] = {}
 
     @classmethod
     def variant_class(cls, zoo_class: type[nn.Module]) -> type:
         """The subclass of this mixin and ``zoo_class`` (one per zoo class, reused)."""
-        if zoo_class not in cls._variant_classes:
-            variant = type(f"KeepInput[{zoo_class.__name__}]", (cls, zoo_class), {})
-            variant.__module__ = cls.__module__  # aalconvert's tracer keeps aalconvert modules as leaves
-            variant.__qualname__ = variant.__name__
-            variant.zoo_class = zoo_class
-            cls._variant_classes[zoo_class] = variant
-        return cls._variant_classes[zoo_class]
+        name = f"KeepInput[{zoo_class.__name__}]"
+        return mixed_class(cls, zoo_class, name, cls._variant_classes, zoo_class=zoo_class)
 
     @classmethod
     def from_module(cls, module: nn.Module, **options: Any) -> "PointwiseVariant":
