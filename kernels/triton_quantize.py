@@ -55,8 +55,10 @@ def _step_toward(stored, target, DIRECTION: tl.constexpr):
 def _round_to_bfloat16(value):
     """fp32 -> bf16 rounding to nearest even by integer arithmetic, the same on every backend."""
     raw = value.to(tl.int32, bitcast=True)
-    raw = raw + 0x7FFF + ((raw >> 16) & 1)
-    return (raw >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    rounded = (raw + 0x7FFF + ((raw >> 16) & 1)) >> 16
+    # NaN first: GPU maths yields NaN as 0x7FFFFFFF, whose rounding would overflow to -0.0.
+    rounded = tl.where(value != value, 0x7FC0, rounded)
+    return rounded.to(tl.int16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
@@ -114,8 +116,10 @@ def _quantize_kernel(
     tl.store(scales_ptr + group, scale_raw.to(SCALE_DTYPE, bitcast=True), mask=group_ok)
 
     if STOCHASTIC:
-        h = _mix32((element & 0xFFFFFFFF) ^ key_low.to(tl.int64))
-        h = _mix32(h ^ ((element >> 32) & 0xFFFFFFFF) ^ key_high.to(tl.int64))
+        # key_low/key_high mix in as int64 without .to(): a compiled launch turns an integer
+        # argument equal to 1 into a constant, which has no .to().
+        h = _mix32((element & 0xFFFFFFFF) ^ key_low)
+        h = _mix32(h ^ ((element >> 32) & 0xFFFFFFFF) ^ key_high)
         offset = (h >> 8).to(tl.float32) * (1.0 / 16777216.0)
     else:
         offset = 0.5
@@ -162,8 +166,8 @@ def _dequantize_kernel(
     group_ok = group < num_groups
     min_value = tl.load(mins_ptr + group, mask=group_ok, other=0.0).to(tl.float32)
     scale_value = tl.load(scales_ptr + group, mask=group_ok, other=0.0).to(tl.float32)
-    # code * scale is exact in fp32 (<= 8 + 11 significant bits), so fused or not
-    # the result is the reference's single rounding of the sum.
+    # code * scale is exact in fp32 (<= 8 + 11 significant bits) unless it overflows
+    # near the fp32 maximum; the launch disables fusion so that case rounds as the reference.
     decoded = code.to(tl.float32) * scale_value[:, None, None] + min_value[:, None, None]
     if SQRT:
         decoded = decoded * tl.abs(decoded)  # one rounding, as in the reference
@@ -233,7 +237,7 @@ def quantize_triton(
             BITS=bits, GROUP_SIZE=group_size, BYTES_BLOCK=bytes_block,
             GROUPS=groups_per_program, STOCHASTIC=stochastic,
             SCALE_DTYPE=_TRITON_SCALE_DTYPES[scale_dtype], NAN_RAW=NAN_BITS[scale_dtype],
-            SQRT=companding == "sqrt",
+            SQRT=companding == "sqrt", enable_fp_fusion=False,  # unfused, as the reference rounds
         )  # fmt: skip
     return codes, mins, scales
 
@@ -263,5 +267,6 @@ def dequantize_triton(
             numel, num_groups, codes.numel(),
             BITS=bits, GROUP_SIZE=group_size, BYTES_BLOCK=bytes_block,
             GROUPS=groups_per_program, SQRT=companding == "sqrt",
+            enable_fp_fusion=False,  # min + code * scale rounded twice, as the reference does
         )  # fmt: skip
     return out
