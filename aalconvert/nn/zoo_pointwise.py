@@ -147,9 +147,7 @@ class PointwiseVariant(nn.Module):
         if problem is not None:
             raise ConversionError(f"{cls.__name__}.from_module cannot convert {type(module).__name__}: {problem}")
         pointwise_options = make_options(cls.__name__, options) if options else None
-        new = rebuild_as(cls.variant_class(type(module)), module)
-        setattr(new, OPTIONS_ATTRIBUTE, pointwise_options)
-        return new
+        return _rebuild_variant(module, pointwise_options)
 
     def to_module(self) -> nn.Module:
         """An instance of the zoo class holding this variant's Parameters, buffers and hooks."""
@@ -179,6 +177,7 @@ class PointwiseVariant(nn.Module):
 
 
 def _rebuild_variant(module: nn.Module, options: ApproxOptions | None) -> PointwiseVariant:
+    """The variant of a checked zoo ``module`` (from_module, and unpickling)."""
     new = rebuild_as(PointwiseVariant.variant_class(type(module)), module)
     setattr(new, OPTIONS_ATTRIBUTE, options)
     return new
