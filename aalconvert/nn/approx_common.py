@@ -165,6 +165,26 @@ def needs_graph(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def functorch_active(*tensors: torch.Tensor | None) -> bool:
+    """True while a torch.func transform (grad, vmap, jacrev, jvp, ...) is active.
+
+    The variants' ``torch.autograd.Function``s have no ``setup_context`` (and
+    quantizing a batched or gradient-tracking wrapper would be wrong anyway), so
+    under a transform a variant must compute its plain torch forward instead:
+    exact gradients, no memory saving. ``tensors`` (the call's inputs and
+    Parameters; None entries are ignored) are also checked for functorch
+    wrappers that outlived their transform; that check is skipped while
+    torch.compile traces, which cannot trace it (the global check is traceable
+    and enough there).
+    """
+    if torch._C._are_functorch_transforms_active():
+        return True
+    if torch.compiler.is_compiling():
+        return False
+    is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return any(t is not None and is_wrapped(t) for t in tensors)
+
+
 def check_module_type(module: nn.Module, torch_class: type, variant: str) -> None:
     """Raise unless ``module`` is exactly ``torch_class`` (a subclass may change forward)."""
     if type(module) is not torch_class:
