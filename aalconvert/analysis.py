@@ -6,9 +6,11 @@ records; nothing is modified. Module names are qualified relative to the model
 root, ready for swapping modules in the user's own module tree.
 
 ARA grouping follows methods.md section 1: groups of consecutive chained blocks
-whose inputs have the same shape; a group never crosses a shape change; a
-projection (downsampling) block may be the last member of the group whose input
-shape it has. A block input inside a group (not the anchor) is released only if
+whose inputs have the same shape; a group never crosses a shape change. Unlike
+the paper, a group also never spans two parent modules (all its blocks sit in
+one container, e.g. ``layer2``), so a projection block that opens a stage does
+not join the previous stage's group: wrapping each stage (activation
+checkpointing, FSDP units) then always holds whole groups. A block input inside a group (not the anchor) is released only if
 nothing else keeps it, so a joining block's input must come from a ReLU module
 (swappable for a 1-bit-mask ReLU) or directly from the previous residual add
 (which keeps nothing); pre-norm blocks never qualify (the norm keeps ``s``).
@@ -66,8 +68,8 @@ class ResidualBlock:
     prenorm: bool
 
     @property
-    def name(self) -> str:
-        """A readable name: the common module prefix of the branch's weighted layers ("layer1.0")."""
+    def _module_prefix(self) -> str:
+        """The common module prefix of the branch's weighted layers ("layer1.0"), "" if none."""
         parts = [name.split(".") for name in self.branch_weighted]
         common: list[str] = []
         for pieces in zip(*parts):
@@ -76,10 +78,25 @@ class ResidualBlock:
             common.append(pieces[0])
         if len(self.branch_weighted) == 1:
             common = common[:-1]
-        prefix = ".".join(common)
+        return ".".join(common)
+
+    @property
+    def name(self) -> str:
+        """A readable name: the common module prefix of the branch's weighted layers ("layer1.0")."""
+        prefix = self._module_prefix
         if prefix:
             return prefix
         return f"{self.region}:{self.add.name}" if self.region else self.add.name
+
+    @property
+    def parent(self) -> str:
+        """The module holding this block ("layer2" for "layer2.1"; "" for the root).
+
+        A block without a module of its own (its layers sit directly in the traced
+        region's module) belongs to the region's module.
+        """
+        prefix = self._module_prefix
+        return prefix.rpartition(".")[0] if prefix else self.region
 
     @property
     def input_shape(self) -> tuple[int, ...] | None:
@@ -379,6 +396,10 @@ def _join_problem(previous: ResidualBlock, anchor: ResidualBlock, block: Residua
     if block.input_producer not in ("relu", "add"):
         return (f"its input comes from {block.input_producer}; only a ReLU module or a residual add "
                 f"releases a block input")
+    if block.parent != anchor.parent:
+        return (f"it lies in module {block.parent or '<root>'!r}, the group's first block "
+                f"{anchor.name!r} in {anchor.parent or '<root>'!r}: a group never spans two parent "
+                f"modules, so checkpointing or wrapping one of them keeps whole groups")
     anchor_shape, shape = anchor.input_shape, block.input_shape
     if anchor_shape is not None and shape is not None:
         if shape != anchor_shape:
@@ -439,7 +460,7 @@ def _sizes_per_run(runs: list[list[ResidualBlock]], group_size: int | Sequence[i
     if isinstance(group_size, str):
         if group_size != "stage":
             raise ConversionError(
-                f"group_size={group_size!r} is not allowed; use an int k >= 1, one k per run, or 'stage'")
+                f"ara_group={group_size!r} is not allowed; use an int k >= 1, one k per run, or 'stage'")
         return [len(run) for run in runs]
     if isinstance(group_size, int) and not isinstance(group_size, bool):
         sizes = [group_size] * len(runs)
@@ -450,15 +471,16 @@ def _sizes_per_run(runs: list[list[ResidualBlock]], group_size: int | Sequence[i
         if len(sizes) != len(runs):
             listed = "; ".join(_describe_run(run) for run in runs) or "none"
             raise ConversionError(
-                f"group_size has {len(sizes)} entries but the model has {len(runs)} runs of chained "
-                f"residual blocks with equal input shape ({listed}); give one k per run, an int, or 'stage'")
+                f"ara_group={list(sizes)!r} gives {len(sizes)} group sizes but ARA found {len(runs)} "
+                f"runs (stages) of chained residual blocks with equal input shape ({listed}); give "
+                f"{len(runs)} entries (one k per run, in model order), an int k, or 'stage'")
     else:
         raise ConversionError(
-            f"group_size must be an int k >= 1, a sequence of ints (one per run) or 'stage', "
+            f"ara_group must be an int k >= 1, a sequence of ints (one per run) or 'stage', "
             f"got {type(group_size).__name__}")
     for k in given:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ConversionError(f"group_size entries must be ints >= 1, got {k!r}")
+            raise ConversionError(f"ara_group entries must be ints >= 1, got {k!r}")
     return sizes
 
 

@@ -21,10 +21,10 @@ from aalconvert.rules.wiring import remove_wiring, swap_module
 from aalconvert.trace import _one_line
 
 
-def _check_model(model: Any) -> None:
+def _check_model(model: Any, caller: str = "convert") -> None:
     if not isinstance(model, nn.Module):
         raise ConversionError(
-            f"convert() takes a torch.nn.Module, got {type(model).__name__}; "
+            f"{caller}() takes a torch.nn.Module, got {type(model).__name__}; "
             "pass the model object itself (not a state_dict or a class)"
         )
     on_meta = [name or "<root>" for name, p in model.named_parameters() if p.is_meta]
@@ -72,7 +72,7 @@ def convert(
     Rule objects; see ``aalconvert.rules.available()``. ``rule_options``:
     ``ara_group`` (k, one k per stage, or ``"stage"``), ``asa_eps``,
     ``asa_lr_expansion``, ``asa_variant``, ``bits``, ``stochastic``,
-    ``group_size``, ``min_numel``, ``companding``. ``skip``: module names or a predicate
+    ``group_size``, ``min_numel``, ``scale_dtype``, ``companding``. ``skip``: module names or a predicate
     ``(module, name) -> bool``. ``example_inputs`` give shapes (else structure is used).
     The result shares the original Parameter objects (same state_dict keys);
     converting a converted model changes nothing. Unless ``inplace``, the
@@ -95,7 +95,7 @@ def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     ASA's forward change (``W (x + eps*s)``) is dropped: the reverted model
     computes ``W x`` again, so its outputs differ slightly from the ASA model's.
     """
-    _check_model(model)
+    _check_model(model, "revert")
     target = model if inplace else _shallow_copy(model)
     # Unwire first: a slot's handles point at the hook dicts of the modules it was wired on,
     # so once a variant is swapped out (to_module() may carry its hooks over) they miss.

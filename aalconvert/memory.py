@@ -21,7 +21,11 @@ from torch._subclasses import FakeTensorMode
 
 @dataclass
 class SavedTensors:
-    """Distinct storages kept for backward by one forward (bytes per storage pointer)."""
+    """Distinct storages kept for backward by one forward: storage key -> bytes.
+
+    The key is the storage's data pointer for real tensors; fake and meta
+    storages have no data, so theirs is the storage's identity (``storage_key``).
+    """
 
     storages: dict[int, int] = field(default_factory=dict)
     output: Any = None
@@ -32,6 +36,20 @@ class SavedTensors:
         return sum(self.storages.values())
 
 
+def storage_key(storage: torch.UntypedStorage) -> int:
+    """A key telling storages apart: the data pointer of real storage, else the storage's identity.
+
+    Fake and meta storages have no data, and reading a fake storage's data
+    pointer warns (and will fail in later torch), so they are told apart by the
+    identity of the storage object torch keeps (``_cdata``), which real and fake
+    storages alike have. Keep the storage alive while its key is in use: a freed
+    storage's address or identity may be reused.
+    """
+    if storage.device.type == "meta":
+        return storage._cdata
+    return storage.data_ptr()
+
+
 def measure_saved(
     forward: Callable[[], Any], exclude: Iterable[torch.Tensor] = ()
 ) -> SavedTensors:
@@ -39,16 +57,19 @@ def measure_saved(
 
     ``exclude`` lists tensors (typically ``model.parameters()``) whose storages
     are not activations and are not counted. The forward's output is returned
-    in ``.output`` so the caller can run backward on it.
+    in ``.output`` so the caller can run backward on it. Works on real and
+    fake tensors (see :func:`storage_key`).
     """
-    excluded = {t.untyped_storage().data_ptr() for t in exclude}
+    excluded = {storage_key(t.untyped_storage()) for t in exclude}
     result = SavedTensors()
+    alive: list[torch.UntypedStorage] = []  # a freed storage's key could be reused mid-forward
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
-        pointer = storage.data_ptr()
-        if pointer not in excluded and storage.nbytes() > 0:
-            result.storages[pointer] = storage.nbytes()
+        key = storage_key(storage)
+        if key not in excluded and storage.nbytes() > 0 and key not in result.storages:
+            result.storages[key] = storage.nbytes()
+            alive.append(storage)
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):

@@ -26,15 +26,15 @@ from aalconvert.rules.recompute import RecomputeRule
 
 AUTO = ("ara", "asa", "recompute", "exact")
 PRECEDENCE = ("ara", "asa", "exact", "approx", "recompute")
+APPROX_BITS = (8, 4, 2)  # bit widths of the approx rules: approx8, approx4, approx2
 
 _FACTORIES: dict[str, Callable[[dict[str, Any]], Rule]] = {
     "exact": lambda options: ExactRule.from_options(options),
     "recompute": lambda options: RecomputeRule.from_options(options),
     "ara": lambda options: ARARule.from_options(options),
     "asa": lambda options: ASARule.from_options(options),
-    "approx8": lambda options: ApproxRule.from_options(options, bits=8),
-    "approx4": lambda options: ApproxRule.from_options(options, bits=4),
-    "approx2": lambda options: ApproxRule.from_options(options, bits=2),
+    **{f"approx{bits}": (lambda options, bits=bits: ApproxRule.from_options(options, bits=bits))
+       for bits in APPROX_BITS},
 }
 NAMES = ("auto", *_FACTORIES)
 
@@ -42,7 +42,7 @@ NAMES = ("auto", *_FACTORIES)
 OPTIONS_BY_RULE: dict[str, tuple[str, ...]] = {
     "ara": ("ara_group",),
     "asa": ("asa_eps", "asa_lr_expansion", "asa_variant"),
-    "approx": ("bits", "stochastic", "group_size", "min_numel", "companding"),
+    "approx": ("bits", "stochastic", "group_size", "min_numel", "scale_dtype", "companding"),
 }
 
 
@@ -59,9 +59,26 @@ def available() -> dict[str, str]:
     return described
 
 
+def _rules_problem(given: str) -> ConversionError:
+    return ConversionError(
+        f"rules must be a rule name or a list of rule names (or Rule objects), got {given}; "
+        f"available rules: {', '.join(NAMES)}"
+    )
+
+
 def _names(rules: str | Rule | Sequence[str | Rule]) -> list[str | Rule]:
     if isinstance(rules, (str, Rule)):
         rules = [rules]
+    if not isinstance(rules, (list, tuple)):
+        raise _rules_problem(f"{type(rules).__name__} {rules!r}")
+    if not rules:
+        raise ConversionError(
+            f"rules is an empty list: name at least one rule (e.g. 'exact' for lossless masks "
+            f"only, or 'auto'); available rules: {', '.join(NAMES)}"
+        )
+    for rule in rules:
+        if not isinstance(rule, (str, Rule)):
+            raise _rules_problem(f"a list holding {type(rule).__name__} {rule!r}")
     quantizing = any(
         (isinstance(r, Rule) and r.name.startswith("approx")) or str(r).startswith("approx")
         for r in rules
@@ -93,8 +110,14 @@ def resolve(rules: str | Rule | Sequence[str | Rule], options: dict[str, Any]) -
     ``options`` are convert()'s keyword options; each is checked against the
     rules chosen, so a misspelt or irrelevant option fails before any change.
     """
+    names = _names(rules)
+    if "bits" in options and options["bits"] not in APPROX_BITS:
+        raise ConversionError(
+            f"bits={options['bits']!r} is not an allowed bit width; allowed: "
+            + ", ".join(f"{bits} (rule 'approx{bits}')" for bits in APPROX_BITS)
+        )
     chosen: list[Rule] = []
-    for rule in _names(rules):
+    for rule in names:
         built = rule if isinstance(rule, Rule) else build_rule(rule, options)
         if _family(built) in {_family(r) for r in chosen}:
             if any(r.name == built.name for r in chosen):

@@ -111,9 +111,9 @@ def test_relu_function_or_reused_consumer_keeps_blocks_out_of_groups():
 def test_invalid_group_size_is_rejected_with_the_allowed_values():
     blocks, _ = blocks_of(chain(3))
     for bad in (0, -1, True, 2.5, "all", [2, 0]):
-        with pytest.raises(ConversionError, match="group_size"):
+        with pytest.raises(ConversionError, match="ara_group"):
             group_blocks(blocks, bad)
-    with pytest.raises(ConversionError, match="1 runs"):
+    with pytest.raises(ConversionError, match=r"ara_group=\[2, 2\] gives 2 group sizes .* found 1 runs"):
         group_blocks(blocks, (2, 2))
 
 
@@ -136,22 +136,34 @@ def test_resnet_basic_blocks_and_groups_per_stage(resnet_basic):
     assert blocks[0].input_producer == "MaxPool2d"
 
     groups = group_blocks(blocks, 2)
-    assert [[b.name for b in g.blocks] for g in groups] == [
-        ["layer1.0", "layer1.1"], ["layer2.1", "layer3.0"], ["layer3.1", "layer4.0"]]
+    # A group stays inside one stage: a stage's projection block opens it with a new shape,
+    # so in ResNet-18 only layer1 holds two blocks of equal input shape.
+    assert [[b.name for b in g.blocks] for g in groups] == [["layer1.0", "layer1.1"]]
     first = groups[0]
     assert first.anchor_consumers == ("layer1.0.conv1",)
     assert first.ara_layers == ("layer1.1.conv1",)
     assert first.mask_relus == ("layer1.0.relu",)
-    assert groups[1].ara_layers == ("layer3.0.conv1", "layer3.0.downsample.0")
     reasons = {u.block.name: u.reason for u in ungrouped_blocks(blocks, 2)}
-    assert set(reasons) == {"layer2.0", "layer4.1"}
-    assert "differs from the anchor shape" in reasons["layer4.1"]
+    assert set(reasons) == {f"layer{s}.{i}" for s in range(2, 5) for i in range(2)}
+    assert "differs from the anchor shape" in reasons["layer2.0"]
+    assert "never spans two parent modules" in reasons["layer2.1"]
 
     stage = group_blocks(blocks, "stage")
-    assert [len(g.blocks) for g in stage] == [3, 2, 2]
-    # A downsampling block is the last member of the group whose input shape it has.
-    assert all(g.blocks[-1].shortcut == "projection" for g in stage)
-    assert [len(g.blocks) for g in group_blocks(blocks, (3, 2, 2))] == [3, 2, 2]
+    assert [[b.name for b in g.blocks] for g in stage] == [["layer1.0", "layer1.1"]]
+    assert [len(g.blocks) for g in group_blocks(blocks, (2,))] == [2]
+
+
+@pytest.mark.parametrize("name", ["resnet_basic", "resnet_bottleneck"])
+def test_ara_groups_never_span_two_parent_modules(name):
+    # Before: ResNet-18 grouped [layer2.1, layer3.0], so checkpointing each layerN failed.
+    example = EXAMPLES[name]
+    blocks, _ = blocks_of(example.build_model(), example.example_inputs(batch_size=2))
+    for k in (2, 3, "stage"):
+        groups = group_blocks(blocks, k)
+        assert groups
+        for group in groups:
+            parents = {block.name.rpartition(".")[0] for block in group.blocks}
+            assert parents == {group.blocks[0].parent}, [b.name for b in group.blocks]
 
 
 def test_structure_alone_gives_the_same_groups_as_shapes(resnet_basic):
@@ -167,10 +179,11 @@ def test_structure_alone_gives_the_same_groups_as_shapes(resnet_basic):
 def test_resnet_bottleneck_takes_one_group_size_per_run():
     example = EXAMPLES["resnet_bottleneck"]
     blocks, _ = blocks_of(example.build_model(), example.example_inputs(batch_size=2))
-    groups = group_blocks(blocks, (3, 4, 6, 2))
-    assert [len(g.blocks) for g in groups] == [3, 4, 6, 2]
-    assert groups[0].blocks[0].name == "layer1.1"  # layer1.0 changes the shape and stays alone
-    assert groups[2].mask_relus == tuple(f"layer3.{i}.relu" for i in range(1, 6))
+    # Each stage's first block changes the shape and stays alone; the rest of the stage is a run.
+    groups = group_blocks(blocks, (2, 3, 5, 2))
+    assert [[b.name for b in g.blocks] for g in groups] == [
+        [f"layer{s}.{i}" for i in range(1, n)] for s, n in zip(range(1, 5), (3, 4, 6, 3))]
+    assert groups[2].mask_relus == tuple(f"layer3.{i}.relu" for i in range(1, 5))
     with pytest.raises(ConversionError, match="4 runs"):
         group_blocks(blocks, (2, 2, 2, 2, 2))
 

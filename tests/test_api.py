@@ -134,17 +134,34 @@ class _Plain(nn.Module):
         (None, "asa", {"asa_eps": -1}, "eps"),
         (None, "approx4", {"bits": 2}, "contradicts rule 'approx4'"),
         (None, "auto", {"skip": ["nowhere"]}, "nowhere"),
+        (None, None, {}, "rules must be a rule name or a list of rule names .* got NoneType None; "
+                         "available rules: auto, exact"),
+        (None, 3, {}, "rules must be a rule name or a list of rule names .* got int 3; available rules"),
+        (None, ["exact", 3], {}, "rules must be a rule name .* a list holding int 3"),
+        (None, [], {}, "rules is an empty list: name at least one rule .* available rules: auto"),
+        (None, "approx4", {"bits": 3}, "bits=3 is not an allowed bit width; allowed: 8 (rule 'approx8'), "
+                                       "4 (rule 'approx4'), 2 (rule 'approx2')"),
+        (None, "auto", {"bits": 3}, "bits=3 is not an allowed bit width"),
+        (None, "ara", {"ara_group": [1, 2, 3]}, "ara_group=[1, 2, 3] gives 3 group sizes but ARA found 0 "
+                                                "runs (stages)"),
     ],
     ids=["not-module", "rule", "option", "option-for-other-rule", "group-0", "group-x", "group-list-0",
-         "asa-eps", "bits", "skip-missing"],
+         "asa-eps", "bits", "skip-missing", "rules-none", "rules-int", "rules-list-int", "rules-empty",
+         "bits-3", "bits-3-auto", "group-list-length"],
 )
 def test_bad_input_raises_conversion_error_before_any_change(model, rules, options, message):
     target = _Plain() if model is None else model
     before = types_of(target) if isinstance(target, nn.Module) else None
-    with pytest.raises(ConversionError, match=message.replace("(", r"\(")):
+    escaped = message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")
+    with pytest.raises(ConversionError, match=escaped):
         aalconvert.convert(target, rules, inplace=True, **options)
     if before is not None:
         assert types_of(target) == before and hook_count(target) == 0
+
+
+def test_revert_of_a_non_module_names_revert():
+    with pytest.raises(ConversionError, match=r"^revert\(\) takes a torch.nn.Module, got NoneType"):
+        aalconvert.revert(None)
 
 
 def test_meta_device_model_is_refused_with_advice():
