@@ -32,15 +32,26 @@ attribute ``QuantizedTensor.companding`` says how to decode. Nearest rounding
 errs by at most half a step of ``y``. Stochastic rounding is unbiased only in
 the quantized domain, so it stays uniform (``"sqrt"`` with it is refused).
 
+Wide groups (fp16 scales only): a finite group whose rounded-down min or
+rounded-up step overflows fp16 (a minimum below -65504 or a range above about
+1.6e7; with companding, below ``x = -65504**2`` or a range of ``y`` that wide)
+keeps its min and step in bfloat16 instead, computed by exactly the rules above
+with bf16 in place of fp16. ``mins`` then holds the bf16 bits of the min and
+``scales`` the bf16 bits of the step with the sign bit set (a real fp16 step is
+never negative, so the sign bit marks the group); decoding reads such a group's
+pair as bf16. Such a group has bf16's 8-bit precision of min and step (coarser
+than fp16's 11, but over a range fp16 cannot hold at all); every other group's
+bytes are exactly the plain fp16 layout. So fp16 scales never turn a finite
+input into NaN unless the group's range exceeds the fp32 maximum.
+
 Special groups: a group whose elements all equal one value representable in
 ``scale_dtype`` gets scale 0 and decodes exactly. A group containing inf or NaN,
-or whose rounded-down min or rounded-up step overflows ``scale_dtype`` (with
-fp16: a minimum below -65504 or a range above about 1.6e7; use bf16 there),
-stores NaN as min and scale and codes 0: the whole group decodes to NaN, and no
-other group is affected. With companding these rules apply to ``y``: a
-constant group decodes exactly when ``sqrt(|x|)`` is representable in
-``scale_dtype`` (0, 1, 2.25, 4, ...; other constants decode within the rounding
-of ``y``), and an fp16 min overflows only below ``x = -65504**2``.
+or whose rounded-down min or rounded-up step overflows (bf16: a range above the
+fp32 maximum; fp16: also in bf16, as above), stores NaN as min and scale and
+codes 0: the whole group decodes to NaN, and no other group is affected. With
+companding these rules apply to ``y``: a constant group decodes exactly when
+``sqrt(|x|)`` is representable in ``scale_dtype`` (0, 1, 2.25, 4, ...; other
+constants decode within the rounding of ``y``).
 """
 
 import math
@@ -316,22 +327,31 @@ def quantize_reference(
     high = padded.amax(dim=1)
     finite = padded.isfinite().all(dim=1)
 
-    mins = step_toward(low.to(scale_dtype), low, -1)
-    step = (high - mins.float()) / levels
-    scales = step_toward(step.to(scale_dtype), step, +1)
+    mins, scales = _min_and_step(low, high, levels, scale_dtype)
     good = finite & mins.isfinite() & scales.isfinite()
+    min_value, scale_value = mins.float(), scales.float()
+    min_raw, scale_raw = mins.view(torch.int16), scales.view(torch.int16)
+    if scale_dtype == torch.float16:  # wide groups: the bf16 pair, flagged by the scale's sign bit
+        wide_mins, wide_scales = _min_and_step(low, high, levels, torch.bfloat16)
+        wide = finite & ~good & wide_mins.isfinite() & wide_scales.isfinite()
+        min_value = torch.where(wide, wide_mins.float(), min_value)
+        scale_value = torch.where(wide, wide_scales.float(), scale_value)
+        min_raw = torch.where(wide, wide_mins.view(torch.int16), min_raw)
+        flagged = (wide_scales.view(torch.int16).to(torch.int32) - 0x8000).to(torch.int16)
+        scale_raw = torch.where(wide, flagged, scale_raw)
+        good = good | wide
     nan = torch.tensor(NAN_BITS[scale_dtype], dtype=torch.int16, device=x.device)
-    mins = torch.where(good, mins.view(torch.int16), nan).view(scale_dtype)
-    scales = torch.where(good, scales.view(torch.int16), nan).view(scale_dtype)
+    mins = torch.where(good, min_raw, nan).view(scale_dtype)
+    scales = torch.where(good, scale_raw, nan).view(scale_dtype)
 
     if stochastic:
         index = torch.arange(groups * group_size, device=x.device, dtype=torch.int64)
         offset = uniform_from_index(index, *seed_keys(seed)).view(groups, group_size)
     else:
         offset = 0.5
-    scaled = (padded - mins.float()[:, None]) / scales.float()[:, None]
+    scaled = (padded - min_value[:, None]) / scale_value[:, None]
     codes = torch.floor(scaled + offset).clamp(0, levels)
-    usable = (good & (scales != 0))[:, None]
+    usable = (good & (scale_value != 0))[:, None]
     codes = torch.where(usable, codes, 0).to(torch.uint8).reshape(-1)
     return _pack_codes(codes, numel, bits), mins, scales
 
@@ -356,10 +376,34 @@ def dequantize_reference(
     # Pad or crop the codes to whole groups so each row meets its (min, scale).
     unpacked = torch.nn.functional.pad(unpacked, (0, groups * group_size - unpacked.numel()))
     unpacked = unpacked.view(groups, group_size).to(torch.float32)
-    decoded = unpacked * scales.float()[:, None] + mins.float()[:, None]
+    min_value, scale_value = decoded_min_and_step(mins, scales)
+    decoded = unpacked * scale_value[:, None] + min_value[:, None]
     if companding == "sqrt":
         decoded = decoded.mul_(decoded.abs())
     return decoded.reshape(-1)[:numel].to(dtype).reshape(shape)
+
+
+def _min_and_step(
+    low: torch.Tensor, high: torch.Tensor, levels: int, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group: ``low`` rounded down to ``scale_dtype`` and the step from it rounded up."""
+    mins = step_toward(low.to(scale_dtype), low, -1)
+    step = (high - mins.float()) / levels
+    return mins, step_toward(step.to(scale_dtype), step, +1)
+
+
+def decoded_min_and_step(
+    mins: torch.Tensor, scales: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (min, step) of each group as decoding uses them (a wide fp16 group's pair read as bf16)."""
+    min_value, scale_value = mins.float(), scales.float()
+    if scales.dtype == torch.float16:
+        scale_raw = scales.view(torch.int16)
+        wide = scale_raw < 0
+        wide_scale = (scale_raw & 0x7FFF).view(torch.bfloat16).float()
+        min_value = torch.where(wide, mins.view(torch.bfloat16).float(), min_value)
+        scale_value = torch.where(wide, wide_scale, scale_value)
+    return min_value, scale_value
 
 
 def compand(x: torch.Tensor) -> torch.Tensor:

@@ -52,6 +52,17 @@ def _step_toward(stored, target, DIRECTION: tl.constexpr):
 
 
 @triton.jit
+def _min_and_step(low, high, LEVELS: tl.constexpr, DTYPE: tl.constexpr):
+    """(raw bits, fp32 value) of ``low`` rounded down to DTYPE, and of the step rounded up."""
+    min_raw = _step_toward(low.to(DTYPE), low, -1)
+    min_value = min_raw.to(tl.int16).to(DTYPE, bitcast=True).to(tl.float32)
+    step = tl.div_rn(high - min_value, LEVELS * 1.0)
+    scale_raw = _step_toward(step.to(DTYPE), step, 1)
+    scale_value = scale_raw.to(tl.int16).to(DTYPE, bitcast=True).to(tl.float32)
+    return min_raw, min_value, scale_raw, scale_value
+
+
+@triton.jit
 def _round_to_bfloat16(value):
     """fp32 -> bf16 rounding to nearest even by integer arithmetic, the same on every backend."""
     raw = value.to(tl.int32, bitcast=True)
@@ -80,6 +91,7 @@ def _quantize_kernel(
     SCALE_DTYPE: tl.constexpr,
     NAN_RAW: tl.constexpr,
     SQRT: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     PER_BYTE: tl.constexpr = 8 // BITS
     BYTES_PER_GROUP: tl.constexpr = GROUP_SIZE * BITS // 8
@@ -102,12 +114,19 @@ def _quantize_kernel(
     nonfinite = valid & ((x != x) | (tl.abs(x) == float("inf")))
     finite = tl.max(tl.max(nonfinite.to(tl.int32), axis=2), axis=1) == 0
 
-    min_raw = _step_toward(low.to(SCALE_DTYPE), low, -1)
-    min_value = min_raw.to(tl.int16).to(SCALE_DTYPE, bitcast=True).to(tl.float32)
-    step = tl.div_rn(high - min_value, LEVELS * 1.0)
-    scale_raw = _step_toward(step.to(SCALE_DTYPE), step, 1)
-    scale_value = scale_raw.to(tl.int16).to(SCALE_DTYPE, bitcast=True).to(tl.float32)
+    min_raw, min_value, scale_raw, scale_value = _min_and_step(low, high, LEVELS, SCALE_DTYPE)
     good = finite & (tl.abs(min_value) < float("inf")) & (tl.abs(scale_value) < float("inf"))
+    if WIDE:  # fp16 groups out of range keep a bf16 pair, flagged by the scale's sign bit
+        wide_min_raw, wide_min, wide_scale_raw, wide_scale = _min_and_step(
+            low, high, LEVELS, tl.bfloat16
+        )
+        wide = finite & (good == 0)
+        wide = wide & (tl.abs(wide_min) < float("inf")) & (tl.abs(wide_scale) < float("inf"))
+        min_raw = tl.where(wide, wide_min_raw, min_raw)
+        min_value = tl.where(wide, wide_min, min_value)
+        scale_raw = tl.where(wide, wide_scale_raw - 0x8000, scale_raw)
+        scale_value = tl.where(wide, wide_scale, scale_value)
+        good = good | wide
 
     group_ok = group < num_groups
     min_raw = tl.where(good, min_raw, NAN_RAW).to(tl.int16)
@@ -149,6 +168,7 @@ def _dequantize_kernel(
     BYTES_BLOCK: tl.constexpr,
     GROUPS: tl.constexpr,
     SQRT: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     PER_BYTE: tl.constexpr = 8 // BITS
     BYTES_PER_GROUP: tl.constexpr = GROUP_SIZE * BITS // 8
@@ -164,8 +184,17 @@ def _dequantize_kernel(
     code = (packed[:, :, None] >> (slot[None, None, :] * BITS)) & CODE_MASK
 
     group_ok = group < num_groups
-    min_value = tl.load(mins_ptr + group, mask=group_ok, other=0.0).to(tl.float32)
-    scale_value = tl.load(scales_ptr + group, mask=group_ok, other=0.0).to(tl.float32)
+    stored_min = tl.load(mins_ptr + group, mask=group_ok, other=0.0)
+    stored_scale = tl.load(scales_ptr + group, mask=group_ok, other=0.0)
+    min_value = stored_min.to(tl.float32)
+    scale_value = stored_scale.to(tl.float32)
+    if WIDE:  # fp16 scales: a set sign bit marks a group whose pair is bf16 bits
+        scale_raw = stored_scale.to(tl.int16, bitcast=True)
+        wide = scale_raw < 0
+        wide_scale = (scale_raw & 0x7FFF).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        wide_min = stored_min.to(tl.int16, bitcast=True).to(tl.bfloat16, bitcast=True)
+        min_value = tl.where(wide, wide_min.to(tl.float32), min_value)
+        scale_value = tl.where(wide, wide_scale.to(tl.float32), scale_value)
     # code * scale is exact in fp32 (<= 8 + 11 significant bits) unless it overflows
     # near the fp32 maximum; the launch disables fusion so that case rounds as the reference.
     decoded = code.to(tl.float32) * scale_value[:, None, None] + min_value[:, None, None]
@@ -237,7 +266,8 @@ def quantize_triton(
             BITS=bits, GROUP_SIZE=group_size, BYTES_BLOCK=bytes_block,
             GROUPS=groups_per_program, STOCHASTIC=stochastic,
             SCALE_DTYPE=_TRITON_SCALE_DTYPES[scale_dtype], NAN_RAW=NAN_BITS[scale_dtype],
-            SQRT=companding == "sqrt", enable_fp_fusion=False,  # unfused, as the reference rounds
+            SQRT=companding == "sqrt", WIDE=scale_dtype == torch.float16,
+            enable_fp_fusion=False,  # unfused, as the reference rounds
         )  # fmt: skip
     return codes, mins, scales
 
@@ -267,6 +297,6 @@ def dequantize_triton(
             numel, num_groups, codes.numel(),
             BITS=bits, GROUP_SIZE=group_size, BYTES_BLOCK=bytes_block,
             GROUPS=groups_per_program, SQRT=companding == "sqrt",
-            enable_fp_fusion=False,  # min + code * scale rounded twice, as the reference does
+            WIDE=mins.dtype == torch.float16, enable_fp_fusion=False,  # min + code * scale rounded twice, as the reference does
         )  # fmt: skip
     return out

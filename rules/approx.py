@@ -71,7 +71,7 @@ class ApproxRule(ExactRule):
                 f"bits={options['bits']!r} contradicts rule 'approx{bits}'; "
                 f"drop bits= or choose the rule 'approx{options['bits']}'"
             )
-        known = ("stochastic", "group_size", "min_numel", "companding")
+        known = ("stochastic", "group_size", "min_numel", "scale_dtype", "companding")
         return cls(ApproxOptions(bits=bits, **{k: options[k] for k in known if k in options}))
 
     def find(self, facts: ModelFacts) -> tuple[list[Site], list[Skip]]:

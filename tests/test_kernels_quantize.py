@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from aalconvert.kernels import QuantizedTensor, dequantize, quantize, quantized_nbytes
-from aalconvert.kernels.quantize import compand
+from aalconvert.kernels.quantize import compand, decoded_min_and_step
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SCALE_DTYPES = (torch.float16, torch.bfloat16)
@@ -53,7 +53,8 @@ def assert_backends_agree(x: torch.Tensor, **options) -> QuantizedTensor:
 def group_steps(q: QuantizedTensor) -> torch.Tensor:
     """The step of each element's group, in the logical order of the original shape."""
     numel = math.prod(q.shape)
-    return q.scales.float().repeat_interleave(q.group_size)[:numel].view(q.shape)
+    _, steps = decoded_min_and_step(q.mins, q.scales)
+    return steps.repeat_interleave(q.group_size)[:numel].view(q.shape)
 
 
 def assert_within_half_step(x: torch.Tensor, q: QuantizedTensor, decoded: torch.Tensor) -> None:
@@ -308,24 +309,41 @@ def test_inf_or_nan_decodes_its_group_to_nan_and_spares_the_others(backend, bad,
     assert (error <= group_steps(q)[others] / 2 * (1 + 1e-5)).all()
 
 
-def test_values_below_float16_range_need_bfloat16_scales():
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_groups_beyond_float16_range_keep_a_flagged_bfloat16_pair(backend):
     # fp16 mins round down, so a min below -65504 overflows; one above +65504 does not.
     x = torch.cat([torch.full((8,), -1e5), torch.full((8,), 1e5), torch.linspace(-1, 1, 8)])
-    q = quantize(x, 8, group_size=8, scale_dtype=torch.float16)
-    with_fp16 = dequantize(q)
-    assert with_fp16[:8].isnan().all() and with_fp16[8:].isfinite().all()
-    assert_within_half_step(x[8:], _tail(q, 1), with_fp16[8:])
-    q = quantize(x, 8, group_size=8, scale_dtype=torch.bfloat16)
-    assert_within_half_step(x, q, dequantize(q))
+    q = quantize(x, 8, group_size=8, scale_dtype=torch.float16, backend=backend)
+    raw_scales = q.scales.view(torch.int16)
+    assert raw_scales[0] < 0 and (raw_scales[1:] >= 0).all()  # only the first group is wide
+    plain = quantize(x[8:], 8, group_size=8, scale_dtype=torch.float16, backend=backend)
+    assert same_bytes(q.mins[1:], plain.mins) and same_bytes(q.scales[1:], plain.scales)
+    wide = quantize(x[:8], 8, group_size=8, scale_dtype=torch.bfloat16, backend=backend)
+    assert same_bytes(q.mins[:1].view(torch.bfloat16), wide.mins)
+    with_fp16 = dequantize(q, backend=backend)
+    assert with_fp16.isfinite().all()
+    assert_within_half_step(x, q, with_fp16)
+    q = quantize(x, 8, group_size=8, scale_dtype=torch.bfloat16, backend=backend)
+    assert_within_half_step(x, q, dequantize(q, backend=backend))
 
 
-def _tail(q: QuantizedTensor, groups: int) -> QuantizedTensor:
-    """``q`` without its first ``groups`` groups (whole groups stay byte-aligned)."""
-    skipped = groups * q.group_size
-    codes = q.codes[skipped * q.bits // 8 :]
-    shape = torch.Size([math.prod(q.shape) - skipped])
-    mins, scales = q.mins[groups:], q.scales[groups:]
-    return QuantizedTensor(codes, mins, scales, shape, q.dtype, q.bits, q.group_size)
+@pytest.mark.parametrize("companding", ["none", "sqrt"])
+@pytest.mark.parametrize("stochastic", [False, True])
+@pytest.mark.parametrize("bits", BITS)
+def test_huge_finite_values_decode_finite_with_float16_scales_on_both_backends(
+    bits, stochastic, companding
+):
+    if stochastic and companding == "sqrt":
+        pytest.skip("sqrt companding is nearest only")
+    x = awkward_tensor((300,), torch.float32, seed=bits)
+    x[3], x[70], x[140], x[200:216] = -7e4, -1e10, 3e38, -7e4 + torch.arange(16.0)
+    q = assert_backends_agree(
+        x, bits=bits, group_size=32, stochastic=stochastic, seed=9, companding=companding
+    )
+    decoded = dequantize(q)
+    assert decoded.isfinite().all()
+    if not stochastic:
+        assert_within_half_step(x, q, decoded)
 
 
 # ------------------------------------------------------------------ errors

@@ -24,6 +24,8 @@ from aalconvert.nn.rebuild import rebuild_as
 
 ALLOWED_BITS = (8, 4, 2)
 ALLOWED_SCALE_DTYPES = (torch.float16, torch.bfloat16)
+# Names accepted for scale_dtype besides the dtypes themselves (e.g. from a config file).
+SCALE_DTYPE_NAMES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 ALLOWED_COMPANDINGS = ("auto", "sqrt", "none")
 QUANTIZABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Default elements per (min, scale) pair. At 8 bits a 256-element group's steps
@@ -41,8 +43,12 @@ class ApproxOptions:
     instead of nearest. group_size: elements per (min, scale) pair, a positive
     multiple of 8; None (the default) means 256 at 8 bits and 64 at 4 and 2 bits
     (``DEFAULT_GROUP_SIZE``). min_numel: activations with fewer elements are kept exact.
-    scale_dtype: dtype of the per-group min and scale (bfloat16 for values
-    beyond float16's range of 65504). companding: "sqrt" quantizes
+    scale_dtype: dtype of the per-group min and scale, torch.float16 (the
+    default) or torch.bfloat16 (or their names "float16", "bfloat16"). With
+    float16 a group beyond its range (values below -65504, ranges above about
+    1.6e7) keeps a bfloat16 pair instead (``aalconvert.kernels.quantize``), so
+    finite activations never decode to NaN; bfloat16 everywhere trades 3 bits of
+    min/step precision in every group for nothing else. companding: "sqrt" quantizes
     ``sign(x) * sqrt(|x|)`` (nearest rounding only), "none" quantizes ``x``;
     "auto" (the default) becomes "sqrt" with nearest rounding and "none" with
     stochastic rounding, which must stay uniform to stay unbiased.
@@ -75,9 +81,12 @@ class ApproxOptions:
             raise ConversionError(
                 f"min_numel must be an int >= 0 (0 quantizes every tensor), got {self.min_numel!r}"
             )
-        if self.scale_dtype not in ALLOWED_SCALE_DTYPES:
+        if isinstance(self.scale_dtype, str) and self.scale_dtype in SCALE_DTYPE_NAMES:
+            object.__setattr__(self, "scale_dtype", SCALE_DTYPE_NAMES[self.scale_dtype])
+        if not isinstance(self.scale_dtype, torch.dtype) or self.scale_dtype not in ALLOWED_SCALE_DTYPES:
             raise ConversionError(
-                f"scale_dtype must be one of {ALLOWED_SCALE_DTYPES}, got {self.scale_dtype!r}"
+                f"scale_dtype must be one of {ALLOWED_SCALE_DTYPES} (or their names "
+                f"{tuple(SCALE_DTYPE_NAMES)}), got {self.scale_dtype!r}"
             )
         if self.companding not in ALLOWED_COMPANDINGS:
             raise ConversionError(
@@ -133,6 +142,32 @@ def should_quantize(x: torch.Tensor, options: ApproxOptions) -> bool:
     return x.dtype in QUANTIZABLE_DTYPES and x.numel() >= max(options.min_numel, 1)
 
 
+_SEED_MASK = 2**64 - 1
+_seed_state = {"counter": 0}
+
+
+def manual_seed(seed: int) -> None:
+    """Restart the sequence of stochastic-rounding seeds (``next_seed``) from ``seed``."""
+    _seed_state["counter"] = int(seed) & _SEED_MASK
+
+
+def next_seed() -> int:
+    """A fresh seed in [0, 2**63) for one stochastic quantization.
+
+    Seeds come from a counter owned by aalconvert, mixed by the splitmix64
+    finalizer: unlike drawing from torch's generator, a converted forward leaves
+    torch's RNG state untouched, so dropout and every other draw after it stay
+    those of the unconverted model under the same ``torch.manual_seed``. Each
+    call gives a different seed; ``manual_seed`` restarts the sequence.
+    """
+    counter = (_seed_state["counter"] + 0x9E3779B97F4A7C15) & _SEED_MASK
+    _seed_state["counter"] = counter
+    z = counter
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _SEED_MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _SEED_MASK
+    return (z ^ (z >> 31)) >> 1
+
+
 def compress(x: torch.Tensor, options: ApproxOptions) -> tuple[tuple[torch.Tensor, ...], SavedLayout]:
     """Tensors to pass to ``ctx.save_for_backward`` for ``x``, and how to decode them."""
     if not should_quantize(x, options):
@@ -143,6 +178,7 @@ def compress(x: torch.Tensor, options: ApproxOptions) -> tuple[tuple[torch.Tenso
         group_size=options.group_size,
         stochastic=options.stochastic,
         scale_dtype=options.scale_dtype,
+        seed=next_seed() if options.stochastic else 0,
         companding=options.companding,
     )
     layout = SavedLayout(True, x.shape, x.dtype, q.bits, q.group_size, q.companding)
@@ -161,7 +197,14 @@ def restore(tensors: Sequence[torch.Tensor], layout: SavedLayout) -> torch.Tenso
 
 
 def needs_graph(*tensors: torch.Tensor | None) -> bool:
-    """True when autograd will record this call (so a copy for backward is worth making)."""
+    """True when autograd will record this call (so a copy for backward is worth making).
+
+    False while a torch.func transform is active (``functorch_active``): the
+    variants then run their plain torch forward, which the transforms handle
+    (exact gradients, no memory saving).
+    """
+    if functorch_active(*tensors):
+        return False
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 

@@ -137,8 +137,11 @@ class ApproxLayerNormFunction(torch.autograd.Function):
         gw = g32 if weight is None else g32 * weight.float()
         xhat = _normalized(restore(saved, ctx.layout), mean, rstd) if saved else None
         dx = _input_grad(gw, xhat, rstd, norm_dims).to(g.dtype) if need_dx else None
-        dw = (g32 * xhat).sum(lead_dims).to(weight.dtype) if need_dw else None
-        db = g32.sum(lead_dims).to(g.dtype if weight is None else weight.dtype) if need_db else None
+        # An unbatched input (x.dim() == len(normalized_shape)) has no leading dims to sum
+        # over, and ``sum(())`` would sum over every dim.
+        lead_sum = (lambda t: t.sum(lead_dims)) if lead_dims else (lambda t: t)
+        dw = lead_sum(g32 * xhat).to(weight.dtype) if need_dw else None
+        db = lead_sum(g32).to(g.dtype if weight is None else weight.dtype) if need_db else None
         return dx, None, dw, db, None, None
 
 

@@ -42,8 +42,10 @@ from aalconvert.kernels import QuantizedTensor, dequantize, quantize
 from aalconvert.nn.approx_common import (
     ApproxOptions,
     ApproxVariant,
+    SCALE_DTYPE_NAMES,
     make_options,
     needs_graph,
+    next_seed,
     should_quantize,
 )
 
@@ -75,6 +77,7 @@ def quantize_relu_output(y: torch.Tensor, options: ApproxOptions) -> QuantizedTe
         group_size=options.group_size,
         stochastic=options.stochastic,
         scale_dtype=options.scale_dtype,
+        seed=next_seed() if options.stochastic else 0,
         companding=options.companding,
     )
 
@@ -145,7 +148,7 @@ class ApproxReLU(ApproxVariant, nn.ReLU):
     @classmethod
     def make_options(cls, options: dict) -> ApproxOptions:
         options = {"scale_dtype": torch.bfloat16, **options}
-        if options["scale_dtype"] != torch.bfloat16:
+        if SCALE_DTYPE_NAMES.get(options["scale_dtype"], options["scale_dtype"]) != torch.bfloat16:
             raise ConversionError(
                 f"ApproxReLU: scale_dtype must be torch.bfloat16, got {options['scale_dtype']!r}; "
                 "float16 steps underflow or overflow and would break the exact ReLU mask"

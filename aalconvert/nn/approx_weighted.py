@@ -135,6 +135,8 @@ class _ApproxConvNd(ApproxVariant):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not needs_graph(x, self.weight, self.bias):
             return super().forward(x)
+        if x.dim() == self.weight.dim() - 1:  # unbatched, as nn.Conv*d takes it: a batch of one
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         padding = self.padding
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
