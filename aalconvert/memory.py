@@ -154,6 +154,7 @@ def saved_by_module(
         result.bytes_by_module[saver] = result.bytes_by_module.get(saver, 0) + storage.nbytes()
         return tensor
 
+    leave.aalconvert_observer = True  # returns nothing: recompute chains may trust outputs under it
     handles = [
         nn.modules.module.register_module_forward_pre_hook(enter),
         nn.modules.module.register_module_forward_hook(leave),

@@ -32,10 +32,11 @@ from aalconvert.nn.recompute import (
 )
 from aalconvert.nn.recompute_attention import RecomputedAttention
 from aalconvert.nn.zoo_linear import is_transposed_linear
+from aalconvert.trace import is_norm_like
 from aalconvert.nn.zoo_pointwise import PointwiseVariant, bp_keeps_more_than_input, pointwise_problem
 from aalconvert.rules.attention import PAYLOAD_KEY, apply_attention_site, attention_sites
 from aalconvert.rules.base import Rule, Site, Skip
-from aalconvert.rules.wiring import TensorSlot, swap_module
+from aalconvert.rules.wiring import ChainSlot, swap_module
 
 _RECOMPUTE_VARIANTS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: RecomputedInputLinear,
@@ -148,11 +149,39 @@ class RecomputeRule(Rule):
             module, chain=tuple(model.get_submodule(name) for name in chain.modules)
         )
         model = swap_module(model, site.module_name, variant)
-        TensorSlot("chain_input").wire(model.get_submodule(chain.start), [variant])
+        ChainSlot().wire(variant.chain, variant)
         return model
 
 
 POINTWISE_KEY = "pointwise"
+
+
+def _input_shared(facts: ModelFacts, name: str) -> str | None:
+    """Why recomputing zoo module ``name`` could change its input's gradient in the last bit.
+
+    When the input also feeds other ops (a pre-norm block's residual), autograd
+    adds the gradient contributions at the input in the order they arrive; one
+    recomputing node sums the module's own contributions first, so the rounding
+    can differ from BP's. A norm's input is usually such a residual stream, so a
+    norm not seen as one traced call is left too; an activation's input (a
+    layer's output) is not.
+    """
+    nodes = facts.call_nodes.get(name, ())
+    if len(nodes) != 1:
+        if not is_norm_like(facts.modules[name]):
+            return None
+        return (
+            f"a norm called {len(nodes)} times in the traced graphs: whether its input also feeds "
+            "a residual (whose gradient would be summed in another order than BP's) is unknown"
+        )
+    source = nodes[0].args[0] if nodes[0].args else None
+    if isinstance(source, fx.Node) and len(source.users) > 1:
+        readers = ", ".join(user.name for user in source.users if user is not nodes[0])
+        return (
+            f"its input is also read by {readers}: gradients summed there would round differently "
+            "from BP's, so the exact rule leaves it (approx* still takes it)"
+        )
+    return None
 
 
 def pointwise_sites(rule: str, facts: ModelFacts, bits: int | None) -> tuple[list[Site], list[Skip]]:
@@ -163,6 +192,9 @@ def pointwise_sites(rule: str, facts: ModelFacts, bits: int | None) -> tuple[lis
             continue
         if bits is None and not bp_keeps_more_than_input(module):
             skips.append(Skip(rule, name, f"{type(module).__name__} keeps only its input under BP already"))
+            continue
+        if bits is None and (shared := _input_shared(facts, name)) is not None:
+            skips.append(Skip(rule, name, shared))
             continue
         kept = "only its input" if bits is None else f"a {bits}-bit copy of its input"
         exact = " (exact)" if bits is None else ""

@@ -8,11 +8,13 @@ keyword argument, and lets go of it after the last consumer has run, so it
 never outlives the forward (backward keeps it through ``save_for_backward``).
 """
 
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.nn.modules import module as torch_module
 from torch.utils.hooks import RemovableHandle
 
 from aalconvert.errors import WiringError
@@ -26,25 +28,66 @@ def swap_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return root
 
 
+class _TracedState:
+    """A plain object whose attributes Dynamo can set (it cannot trace SimpleNamespace's)."""
+
+
+class _PerThread:
+    """Run-time state of one slot, kept per thread (threads and ``nn.DataParallel`` replicas
+    share a converted model's hooks, so they must not share what one forward captured).
+
+    While torch.compile traces, a plain object stands in: Dynamo cannot trace
+    ``threading.local``, and a compiled graph carries the tensor as data anyway.
+    Pickling (torch.save, deepcopy) drops the state: a forward captures afresh.
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._traced = _TracedState()
+
+    def get(self) -> object:
+        return self._traced if torch.compiler.is_compiling() else self._local
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+
 class TensorSlot:
-    """Carries the first positional input of one module to other modules' ``keyword`` argument."""
+    """Carries the first positional input of one module to other modules' ``keyword`` argument.
+
+    The tensor is held from the source's pre-hook until the last consumer has
+    run, and let go of even when a forward raises on the way (an ``always_call``
+    hook on the last consumer, and one on ``root`` when given).
+    """
+
+    aalconvert_wiring = True
 
     def __init__(self, keyword: str) -> None:
         self.keyword = keyword
-        self.tensor: torch.Tensor | None = None
+        self.state = _PerThread()
         self.handles: list[RemovableHandle] = []
 
-    def wire(self, source: nn.Module, consumers: Sequence[nn.Module]) -> None:
+    @property
+    def tensor(self) -> torch.Tensor | None:
+        """What this thread's forward captured and has not released yet."""
+        return getattr(self.state.get(), "tensor", None)
+
+    def wire(self, source: nn.Module, consumers: Sequence[nn.Module], root: nn.Module | None = None) -> None:
         """Capture ``source``'s input; give it to every consumer; release after the last."""
         self.handles.append(source.register_forward_pre_hook(self._capture))
         for consumer in consumers:
             self.handles.append(
                 consumer.register_forward_pre_hook(self._inject, with_kwargs=True)
             )
-        self.handles.append(consumers[-1].register_forward_hook(self._release))
+        for module in (consumers[-1], root):
+            if module is not None:
+                self.handles.append(module.register_forward_hook(self._release, always_call=True))
 
     def _capture(self, module: nn.Module, args: tuple) -> None:
-        self.tensor = args[0]
+        self.state.get().tensor = args[0]
 
     def _inject(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if self.tensor is None:
@@ -57,14 +100,100 @@ class TensorSlot:
         return args, {**kwargs, self.keyword: self.tensor}
 
     def _release(self, module: nn.Module, args: tuple, output: object) -> None:
-        self.tensor = None
+        self.state.get().tensor = None
 
     def remove(self) -> None:
         """Undo ``wire``: remove every hook this slot registered."""
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
-        self.tensor = None
+        self.state = _PerThread()
+
+
+class ChainSlot:
+    """Hands a recompute layer its chain's input ``z``, only when its input really is ``chain(z)``.
+
+    ``chain`` is the modules that turn ``z`` into the layer's input. Each chain
+    module's output is checked to have been computed, in this forward, from the
+    previous one's (the first's from ``z``), and the layer gets ``z`` (keyword
+    ``chain_input``) and the chain's last output (``chain_output``), which the
+    layer compares with the input it is finally called with. A direct call with
+    another tensor (manifold mixup), a forward hook that replaces an output, or
+    a chain run out of order breaks the link, and the layer then keeps its
+    input as BP does: exact in every case. Only weak references are held, so
+    nothing here outlives the forward or keeps a graph alive after an
+    exception; a tensor that died meanwhile was needed by nobody.
+    """
+
+    aalconvert_wiring = True
+
+    def __init__(self) -> None:
+        self.state = _PerThread()
+        self.handles: list[RemovableHandle] = []
+
+    def wire(self, chain: Sequence[nn.Module], consumer: nn.Module) -> None:
+        """Follow ``chain`` (first hooks of their modules: they see what the module itself got
+        and returned, before any user hook changes it) and feed ``consumer``."""
+        self.handles.append(chain[0].register_forward_pre_hook(self._capture, prepend=True))
+        for module in chain:
+            self.handles.append(module.register_forward_hook(self._link, prepend=True))
+        self.handles.append(consumer.register_forward_pre_hook(self._inject, with_kwargs=True))
+
+    def _capture(self, module: nn.Module, args: tuple) -> None:
+        state = self.state.get()
+        state.chain_input = _reference(args[0])
+        state.last = state.chain_input
+
+    def _link(self, module: nn.Module, args: tuple, output: object) -> None:
+        state = self.state.get()
+        last = getattr(state, "last", None)
+        linked = (
+            last is not None
+            and bool(args)
+            and _dereference(last) is args[0]
+            and isinstance(output, torch.Tensor)
+            and not _global_forward_hooks()  # they run before ours and may change the output
+        )
+        state.last = _reference(output) if linked else None
+
+    def _inject(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        state = self.state.get()
+        z = _dereference(getattr(state, "chain_input", None))
+        x = _dereference(getattr(state, "last", None))
+        if z is None or x is None:
+            return None
+        return args, {**kwargs, "chain_input": z, "chain_output": x}
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self.state = _PerThread()
+
+    @property
+    def tensor(self) -> torch.Tensor | None:
+        """The chain input this thread's forward still refers to (None once it is gone)."""
+        return _dereference(getattr(self.state.get(), "chain_input", None))
+
+
+def _global_forward_hooks() -> bool:
+    """Whether a ``register_module_forward_hook`` hook that may replace outputs is active.
+
+    Global hooks run before a module's own, so a chain link cannot see what they
+    do; only aalconvert's observers (marked ``aalconvert_observer``, they return
+    nothing) are trusted.
+    """
+    hooks = torch_module._global_forward_hooks.values()
+    return any(not getattr(hook, "aalconvert_observer", False) for hook in hooks)
+
+
+def _reference(tensor: torch.Tensor) -> object:
+    """A weak reference, except under torch.compile (Dynamo keeps tensors as graph values)."""
+    return tensor if torch.compiler.is_compiling() else weakref.ref(tensor)
+
+
+def _dereference(reference: object) -> torch.Tensor | None:
+    return reference() if isinstance(reference, weakref.ref) else reference
 
 
 class SharedPack:
@@ -76,6 +205,8 @@ class SharedPack:
     (under torch.compile, which cannot guard on version counters, for the same
     tensor). The cache is not pickled: a loaded model packs afresh.
     """
+
+    aalconvert_wiring = True
 
     def __init__(self, keyword: str, pack: Callable[[torch.Tensor], torch.Tensor]):
         self.keyword = keyword
@@ -113,13 +244,19 @@ class SharedPack:
         self._source, self._packed = None, None
 
 
+def wiring_owner(hook: Callable) -> object | None:
+    """The slot or shared pack ``hook`` belongs to, or None for anyone else's hook."""
+    owner = getattr(hook, "__self__", None)
+    return owner if getattr(owner, "aalconvert_wiring", False) else None
+
+
 def wiring_of(module: nn.Module) -> set:
     """The slots and shared packs whose hooks sit on ``module`` itself."""
     found = set()
     for hooks in (module._forward_pre_hooks, module._forward_hooks):
         for hook in hooks.values():
-            owner = getattr(hook, "__self__", None)
-            if isinstance(owner, (TensorSlot, SharedPack)):
+            owner = wiring_owner(hook)
+            if owner is not None:
                 found.add(owner)
     return found
 
@@ -130,7 +267,22 @@ def is_wired(module: nn.Module) -> bool:
 
 
 def remove_wiring(model: nn.Module) -> None:
-    """Remove every slot and shared pack that conversion wired into ``model``."""
+    """Remove every slot and shared pack that conversion wired into ``model``.
+
+    Hooks are taken out of each module's own registries: a module rebuilt after
+    wiring (``rebuild_as`` copies the registries) holds hooks that the original
+    handles no longer reach.
+    """
     for module in model.modules():
-        for owner in wiring_of(module):
+        owners = wiring_of(module)
+        for registry in (module._forward_pre_hooks, module._forward_hooks):
+            for key in [key for key, hook in registry.items() if wiring_owner(hook) is not None]:
+                del registry[key]
+                for flags in (
+                    module._forward_pre_hooks_with_kwargs,
+                    module._forward_hooks_with_kwargs,
+                    module._forward_hooks_always_called,
+                ):
+                    flags.pop(key, None)
+        for owner in owners:
             owner.remove()

@@ -27,6 +27,8 @@ from torch.nn.modules.utils import _pair
 
 from aalconvert.errors import ConversionError
 from aalconvert.kernels import pack_bits, unpack_bits
+from aalconvert.nn.approx_common import functorch_active
+from aalconvert.nn.rebuild import rebuild_as
 
 MAX_POOL_WINDOW_ELEMENTS = 256
 """Largest pooling window (kernel_h * kernel_w elements) whose offsets fit in one uint8."""
@@ -71,7 +73,9 @@ class _PackedLayout:
 
 
 def _needs_autograd(tensor: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and tensor.requires_grad
+    """Whether the variant's own Function should run (not under a torch.func transform,
+    which needs Functions with ``setup_context``: the plain op is exact there)."""
+    return torch.is_grad_enabled() and tensor.requires_grad and not functorch_active(tensor)
 
 
 # --------------------------------------------------------------------------- ReLU
@@ -126,15 +130,11 @@ class MaskReLU(nn.ReLU):
             raise ConversionError(
                 f"MaskReLU.from_module expects an nn.ReLU, got {type(module).__name__}"
             )
-        converted = cls(inplace=module.inplace)
-        converted.train(module.training)
-        return converted
+        return rebuild_as(cls, module)
 
     def to_module(self) -> nn.ReLU:
-        """The plain ``nn.ReLU`` with the same settings."""
-        plain = nn.ReLU(inplace=self.inplace)
-        plain.train(self.training)
-        return plain
+        """The plain ``nn.ReLU`` with the same settings and hooks."""
+        return rebuild_as(nn.ReLU, self)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, keeps=1-bit mask".lstrip(", ")
@@ -211,15 +211,11 @@ class MaskDropout(nn.Dropout):
                 f"MaskDropout.from_module expects an nn.Dropout, got {type(module).__name__} "
                 "(Dropout1d/2d/3d and AlphaDropout drop differently and are not supported)"
             )
-        converted = cls(p=module.p, inplace=module.inplace)
-        converted.train(module.training)
-        return converted
+        return rebuild_as(cls, module)
 
     def to_module(self) -> nn.Dropout:
-        """The plain ``nn.Dropout`` with the same settings."""
-        plain = nn.Dropout(p=self.p, inplace=self.inplace)
-        plain.train(self.training)
-        return plain
+        """The plain ``nn.Dropout`` with the same settings and hooks."""
+        return rebuild_as(nn.Dropout, self)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, keeps=1-bit mask"
@@ -314,6 +310,11 @@ class CompactMaxPool2dFunction(torch.autograd.Function):
             device=grad_output.device,
             memory_format=ctx.input_format,
         )
+        if torch.is_grad_enabled():  # create_graph=True: the differentiable (functional) op
+            # Its `self` only gives sizes and layout; its own derivative there is zero.
+            return torch.ops.aten.max_pool2d_with_indices_backward(
+                grad_output, grad_input, kernel_size, stride, padding, dilation, ctx.ceil_mode, indices
+            ), None, None, None, None, None
         # The op reads only the sizes of its `self` argument, so the output buffer stands in.
         torch.ops.aten.max_pool2d_with_indices_backward.grad_input(
             grad_output, grad_input, kernel_size, stride, padding, dilation,
@@ -356,21 +357,11 @@ class CompactMaxPool2d(nn.MaxPool2d):
                 "its caller uses the int64 indices (e.g. MaxUnpool2d); leave this module as it is"
             )
         _check_window(_pair(module.kernel_size), "nn.MaxPool2d")
-        converted = cls(
-            module.kernel_size, module.stride, module.padding, module.dilation,
-            return_indices=False, ceil_mode=module.ceil_mode,
-        )
-        converted.train(module.training)
-        return converted
+        return rebuild_as(cls, module)
 
     def to_module(self) -> nn.MaxPool2d:
-        """The plain ``nn.MaxPool2d`` with the same settings."""
-        plain = nn.MaxPool2d(
-            self.kernel_size, self.stride, self.padding, self.dilation,
-            return_indices=self.return_indices, ceil_mode=self.ceil_mode,
-        )
-        plain.train(self.training)
-        return plain
+        """The plain ``nn.MaxPool2d`` with the same settings and hooks."""
+        return rebuild_as(nn.MaxPool2d, self)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, keeps=uint8 window offset"

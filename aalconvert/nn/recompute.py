@@ -5,7 +5,7 @@ methods.md section 4, "cheap recomputation". A Linear or Conv whose input
 LayerNorm, GELU, ...) needs ``x`` only for its weight gradient. The chain's
 first module keeps ``z`` anyway (BN, LayerNorm and GELU all save their input),
 so the layer keeps ``z`` -- the same storage, counted once -- instead of ``x``
-and rebuilds ``x = chain(z)`` under ``no_grad`` in backward. No matmul or
+and rebuilds ``x = chain(z)`` in backward. No matmul or
 convolution is recomputed: backward calls the very backward ops torch's
 autograd would (``mm`` / ``convolution_backward`` on the same operands), so
 every gradient is bit-identical to the plain layer's.
@@ -48,6 +48,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from aalconvert.errors import ConversionError
+from aalconvert.nn.approx_common import functorch_active
 from aalconvert.nn.rebuild import rebuild_as
 from aalconvert.nn.saved import saved_tensors_or_raise
 from aalconvert.nn.weighted import transposed_linear
@@ -133,7 +134,9 @@ class _ChainRecord:
         self.x_shape, self.x_dtype = x.shape, x.dtype
 
     def rebuild(self, z: torch.Tensor, where: str) -> torch.Tensor:
-        with torch.no_grad(), torch.autocast(
+        """``chain(z)``; differentiable when backward records a graph (``create_graph=True``),
+        so second-order gradients flow through the chain as they do in BP."""
+        with torch.autocast(
             self.device_type, dtype=self.autocast_dtype, enabled=self.autocast
         ):
             x = z
@@ -387,9 +390,21 @@ class _RecomputedInput:
     def describe(self) -> str:
         return f"{type(self).__name__}({self.extra_repr()})"
 
-    def forward(self, input: torch.Tensor, chain_input: torch.Tensor | None = None):
-        """``input`` = chain(``chain_input``); see the module docstring for the convention."""
-        if chain_input is None or not self._uses_rebuild():
+    def forward(
+        self,
+        input: torch.Tensor,
+        chain_input: torch.Tensor | None = None,
+        chain_output: torch.Tensor | None = None,
+    ):
+        """``input`` = chain(``chain_input``); see the module docstring for the convention.
+
+        ``chain_output``, when given, is the tensor the chain returned in this
+        forward: unless ``input`` is that very tensor (a hook or a direct call
+        put another one here), the layer keeps its input as the plain layer does.
+        """
+        if chain_output is not None and input is not chain_output:
+            return self._plain_forward(input)
+        if chain_input is None or not self._uses_rebuild() or functorch_active(input, chain_input):
             return self._plain_forward(input)
         if not self.chain:
             raise ConversionError(

@@ -32,12 +32,19 @@ import torch
 from torch import nn
 
 from aalconvert.errors import ConversionError
-from aalconvert.nn.approx_common import ApproxOptions, compress, make_options, needs_graph, restore
+from aalconvert.nn.approx_common import (
+    ApproxOptions,
+    compress,
+    functorch_active,
+    make_options,
+    needs_graph,
+    restore,
+)
 from aalconvert.nn.rebuild import mixed_class, rebuild_as
 from aalconvert.trace import is_norm_like
 
 OPTIONS_ATTRIBUTE = "pointwise_options"
-RECOMPUTE = "_aalconvert_recompute"  # PointwiseVariant.forward's keyword for backward's recomputation
+HOOKLESS_ATTRIBUTE = "_aalconvert_hookless"  # the variant's _HooklessCall (not a registered child)
 TIMM_ACTIVATIONS = "timm.layers.activations"
 
 
@@ -111,10 +118,10 @@ class _KeepInputOnly(torch.autograd.Function):
         count = 1 if ctx.layout is None else ctx.layout.count
         saved = ctx.saved_tensors  # raises if x or a Parameter was modified in place since forward
         x = saved[0] if ctx.layout is None else restore(saved[:count], ctx.layout)
-        module, names = ctx.module, ctx.names
+        hookless, names = getattr(ctx.module, HOOKLESS_ATTRIBUTE), ctx.names
 
         def recompute(x: torch.Tensor, *parameters: torch.Tensor) -> torch.Tensor:
-            return torch.func.functional_call(module, dict(zip(names, parameters)), (x,), {RECOMPUTE: True})
+            return torch.func.functional_call(hookless, dict(zip(names, parameters)), (x,))
 
         enabled, dtype = ctx.autocast
         with torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled):
@@ -122,6 +129,23 @@ class _KeepInputOnly(torch.autograd.Function):
             grads = vjp(grad)
         wanted = ctx.needs_input_grad[3:]
         return (None, None, None, *(g if need else None for g, need in zip(grads, wanted, strict=True)))
+
+
+class _HooklessCall(nn.Module):
+    """Calls a variant's zoo forward without the variant's hooks, for backward's recomputation.
+
+    The user's hooks ran around the real forward; run again in backward, an
+    output-changing hook would change the gradient. ``functional_call`` on this
+    holder swaps the variant's Parameters (prefixed ``inner.``) and calls
+    ``zoo_forward`` directly, so no hook of the variant fires.
+    """
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner.zoo_forward(x)
 
 
 class PointwiseVariant(nn.Module):
@@ -151,7 +175,7 @@ class PointwiseVariant(nn.Module):
 
     def to_module(self) -> nn.Module:
         """An instance of the zoo class holding this variant's Parameters, buffers and hooks."""
-        return rebuild_as(self.zoo_class, self, drop=(OPTIONS_ATTRIBUTE,))
+        return rebuild_as(self.zoo_class, self, drop=(OPTIONS_ATTRIBUTE, HOOKLESS_ATTRIBUTE))
 
     def __reduce_ex__(self, protocol: int) -> tuple:
         # The variant class is made at run time and cannot be pickled by name: pickle the
@@ -161,12 +185,13 @@ class PointwiseVariant(nn.Module):
     def zoo_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.zoo_class.forward(self, x)
 
-    def forward(self, x: torch.Tensor, *, _aalconvert_recompute: bool = False) -> torch.Tensor:
-        """The zoo forward, keeping only ``x`` for backward (the keyword is backward's recomputation)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The zoo forward, keeping only ``x`` for backward."""
         named = tuple(self.named_parameters())
-        if _aalconvert_recompute or not needs_graph(x, *(p for _, p in named)):
+        parameters = tuple(p for _, p in named)
+        if not needs_graph(x, *parameters) or functorch_active(x, *parameters):
             return self.zoo_forward(x)
-        names = tuple(name for name, _ in named)
+        names = tuple(f"inner.{name}" for name, _ in named)
         return _KeepInputOnly.apply(self, getattr(self, OPTIONS_ATTRIBUTE), names, x, *(p for _, p in named))
 
     def extra_repr(self) -> str:
@@ -180,4 +205,5 @@ def _rebuild_variant(module: nn.Module, options: ApproxOptions | None) -> Pointw
     """The variant of a checked zoo ``module`` (from_module, and unpickling)."""
     new = rebuild_as(PointwiseVariant.variant_class(type(module)), module)
     setattr(new, OPTIONS_ATTRIBUTE, options)
+    new.__dict__[HOOKLESS_ATTRIBUTE] = _HooklessCall(new)  # not registered: no cycle in the tree
     return new
