@@ -16,7 +16,7 @@ from aalconvert.nn import CONVERTED_TYPES
 from aalconvert.plan import Plan, SkipFilter, make_plan, skip_filter
 from aalconvert.report import Report, build_report, optimizer_state_factor
 from aalconvert.rules.base import Rule
-from aalconvert.rules.registry import resolve
+from aalconvert.rules.registry import PRECEDENCE, resolve
 from aalconvert.rules.wiring import remove_wiring, swap_module
 from aalconvert.trace import _one_line
 
@@ -52,8 +52,55 @@ def plan_conversion(
     """Validate everything and decide every rewrite, without modifying ``model``."""
     _check_model(model)
     chosen = resolve(rules, rule_options)
+    _check_not_converted_by_other_rules(model, chosen)
     facts = gather_facts(model, example_inputs)
     return make_plan(facts, chosen, skip_filter(skip, facts)), facts
+
+
+_RULES_ATTRIBUTE = "_aalconvert_rules"  # on a converted root: the rule names applied to its tree
+
+
+def _earlier_conversion(model: nn.Module) -> tuple[set[str], str | None]:
+    """The rule names recorded by earlier convert() calls in ``model``'s tree, and a converted module's name."""
+    recorded: set[str] = set()
+    converted = None
+    for name, module in model.named_modules():
+        recorded.update(module.__dict__.get(_RULES_ATTRIBUTE, ()))
+        if converted is None and isinstance(module, CONVERTED_TYPES):
+            converted = name
+    return recorded, converted
+
+
+def _check_not_converted_by_other_rules(model: nn.Module, chosen: Sequence[Rule]) -> None:
+    """Refuse to add rules to a converted model: its variants would stay, keeping more than one pass.
+
+    A second convert() cannot turn a variant of one rule into another rule's
+    (a recompute layer into a k-bit one), so ``convert(convert(m, "recompute"),
+    "approx4")`` keeps more than ``convert(m, ["recompute", "approx4"])``.
+    Converting again with rules already applied is allowed (and changes nothing).
+    """
+    earlier, converted = _earlier_conversion(model)
+    names = [rule.name for rule in chosen]
+    added = [name for name in names if name not in earlier]
+    if not earlier or not added:
+        return
+    wanted = [name for name in (*sorted(earlier, key=_precedence), *added) if name != "exact"]
+    example = ""
+    if converted is not None:
+        example = f" (e.g. {converted or '<root>'!r} is a {type(model.get_submodule(converted)).__name__})"
+    raise ConversionError(
+        f"the model is already converted with {', '.join(sorted(earlier, key=_precedence))}"
+        f"{example}; converting it again with "
+        f"{', '.join(added)} would leave those variants as they are and keep more memory than one "
+        f"conversion: convert the original model once with all rules, e.g. "
+        f"aalconvert.convert(model, {wanted or ['exact']!r}) (aalconvert.revert() gives the plain "
+        f"model back)"
+    )
+
+
+def _precedence(name: str) -> int:
+    family = "approx" if name.startswith("approx") else name
+    return PRECEDENCE.index(family) if family in PRECEDENCE else len(PRECEDENCE)
 
 
 def convert(
@@ -86,6 +133,10 @@ def convert(
     for site in plan.sites.values():
         rule = next(r for r in plan.rules if r.name == site.rule)
         target = rule.apply(target, site, facts)
+    if plan.sites:
+        earlier, _ = _earlier_conversion(target)
+        setattr(target, _RULES_ATTRIBUTE, tuple(sorted(earlier | {r.name for r in plan.rules},
+                                                       key=_precedence)))
     return target
 
 
@@ -103,6 +154,8 @@ def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     for name, module in list(target.named_modules()):
         if isinstance(module, CONVERTED_TYPES):
             target = swap_module(target, name, module.to_module())
+    for module in target.modules():
+        module.__dict__.pop(_RULES_ATTRIBUTE, None)
     return target
 
 
