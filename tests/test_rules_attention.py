@@ -8,6 +8,7 @@ from torch import nn
 
 import aalconvert
 from aalconvert.api import plan_conversion
+from aalconvert.errors import ConversionError
 from aalconvert.kernels import quantized_nbytes
 from aalconvert.memory import measure_saved
 from aalconvert.nn.approx import ApproxLinear
@@ -222,3 +223,50 @@ def test_auto_on_vit_drops_one_probability_tensor_per_attention():
     scores = images.shape[0] * vit.num_heads * tokens * tokens
     # Both keep the softmax output, the 1-bit mask and v; only the dropped probabilities (fp32) go.
     assert without_core - with_core == vit.depth * 4 * scores
+
+
+class ScaledAttention(nn.Module):
+    """Attention whose scale and head count are plain attributes read in forward."""
+
+    def __init__(self, dim: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.heads = heads
+        self.scale = (dim // heads) ** -0.5
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attn = torch.softmax(q @ k.transpose(-2, -1) * self.scale, dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, t, d))
+
+
+@pytest.mark.parametrize(("example", "rules"), [("own", "approx4"), ("vit", "approx4"), ("vit", "recompute")])
+def test_traced_attention_refuses_to_run_with_an_attribute_changed_since_conversion(example, rules):
+    # Before: the traced forward kept computing with the scale read at conversion, silently.
+    if example == "own":
+        torch.manual_seed(0)
+        model, name, x = nn.Sequential(ScaledAttention()), "0", torch.randn(2, 5, 16)
+    else:
+        model, name, (x,) = build(example, dropout=0.0), "blocks.0.attn", inputs_of(example)
+    converted = aalconvert.convert(model, rules, example_inputs=(x,))
+    attention = converted.get_submodule(name)
+    assert isinstance(attention, (ApproxAttention, RecomputedAttention))
+    torch.manual_seed(1)
+    before = converted(x)
+    attention.scale = float(attention.scale)  # the same value: runs as before
+    torch.manual_seed(1)
+    assert torch.equal(converted(x), before)
+    attention.scale = 0.5
+    with pytest.raises(ConversionError, match=r"attribute 'scale' is 0.5 now but was 0.* convert the "
+                                              r"model again"):
+        converted(x)
+    # Converted again, it computes with the new value, as the plain model does.
+    again = aalconvert.convert(aalconvert.revert(converted), rules, example_inputs=(x,))
+    model.get_submodule(name).scale = 0.5
+    torch.manual_seed(1)
+    expected = model(x)
+    torch.manual_seed(1)
+    assert torch.allclose(again(x), expected, atol=1e-5) and not torch.allclose(expected, before)
+    assert not hasattr(aalconvert.revert(again).get_submodule(name), "core_attributes")

@@ -13,13 +13,20 @@ order and an optimizer built earlier are unchanged. ``to_module()`` gives
 back an instance of the original class with the same registries.
 
 What the trace fixes: plain Python attributes read in forward (a head count,
-a scale) become constants of the rewritten code. A forward whose traced code
+a scale) become constants of the rewritten code. The trace records which ones
+it read (on the module and its submodules) with their values; the variant's
+forward checks them on every call and raises ``ConversionError`` if one has
+changed since conversion (convert again, or set it before converting), rather
+than silently computing with the old value. A forward whose traced code
 depends on ``self.training``, that takes optional or variadic arguments, or
 in which the subclass finds nothing to rewrite is refused with the reason.
 """
 
+import copy
 import inspect
 from typing import Any, ClassVar
+
+import torch
 
 import torch.fx as fx
 from torch import nn
@@ -28,7 +35,10 @@ from aalconvert.errors import ConversionError
 from aalconvert.nn.rebuild import mixed_class, rebuild_as
 
 OPTIONS_ATTRIBUTE = "core_options"
-_CODE_ATTRIBUTES = (OPTIONS_ATTRIBUTE, "core_forward", "core_code", "core_option_values")
+_CODE_ATTRIBUTES = (OPTIONS_ATTRIBUTE, "core_forward", "core_code", "core_option_values",
+                    "core_attributes")
+# Read by every forward, or handled on their own (a forward reading self.training is refused).
+_UNRECORDED = frozenset({"training"})
 
 
 def depends_on_input(node: Any) -> bool:
@@ -76,10 +86,63 @@ def _check_signature(module: nn.Module) -> None:
             )
 
 
-def _trace(module: nn.Module, training: bool) -> fx.Graph:
+_RECORDING_CLASSES: dict[type, type] = {}
+_MISSING = object()
+
+
+def _recording_class(cls: type, reads: dict) -> type:
+    """A subclass of ``cls`` whose attribute reads of plain instance values land in ``reads``.
+
+    ``reads`` is looked up through the instance (``_aalconvert_reads``), so one
+    class per ``cls`` serves every trace.
+    """
+    if cls not in _RECORDING_CLASSES:
+        def __getattribute__(self, name: str) -> Any:
+            value = super(recording, self).__getattribute__(name)
+            if name.startswith("_") or name in _UNRECORDED:
+                return value
+            state = object.__getattribute__(self, "__dict__")
+            sink = state.get("_aalconvert_reads")
+            if sink is not None and name in state and not isinstance(value, (torch.Tensor, nn.Module)):
+                sink.setdefault((state["_aalconvert_path"], name), _snapshot(value))
+            return value
+
+        recording = type(cls.__name__, (cls,), {"__getattribute__": __getattribute__})
+        recording.__module__ = cls.__module__
+        recording.__qualname__ = cls.__qualname__
+        _RECORDING_CLASSES[cls] = recording
+    return _RECORDING_CLASSES[cls]
+
+
+def _snapshot(value: Any) -> Any:
+    try:
+        return copy.deepcopy(value)
+    except Exception:  # an object that does not copy: at least a replacement is noticed
+        return value
+
+
+def _unchanged(current: Any, recorded: Any) -> bool:
+    if current is recorded:
+        return True
+    try:
+        return type(current) is type(recorded) and bool(current == recorded)
+    except Exception:
+        return False
+
+
+def _trace(module: nn.Module, training: bool, reads: dict | None = None) -> fx.Graph:
+    """Trace ``module``'s own forward; the plain attributes it reads (module path, name) go in ``reads``."""
     was_training = module.training
     module.training = training
+    swapped: list[tuple[nn.Module, type]] = []
     try:
+        if reads is not None:
+            for path, submodule in module.named_modules():
+                cls = type(submodule)
+                submodule.__dict__["_aalconvert_reads"] = reads
+                submodule.__dict__["_aalconvert_path"] = path
+                submodule.__class__ = _recording_class(cls, reads)
+                swapped.append((submodule, cls))
         return _ChildrenAsCalls().trace(module)
     except Exception as error:  # fx raises many types; report one clear reason instead
         first_line = (str(error).strip().splitlines() or [""])[0]
@@ -88,6 +151,10 @@ def _trace(module: nn.Module, training: bool) -> fx.Graph:
             f"{first_line}); its forward is left as it is"
         ) from error
     finally:
+        for submodule, cls in swapped:
+            submodule.__class__ = cls
+            submodule.__dict__.pop("_aalconvert_reads", None)
+            submodule.__dict__.pop("_aalconvert_path", None)
         module.training = was_training
 
 
@@ -138,7 +205,8 @@ class TracedForwardVariant(nn.Module):
             raise ConversionError(f"{type(module).__name__} is already a traced-forward variant")
         core_options = cls.make_options(options)
         _check_signature(module)
-        graph = _trace(module, training=True)
+        reads: dict[tuple[str, str], Any] = {}
+        graph = _trace(module, training=True, reads=reads)
         if graph.python_code("self").src != _trace(module, training=False).python_code("self").src:
             raise ConversionError(
                 f"{type(module).__name__}.forward traces differently in train and eval mode "
@@ -150,6 +218,7 @@ class TracedForwardVariant(nn.Module):
         new = rebuild_as(cls.variant_class(type(module)), module)
         setattr(new, OPTIONS_ATTRIBUTE, core_options)
         new.core_option_values = dict(options)
+        new.core_attributes = reads
         new.core_forward, new.core_code = _compile(graph)
         return new
 
@@ -160,7 +229,25 @@ class TracedForwardVariant(nn.Module):
         return (_rebuild_variant, (mixin, self.to_module(), self.core_option_values))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self._check_attributes()
         return self.core_forward(self, *args, **kwargs)
+
+    def _check_attributes(self) -> None:
+        """Raise if a plain attribute the traced forward fixed as a constant has changed since."""
+        for (path, name), recorded in self.__dict__.get("core_attributes", {}).items():
+            owner = self
+            for part in path.split(".") if path else ():
+                owner = getattr(owner, part, None)
+            current = getattr(owner, name, _MISSING)
+            if current is _MISSING or _unchanged(current, recorded):
+                continue
+            where = f"{path}.{name}" if path else name
+            raise ConversionError(
+                f"{type(self).__name__}: attribute {where!r} is {current!r} now but was "
+                f"{recorded!r} when the forward was traced at conversion, and the converted "
+                f"forward computes with that value; convert the model again after changing it "
+                f"(aalconvert.revert() then aalconvert.convert()), or set it before converting"
+            )
 
     def to_module(self) -> nn.Module:
         """An instance of the original class holding this variant's Parameters, buffers and submodules."""
