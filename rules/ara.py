@@ -126,6 +126,6 @@ class ARARule(Rule):
             layers = [model.get_submodule(name) for name in site.payload["layers"]]
             converted = [layer for layer in layers if type(layer) in _ARA_VARIANTS.values()]
             if converted:
-                TensorSlot("anchor").wire(module, converted)
+                TensorSlot("anchor").wire(module, converted, root=model)
             return model
         return swap_module(model, site.module_name, MaskReLU.from_module(module))

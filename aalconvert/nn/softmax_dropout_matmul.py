@@ -25,7 +25,7 @@ from torch import nn
 
 from aalconvert.kernels import pack_bits, unpack_bits
 from aalconvert.nn.approx_activation import approx_softmax
-from aalconvert.nn.approx_common import ApproxOptions, compress, restore
+from aalconvert.nn.approx_common import ApproxOptions, compress, functorch_active, restore
 from aalconvert.nn.approx_matmul import approx_matmul
 from aalconvert.nn.lossless import MaskDropout
 from aalconvert.nn.traced_forward import depends_on_input
@@ -36,74 +36,115 @@ _MATMUL_FUNCTIONS = (torch.matmul, operator.matmul)
 _DROPOUT_TYPES = (nn.Dropout, MaskDropout)  # whose forward the fused op repeats
 
 
-class SoftmaxDropoutMatmulFunction(torch.autograd.Function):
-    """``bmm(dropout(softmax(s)), v)`` over flattened batch dims, keeping y, a 1-bit mask and v.
+def _dropout_forward(y: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """``(dropout(y), packed keep-mask or None, fused)`` with torch's own dropout ops on the device."""
+    fused = y.device.type in _FUSED_DROPOUT_DEVICES
+    if p == 0.0:
+        return y, None, fused
+    if fused:
+        probs, keep = torch.native_dropout(y, p, True)
+        return probs, pack_bits(keep), fused
+    noise = torch.empty_like(y).bernoulli_(1 - p)
+    packed = pack_bits(noise)
+    return y * noise.div_(1 - p), packed, fused
 
-    ``options``: None keeps y and v as they are; ``ApproxOptions`` keeps k-bit copies.
+
+class _RebuiltDropout:
+    """The dropout of the forward, rebuilt from its 1-bit mask: applied to y, and to a gradient."""
+
+    def __init__(self, packed: torch.Tensor | None, shape: torch.Size, p: float, fused: bool, dtype) -> None:
+        self.p, self.packed = p, packed
+        if packed is None:
+            self.keep = self.noise = None
+        elif fused:
+            self.keep = unpack_bits(packed, shape, decode="bool")
+        else:
+            self.noise = unpack_bits(packed, shape, decode="binary", dtype=dtype).div_(1 - p)
+        self.fused = fused
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            return t
+        if self.fused:
+            return torch.ops.aten.native_dropout_backward(t, self.keep, 1.0 / (1.0 - self.p))  # t*keep*scale
+        return t * self.noise
+
+
+def _product_backward(ctx, g, y, v_rows, packed):
+    """(grad of y, grad of v_rows) of ``bmm(dropout(y), v_rows)``, the dropped y rebuilt."""
+    count, inner, columns = v_rows.shape
+    rows = y.shape[-2]
+    g_rows = g.reshape(count, rows, columns)
+    dropout = _RebuiltDropout(packed, y.shape, ctx.p, ctx.fused, y.dtype)
+    dy = dv = None
+    if ctx.needs_input_grad[1]:
+        dv = dropout(y).reshape(count, rows, inner).transpose(1, 2).bmm(g_rows)
+    if ctx.needs_input_grad[0]:
+        dy = dropout(g_rows.bmm(v_rows.transpose(1, 2)).reshape(y.shape))
+    return dy, dv
+
+
+def _rows(probs: torch.Tensor, v: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """The flattened batch count, and ``v`` as torch.matmul's bmm reads it (a copy if strided)."""
+    *_, rows, inner = probs.shape
+    count = probs.numel() // (rows * inner)
+    return count, v.reshape(count, inner, v.shape[-1])
+
+
+class DropoutMatmulFunction(torch.autograd.Function):
+    """``bmm(dropout(y), v_rows)`` keeping y, a 1-bit mask and v_rows: the exact form.
+
+    ``y`` (the softmax output) and ``v_rows`` come from ordinary autograd ops
+    outside, so they are saved inputs: softmax keeps the same ``y`` (one storage),
+    and second-order gradients flow through both as in BP.
     """
 
     @staticmethod
-    def forward(ctx, scores, v, dim: int, p: float, options: ApproxOptions | None):
+    def forward(ctx, y, v_rows, p: float):
+        probs, packed, ctx.fused = _dropout_forward(y, p)
+        ctx.p = p
+        count, _ = _rows(probs, v_rows)
+        out = torch.bmm(probs.reshape(count, *probs.shape[-2:]), v_rows)
+        ctx.save_for_backward(packed, y, v_rows)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        packed, y, v_rows = ctx.saved_tensors
+        return (*_product_backward(ctx, g, y, v_rows, packed), None)
+
+
+class SoftmaxDropoutMatmulFunction(torch.autograd.Function):
+    """``bmm(dropout(softmax(s)), v)`` over flattened batch dims, keeping k-bit y and v and a 1-bit mask.
+
+    ``options``: the ``ApproxOptions`` of the k-bit copies (the exact form is
+    ``DropoutMatmulFunction``).
+    """
+
+    @staticmethod
+    def forward(ctx, scores, v, dim: int, p: float, options: ApproxOptions):
         y = torch.softmax(scores, dim)
         ctx.dim, ctx.p = dim, p
-        ctx.fused = y.device.type in _FUSED_DROPOUT_DEVICES
-        if p == 0.0:
-            probs, packed = y, None
-        elif ctx.fused:
-            probs, keep = torch.native_dropout(y, p, True)
-            packed = pack_bits(keep)
-        else:
-            noise = torch.empty_like(y).bernoulli_(1 - p)
-            packed = pack_bits(noise)
-            noise.div_(1 - p)
-            probs = y * noise
-        *batch, rows, inner = probs.shape
-        columns = v.shape[-1]
-        count = probs.numel() // (rows * inner)
-        v_rows = v.reshape(count, inner, columns)  # what torch.matmul keeps (a copy if v is strided)
-        out = torch.bmm(probs.reshape(count, rows, inner), v_rows)
+        probs, packed, ctx.fused = _dropout_forward(y, p)
+        *batch, rows, _ = probs.shape
+        count, v_rows = _rows(probs, v)
+        out = torch.bmm(probs.reshape(count, rows, -1), v_rows)
         ctx.v_shape = v.shape
-        if options is None:
-            kept_y, kept_v, ctx.layouts = (y,), (v_rows,), None
-        else:
-            (kept_y, y_layout), (kept_v, v_layout) = compress(y, options), compress(v_rows, options)
-            ctx.layouts = (y_layout, v_layout)
+        (kept_y, y_layout), (kept_v, v_layout) = compress(y, options), compress(v_rows, options)
+        ctx.layouts = (y_layout, v_layout)
         ctx.counts = (len(kept_y), len(kept_v))
         ctx.save_for_backward(packed, *kept_y, *kept_v)
-        return out.view(*batch, rows, columns)
+        return out.view(*batch, rows, v.shape[-1])
 
     @staticmethod
     def backward(ctx, g):
         packed, *kept = ctx.saved_tensors
         kept_y, kept_v = kept[: ctx.counts[0]], kept[ctx.counts[0]:]
-        if ctx.layouts is None:
-            y, v_rows = kept_y[0], kept_v[0]
-        else:  # decoded copies, in the gradient's dtype (autocast)
-            y, v_rows = (restore(t, layout).to(g.dtype) for t, layout in zip((kept_y, kept_v), ctx.layouts))
-        count, inner, columns = v_rows.shape
-        rows = y.shape[-2]
-        g_rows = g.reshape(count, rows, columns)
-        if packed is None:
-            probs, noise, keep = y, None, None
-        elif ctx.fused:
-            keep = unpack_bits(packed, y.shape, decode="bool")
-            probs = torch.ops.aten.native_dropout_backward(y, keep, 1.0 / (1.0 - ctx.p))  # y*keep*scale
-        else:
-            noise = unpack_bits(packed, y.shape, decode="binary", dtype=y.dtype).div_(1 - ctx.p)
-            probs = y * noise
-        dv = dscores = None
-        if ctx.needs_input_grad[1]:
-            dv = probs.reshape(count, rows, inner).transpose(1, 2).bmm(g_rows).reshape(ctx.v_shape)
-        if ctx.needs_input_grad[0]:
-            dprobs = g_rows.bmm(v_rows.transpose(1, 2)).reshape(y.shape)
-            if packed is None:
-                dy = dprobs
-            elif ctx.fused:
-                dy = torch.ops.aten.native_dropout_backward(dprobs, keep, 1.0 / (1.0 - ctx.p))
-            else:
-                dy = dprobs * noise
-            dscores = torch.ops.aten._softmax_backward_data(dy, y, ctx.dim, y.dtype)
-        return dscores, dv, None, None, None
+        # decoded copies, in the gradient's dtype (autocast)
+        y, v_rows = (restore(t, layout).to(g.dtype) for t, layout in zip((kept_y, kept_v), ctx.layouts))
+        dy, dv = _product_backward(ctx, g, y, v_rows, packed)
+        dscores = None if dy is None else torch.ops.aten._softmax_backward_data(dy, y, ctx.dim, y.dtype)
+        return dscores, None if dv is None else dv.reshape(ctx.v_shape), None, None, None
 
 
 def softmax_dropout_matmul(
@@ -122,6 +163,7 @@ def softmax_dropout_matmul(
         not torch.is_grad_enabled()
         or not (scores.requires_grad or v.requires_grad)
         or torch.is_autocast_enabled(scores.device.type)
+        or functorch_active(scores, v)
         or dropout.inplace
         or dropout._forward_hooks
         or dropout._forward_pre_hooks
@@ -137,7 +179,12 @@ def softmax_dropout_matmul(
     if plain:
         return approx_matmul(dropout(approx_softmax(scores, dim, options)), v, options)
     p = float(dropout.p) if dropout.training else 0.0
-    return SoftmaxDropoutMatmulFunction.apply(scores, v, dim, p, options)
+    if options is not None:
+        return SoftmaxDropoutMatmulFunction.apply(scores, v, dim, p, options)
+    y = torch.softmax(scores, dim)
+    count, v_rows = _rows(y, v)
+    out = DropoutMatmulFunction.apply(y, v_rows, p)
+    return out.view(*y.shape[:-1], v.shape[-1])
 
 
 def softmax_dim(node: fx.Node) -> int | None:

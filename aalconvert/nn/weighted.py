@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aalconvert.errors import ConversionError
+from aalconvert.nn.approx_common import functorch_active
 
 
 @dataclass(frozen=True)
@@ -206,8 +207,12 @@ def check_convertible(module: nn.Module, bases: tuple[type[nn.Module], ...]) -> 
 
 
 def needs_autograd(x: torch.Tensor, module: nn.Module) -> bool:
-    """True when this forward will be differentiated, so something must be saved."""
-    if not torch.is_grad_enabled():
+    """True when this forward will be differentiated, so something must be saved.
+
+    False under a torch.func transform: the variants' Functions have no
+    ``setup_context``, and the plain torch layer differentiates exactly there.
+    """
+    if not torch.is_grad_enabled() or functorch_active(x, module.weight):
         return False
     parameters = (module.weight, module.bias)
     return x.requires_grad or any(p is not None and p.requires_grad for p in parameters)
