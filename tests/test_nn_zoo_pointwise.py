@@ -193,3 +193,54 @@ def test_gpt2_with_zoo_variants_compiles_into_one_graph_with_eager_gradients():
     graph = torch.autograd.grad(compiled(ids).logits.square().sum(), list(converted.parameters()))
     for e, c in zip(eager, graph, strict=True):
         torch.testing.assert_close(c, e)
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_output_changing_hooks_on_a_zoo_activation_do_not_run_again_in_backward(when):
+    # Once, backward recomputed the forward through module.__call__: the hook ran a second time
+    # inside backward and scaled the gradient of the input and of every Parameter before it.
+    model = _tiny_gpt2().eval()
+    ids = torch.randint(0, 100, (2, 16))
+
+    def double(module, args, output):
+        return output * 2.0
+
+    if when == "before":
+        model.transformer.h[0].mlp.act.register_forward_hook(double)
+    converted = aalconvert.convert(model, "recompute", example_inputs=(ids,))
+    assert isinstance(converted.transformer.h[0].mlp.act, PointwiseVariant)
+    if when == "after":
+        for m in (model, converted):
+            m.transformer.h[0].mlp.act.register_forward_hook(double)
+    grads_bp = torch.autograd.grad(model(ids).logits.square().sum(), list(model.parameters()))
+    grads_converted = torch.autograd.grad(converted(ids).logits.square().sum(), list(converted.parameters()))
+    for expected, actual in zip(grads_bp, grads_converted, strict=True):
+        assert torch.equal(expected, actual)
+
+
+def _tiny_llama():
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, attn_implementation="eager")
+    return transformers.LlamaForCausalLM(config)
+
+
+def test_recompute_on_llama_pre_norm_blocks_gives_bp_gradients_bit_for_bit():
+    # A pre-norm RMSNorm's input is also the residual: recomputing the norm summed the gradient
+    # contributions at that input in another order than BP (last-bit differences). The exact rule
+    # now leaves such norms and says why.
+    model = _tiny_llama().eval()
+    ids = torch.randint(0, 100, (2, 16))
+    converted = aalconvert.convert(model, "recompute", example_inputs=(ids,))
+    assert not isinstance(converted.model.layers[0].input_layernorm, PointwiseVariant)
+    grads_bp = torch.autograd.grad(model(ids).logits.square().sum(), list(model.parameters()))
+    grads_converted = torch.autograd.grad(converted(ids).logits.square().sum(), list(converted.parameters()))
+    for expected, actual in zip(grads_bp, grads_converted, strict=True):
+        assert torch.equal(expected, actual)
+    report = aalconvert.inspect(model, (ids,), "recompute")
+    row = next(r for r in report.to_dict()["rows"] if r["name"] == "model.layers.0.input_layernorm")
+    assert "residual" in row["explanation"] or "also read by" in row["explanation"]
+    approx = aalconvert.convert(model, "approx4", example_inputs=(ids,))
+    assert isinstance(approx.model.layers[0].input_layernorm, PointwiseVariant)

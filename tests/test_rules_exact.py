@@ -110,10 +110,6 @@ def _penalty_grads(model: nn.Module, x: torch.Tensor) -> list:
     return [p.grad for p in model.parameters()]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "MaskReLUFunction.backward (aalconvert/nn/lossless.py, not this rule's file) returns a "
-    "gradient with no path to the ReLU's input, so double backward leaves the bias grad None "
-    "where torch's threshold_backward(grad, result) gives zeros; see issue 13 item 13"))
 def test_gradient_penalty_through_a_masked_relu_gives_torch_zero_bias_gradients():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())

@@ -78,6 +78,35 @@ def _needs_autograd(tensor: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and tensor.requires_grad and not functorch_active(tensor)
 
 
+def _input_probe(x: torch.Tensor) -> torch.Tensor:
+    """An empty tensor computed from ``x``: 0 bytes kept, but a path back to ``x``'s graph.
+
+    torch's ReLU and max-pool backward read a tensor saved from the forward, so a
+    second-order gradient reaches the Parameters before them as zeros; these
+    variants keep only masks, and without this path those gradients were None
+    (an optimizer then skips weight decay and momentum for them).
+    """
+    return x[(slice(0, 0),) * x.dim()].clone() if x.dim() else x.reshape(1)[:0].clone()
+
+
+class _ZeroPath(torch.autograd.Function):
+    """``grad`` unchanged, with a zero gradient to ``probe``: what BP's saved-tensor path gives."""
+
+    @staticmethod
+    def forward(ctx, grad: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
+        ctx.probe_shape = probe.shape
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, grad_grad: torch.Tensor):
+        return grad_grad, grad_grad.new_zeros(ctx.probe_shape)
+
+
+def _with_zero_path(grad: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
+    """In a backward that builds a graph (``create_graph=True``), link ``grad`` to the input."""
+    return _ZeroPath.apply(grad, probe) if torch.is_grad_enabled() else grad
+
+
 # --------------------------------------------------------------------------- ReLU
 
 
@@ -89,7 +118,7 @@ class MaskReLUFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, inplace: bool) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, inplace: bool, probe: torch.Tensor) -> torch.Tensor:
         if inplace:
             torch.relu_(x)
             ctx.mark_dirty(x)
@@ -98,16 +127,17 @@ class MaskReLUFunction(torch.autograd.Function):
             y = torch.relu(x)
         layout = _PackedLayout(y)
         ctx.layout = layout
-        ctx.save_for_backward(layout.pack(y.le(0).logical_not_()))
+        ctx.save_for_backward(layout.pack(y.le(0).logical_not_()), probe)
         return y
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        (packed,) = ctx.saved_tensors
+        packed, probe = ctx.saved_tensors
         keep = ctx.layout.unpack(packed, "bool", torch.bool)
         # torch's own ReLU backward op, so the gradient's strides are torch's too (they
         # steer later kernels' rounding, e.g. for channels_last (N, C, 1, 1) tensors).
-        return torch.ops.aten.threshold_backward(grad_output, keep, 0), None
+        grad_input = torch.ops.aten.threshold_backward(grad_output, keep, 0)
+        return _with_zero_path(grad_input, probe), None, None
 
 
 class MaskReLU(nn.ReLU):
@@ -121,7 +151,7 @@ class MaskReLU(nn.ReLU):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not _needs_autograd(input):
             return F.relu(input, inplace=self.inplace)
-        return MaskReLUFunction.apply(input, self.inplace)
+        return MaskReLUFunction.apply(input, self.inplace, _input_probe(input))
 
     @classmethod
     def from_module(cls, module: nn.ReLU) -> "MaskReLU":
@@ -285,7 +315,7 @@ class CompactMaxPool2dFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, kernel_size, stride, padding, dilation, ceil_mode):
+    def forward(ctx, x, kernel_size, stride, padding, dilation, ceil_mode, probe):
         out, indices = torch.ops.aten.max_pool2d_with_indices(
             x, kernel_size, stride, padding, dilation, ceil_mode
         )
@@ -296,12 +326,12 @@ class CompactMaxPool2dFunction(torch.autograd.Function):
         ctx.ceil_mode = ceil_mode
         ctx.input_shape = x.shape
         ctx.input_format = _memory_format_of(x)
-        ctx.save_for_backward(offsets)
+        ctx.save_for_backward(offsets, probe)
         return out
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        (offsets,) = ctx.saved_tensors
+        offsets, probe = ctx.saved_tensors
         kernel_size, stride, padding, dilation = ctx.geometry
         indices = _offsets_to_indices(offsets, ctx.input_shape[-1], *ctx.geometry)
         grad_input = torch.empty(
@@ -312,15 +342,16 @@ class CompactMaxPool2dFunction(torch.autograd.Function):
         )
         if torch.is_grad_enabled():  # create_graph=True: the differentiable (functional) op
             # Its `self` only gives sizes and layout; its own derivative there is zero.
-            return torch.ops.aten.max_pool2d_with_indices_backward(
+            grad_input = torch.ops.aten.max_pool2d_with_indices_backward(
                 grad_output, grad_input, kernel_size, stride, padding, dilation, ctx.ceil_mode, indices
-            ), None, None, None, None, None
+            )
+            return _with_zero_path(grad_input, probe), None, None, None, None, None, None
         # The op reads only the sizes of its `self` argument, so the output buffer stands in.
         torch.ops.aten.max_pool2d_with_indices_backward.grad_input(
             grad_output, grad_input, kernel_size, stride, padding, dilation,
             ctx.ceil_mode, indices, grad_input=grad_input,
         )
-        return grad_input, None, None, None, None, None
+        return grad_input, None, None, None, None, None, None
 
 
 class CompactMaxPool2d(nn.MaxPool2d):
@@ -341,7 +372,8 @@ class CompactMaxPool2d(nn.MaxPool2d):
         _check_window(kernel_size, type(self).__name__)
         stride = _pair(self.stride if self.stride is not None else self.kernel_size)
         return CompactMaxPool2dFunction.apply(
-            input, kernel_size, stride, _pair(self.padding), _pair(self.dilation), self.ceil_mode
+            input, kernel_size, stride, _pair(self.padding), _pair(self.dilation), self.ceil_mode,
+            _input_probe(input),
         )
 
     @classmethod
