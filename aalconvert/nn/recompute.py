@@ -404,7 +404,12 @@ class _RecomputedInput:
         """
         if chain_output is not None and input is not chain_output:
             return self._plain_forward(input)
-        if chain_input is None or not self._uses_rebuild() or functorch_active(input, chain_input):
+        if (
+            chain_input is None
+            or not self._uses_rebuild()
+            or functorch_active(input, chain_input)
+            or not self._chain_on(input.device)
+        ):
             return self._plain_forward(input)
         if not self.chain:
             raise ConversionError(
@@ -412,6 +417,11 @@ class _RecomputedInput:
                 "with the modules that turn chain_input into input"
             )
         return self._function.apply(self, input, chain_input, self.weight, self.bias)
+
+    def _chain_on(self, device: torch.device) -> bool:
+        """Whether the chain's Parameters live where the input does: an ``nn.DataParallel``
+        replica on another device still holds the original chain modules."""
+        return all(p.device == device for module in self.chain for p in module.parameters())
 
     def _uses_rebuild(self) -> bool:
         return torch.is_grad_enabled() and self.weight.requires_grad
