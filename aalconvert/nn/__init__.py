@@ -9,6 +9,7 @@ from aalconvert.nn import (
     approx_weighted,
     ara,
     asa,
+    functional,
     lossless,
     recompute,
     traced_forward,

@@ -1,0 +1,323 @@
+"""The loss head without its logits: cross-entropy of ``hidden @ weight.T + bias``, chunk by chunk.
+
+methods.md section 6, "the loss head". ``F.cross_entropy(lm_head(hidden).float(), labels)``
+materialises the N x V logits, keeps their fp32 log-softmax for backward and, in backward,
+builds an N x V gradient: with V = 32k-256k this is often the largest tensor of a training
+step. Here the tokens are taken ``chunk_size`` at a time: a chunk's logits are formed, reduced
+to per-token scalars and dropped before the next chunk, so no tensor with a vocabulary
+dimension outlives a chunk and the extra memory at any moment is a few chunk-sized buffers
+(the chunk's logits in the compute dtype, their fp32 copy and the softmax/gradient written
+over it).
+
+Design: recompute in backward (not gradients in forward)
+--------------------------------------------------------
+Two exact schemes exist. (b) Liger-Kernel computes the chunk's gradients for ``hidden`` and
+``weight`` during forward and, since the loss is a sum over tokens, scales them by the
+upstream scalar in backward: no recomputation, but a ``weight``-sized gradient (fp32 for a
+bf16 head, V x H) and an ``hidden``-sized one are held from forward to backward, both are
+computed even when the weight is frozen or no backward follows (evaluation with labels), and
+``reduction="none"`` (a per-token upstream gradient) does not factor. (a), used here, keeps
+only the inputs (``hidden``, ``weight``, ``bias``, ``labels``: the same storage a plain head
+keeps) plus one fp32 log-sum-exp per token, and forms each chunk's logits again in backward:
+one extra N x H x V matmul (four instead of three per step), nothing with a vocabulary
+dimension kept, gradients built only for the inputs that need them, and every reduction and
+any upstream gradient handled alike. Backward is not differentiable: under
+``create_graph=True`` the gradients it returns are linked to an error node (as torch's
+``once_differentiable`` does), so a second-order gradient through the loss head raises
+instead of being silently zero.
+
+Numerics
+--------
+The logits are computed in the compute dtype (the inputs' dtype, or the autocast dtype under
+``torch.autocast``, as ``F.linear`` would) and upcast to at least fp32 before softcapping and
+the softmax, as Hugging Face's ``ForCausalLMLoss`` does (``logits.float()``). The loss is
+returned in that upcast dtype (fp32 for fp32/bf16/fp16 inputs). In backward the logits'
+gradient is formed in fp32, cast to the compute dtype and multiplied there, which is what
+autograd does for ``F.linear(...).float()``; the weight and bias gradients are accumulated over
+chunks in fp32 (a V x H fp32 buffer during backward when the head is bf16/fp16) and returned
+in each input's own dtype. Under autocast the softcap is applied to the fp32 logits, where
+Gemma applies it to the bf16 ones: the two differ within bf16 rounding.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from aalconvert.errors import ConversionError
+from aalconvert.nn.saved import saved_tensors_or_raise
+
+CHUNK_LOGITS_BYTES = 64 * 2**20
+"""Default budget (bytes) for one chunk's upcast logits: the chunk size is this over V x 4 bytes."""
+
+REDUCTIONS = ("mean", "sum", "none")
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+_WHERE = "linear_cross_entropy"
+
+
+def default_chunk_size(vocab_size: int, itemsize: int = 4) -> int:
+    """Tokens per chunk so that one chunk's upcast logits take about CHUNK_LOGITS_BYTES (>= 1)."""
+    return max(1, CHUNK_LOGITS_BYTES // max(1, vocab_size * itemsize))
+
+
+# ------------------------------------------------------------------ validation
+
+
+def _validate(hidden, weight, labels, bias, reduction, label_smoothing, softcap, chunk_size,
+              divisor) -> None:
+    """Raise ConversionError, before any work, for arguments torch's loss would reject or misread."""
+    for name, tensor in (("hidden", hidden), ("weight", weight), ("labels", labels)):
+        if not isinstance(tensor, torch.Tensor):
+            raise ConversionError(f"{_WHERE}: {name} must be a torch.Tensor, got {type(tensor).__name__}.")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise ConversionError(f"{_WHERE}: bias must be a torch.Tensor or None, got {type(bias).__name__}.")
+    if reduction not in REDUCTIONS:
+        raise ConversionError(f"{_WHERE}: reduction={reduction!r} is not one of {REDUCTIONS}.")
+    if divisor is not None and reduction != "mean":
+        raise ConversionError(
+            f"{_WHERE}: divisor replaces the token count of reduction='mean' (Hugging Face's "
+            f"num_items_in_batch); it means nothing with reduction={reduction!r}. Pass reduction='mean'.")
+    if isinstance(divisor, torch.Tensor) and divisor.numel() != 1:
+        raise ConversionError(f"{_WHERE}: divisor must be a number or a one-element tensor, "
+                              f"got a tensor of shape {tuple(divisor.shape)}.")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ConversionError(f"{_WHERE}: label_smoothing={label_smoothing} must be in [0, 1] (as in torch).")
+    if softcap is not None and not float(softcap) > 0.0:
+        raise ConversionError(f"{_WHERE}: softcap={softcap} must be a positive number (the logits become "
+                              "softcap * tanh(logits / softcap)), or None for no capping.")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ConversionError(f"{_WHERE}: chunk_size={chunk_size!r} must be an int >= 1 (tokens per "
+                              "chunk), or None to choose it from the vocabulary size.")
+    if weight.dim() != 2:
+        raise ConversionError(f"{_WHERE}: weight must be 2-D (vocabulary, hidden size) like "
+                              f"nn.Linear.weight, got shape {tuple(weight.shape)}.")
+    vocab, width = weight.shape
+    if hidden.dim() < 1 or hidden.shape[-1] != width:
+        raise ConversionError(
+            f"{_WHERE}: hidden has shape {tuple(hidden.shape)} but weight {tuple(weight.shape)} needs "
+            f"a last dimension of {width} (the hidden size); pass the states the head reads.")
+    if bias is not None and tuple(bias.shape) != (vocab,):
+        raise ConversionError(
+            f"{_WHERE}: bias has shape {tuple(bias.shape)} but weight {tuple(weight.shape)} has a "
+            f"vocabulary of {vocab}; bias must have shape ({vocab},).")
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise ConversionError(
+            f"{_WHERE}: labels must hold integer class indices, got dtype {labels.dtype}; "
+            "pass token ids (torch.long). Soft (probability) targets are not supported.")
+    tokens = hidden.shape[:-1]
+    if tuple(labels.shape) != tuple(tokens) and not (labels.dim() == 1 and labels.numel() == math.prod(tokens)):
+        raise ConversionError(
+            f"{_WHERE}: labels have shape {tuple(labels.shape)} but hidden {tuple(hidden.shape)} has "
+            f"{math.prod(tokens)} tokens of shape {tuple(tokens)}; labels must have shape {tuple(tokens)} "
+            "(or be flat with one label per token). For a causal LM, shift the labels first.")
+    for name, tensor in (("weight", weight), ("labels", labels), ("bias", bias)):
+        if tensor is not None and tensor.device != hidden.device:
+            raise ConversionError(f"{_WHERE}: {name} is on {tensor.device} but hidden is on "
+                                  f"{hidden.device}; move them to one device.")
+
+
+def _compute_dtype(hidden, weight, bias) -> torch.dtype:
+    """The dtype F.linear would compute the logits in: the inputs' own, or autocast's."""
+    device_type = hidden.device.type
+    floats = [t for t in (hidden, weight, bias) if t is not None]
+    for tensor in floats:
+        if not tensor.is_floating_point():
+            raise ConversionError(f"{_WHERE}: hidden, weight and bias must be floating point, got {tensor.dtype}.")
+    autocast = torch.is_autocast_enabled(device_type)
+    if autocast:
+        target = torch.get_autocast_dtype(device_type)
+        dtypes = {target if t.dtype in _AUTOCAST_ELIGIBLE else t.dtype for t in floats}
+    else:
+        dtypes = {t.dtype for t in floats}
+    if len(dtypes) != 1:
+        found = ", ".join(f"{n}={t.dtype}" for n, t in (("hidden", hidden), ("weight", weight), ("bias", bias))
+                          if t is not None)
+        raise ConversionError(f"{_WHERE}: {found} differ; cast them to one dtype or run under torch.autocast "
+                              "(as F.linear requires).")
+    return dtypes.pop()
+
+
+# ------------------------------------------------------------------ the autograd.Function
+
+
+def _chunk_logits(hidden_chunk, weight_c, bias_c, float_dtype, softcap):
+    """Upcast (and softcapped) logits of one chunk; the raw logits are freed when this returns."""
+    logits = F.linear(hidden_chunk, weight_c, bias_c).to(float_dtype)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap).mul_(softcap)
+    return logits
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """Per-token losses of ``cross_entropy(softcap(hidden @ weight.T + bias), labels)``, chunk by chunk.
+
+    Inputs are flat: ``hidden`` (N, H), ``labels`` (N,) int64, ``weight`` (V, H), ``bias`` (V,)
+    or None. Output: (N,) losses in ``float_dtype``, 0 where ``labels == ignore_index``. Saves
+    the inputs and an (N,) log-sum-exp; backward forms each chunk's logits again.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, label_smoothing, softcap, chunk_size,
+                compute_dtype, float_dtype):
+        with torch.autocast(hidden.device.type, enabled=False):
+            weight_c = weight.to(compute_dtype)
+            bias_c = None if bias is None else bias.to(compute_dtype)
+            tokens, vocab = hidden.shape[0], weight.shape[0]
+            valid = labels != ignore_index
+            safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
+            lse = torch.empty(tokens, dtype=float_dtype, device=hidden.device)
+            losses = torch.empty(tokens, dtype=float_dtype, device=hidden.device)
+            for start in range(0, tokens, chunk_size):
+                end = min(start + chunk_size, tokens)
+                logits = _chunk_logits(hidden[start:end].to(compute_dtype), weight_c, bias_c, float_dtype,
+                                       softcap)
+                target = logits.gather(1, safe_labels[start:end, None]).squeeze(1)
+                loss = -(1.0 - label_smoothing) * target
+                if label_smoothing:
+                    loss = loss - label_smoothing * logits.sum(dim=-1) / vocab
+                # torch.logsumexp's own steps, in place over the logits: one chunk buffer, not two.
+                chunk_max = logits.amax(dim=-1)
+                chunk_lse = logits.sub_(chunk_max[:, None]).exp_().sum(dim=-1).log_().add_(chunk_max)
+                loss = loss + chunk_lse
+                lse[start:end] = chunk_lse
+                losses[start:end] = loss
+                del logits
+            losses = torch.where(valid, losses, torch.zeros_like(losses))
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.options = (ignore_index, label_smoothing, softcap, chunk_size, compute_dtype, float_dtype)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        create_graph = torch.is_grad_enabled()
+        with torch.no_grad():
+            grads = LinearCrossEntropyFunction._backward(ctx, grad_losses)
+        if create_graph:
+            grads = _second_order_error(grads)
+        return grads
+
+    @staticmethod
+    def _backward(ctx, grad_losses):
+        hidden, weight, bias, labels, lse = saved_tensors_or_raise(
+            ctx, lambda message: f"{_WHERE}: an input of the loss head (hidden, weight, bias or labels) was "
+                                 f"modified in place between forward and backward; clone it first. ({message})")
+        ignore_index, label_smoothing, softcap, chunk_size, compute_dtype, float_dtype = ctx.options
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        if not (need_hidden or need_weight or need_bias):
+            return (None,) * 10
+        tokens, vocab = hidden.shape[0], weight.shape[0]
+        with torch.autocast(hidden.device.type, enabled=False):
+            weight_c = weight.to(compute_dtype)
+            bias_c = None if bias is None else bias.to(compute_dtype)
+            valid = labels != ignore_index
+            safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
+            # The loss of an ignored token is the constant 0: its upstream gradient must not reach the inputs.
+            scale = torch.where(valid, grad_losses.to(float_dtype), torch.zeros((), dtype=float_dtype,
+                                                                                 device=hidden.device))
+            accumulate = torch.promote_types(compute_dtype, torch.float32)
+            grad_hidden = torch.empty_like(hidden) if need_hidden else None
+            grad_weight = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if need_weight else None
+            grad_bias = torch.zeros(vocab, dtype=accumulate, device=weight.device) if need_bias else None
+            for start in range(0, tokens, chunk_size):
+                end = min(start + chunk_size, tokens)
+                hidden_c = hidden[start:end].to(compute_dtype)
+                logits = _chunk_logits(hidden_c, weight_c, bias_c, float_dtype, softcap)
+                capped = logits if softcap is not None else None
+                # d loss / d logits = softmax - (1 - eps) * onehot(label) - eps / V, times the upstream gradient.
+                grad = logits.sub(lse[start:end, None]).exp_() if softcap is not None else \
+                    logits.sub_(lse[start:end, None]).exp_()
+                rows = torch.arange(end - start, device=hidden.device)
+                grad[rows, safe_labels[start:end]] -= 1.0 - label_smoothing
+                if label_smoothing:
+                    grad.sub_(label_smoothing / vocab)
+                grad.mul_(scale[start:end, None])
+                if softcap is not None:
+                    # z = s * tanh(u / s)  =>  dz/du = 1 - (z / s)^2
+                    grad.mul_(capped.div_(softcap).square_().neg_().add_(1.0))
+                    del capped
+                del logits
+                grad = grad.to(compute_dtype)
+                if need_hidden:
+                    grad_hidden[start:end] = (grad @ weight_c).to(hidden.dtype)
+                if need_weight:
+                    if accumulate == compute_dtype:
+                        grad_weight.addmm_(grad.t(), hidden_c)
+                    else:
+                        grad_weight += grad.t() @ hidden_c
+                if need_bias:
+                    grad_bias += grad.sum(dim=0, dtype=accumulate)
+                del grad
+        return (grad_hidden,
+                None if grad_weight is None else grad_weight.to(weight.dtype),
+                None if grad_bias is None else grad_bias.to(bias.dtype),
+                None, None, None, None, None, None, None)
+
+
+def _second_order_error(grads: tuple) -> tuple:
+    """The gradients, linked (under create_graph) to a node that raises if differentiated again."""
+    tensors = [index for index, grad in enumerate(grads) if grad is not None]
+    if not tensors:
+        return grads
+    error = torch._C._functions.DelayedError(
+        b"linear_cross_entropy has no second-order gradient (its backward recomputes the logits "
+        b"chunk by chunk); compute the gradient penalty through the plain F.cross_entropy head", len(tensors))
+    linked = error(*[grads[index].detach().requires_grad_() for index in tensors])
+    linked = linked if isinstance(linked, tuple) else (linked,)
+    out = list(grads)
+    for index, tensor in zip(tensors, linked):
+        out[index] = tensor
+    return tuple(out)
+
+
+# ------------------------------------------------------------------ the public function
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+    divisor: int | float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``F.cross_entropy(softcap(F.linear(hidden, weight, bias).float()), labels, ...)`` without the logits.
+
+    ``hidden`` (..., H), ``weight`` (V, H) as ``nn.Linear.weight``, ``bias`` (V,) or None,
+    ``labels`` integer class indices of shape ``hidden.shape[:-1]`` (or flat, one per token;
+    already shifted for a causal LM). ``reduction``: "mean" (over tokens whose label is not
+    ``ignore_index``; nan when there are none, as torch), "sum", or "none" (a loss per token,
+    shaped like ``labels``, 0 at ignored tokens). ``divisor`` (with "mean" only): divide the sum
+    by this count instead (Hugging Face's ``num_items_in_batch``: ``divisor=num_items_in_batch``).
+    ``label_smoothing`` as in torch; ``softcap`` s maps the logits to ``s * tanh(logits / s)``
+    before the loss (Gemma's ``final_logit_softcapping``). ``chunk_size`` tokens are processed
+    at a time (None: about CHUNK_LOGITS_BYTES of fp32 logits per chunk). Returns the loss in
+    fp32 (or the inputs' dtype if wider), with gradients for ``hidden``, ``weight`` and
+    ``bias`` in their own dtypes; labels outside [0, V) other than ``ignore_index`` raise as
+    in torch (an index error on CPU, a device assert on CUDA).
+    """
+    _validate(hidden, weight, labels, bias, reduction, label_smoothing, softcap, chunk_size, divisor)
+    compute_dtype = _compute_dtype(hidden, weight, bias)
+    float_dtype = torch.promote_types(compute_dtype, torch.float32)
+    width = weight.shape[1]
+    flat_hidden = hidden.reshape(-1, width)
+    flat_labels = labels.reshape(-1).long()
+    if chunk_size is None:
+        chunk_size = default_chunk_size(weight.shape[0], float_dtype.itemsize)
+    losses = LinearCrossEntropyFunction.apply(
+        flat_hidden, weight, bias, flat_labels, int(ignore_index), float(label_smoothing),
+        None if softcap is None else float(softcap), chunk_size, compute_dtype, float_dtype)
+    if reduction == "none":
+        return losses.reshape(labels.shape)
+    total = losses.sum()
+    if reduction == "sum":
+        return total
+    if divisor is None:
+        return total / (flat_labels != ignore_index).sum()
+    if isinstance(divisor, torch.Tensor):
+        divisor = divisor.detach().to(total.device)
+    return total / divisor
