@@ -16,6 +16,7 @@ from aalconvert.nn import CONVERTED_TYPES
 from aalconvert.plan import Plan, SkipFilter, make_plan, skip_filter
 from aalconvert.report import Report, build_report, optimizer_state_factor
 from aalconvert.rules.base import Rule
+from aalconvert.rules.loss_head import output_projection
 from aalconvert.rules.registry import PRECEDENCE, resolve
 from aalconvert.rules.wiring import remove_wiring, swap_module
 from aalconvert.trace import _one_line
@@ -165,6 +166,7 @@ def inspect(
     rules: str | Rule | Sequence[str | Rule] = "auto",
     *,
     optimizer: str | None = None,
+    labels: torch.Tensor | str | None = "auto",
     skip: Iterable[str] | SkipFilter | None = None,
     **rule_options: Any,
 ) -> Report:
@@ -181,8 +183,12 @@ def inspect(
     state (0, 0, 1x, 2x, 2x the trainable parameter bytes) to the predicted
     peak of one step = parameters + gradients + optimizer state + activations
     kept + twice the largest module output (see ``Report.totals``).
-    ``rules``, ``skip`` and ``rule_options`` are as for :func:`convert`. All
-    figures are bytes.
+    ``labels``: passed to the forward as ``labels=`` so that a language model's
+    loss head (logits, log-softmax) is counted as a training step keeps it;
+    ``"auto"`` passes the first example input (the token ids) to Hugging Face
+    ``*ForCausalLM``/``*ForMaskedLM`` models and nothing to other models, None
+    never passes labels. ``rules``, ``skip`` and ``rule_options`` are as for
+    :func:`convert`. All figures are bytes.
     """
     if not isinstance(model, nn.Module):
         raise ConversionError(
@@ -195,34 +201,57 @@ def inspect(
             f"{type(example_inputs).__name__}; wrap a single tensor as (tensor,)"
         )
     optimizer_state_factor(optimizer)
+    labels, labels_note = _forward_labels(model, example_inputs, labels)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     device = _estimate_device(model, example_inputs)
     target = fake_copy(model, fake_mode, device).train()
     inputs = fake_inputs(example_inputs, fake_mode, device)
+    keywords = {} if labels is None else {"labels": fake_inputs((labels,), fake_mode, device)[0]}
     plan, facts = plan_conversion(target, rules, example_inputs=inputs, skip=skip, **rule_options)
     notes: list[str] = []
-    bp = _saved_by_module(target, inputs, fake_mode, notes)
+    bp = _saved_by_module(target, inputs, keywords, fake_mode, notes)
     # The copy is ours: apply the very plan the report shows, as convert(inplace=True) would.
     for site in plan.sites.values():
         rule = next(r for r in plan.rules if r.name == site.rule)
         target = rule.apply(target, site, facts)
-    kept = _saved_by_module(target, inputs, fake_mode, notes)
+    kept = _saved_by_module(target, inputs, keywords, fake_mode, notes)
     return build_report(
         facts, plan, bp, kept, optimizer=optimizer,
-        estimated_on="the meta device" if notes else "fake tensors", notes=notes[:1],
+        estimated_on="the meta device" if notes else "fake tensors",
+        notes=notes[:1] + ([labels_note] if labels_note else []),
+    )
+
+
+def _forward_labels(
+    model: nn.Module, example_inputs: tuple, labels: torch.Tensor | str | None
+) -> tuple[torch.Tensor | None, str | None]:
+    """The ``labels=`` inspect passes to the forward, and a note saying so (or None, None)."""
+    if labels is None or isinstance(labels, torch.Tensor):
+        return labels, None if labels is None else "forward run with the labels given"
+    if labels != "auto":
+        raise ConversionError(
+            f"labels must be 'auto', None or a tensor of class ids, got {labels!r}"
+        )
+    first = example_inputs[0] if example_inputs else None
+    is_language_model = not isinstance(output_projection(model), str)
+    if not is_language_model or not isinstance(first, torch.Tensor) or first.is_floating_point():
+        return None, None
+    return first, (
+        "forward run with labels = the input ids, so the loss head (logits, log-softmax) counts as "
+        "in a training step; pass labels=None (CLI: --labels none) to leave it out"
     )
 
 
 def _saved_by_module(
-    model: nn.Module, inputs: tuple, fake_mode: FakeTensorMode, notes: list[str]
+    model: nn.Module, inputs: tuple, keywords: dict, fake_mode: FakeTensorMode, notes: list[str]
 ) -> SavedByModule:
     """What a training forward of ``model`` keeps, on fake tensors, else on the meta device (noted)."""
     try:
         with fake_mode:
-            return saved_by_module(model, lambda: model(*inputs), model.parameters())
+            return saved_by_module(model, lambda: model(*inputs, **keywords), model.parameters())
     except Exception as error:  # an op without a fake implementation: the meta device may do
         notes.append(f"fake tensors failed ({_one_line(error)}); estimated on the meta device")
-        return _saved_on_meta(model, inputs, error)
+        return _saved_on_meta(model, inputs, keywords, error)
 
 
 def _estimate_device(model: nn.Module, example_inputs: tuple) -> torch.device:
@@ -234,7 +263,7 @@ def _estimate_device(model: nn.Module, example_inputs: tuple) -> torch.device:
     return torch.device("cpu")
 
 
-def _saved_on_meta(model: nn.Module, inputs: tuple, fake_error: Exception) -> SavedByModule:
+def _saved_on_meta(model: nn.Module, inputs: tuple, keywords: dict, fake_error: Exception) -> SavedByModule:
     """``saved_by_module`` with every parameter, buffer and input swapped for a meta tensor."""
 
     def meta(tensor: torch.Tensor) -> torch.Tensor:
@@ -245,9 +274,10 @@ def _saved_on_meta(model: nn.Module, inputs: tuple, fake_error: Exception) -> Sa
     for name, parameter in model.named_parameters(remove_duplicate=False):
         state[name].requires_grad_(parameter.requires_grad)
     meta_inputs = tuple(meta(x) if isinstance(x, torch.Tensor) else x for x in inputs)
+    meta_keywords = {key: meta(x) for key, x in keywords.items()}
     try:
         return saved_by_module(
-            model, lambda: functional_call(model, state, meta_inputs), state.values()
+            model, lambda: functional_call(model, state, meta_inputs, meta_keywords), state.values()
         )
     except Exception as error:
         raise ConversionError(

@@ -65,6 +65,9 @@ def add_inspect_parser(commands: argparse._SubParsersAction) -> None:
                          help="the model object or zero-argument factory to use in TARGET")
     inspect.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
                          help="add this optimizer's state to the predicted peak")
+    inspect.add_argument("--labels", choices=("auto", "none"), default="auto",
+                         help="auto: a language model (...ForCausalLM/...ForMaskedLM) runs with labels = its "
+                              "input ids, so the loss head counts; none: never pass labels")
     inspect.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -292,7 +295,7 @@ def build_inspect_report(args: argparse.Namespace, errors: Any) -> Any:
         inputs = find_inputs(namespace, model, args, shapes, dtype, lambda text: errors.print(f"note: {text}", markup=False))
     with errors.status(f"planning and estimating {type(model).__name__} on fake tensors"):
         return aalconvert.inspect(model, inputs, rules[0] if len(rules) == 1 else rules,
-                                  optimizer=args.optimizer)
+                                  optimizer=args.optimizer, labels=None if args.labels == "none" else "auto")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 """Rule names, the ``auto`` recipe, and the precedence that settles conflicts.
 
 Every rule set includes ``exact``: its masks change no number and never keep
-more, so leaving them out would only waste memory. ``auto`` is ``ara`` +
-``asa`` + ``recompute`` + ``exact``; next to an
+more, so leaving them out would only waste memory. ``auto`` is ``loss_head`` +
+``ara`` + ``asa`` + ``recompute`` + ``exact``; next to an
 ``approx*`` rule it drops ``ara`` (k-bit copies of a group's block inputs keep
 less than one full-precision anchor). Explicitly named rules are always kept.
 
-Precedence (first wins when two rules claim one module): ``ara`` > ``asa`` >
-``exact`` > ``approx*`` > ``recompute``. The learning rules come first because
+Precedence (first wins when two rules claim one module): ``loss_head`` >
+``ara`` > ``asa`` > ``exact`` > ``approx*`` > ``recompute``. The loss head comes
+first: it drops a tokens x vocabulary tensor, far more than any rule saves on
+the head's input. The learning rules come next because
 they drop a weighted layer's input outright; a 1-bit ``exact`` mask beats a
 k-bit copy of the same tensor; ``approx*`` beats ``recompute``, whose layers
 rely on a norm keeping its input in full, where k-bit copies of both keep less.
@@ -22,14 +24,16 @@ from aalconvert.rules.ara import ARARule
 from aalconvert.rules.asa import ASARule
 from aalconvert.rules.base import Rule
 from aalconvert.rules.exact import ExactRule
+from aalconvert.rules.loss_head import LossHeadRule
 from aalconvert.rules.recompute import RecomputeRule
 
-AUTO = ("ara", "asa", "recompute", "exact")
-PRECEDENCE = ("ara", "asa", "exact", "approx", "recompute")
+AUTO = ("loss_head", "ara", "asa", "recompute", "exact")
+PRECEDENCE = ("loss_head", "ara", "asa", "exact", "approx", "recompute")
 APPROX_BITS = (8, 4, 2)  # bit widths of the approx rules: approx8, approx4, approx2
 
 _FACTORIES: dict[str, Callable[[dict[str, Any]], Rule]] = {
     "exact": lambda options: ExactRule.from_options(options),
+    "loss_head": lambda options: LossHeadRule.from_options(options),
     "recompute": lambda options: RecomputeRule.from_options(options),
     "ara": lambda options: ARARule.from_options(options),
     "asa": lambda options: ASARule.from_options(options),

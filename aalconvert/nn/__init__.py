@@ -10,6 +10,7 @@ from aalconvert.nn import (
     ara,
     asa,
     functional,
+    loss_head,
     lossless,
     recompute,
     traced_forward,
@@ -45,4 +46,5 @@ CONVERTED_TYPES: tuple[type, ...] = (
     approx.ApproxReLU,
     traced_forward.TracedForwardVariant,
     zoo_pointwise.PointwiseVariant,
+    loss_head.LossHeadLinear,
 )
