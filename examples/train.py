@@ -175,7 +175,7 @@ def _text(seq_len: int, smoke_len: int, masked: bool) -> Callable[[bool], Langua
     return lambda smoke: LanguageModelling(smoke_len if smoke else seq_len, masked, 4 if smoke else 128)
 
 
-TINY_RESNET = dict(width=4, layers=(1, 1, 1, 1), image_size=16)
+TINY_RESNET = dict(width=4, layers=(2, 1, 1, 1), image_size=16)  # two blocks in layer1: one ARA group (groups stay inside a stage)
 TRAIN_CONFIGS: dict[str, TrainConfig] = {
     "resnet_basic": TrainConfig(
         _image(32, 16), dict(in_channels=1, image_size=32), dict(in_channels=1, **TINY_RESNET),
