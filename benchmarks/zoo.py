@@ -1,109 +1,659 @@
-"""Bytes kept for backward by Hugging Face models, converted / BP, per rule set.
+"""Real zoo models (torchvision, timm, Hugging Face): what each rule set keeps for backward, next to BP.
 
-Small random-init configs of BERT, ViT, GPT-2 and Llama (nothing downloaded),
-eager attention, train mode (dropout on), fp32, CPU; measured on real tensors
-(aalconvert.memory.measure_saved: every storage a saved tensor points to, once,
-parameters excluded). The examples in benchmarks/memory.py are written with
-torch modules; these show what the converter reaches on zoo code, where
-activations, RMS norms and attention are the zoo's own classes and functions.
+The zoo: every torchvision classification model
+(``torchvision.models.list_models(module=torchvision.models)``), a list of timm
+models from many families (``TIMM_MODELS``) and Hugging Face architectures
+built from small random-init configs in code (``HF_ARCHITECTURES``) with their
+*default* attention implementation. Nothing is downloaded: ``weights=None`` /
+``pretrained=False``. Default constructor arguments otherwise (dropout and
+drop-path rates as the library sets them), train mode, fp32, CPU.
 
-    python benchmarks/zoo.py
-    python benchmarks/zoo.py --models gpt2,llama --rules approx4 --json out.json
+Inputs are small because CPU time is the constraint: vision batch 2 at 64x64
+(299 for Inception v3, whose auxiliary head needs it; 224 for MaxViT, whose partition sizes
+fix it; torchvision and timm ViT/Mixer-style models are built for the input
+size with their own ``image_size``/``img_size`` argument, widths untouched),
+Hugging Face vision configs at 32x32, text 2 x 32 tokens. Ratios at 224 px
+differ somewhat (the share of the stem and of attention changes with tokens).
+
+Per model and rule set it records, on real tensors, with one seeded forward
+and backward of the same model object (the converted model shares its
+Parameters; the RNG is seeded the same before every forward, so dropout and
+stochastic depth draw the same):
+- whether ``aalconvert.convert(model, rules, example_inputs=...)`` converts (else the error);
+- bytes kept for backward (``aalconvert.memory.measure_saved``: distinct
+  storages saved by autograd, parameters excluded), converted / BP;
+- forward output bit-equal to BP where every rule of the set is forward-exact;
+- gradients bit-identical to BP (``torch.equal`` on every parameter's
+  gradient) where every rule of the set is gradient-exact (exact, recompute);
+- all gradients finite, their cosine to BP's, and the forward+backward time
+  ratio of this one step (a single CPU measurement: noisy).
+
+    python benchmarks/zoo.py --setup          # once: builds .zoo-venv/ (torch, torchvision, timm, transformers)
+    python benchmarks/zoo.py --save           # the whole zoo; re-runs itself in .zoo-venv/ when that exists
+    python benchmarks/zoo.py --quick          # a smoke subset (HF only where torchvision/timm are missing)
+    python benchmarks/zoo.py --family timm --rules exact,auto+approx4 --json out.json
+    python benchmarks/zoo.py --readme benchmarks/results/zoo_2026-11-29.json   # README table from a run
 """
 
 import argparse
+import gc
 import json
+import math
+import os
 import platform
+import statistics
+import subprocess
 import sys
+import time
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
-import torch
-from rich.console import Console
-from rich.table import Table
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import aalconvert  # noqa: E402
-from aalconvert.memory import measure_saved  # noqa: E402
-
-RULE_SETS = ["exact", "recompute", "asa", "approx4", "auto", "auto+approx4"]
-SIZES = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256,
-         "attn_implementation": "eager"}
+ROOT = Path(__file__).resolve().parents[1]
+ZOO_VENV = ROOT / ".zoo-venv"
+RESULTS = ROOT / "benchmarks" / "results"
+RULE_SETS = ["exact", "recompute", "asa", "ara", "approx4", "auto", "auto+approx4"]
+SETUP_PACKAGES = ["torch", "torchvision", "timm", "transformers"]
+README_START, README_END = "<!-- zoo-table:start -->", "<!-- zoo-table:end -->"
 
 
-def _models() -> dict[str, Callable[[], tuple[torch.nn.Module, tuple]]]:
-    import transformers  # a test extra, not a dependency of the library
+# --------------------------------------------------------------------------- setup (stdlib only)
 
-    def bert():
-        config = transformers.BertConfig(vocab_size=100, **SIZES)
-        return transformers.BertForMaskedLM(config), (torch.randint(0, 100, (8, 64)),)
-
-    def vit():
-        config = transformers.ViTConfig(image_size=32, patch_size=4, num_labels=10, **SIZES)
-        return transformers.ViTForImageClassification(config), (torch.randn(8, 3, 32, 32),)
-
-    def gpt2():
-        config = transformers.GPT2Config(vocab_size=100, n_layer=2, n_embd=64, n_head=4, n_inner=256,
-                                         n_positions=64, bos_token_id=0, eos_token_id=0,
-                                         attn_implementation="eager")
-        return transformers.GPT2LMHeadModel(config), (torch.randint(0, 100, (8, 64)),)
-
-    def llama():
-        config = transformers.LlamaConfig(vocab_size=100, bos_token_id=0, eos_token_id=0, **SIZES)
-        return transformers.LlamaForCausalLM(config), (torch.randint(0, 100, (8, 64)),)
-
-    return {"bert": bert, "vit": vit, "gpt2": gpt2, "llama": llama}
+def _venv_python(venv: Path = ZOO_VENV) -> Path:
+    return venv / "bin" / "python"
 
 
-def kept_bytes(model: torch.nn.Module, inputs: tuple) -> int:
+def setup(venv: Path = ZOO_VENV) -> None:
+    """Create ``venv`` with the registry's default torch wheel, torchvision, timm, transformers and aalconvert (editable)."""
+    started = time.time()
+
+    def step(message: str, command: list[str]) -> None:
+        print(f"[setup {time.time() - started:6.0f}s] {message}: {' '.join(command)}", flush=True)
+        subprocess.run(command, check=True)
+
+    if not _venv_python(venv).exists():
+        step("creating the venv", [sys.executable, "-m", "venv", str(venv)])
+    python = str(_venv_python(venv))
+    step("upgrading pip", [python, "-m", "pip", "install", "--upgrade", "pip"])
+    step("installing the zoo (the default torch wheel is the CUDA build; it runs on CPU too)",
+         [python, "-m", "pip", "install", *SETUP_PACKAGES])
+    step("installing aalconvert itself, editable", [python, "-m", "pip", "install", "-e", str(ROOT)])
+    check = "import torch, torchvision, timm, transformers, aalconvert; print('torch', torch.__version__, " \
+            "'torchvision', torchvision.__version__, 'timm', timm.__version__, 'transformers', transformers.__version__)"
+    step("checking the imports", [python, "-c", check])
+    print(f"[setup {time.time() - started:6.0f}s] done: run `python benchmarks/zoo.py` (it re-runs itself in {venv})",
+          flush=True)
+
+
+def _reexec_in_zoo_venv(argv: list[str]) -> None:
+    """Re-run this script under the zoo venv when it exists and this is another interpreter."""
+    python = _venv_python()
+    if "--no-venv" in argv or not python.exists() or Path(sys.prefix).resolve() == ZOO_VENV.resolve():
+        return
+    print(f"(running in {ZOO_VENV}; pass --no-venv to use this interpreter)", flush=True)
+    os.execv(str(python), [str(python), str(Path(__file__).resolve()), *argv])
+
+
+# --------------------------------------------------------------------------- the zoo
+
+@dataclass
+class Entry:
+    """One zoo model: ``build()`` gives (model, example inputs) from a seeded RNG."""
+
+    name: str  # "torchvision/resnet18", "timm/convnext_atto", "hf/bert"
+    source: str  # torchvision | timm | hf
+    family: str
+    build: Callable[[], tuple[Any, tuple]]
+    quick: bool = False
+
+
+def _images(size: int, batch: int = 2):
+    import torch
+
+    return (torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1)),)
+
+
+TORCHVISION_QUICK = {"resnet18", "mobilenet_v3_small", "vit_b_32"}
+
+
+def _torchvision_input(name: str) -> tuple[int, dict]:
+    """Input side (px) and constructor arguments for a torchvision classifier."""
+    if name == "inception_v3":
+        return 299, {}
+    if name == "maxvit_t":
+        return 224, {}
+    if name.startswith("vit_"):
+        size = 112 if name.endswith("_14") else 64
+        return size, {"image_size": size}
+    return 64, {}
+
+
+def torchvision_entries() -> list[Entry]:
+    import torchvision
+
+    entries = []
+    for name in torchvision.models.list_models(module=torchvision.models):
+        builder = torchvision.models.get_model_builder(name)
+        family = builder.__module__.rsplit(".", 1)[-1]
+        size, kwargs = _torchvision_input(name)
+
+        def build(builder=builder, size=size, kwargs=kwargs):
+            return builder(weights=None, **kwargs), _images(size)
+
+        entries.append(Entry(f"torchvision/{name}", "torchvision", family, build, name in TORCHVISION_QUICK))
+    return entries
+
+
+# name -> (input side, extra constructor arguments); img_size where the model bakes in its input size.
+TIMM_MODELS: dict[str, tuple[int, dict]] = {
+    "resnet18": (64, {}),
+    "resnet50d": (64, {}),
+    "seresnext26d_32x4d": (64, {}),
+    "resnetv2_50": (64, {}),
+    "res2net50_26w_4s": (64, {}),
+    "efficientnet_b0": (64, {}),
+    "mobilenetv2_100": (64, {}),
+    "mobilenetv3_large_100": (64, {}),
+    "tf_efficientnetv2_b0": (64, {}),
+    "ghostnet_100": (64, {}),
+    "rexnet_100": (64, {}),
+    "regnetx_002": (64, {}),
+    "regnety_002": (64, {}),
+    "densenet121": (64, {}),
+    "dpn68": (64, {}),
+    "cspdarknet53": (64, {}),
+    "cspresnet50": (64, {}),
+    "repvgg_a0": (64, {}),
+    "hrnet_w18_small": (64, {}),
+    "dla34": (64, {}),
+    "nf_resnet26": (64, {}),
+    "convnext_atto": (64, {}),
+    "convnextv2_atto": (64, {}),
+    "poolformer_s12": (64, {}),
+    "edgenext_xx_small": (64, {}),
+    "mobilevit_xxs": (64, {}),
+    "vit_tiny_patch16_224": (64, {"img_size": 64}),
+    "vit_small_patch16_224": (64, {"img_size": 64}),
+    "deit_tiny_patch16_224": (64, {"img_size": 64}),
+    "cait_xxs24_224": (64, {"img_size": 64}),
+    "mixer_s16_224": (64, {"img_size": 64}),
+    "swin_tiny_patch4_window7_224": (112, {"img_size": 112}),
+    "levit_128s": (128, {"img_size": 128}),
+    "pit_ti_224": (64, {"img_size": 64}),
+    "xcit_nano_12_p16_224": (64, {"img_size": 64}),
+    "efficientformer_l1": (224, {}),
+    "tiny_vit_5m_224": (64, {}),
+}
+TIMM_QUICK = {"resnet18", "convnext_atto", "vit_tiny_patch16_224"}
+
+
+def timm_entries() -> list[Entry]:
+    import timm
+
+    entries = []
+    for name, (size, kwargs) in TIMM_MODELS.items():
+        module = timm.models.model_entrypoint(name).__module__ if timm.models.is_model(name) else "unknown"
+        family = module.rsplit(".", 1)[-1].lstrip("_")
+
+        def build(name=name, size=size, kwargs=kwargs):
+            return timm.create_model(name, pretrained=False, **kwargs), _images(size)
+
+        entries.append(Entry(f"timm/{name}", "timm", family, build, name in TIMM_QUICK))
+    return entries
+
+
+HF_SIZES = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}
+HF_DECODER = {"vocab_size": 100, "num_key_value_heads": 2, "bos_token_id": 0, "eos_token_id": 0,
+              "pad_token_id": 0, **HF_SIZES}
+# name -> (model class, config class, config fields, input kind)
+HF_ARCHITECTURES: dict[str, tuple[str, str, dict, str]] = {
+    "bert": ("BertForMaskedLM", "BertConfig", {"vocab_size": 100, **HF_SIZES}, "text"),
+    "roberta": ("RobertaForMaskedLM", "RobertaConfig", {"vocab_size": 100, **HF_SIZES}, "text"),
+    "distilbert": ("DistilBertForMaskedLM", "DistilBertConfig",
+                   {"vocab_size": 100, "dim": 64, "n_layers": 2, "n_heads": 4, "hidden_dim": 128}, "text"),
+    "albert": ("AlbertForMaskedLM", "AlbertConfig", {"vocab_size": 100, "embedding_size": 32, **HF_SIZES}, "text"),
+    "electra": ("ElectraForMaskedLM", "ElectraConfig", {"vocab_size": 100, "embedding_size": 32, **HF_SIZES},
+                "text"),
+    "gpt2": ("GPT2LMHeadModel", "GPT2Config",
+             {"vocab_size": 100, "n_layer": 2, "n_embd": 64, "n_head": 4, "n_inner": 128, "n_positions": 64,
+              "bos_token_id": 0, "eos_token_id": 0}, "text"),
+    "llama": ("LlamaForCausalLM", "LlamaConfig", HF_DECODER, "text"),
+    "mistral": ("MistralForCausalLM", "MistralConfig", HF_DECODER, "text"),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", HF_DECODER, "text"),
+    "gemma": ("GemmaForCausalLM", "GemmaConfig", {"head_dim": 16, **HF_DECODER}, "text"),
+    "phi": ("PhiForCausalLM", "PhiConfig",
+            {"vocab_size": 100, "bos_token_id": 0, "eos_token_id": 0, **HF_SIZES}, "text"),
+    "gpt_neox": ("GPTNeoXForCausalLM", "GPTNeoXConfig",
+                 {"vocab_size": 100, "bos_token_id": 0, "eos_token_id": 0, **HF_SIZES}, "text"),
+    "opt": ("OPTForCausalLM", "OPTConfig",
+            {"vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "ffn_dim": 128, "word_embed_proj_dim": 64, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 1},
+            "text"),
+    "t5": ("T5ForConditionalGeneration", "T5Config",
+           {"vocab_size": 100, "d_model": 64, "d_ff": 128, "num_layers": 2, "num_heads": 4, "d_kv": 16},
+           "seq2seq"),
+    "bart": ("BartForConditionalGeneration", "BartConfig",
+             {"vocab_size": 100, "d_model": 64, "encoder_layers": 2, "decoder_layers": 2,
+              "encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 128,
+              "decoder_ffn_dim": 128}, "seq2seq"),
+    "vit": ("ViTForImageClassification", "ViTConfig",
+            {"image_size": 32, "patch_size": 4, "num_labels": 10, **HF_SIZES}, "image"),
+    "deit": ("DeiTForImageClassification", "DeiTConfig",
+             {"image_size": 32, "patch_size": 4, "num_labels": 10, **HF_SIZES}, "image"),
+    "swin": ("SwinForImageClassification", "SwinConfig",
+             {"image_size": 32, "patch_size": 4, "embed_dim": 16, "depths": [1, 1], "num_heads": [2, 2],
+              "window_size": 4, "num_labels": 10}, "image"),
+    "convnext": ("ConvNextForImageClassification", "ConvNextConfig",
+                 {"hidden_sizes": [16, 32], "depths": [1, 1], "num_stages": 2, "num_labels": 10}, "image"),
+    "resnet": ("ResNetForImageClassification", "ResNetConfig",
+               {"embedding_size": 16, "hidden_sizes": [16, 32], "depths": [1, 1], "num_labels": 10}, "image"),
+}
+HF_QUICK = {"bert", "gpt2", "llama", "vit"}
+TEXT_SHAPE = (2, 32)  # batch, tokens
+
+
+def hf_inputs(kind: str) -> tuple:
+    import torch
+
+    if kind == "image":
+        return _images(32)
+    ids = torch.randint(0, 100, TEXT_SHAPE, generator=torch.Generator().manual_seed(1))
+    return (ids, None, ids) if kind == "seq2seq" else (ids,)  # input_ids, attention_mask, decoder_input_ids
+
+
+def hf_build(name: str) -> tuple[Any, tuple]:
+    """A random-init Hugging Face model of ``name`` with its default attention, and its inputs."""
+    import transformers
+
+    model_class, config_class, fields, kind = HF_ARCHITECTURES[name]
+    config = getattr(transformers, config_class)(**fields)
+    return getattr(transformers, model_class)(config), hf_inputs(kind)
+
+
+def hf_entries() -> list[Entry]:
+    return [Entry(f"hf/{name}", "hf", name, lambda name=name: hf_build(name), name in HF_QUICK)
+            for name in HF_ARCHITECTURES]
+
+
+def zoo() -> tuple[list[Entry], list[str]]:
+    """Every entry whose library imports here, and a note per library that does not."""
+    entries, missing = [], []
+    for source, make in (("torchvision", torchvision_entries), ("timm", timm_entries), ("hf", hf_entries)):
+        try:
+            entries += make()
+        except Exception as error:  # ImportError, or a binary mismatch with this torch
+            missing.append(f"{source}: not importable here ({error}); run `python benchmarks/zoo.py --setup`")
+    return entries, missing
+
+
+# --------------------------------------------------------------------------- measuring
+
+def output_tensors(output: Any) -> list:
+    """The floating tensors a model returns: HF ``.logits``, tuples (GoogLeNet/Inception aux heads), a tensor."""
+    import torch
+
+    if isinstance(output, tuple) and hasattr(output, "_fields"):  # GoogLeNetOutputs, InceptionOutputs
+        return [t for item in output for t in output_tensors(item)]
+    if hasattr(output, "logits"):
+        output = output.logits
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, (tuple, list)):
+        return [t for item in output for t in output_tensors(item)]
+    return []
+
+
+@dataclass
+class Step:
+    nbytes: int
+    outputs: list
+    grads: list
+    seconds: float
+
+
+def run_step(model: Any, inputs: tuple, params: list) -> Step:
+    """One seeded train-mode forward (bytes kept measured) and backward; gradients w.r.t. ``params``."""
+    import torch
+
+    from aalconvert.memory import measure_saved
+
     model.train()
-    torch.manual_seed(1)  # the same dropout draws for every rule set
-    return measure_saved(lambda: model(*inputs).logits, model.parameters()).nbytes
+    torch.manual_seed(1)  # the same dropout / drop-path draws for BP and every rule set
+    start = time.perf_counter()
+    saved = measure_saved(lambda: model(*inputs), params)
+    outputs = output_tensors(saved.output)
+    loss = sum(t.float().square().mean() for t in outputs)
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    seconds = time.perf_counter() - start
+    return Step(saved.nbytes, [t.detach() for t in outputs], list(grads), seconds)
+
+
+def promises(rules: str) -> tuple[bool, bool]:
+    """(forward exact, gradients exact) as every rule of the set promises."""
+    from aalconvert.rules.registry import resolve
+
+    resolved = resolve(rules.split("+"), {})
+    return all(r.forward_exact for r in resolved), all(r.gradient_exact for r in resolved)
+
+
+def compare(bp: Step, converted: Step) -> dict:
+    """Forward and gradient agreement of a converted step with BP's."""
+    import torch
+
+    forward_equal = len(bp.outputs) == len(converted.outputs) and all(
+        a.shape == b.shape and torch.equal(a, b) for a, b in zip(bp.outputs, converted.outputs))
+    diff = max((float((a.float() - b.float()).abs().max()) for a, b in zip(bp.outputs, converted.outputs)
+                if a.shape == b.shape), default=math.nan)
+    grads_equal, finite, dot, norm_bp, norm_conv, missing = True, True, 0.0, 0.0, 0.0, 0
+    for expected, actual in zip(bp.grads, converted.grads, strict=True):
+        if expected is None or actual is None:
+            grads_equal &= expected is None and actual is None
+            missing += (expected is None) != (actual is None)
+            continue
+        grads_equal &= torch.equal(expected, actual)
+        e, a = expected.detach().float().reshape(-1), actual.detach().float().reshape(-1)
+        norm = float(torch.dot(a, a))
+        finite &= math.isfinite(norm)  # a non-finite entry makes the sum of squares non-finite
+        dot += float(torch.dot(e, a))
+        norm_bp += float(torch.dot(e, e))
+        norm_conv += norm
+    cosine = dot / math.sqrt(norm_bp * norm_conv) if norm_bp > 0 and 0 < norm_conv < math.inf else math.nan
+    return {"forward_equal": forward_equal, "forward_max_abs_diff": diff, "grads_equal": grads_equal,
+            "grads_finite": finite, "grad_cosine": cosine, "grads_missing": missing}
+
+
+def measure_model(entry: Entry, rule_sets: list[str]) -> dict:
+    """BP and every rule set on one zoo model: a record with one row per rule set."""
+    import torch
+
+    import aalconvert
+
+    record: dict[str, Any] = {"model": entry.name, "source": entry.source, "family": entry.family, "rows": []}
+    start = time.perf_counter()
+    try:
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, inputs = entry.build()
+        params = [p for p in model.parameters() if p.requires_grad]
+        record["inputs"] = [list(t.shape) for t in inputs if isinstance(t, torch.Tensor)]
+        record["parameters"] = sum(p.numel() for p in params)
+        bp = run_step(model, inputs, params)
+    except Exception as error:  # a model the zoo cannot even run under BP: recorded, never silent
+        record.update(status="skipped", error=f"BP run failed: {type(error).__name__}: {error}"[:500],
+                      seconds=time.perf_counter() - start)
+        return record
+    record.update(status="ok", bp_bytes=bp.nbytes, bp_step_s=bp.seconds)
+    for rules in rule_sets:
+        forward_promised, gradient_promised = promises(rules)
+        row: dict[str, Any] = {"rules": rules, "forward_promised": forward_promised,
+                               "gradient_promised": gradient_promised}
+        converted = None
+        try:
+            converting = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                converted = aalconvert.convert(model, rules.split("+"), example_inputs=inputs)
+            row["convert_s"] = time.perf_counter() - converting
+        except Exception as error:
+            row.update(status="convert_error", error=f"{type(error).__name__}: {error}"[:500])
+            record["rows"].append(row)
+            continue
+        try:
+            step = run_step(converted, inputs, params)
+        except Exception as error:
+            row.update(status="run_error", error=f"{type(error).__name__}: {error}"[:500])
+            record["rows"].append(row)
+            continue
+        finally:
+            del converted
+        row.update(status="ok", converted_bytes=step.nbytes, ratio=step.nbytes / bp.nbytes if bp.nbytes else math.nan,
+                   step_time_ratio=step.seconds / bp.seconds, **compare(bp, step))
+        del step
+        record["rows"].append(row)
+    record["seconds"] = time.perf_counter() - start
+    del model, bp
+    gc.collect()
+    return record
+
+
+# --------------------------------------------------------------------------- reporting
+
+def _ok_rows(records: list[dict], rules: str) -> list[dict]:
+    return [r for rec in records if rec.get("status") == "ok" for r in rec["rows"]
+            if r["rules"] == rules and r["status"] == "ok"]
+
+
+def summary(result: dict) -> dict:
+    """The figures the README and the final note quote: medians, failures, > BP, exact mismatches."""
+    records, rule_sets = result["records"], result["rule_sets"]
+    medians = {rules: statistics.median([r["ratio"] for r in _ok_rows(records, rules)])
+               if _ok_rows(records, rules) else None for rules in rule_sets}
+    failures, above_bp, grad_mismatch, forward_mismatch, not_finite = [], [], [], [], []
+    for rec in records:
+        for row in rec.get("rows", []):
+            where = f"{rec['model']} [{row['rules']}]"
+            if row["status"] != "ok":
+                failures.append(f"{where}: {row['status']}: {row['error']}")
+                continue
+            if row["ratio"] > 1.0:
+                above_bp.append(f"{where}: {row['ratio']:.3f}")
+            if row["gradient_promised"] and not row["grads_equal"]:
+                grad_mismatch.append(f"{where}: gradient cosine {row['grad_cosine']:.6f}")
+            if row["forward_promised"] and not row["forward_equal"]:
+                forward_mismatch.append(f"{where}: max |diff| {row['forward_max_abs_diff']:.3g}")
+            if not row["grads_finite"]:
+                not_finite.append(where)
+    skipped = [f"{rec['model']}: {rec['error']}" for rec in records if rec.get("status") != "ok"]
+    return {"medians": medians, "models": len(records), "failures": failures, "above_bp": above_bp,
+            "gradient_mismatches": grad_mismatch, "forward_mismatches": forward_mismatch,
+            "non_finite_gradients": not_finite, "skipped": skipped}
+
+
+def _cell(record: dict, rules: str) -> str:
+    row = next((r for r in record.get("rows", []) if r["rules"] == rules), None)
+    if row is None:
+        return ""
+    if row["status"] != "ok":
+        return "fails" if row["status"] == "convert_error" else "run fails"
+    marks = ("" if not row["gradient_promised"] or row["grads_equal"] else " ≠grad") + \
+            ("" if not row["forward_promised"] or row["forward_equal"] else " ≠fwd") + \
+            ("" if row["grads_finite"] else " nan")
+    return f"{row['ratio']:.3f}{marks}"
+
+
+def family_table(result: dict) -> list[str]:
+    """Per source/family: models, then the median ratio per rule set (failures counted beside)."""
+    rule_sets, groups = result["rule_sets"], {}
+    for rec in result["records"]:
+        groups.setdefault(f"{rec['source']}/{rec['family']}", []).append(rec)
+    lines = ["| family | models | " + " | ".join(rule_sets) + " |", "| --- | ---: |" + " ---: |" * len(rule_sets)]
+    for family, records in sorted(groups.items()):
+        cells = []
+        for rules in rule_sets:
+            ok = _ok_rows(records, rules)
+            failed = sum(1 for rec in records for r in rec.get("rows", []) if r["rules"] == rules
+                         and r["status"] != "ok")
+            cell = f"{statistics.median(r['ratio'] for r in ok):.3f}" if ok else "-"
+            cells.append(cell + (f" ({failed} fail)" if failed else ""))
+        lines.append(f"| {family} | {len(records)} | " + " | ".join(cells) + " |")
+    medians = summary(result)["medians"]
+    lines.append(f"| **all (median)** | {len(result['records'])} | "
+                 + " | ".join(f"**{medians[r]:.3f}**" if medians[r] is not None else "-" for r in rule_sets) + " |")
+    return lines
+
+
+def markdown(result: dict) -> str:
+    """The full report: setup, medians, per-family and per-model tables, and every problem found."""
+    rule_sets, found = result["rule_sets"], summary(result)
+    lines = [f"# Zoo: bytes kept for backward, converted / BP ({result['date'][:10]})", "",
+             f"`{result['command']}`: {found['models']} models, {result['seconds'] / 60:.0f} min on "
+             f"{result['machine']} ({result['threads']} threads); torch {result['versions'].get('torch')}, "
+             + ", ".join(f"{k} {v}" for k, v in result["versions"].items() if k != "torch") + ".",
+             "Train mode, fp32, default dropout/drop-path (same seed for BP and each rule set), vision batch 2 at "
+             "64 px (Inception v3 299, MaxViT 224, timm Swin 112, LeViT 128, torchvision ViT-H/14 112), HF vision "
+             "32 px, text 2 x 32. Cells: converted / BP; `fails`: convert() raised; `≠grad`: a gradient-exact "
+             "rule set whose gradients are not bit-identical to BP; `≠fwd`: a forward-exact rule set whose "
+             "output differs; `nan`: a non-finite gradient.", "",
+             "## Per family (median over the family's models)", "", *family_table(result), "",
+             "## Per model", "",
+             "| model | input | BP MiB | " + " | ".join(rule_sets) + " | step time ratio (" + rule_sets[-1] + ") |",
+             "| --- | --- | ---: |" + " ---: |" * (len(rule_sets) + 1)]
+    for rec in result["records"]:
+        if rec.get("status") != "ok":
+            lines.append(f"| {rec['model']} | skipped: {rec['error'][:120]} |" + " |" * (len(rule_sets) + 2))
+            continue
+        last = next((r for r in rec["rows"] if r["rules"] == rule_sets[-1] and r["status"] == "ok"), None)
+        lines.append(f"| {rec['model']} | {'x'.join(map(str, rec['inputs'][0])) if rec['inputs'] else ''} | "
+                     f"{rec['bp_bytes'] / 2**20:.1f} | " + " | ".join(_cell(rec, r) for r in rule_sets)
+                     + (f" | {last['step_time_ratio']:.2f} |" if last else " | - |"))
+    for title, key in (("Conversion or run failures", "failures"), ("Rule sets keeping more than BP", "above_bp"),
+                       ("Gradient-exact rule sets whose gradients differ from BP", "gradient_mismatches"),
+                       ("Forward-exact rule sets whose output differs from BP", "forward_mismatches"),
+                       ("Non-finite gradients", "non_finite_gradients"), ("Models not run", "skipped")):
+        lines += ["", f"## {title} ({len(found[key])})", ""] + [f"- {item}" for item in found[key]]
+    lines += ["", "## Not in this run", ""] + [f"- {note}" for note in result.get("not_run", [])]
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(result: dict, markdown_path: Path, readme: Path = ROOT / "README.md") -> None:
+    """Replace the README's zoo table (between the zoo-table markers) with this run's per-family table."""
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise SystemExit(f"{readme} has no {README_START} ... {README_END} markers")
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    found = summary(result)
+    body = [f"Bytes kept for backward, converted / BP: median per family, {found['models']} models "
+            f"({result['date'][:10]}, `{result['command']}`, CPU; full per-model table, failures and "
+            f"gradient checks in [{markdown_path.relative_to(ROOT)}]({markdown_path.relative_to(ROOT)})).", "",
+            *family_table(result), ""]
+    readme.write_text(head + README_START + "\n" + "\n".join(body) + README_END + tail)
+
+
+# --------------------------------------------------------------------------- command line
+
+def select(entries: list[Entry], models: str | None, family: str | None, quick: bool, parser) -> list[Entry]:
+    if quick:
+        entries = [e for e in entries if e.quick]
+    if family:
+        wanted = set(family.split(","))
+        entries = [e for e in entries if e.source in wanted or e.family in wanted or f"{e.source}/{e.family}" in wanted]
+    if models:
+        wanted = models.split(",")
+        unknown = [m for m in wanted if not any(m in (e.name, e.name.split("/", 1)[1]) for e in entries)]
+        if unknown:
+            parser.error(f"unknown models {unknown}; see --list")
+        entries = [e for e in entries if e.name in wanted or e.name.split("/", 1)[1] in wanted]
+    return entries
 
 
 def main(argv: list[str] | None = None) -> dict:
-    models = _models()
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(models), help=f"comma-separated, from {list(models)}")
+    parser.add_argument("--setup", action="store_true", help=f"create {ZOO_VENV.name}/ with the zoo libraries")
+    parser.add_argument("--no-venv", action="store_true", help="run in this interpreter even if the zoo venv exists")
+    parser.add_argument("--models", help="comma-separated names (hf/bert, or bare: bert, resnet18)")
+    parser.add_argument("--family", help="comma-separated sources or families (torchvision, timm, hf, resnet, ...)")
     parser.add_argument("--rules", default=",".join(RULE_SETS), help="comma-separated rule sets ('+'-joined)")
-    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--quick", action="store_true", help="a smoke subset (HF only without torchvision/timm)")
+    parser.add_argument("--list", action="store_true", help="list the zoo and exit")
+    parser.add_argument("--json", type=Path, help="write the result as JSON here (after every model)")
+    parser.add_argument("--markdown", type=Path, help="write the markdown report here")
+    parser.add_argument("--save", action="store_true",
+                        help="write benchmarks/results/zoo_<date>.json and .md and update the README table")
+    parser.add_argument("--resume", action="store_true", help="keep the models already in --json's file")
+    parser.add_argument("--readme", type=Path, nargs="+",
+                        help="no run: merge these JSON results (in order) into --json (default: the first), "
+                             "write its .md and update the README table")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
-    names, rule_sets = args.models.split(","), args.rules.split(",")
-    unknown = [n for n in names if n not in models]
-    if unknown:
-        parser.error(f"unknown models {unknown}; choose from {list(models)}")
+    if args.setup:
+        setup()
+        return {}
+    if args.readme:
+        results = [json.loads(path.read_text()) for path in args.readme]
+        result = results[0]
+        for other in results[1:]:
+            result["records"] += other["records"]
+            result["seconds"] += other["seconds"]
+            result["command"] += " ; " + other["command"]
+            result["not_run"] = sorted(set(result["not_run"]) | set(other["not_run"]))
+        out = args.json or args.readme[0]
+        out.write_text(json.dumps(result, indent=1))
+        md = out.with_suffix(".md")
+        md.write_text(markdown(result))
+        update_readme(result, md.resolve())
+        return result
 
-    rows = []
-    for name in names:
-        torch.manual_seed(0)
-        model, inputs = models[name]()
-        baseline = kept_bytes(model, inputs)
-        for rules in rule_sets:
-            torch.manual_seed(0)
-            model, inputs = models[name]()
-            converted = aalconvert.convert(model, rules.split("+"), example_inputs=inputs)
-            kept = kept_bytes(converted, inputs)
-            rows.append({"model": name, "rules": rules, "bp_bytes": baseline, "converted_bytes": kept,
-                         "ratio": kept / baseline})
+    import torch
 
-    table = Table(title="Hugging Face models: bytes kept for backward, converted / BP (fp32, CPU, batch 8)")
-    table.add_column("model")
-    for rules in rule_sets:
-        table.add_column(rules, justify="right")
-    for name in names:
-        ratios = {r["rules"]: r["ratio"] for r in rows if r["model"] == name}
-        table.add_row(name, *(f"{ratios[r]:.3f}" for r in rule_sets))
-    Console(width=160).print(table)
-    import transformers
-
-    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
-              "transformers": transformers.__version__, "machine": platform.machine(), "rows": rows}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    entries, not_importable = zoo()
+    if args.list:
+        for entry in entries:
+            print(entry.name, entry.family)
+        return {}
+    entries = select(entries, args.models, args.family, args.quick, parser)
+    rule_sets = args.rules.split(",")
+    date = datetime.now(timezone.utc)
+    if args.save:
+        args.json = args.json or RESULTS / f"zoo_{date:%Y-%m-%d}.json"
+        args.markdown = args.markdown or args.json.with_suffix(".md")
+    versions = {"torch": torch.__version__}
+    for name in ("torchvision", "timm", "transformers"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    result = {"date": date.isoformat(timespec="seconds"), "command": "python benchmarks/zoo.py " + " ".join(argv),
+              "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+              "threads": torch.get_num_threads(), "versions": versions, "rule_sets": rule_sets,
+              "not_run": not_importable, "records": [], "seconds": 0.0}
+    done: dict[str, dict] = {}
+    if args.resume and args.json and args.json.exists():
+        previous = json.loads(args.json.read_text())
+        done = {rec["model"]: rec for rec in previous["records"] if rec.get("status") == "ok"}
+        result["seconds"] = previous.get("seconds", 0.0)
+    for note in not_importable:
+        print(f"not run: {note}", flush=True)
+    start = run_start = time.perf_counter()
+    for index, entry in enumerate(entries, 1):
+        if entry.name in done:
+            result["records"].append(done[entry.name])
+            continue
+        print(f"[{index}/{len(entries)} {time.perf_counter() - run_start:6.0f}s] {entry.name} ...", flush=True)
+        record = measure_model(entry, rule_sets)
+        result["records"].append(record)
+        cells = "  ".join(f"{r['rules']} {_cell(record, r['rules'])}" for r in record.get("rows", []))
+        status = cells if record["status"] == "ok" else record["error"]
+        print(f"[{index}/{len(entries)} {time.perf_counter() - run_start:6.0f}s] {entry.name} "
+              f"({record.get('seconds', 0):.1f}s, BP {record.get('bp_bytes', 0) / 2**20:.1f} MiB): {status}",
+              flush=True)
+        if args.json:
+            result["seconds"] += time.perf_counter() - start
+            start = time.perf_counter()
+            args.json.write_text(json.dumps(result, indent=1))
+    result["seconds"] += time.perf_counter() - start
+    found = summary(result)
+    print("medians, converted / BP:", {k: round(v, 3) if v is not None else None for k, v in found["medians"].items()})
+    for key in ("failures", "above_bp", "gradient_mismatches", "forward_mismatches", "non_finite_gradients", "skipped"):
+        print(f"{key}: {len(found[key])}")
+        for item in found[key]:
+            print(f"  {item}")
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+        args.json.write_text(json.dumps(result, indent=1))
+    if args.markdown:
+        args.markdown.write_text(markdown(result))
+        if args.save:
+            update_readme(result, args.markdown.resolve())
     return result
 
 
 if __name__ == "__main__":
+    _reexec_in_zoo_venv(sys.argv[1:])
     main()
