@@ -91,7 +91,7 @@ def setup(venv: Path = ZOO_VENV) -> None:
 def _reexec_in_zoo_venv(argv: list[str]) -> None:
     """Re-run this script under the zoo venv when it exists and this is another interpreter."""
     python = _venv_python()
-    if "--no-venv" in argv or not python.exists() or Path(sys.prefix).resolve() == ZOO_VENV.resolve():
+    if "--no-venv" in argv or "--setup" in argv or not python.exists() or Path(sys.prefix).resolve() == ZOO_VENV.resolve():
         return
     print(f"(running in {ZOO_VENV}; pass --no-venv to use this interpreter)", flush=True)
     os.execv(str(python), [str(python), str(Path(__file__).resolve()), *argv])
