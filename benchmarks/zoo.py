@@ -480,9 +480,14 @@ def family_table(result: dict) -> list[str]:
             cell = f"{statistics.median(r['ratio'] for r in ok):.3f}" if ok else "-"
             cells.append(cell + (f" ({failed} fail)" if failed else ""))
         lines.append(f"| {family} | {len(records)} | " + " | ".join(cells) + " |")
-    medians = summary(result)["medians"]
-    lines.append(f"| **all (median)** | {len(result['records'])} | "
-                 + " | ".join(f"**{medians[r]:.3f}**" if medians[r] is not None else "-" for r in rule_sets) + " |")
+    sources = {}
+    for rec in result["records"]:
+        sources.setdefault(rec["source"], []).append(rec)
+    for source, records in [*sorted(sources.items()), ("all", result["records"])]:
+        medians = summary({"records": records, "rule_sets": rule_sets})["medians"]
+        lines.append(f"| **{source} (median)** | {len(records)} | "
+                     + " | ".join(f"**{medians[r]:.3f}**" if medians[r] is not None else "-" for r in rule_sets)
+                     + " |")
     return lines
 
 
@@ -497,7 +502,8 @@ def markdown(result: dict) -> str:
              "64 px (Inception v3 299, MaxViT 224, timm Swin 112, LeViT 128, torchvision ViT-H/14 112), HF vision "
              "32 px, text 2 x 32. Cells: converted / BP; `fails`: convert() raised; `≠grad`: a gradient-exact "
              "rule set whose gradients are not bit-identical to BP; `≠fwd`: a forward-exact rule set whose "
-             "output differs; `nan`: a non-finite gradient.", "",
+             "output differs; `nan`: a non-finite gradient. Medians are over the models where the rule set "
+             "converts.", "",
              "## Per family (median over the family's models)", "", *family_table(result), "",
              "## Per model", "",
              "| model | input | BP MiB | " + " | ".join(rule_sets) + " | step time ratio (" + rule_sets[-1] + ") |",
