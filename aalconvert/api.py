@@ -15,7 +15,7 @@ from aalconvert.memory import SavedByModule, fake_copy, fake_inputs, saved_by_mo
 from aalconvert.nn import CONVERTED_TYPES
 from aalconvert.plan import Plan, SkipFilter, make_plan, skip_filter
 from aalconvert.report import Report, build_report, optimizer_state_factor
-from aalconvert.rules.base import Rule
+from aalconvert.rules.base import SERVES, Rule, Skip
 from aalconvert.rules.loss_head import output_projection
 from aalconvert.rules.registry import PRECEDENCE, resolve
 from aalconvert.rules.wiring import remove_wiring, swap_module
@@ -55,7 +55,32 @@ def plan_conversion(
     chosen = resolve(rules, rule_options)
     _check_not_converted_by_other_rules(model, chosen)
     facts = gather_facts(model, example_inputs)
-    return make_plan(facts, chosen, skip_filter(skip, facts)), facts
+    plan = make_plan(facts, chosen, skip_filter(skip, facts))
+    _drop_sites_that_fail(plan, facts, model)
+    return plan, facts
+
+
+def _drop_sites_that_fail(plan: Plan, facts: ModelFacts, model: nn.Module) -> None:
+    """Rehearse ``plan`` on a throwaway copy of ``model``; a site whose rewrite fails becomes a skip.
+
+    One module a rule cannot take after all (a geometry, an in-place op or an
+    untraceable forward its finder did not foresee) must not fail the whole
+    conversion, nor leave the user's model half converted: it stays as it is,
+    and the plan and the report say why.
+    """
+    try:
+        rehearsal = _shallow_copy(model)
+    except Exception:  # a model deepcopy cannot copy: nothing to rehearse on
+        return
+    for name, site in list(plan.sites.items()):
+        rule = next(r for r in plan.rules if r.name == site.rule)
+        try:
+            rehearsal = rule.apply(rehearsal, site, facts)
+        except Exception as error:  # noqa: BLE001 -- any failure of one site only skips that site
+            reason = f"converting it failed ({_one_line(error)})"
+            for dropped in [name, *(n for n, s in plan.sites.items() if s.payload.get(SERVES) == name)]:
+                plan.sites.pop(dropped)
+                plan.skips.append(Skip(site.rule, dropped, reason if dropped == name else f"{name}: {reason}"))
 
 
 _RULES_ATTRIBUTE = "_aalconvert_rules"  # on a converted root: the rule names applied to its tree

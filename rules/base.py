@@ -14,6 +14,11 @@ from torch import nn
 from aalconvert.facts import ModelFacts
 
 
+SERVES = "serves"
+"""Payload key of a site that pays off only when the named module's site is applied too
+(a recompute chain's ReLU mask): when that site is dropped, this one is dropped with it."""
+
+
 @dataclass(frozen=True)
 class Site:
     """One module a rule wants to rewrite, with the reason in words.

@@ -35,7 +35,7 @@ from aalconvert.nn.zoo_linear import is_transposed_linear
 from aalconvert.trace import is_norm_like
 from aalconvert.nn.zoo_pointwise import PointwiseVariant, bp_keeps_more_than_input, pointwise_problem
 from aalconvert.rules.attention import PAYLOAD_KEY, apply_attention_site, attention_sites
-from aalconvert.rules.base import Rule, Site, Skip
+from aalconvert.rules.base import SERVES, Rule, Site, Skip
 from aalconvert.rules.wiring import ChainSlot, swap_module
 
 _RECOMPUTE_VARIANTS: dict[type[nn.Module], type[nn.Module]] = {
@@ -75,7 +75,9 @@ def input_chain(facts: ModelFacts, node: fx.Node) -> Chain | str:
         if type(module) not in CHAIN_MODULE_TYPES and not isinstance(module, MaskReLU):
             break
         names.insert(0, name)
-        if isinstance(module, KEEPS_INPUT):
+        # An in-place activation overwrites its input, so it cannot start the chain: the module
+        # before it (a norm keeping its own input) can.
+        if isinstance(module, KEEPS_INPUT) and not getattr(module, "inplace", False):
             if facts.call_count(name) != 1:
                 return f"{name} starts the input chain but is called {facts.call_count(name)} times"
             return Chain(start=name, modules=tuple(names))
@@ -115,7 +117,8 @@ class RecomputeRule(Rule):
                 continue
             start_module = facts.modules[chain.start]
             sites += [
-                Site(self.name, relu, f"keeps a 1-bit mask: its output is rebuilt for {name}")
+                Site(self.name, relu, f"keeps a 1-bit mask: its output is rebuilt for {name}",
+                     payload={SERVES: name})
                 for relu in chain.modules
                 if type(facts.modules[relu]) is nn.ReLU
             ]
@@ -142,7 +145,7 @@ class RecomputeRule(Rule):
         module = model.get_submodule(site.module_name)
         if POINTWISE_KEY in site.payload:
             return swap_module(model, site.module_name, PointwiseVariant.from_module(module))
-        if "chain" not in site.payload:
+        if "chain" not in site.payload:  # a ReLU of a chain
             return swap_module(model, site.module_name, MaskReLU.from_module(module))
         chain: Chain = site.payload["chain"]
         variant = _recompute_variant(module).from_module(

@@ -55,15 +55,37 @@ class _PerThread:
         self.__init__()
 
 
-class TensorSlot:
+class _Wiring:
+    """What every slot and shared pack shares: its hook handles, and how to let go of them.
+
+    Copies (deepcopy, pickle) drop the handles: they would point at the original
+    modules' registries; ``remove_wiring`` clears a copy's hooks from the registries.
+    """
+
+    aalconvert_wiring = True
+    handles: list[RemovableHandle]
+
+    def remove(self) -> None:
+        """Undo ``wire``: remove every hook this object registered, and what it holds."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self._forget()
+
+    def _forget(self) -> None:
+        """Drop run-time state (each kind holds its own)."""
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "handles": []}
+
+
+class TensorSlot(_Wiring):
     """Carries the first positional input of one module to other modules' ``keyword`` argument.
 
     The tensor is held from the source's pre-hook until the last consumer has
     run, and let go of even when a forward raises on the way (an ``always_call``
     hook on the last consumer, and one on ``root`` when given).
     """
-
-    aalconvert_wiring = True
 
     def __init__(self, keyword: str) -> None:
         self.keyword = keyword
@@ -102,15 +124,11 @@ class TensorSlot:
     def _release(self, module: nn.Module, args: tuple, output: object) -> None:
         self.state.get().tensor = None
 
-    def remove(self) -> None:
-        """Undo ``wire``: remove every hook this slot registered."""
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
+    def _forget(self) -> None:
         self.state = _PerThread()
 
 
-class ChainSlot:
+class ChainSlot(_Wiring):
     """Hands a recompute layer its chain's input ``z``, only when its input really is ``chain(z)``.
 
     ``chain`` is the modules that turn ``z`` into the layer's input. Each chain
@@ -124,8 +142,6 @@ class ChainSlot:
     nothing here outlives the forward or keeps a graph alive after an
     exception; a tensor that died meanwhile was needed by nobody.
     """
-
-    aalconvert_wiring = True
 
     def __init__(self) -> None:
         self.state = _PerThread()
@@ -164,10 +180,7 @@ class ChainSlot:
             return None
         return args, {**kwargs, "chain_input": z, "chain_output": x}
 
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
+    def _forget(self) -> None:
         self.state = _PerThread()
 
     @property
@@ -196,7 +209,7 @@ def _dereference(reference: object) -> torch.Tensor | None:
     return reference() if isinstance(reference, weakref.ref) else reference
 
 
-class SharedPack:
+class SharedPack(_Wiring):
     """Lets layers that read the same tensor in one forward share one packed copy of it.
 
     ``pack`` maps a layer's input to what it saves (e.g. a 1-bit sign mask). The
@@ -205,8 +218,6 @@ class SharedPack:
     (under torch.compile, which cannot guard on version counters, for the same
     tensor). The cache is not pickled: a loaded model packs afresh.
     """
-
-    aalconvert_wiring = True
 
     def __init__(self, keyword: str, pack: Callable[[torch.Tensor], torch.Tensor]):
         self.keyword = keyword
@@ -235,12 +246,9 @@ class SharedPack:
         return args, {**kwargs, self.keyword: self._packed}
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_source": None, "_version": -1, "_packed": None}
+        return {**super().__getstate__(), "_source": None, "_version": -1, "_packed": None}
 
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
+    def _forget(self) -> None:
         self._source, self._packed = None, None
 
 
