@@ -10,6 +10,7 @@ from torch._subclasses import FakeTensorMode
 from torch.func import functional_call
 
 from aalconvert.errors import ConversionError
+from aalconvert.example_inputs import self_described_inputs
 from aalconvert.facts import ModelFacts, gather_facts
 from aalconvert.memory import SavedByModule, fake_copy, fake_inputs, saved_by_module
 from aalconvert.nn import CONVERTED_TYPES
@@ -50,10 +51,16 @@ def plan_conversion(
     skip: Iterable[str] | SkipFilter | None = None,
     **rule_options: Any,
 ) -> tuple[Plan, ModelFacts]:
-    """Validate everything and decide every rewrite, without modifying ``model``."""
+    """Validate everything and decide every rewrite, without modifying ``model``.
+
+    Without ``example_inputs``, a model that describes its own input (Hugging
+    Face token and image models) is traced on that (``self_described_inputs``).
+    """
     _check_model(model)
     chosen = resolve(rules, rule_options)
     _check_not_converted_by_other_rules(model, chosen)
+    if example_inputs is None:
+        example_inputs = self_described_inputs(model)
     facts = gather_facts(model, example_inputs)
     plan = make_plan(facts, chosen, skip_filter(skip, facts))
     _drop_sites_that_fail(plan, facts, model)
