@@ -223,9 +223,7 @@ class SharedPack(_Wiring):
         self.keyword = keyword
         self.pack = pack
         self.handles: list[RemovableHandle] = []
-        self._source: weakref.ref | None = None
-        self._version = -1
-        self._packed: torch.Tensor | None = None
+        self.state = _PerThread()  # per thread: another thread's pack must never be handed out
 
     def wire(self, consumers: Sequence[nn.Module]) -> None:
         for consumer in consumers:
@@ -237,19 +235,18 @@ class SharedPack(_Wiring):
         if not torch.is_grad_enabled():
             return None
         x = args[0]
-        cached = self._source() if self._source is not None else None
+        state = self.state.get()
+        source = getattr(state, "source", None)
+        cached = source() if source is not None else None
         compiling = torch.compiler.is_compiling()
-        if cached is not x or (not compiling and self._version != x._version):
-            self._packed = self.pack(x)
-            self._source = weakref.ref(x)
-            self._version = -1 if compiling else x._version
-        return args, {**kwargs, self.keyword: self._packed}
-
-    def __getstate__(self) -> dict:
-        return {**super().__getstate__(), "_source": None, "_version": -1, "_packed": None}
+        if cached is not x or (not compiling and getattr(state, "version", -1) != x._version):
+            state.packed = self.pack(x)
+            state.source = weakref.ref(x)
+            state.version = -1 if compiling else x._version
+        return args, {**kwargs, self.keyword: state.packed}
 
     def _forget(self) -> None:
-        self._source, self._packed = None, None
+        self.state = _PerThread()
 
 
 def wiring_owner(hook: Callable) -> object | None:

@@ -180,3 +180,34 @@ def test_asa_query_key_value_share_one_packed_mask_counted_once():
     own_bytes, _ = kept_bytes(converted, inputs)
     attentions = sum(1 for n, _ in converted.named_modules() if n.endswith("attention.self"))
     assert own_bytes - shared_bytes == 2 * attentions * seen[names[0]].untyped_storage().nbytes()
+
+
+def test_threads_sharing_an_asa_model_get_their_own_shared_sign_packs():
+    # The pack shared by query/key/value is cached per thread: a cache shared across threads
+    # could hand one thread's sign mask to another's layers.
+    import threading
+
+    model = aalconvert.convert(build("bert", **no_dropout("bert")), "asa")
+    batches = [EXAMPLES["bert"].example_inputs(batch_size=BATCH + i) for i in range(4)]
+
+    def grads(inputs):
+        return torch.autograd.grad(loss_of(model(*inputs)), list(model.parameters()), allow_unused=True)
+
+    expected = [grads(batch) for batch in batches]
+    results, errors = {}, []
+
+    def work(index):
+        try:
+            for _ in range(5):
+                results[index] = grads(batches[index])
+        except BaseException as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(batches))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors[0]
+    for index, reference in enumerate(expected):
+        assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(results[index], reference))
