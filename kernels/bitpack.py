@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from aalconvert.kernels.dispatch import use_triton
+from aalconvert.kernels.dispatch import triton_module, use_triton
 
 DECODINGS = ("bool", "binary", "sign")
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
@@ -98,9 +98,7 @@ def check_pack_input(x: torch.Tensor) -> None:
 def pack_bits_impl(x: torch.Tensor, backend: str) -> torch.Tensor:
     """Packed bits of ``x``: the Triton kernel or the reference, per ``backend``."""
     if use_triton(x, backend):
-        from aalconvert.kernels.triton_bitpack import pack_bits_triton
-
-        return pack_bits_triton(x)
+        return triton_module("triton_bitpack", "_pack_bits_kernel").pack_bits_triton(x)
     return _pack_reference(x)
 
 
@@ -109,9 +107,8 @@ def unpack_bits_impl(
 ) -> torch.Tensor:
     """Decoded bits of ``packed`` in ``shape`` and ``dtype``: the Triton kernel or the reference."""
     if use_triton(packed, backend):
-        from aalconvert.kernels.triton_bitpack import unpack_bits_triton
-
-        return unpack_bits_triton(packed, tuple(shape), decode, dtype)
+        launcher = triton_module("triton_bitpack", "_unpack_bits_kernel").unpack_bits_triton
+        return launcher(packed, tuple(shape), decode, dtype)
     bits = _unpack_reference(packed, math.prod(shape)).reshape(shape)
     if decode == "bool":
         return bits

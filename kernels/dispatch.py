@@ -1,17 +1,32 @@
-"""Choose between the Triton kernel and the torch reference for one call."""
+"""Choose between the Triton kernel and the torch reference for one call, and explain failures."""
 
+import importlib
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import ModuleType
 
 import torch
 
 BACKENDS = ("auto", "triton", "reference")
+ENVIRONMENT_VARIABLE = "AALCONVERT_KERNELS"
+ENVIRONMENT_VALUES = ("auto", "reference")
+FALLBACK_ADVICE = (
+    "to run the torch reference implementation instead (the same bytes, slower), set the "
+    "environment variable AALCONVERT_KERNELS=reference (or pass backend='reference')"
+)
+
+
+class KernelLaunchError(RuntimeError):
+    """A Triton kernel could not be imported, compiled or launched; the message names it."""
 
 
 def use_triton(tensor: torch.Tensor, backend: str) -> bool:
     """True when this call should run the Triton kernel.
 
-    ``auto`` picks Triton for CUDA tensors unless ``AALCONVERT_KERNELS=reference``;
-    ``triton`` forces it (CPU tensors then need ``TRITON_INTERPRET=1``).
+    ``auto`` picks Triton for CUDA tensors unless ``AALCONVERT_KERNELS=reference``
+    (then every ``auto`` call, i.e. every call the package itself makes, runs the
+    torch reference); ``triton`` forces it (CPU tensors then need ``TRITON_INTERPRET=1``).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -19,6 +34,35 @@ def use_triton(tensor: torch.Tensor, backend: str) -> bool:
         return False
     if backend == "triton":
         return True
-    if os.environ.get("AALCONVERT_KERNELS", "auto") == "reference":
+    setting = os.environ.get(ENVIRONMENT_VARIABLE, "auto")
+    if setting not in ENVIRONMENT_VALUES:
+        raise ValueError(
+            f"the environment variable {ENVIRONMENT_VARIABLE} must be one of "
+            f"{ENVIRONMENT_VALUES}, got {setting!r}"
+        )
+    if setting == "reference":
         return False
     return tensor.is_cuda
+
+
+def triton_module(name: str, kernel: str) -> ModuleType:
+    """``aalconvert.kernels.<name>``, importing triton; an ImportError names ``kernel`` and the fallback."""
+    try:
+        return importlib.import_module(f"aalconvert.kernels.{name}")
+    except ImportError as error:
+        raise KernelLaunchError(
+            f"the Triton kernel {kernel} cannot run: importing triton failed "
+            f"({type(error).__name__}: {error}); {FALLBACK_ADVICE}"
+        ) from error
+
+
+@contextmanager
+def launching(kernel: str, device: torch.device) -> Iterator[None]:
+    """Around one kernel launch: a compile or launch error names ``kernel`` and the fallback."""
+    try:
+        yield
+    except Exception as error:
+        raise KernelLaunchError(
+            f"the Triton kernel {kernel} failed to compile or launch on {device} "
+            f"({type(error).__name__}: {error}); {FALLBACK_ADVICE}"
+        ) from error

@@ -59,7 +59,7 @@ from dataclasses import dataclass
 
 import torch
 
-from aalconvert.kernels.dispatch import use_triton
+from aalconvert.kernels.dispatch import triton_module, use_triton
 
 SUPPORTED_BITS = (8, 4, 2)
 SUPPORTED_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -239,9 +239,8 @@ def quantize_groups_impl(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(codes, mins, scales) of ``x``: the Triton kernel or the reference, per ``backend``."""
     if use_triton(x, backend):
-        from aalconvert.kernels.triton_quantize import quantize_triton
-
-        return quantize_triton(x, bits, group_size, stochastic, scale_dtype, seed, companding)
+        launcher = triton_module("triton_quantize", "_quantize_kernel").quantize_triton
+        return launcher(x, bits, group_size, stochastic, scale_dtype, seed, companding)
     return quantize_reference(x, bits, group_size, stochastic, scale_dtype, seed, companding)
 
 
@@ -258,9 +257,8 @@ def dequantize_groups_impl(
 ) -> torch.Tensor:
     """Decoded tensor of ``shape`` and ``dtype``: the Triton kernel or the reference."""
     if use_triton(codes, backend):
-        from aalconvert.kernels.triton_quantize import dequantize_triton
-
-        return dequantize_triton(codes, mins, scales, shape, dtype, bits, group_size, companding)
+        launcher = triton_module("triton_quantize", "_dequantize_kernel").dequantize_triton
+        return launcher(codes, mins, scales, shape, dtype, bits, group_size, companding)
     return dequantize_reference(codes, mins, scales, shape, dtype, bits, group_size, companding)
 
 

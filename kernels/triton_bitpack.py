@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from aalconvert.kernels.dispatch import launching
+
 BLOCK_BYTES = 1024
 _DECODE_CODES = {"bool": 0, "binary": 1, "sign": 2}
 
@@ -69,7 +71,8 @@ def pack_bits_triton(x: torch.Tensor) -> torch.Tensor:
     packed = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
     if nbytes:
         grid = (triton.cdiv(nbytes, BLOCK_BYTES),)
-        _pack_bits_kernel[grid](flat, packed, numel, nbytes, BLOCK_BYTES=BLOCK_BYTES)
+        with launching("_pack_bits_kernel", x.device):
+            _pack_bits_kernel[grid](flat, packed, numel, nbytes, BLOCK_BYTES=BLOCK_BYTES)
     return packed
 
 
@@ -89,7 +92,8 @@ def unpack_bits_triton(
     if numel:
         packed = packed.contiguous()
         grid = (triton.cdiv(nbytes, BLOCK_BYTES),)
-        _unpack_bits_kernel[grid](
-            packed, out, numel, nbytes, DECODE=_DECODE_CODES[decode], BLOCK_BYTES=BLOCK_BYTES
-        )
+        with launching("_unpack_bits_kernel", packed.device):
+            _unpack_bits_kernel[grid](
+                packed, out, numel, nbytes, DECODE=_DECODE_CODES[decode], BLOCK_BYTES=BLOCK_BYTES
+            )
     return out.view(torch.bool) if decode == "bool" else out

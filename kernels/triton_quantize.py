@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from aalconvert.kernels.dispatch import launching
 from aalconvert.kernels.quantize import NAN_BITS, SUPPORTED_INPUT_DTYPES, seed_keys
 
 # Elements per program: enough work per program while a tile stays in registers.
@@ -261,14 +262,15 @@ def quantize_triton(
     if numel:
         key_low, key_high = seed_keys(seed)
         grid = (triton.cdiv(num_groups, groups_per_program),)
-        _quantize_kernel[grid](
-            flat, codes, mins, scales, numel, num_groups, nbytes, key_low, key_high,
-            BITS=bits, GROUP_SIZE=group_size, BYTES_BLOCK=bytes_block,
-            GROUPS=groups_per_program, STOCHASTIC=stochastic,
-            SCALE_DTYPE=_TRITON_SCALE_DTYPES[scale_dtype], NAN_RAW=NAN_BITS[scale_dtype],
-            SQRT=companding == "sqrt", WIDE=scale_dtype == torch.float16,
-            enable_fp_fusion=False,  # unfused, as the reference rounds
-        )  # fmt: skip
+        with launching("_quantize_kernel", x.device):
+            _quantize_kernel[grid](
+                flat, codes, mins, scales, numel, num_groups, nbytes, key_low, key_high,
+                BITS=bits, GROUP_SIZE=group_size, BYTES_BLOCK=bytes_block,
+                GROUPS=groups_per_program, STOCHASTIC=stochastic,
+                SCALE_DTYPE=_TRITON_SCALE_DTYPES[scale_dtype], NAN_RAW=NAN_BITS[scale_dtype],
+                SQRT=companding == "sqrt", WIDE=scale_dtype == torch.float16,
+                enable_fp_fusion=False,  # unfused, as the reference rounds
+            )  # fmt: skip
     return codes, mins, scales
 
 
@@ -292,11 +294,12 @@ def dequantize_triton(
     out = torch.empty(shape, dtype=dtype, device=codes.device)
     if numel:
         grid = (triton.cdiv(num_groups, groups_per_program),)
-        _dequantize_kernel[grid](
-            codes.contiguous(), mins.contiguous(), scales.contiguous(), out,
-            numel, num_groups, codes.numel(),
-            BITS=bits, GROUP_SIZE=group_size, BYTES_BLOCK=bytes_block,
-            GROUPS=groups_per_program, SQRT=companding == "sqrt",
-            WIDE=mins.dtype == torch.float16, enable_fp_fusion=False,  # min + code * scale rounded twice, as the reference does
-        )  # fmt: skip
+        with launching("_dequantize_kernel", codes.device):
+            _dequantize_kernel[grid](
+                codes.contiguous(), mins.contiguous(), scales.contiguous(), out,
+                numel, num_groups, codes.numel(),
+                BITS=bits, GROUP_SIZE=group_size, BYTES_BLOCK=bytes_block,
+                GROUPS=groups_per_program, SQRT=companding == "sqrt",
+                WIDE=mins.dtype == torch.float16, enable_fp_fusion=False,  # min + code * scale rounded twice, as the reference does
+            )  # fmt: skip
     return out
