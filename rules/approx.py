@@ -14,7 +14,8 @@ Attention cores written with functional ops (``softmax``, ``q @ k^T``,
 (``aalconvert.rules.attention``): the module making those calls becomes an
 ``ApproxAttention`` keeping k-bit softmax outputs and matmul operands. They
 belong to the approx family rather than a rule of their own because they
-quantize the same kind of tensors with the same options.
+quantize the same kind of tensors with the same options. Gated MLPs
+(``down(act(gate) * up)``, ``aalconvert.rules.gated_mlp``) keep k-bit gate and up only.
 """
 
 from dataclasses import fields
@@ -27,11 +28,13 @@ from aalconvert.facts import ModelFacts
 from aalconvert.nn import approx
 from aalconvert.nn.approx_attention import ApproxAttention
 from aalconvert.nn.approx_common import ApproxOptions
+from aalconvert.nn.gated_mlp import ApproxGatedMLP
 from aalconvert.nn.approx_weighted import ApproxTransposedLinear
 from aalconvert.nn.zoo_linear import is_transposed_linear, transposed_linear_problem
 from aalconvert.nn.zoo_pointwise import PointwiseVariant
 from aalconvert.rules.attention import PAYLOAD_KEY, apply_attention_site, attention_sites
 from aalconvert.rules.base import Site, Skip
+from aalconvert.rules.gated_mlp import gated_mlp_sites
 from aalconvert.rules.exact import ExactRule
 from aalconvert.rules.recompute import POINTWISE_KEY, pointwise_sites
 from aalconvert.rules.swap import TypeSwapRule
@@ -84,7 +87,11 @@ class ApproxRule(ExactRule):
             facts, self.name, ApproxAttention, self.option_values(),
             f"keeps {self.options.bits}-bit copies of its functional softmax outputs and matmul operands",
         )
-        return sites + core_sites, skips + core_skips
+        gated_sites, gated_skips = gated_mlp_sites(
+            facts, self.name, ApproxGatedMLP, self.option_values(),
+            f"act(gate) * up keeps {self.options.bits}-bit copies of gate and up only",
+        )
+        return sites + core_sites + gated_sites, skips + core_skips + gated_skips
 
     def _transposed_linear_sites(self, facts: ModelFacts) -> tuple[list[Site], list[Skip]]:
         """Zoo ``Conv1D`` modules (GPT-2's linears, weight stored (in, out)), which no type table lists."""
