@@ -155,6 +155,7 @@ def saved_by_module(
         return tensor
 
     leave.aalconvert_observer = True  # returns nothing: recompute chains may trust outputs under it
+    enter.aalconvert_observer = True  # returns nothing: fused ops may skip a module's call under it
     handles = [
         nn.modules.module.register_module_forward_pre_hook(enter),
         nn.modules.module.register_module_forward_hook(leave),

@@ -176,3 +176,14 @@ def test_eval_and_no_grad_forwards_equal_bp():
     converted.eval(), model.eval()
     for actual, expected in zip(gradients(converted, ids), gradients(model, ids), strict=True):
         torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+def test_inspect_counts_the_intermediate_tensors_no_longer_kept():
+    # inspect attributes saved tensors through global observer hooks, which the fused op may skip
+    model, ids = build("llama")
+    width = BATCH * TOKENS * INTERMEDIATE * 4
+    plain = aalconvert.inspect(model, (ids,), "exact", labels=None).totals
+    report = aalconvert.inspect(model, (ids,), "recompute", labels=None)
+    assert plain.converted_bytes - report.totals.converted_bytes >= 2 * width * LAYERS
+    rows = {row.name: row for row in report.rows}
+    assert rows["model.layers.0.mlp"].rule == "recompute"

@@ -92,6 +92,23 @@ def activation_problem(module: nn.Module) -> str | None:
     return None
 
 
+def _global_hooks() -> bool:
+    """Whether a global module hook is active other than aalconvert's observers.
+
+    Observers (marked ``aalconvert_observer``: ``aalconvert.memory`` attributing
+    saved tensors to modules) return nothing, so skipping them changes no value.
+    """
+    registries = (
+        torch_module._global_forward_hooks,
+        torch_module._global_forward_pre_hooks,
+        torch_module._global_backward_hooks,
+        torch_module._global_backward_pre_hooks,
+    )
+    return any(
+        not getattr(hook, "aalconvert_observer", False) for hooks in registries for hook in hooks.values()
+    )
+
+
 def _hooked(module: nn.Module) -> bool:
     """Whether calling ``module.forward`` directly would skip a hook its ``__call__`` runs."""
     return bool(
@@ -99,10 +116,7 @@ def _hooked(module: nn.Module) -> bool:
         or module._forward_pre_hooks
         or module._backward_hooks
         or module._backward_pre_hooks
-        or torch_module._global_forward_hooks
-        or torch_module._global_forward_pre_hooks
-        or torch_module._global_backward_hooks
-        or torch_module._global_backward_pre_hooks
+        or _global_hooks()
     )
 
 
