@@ -4,7 +4,11 @@ When a Linear/Conv's (or a zoo ``Conv1D``'s) input is ``chain(z)`` and the
 chain's first module keeps ``z`` anyway (a norm, GELU, SiLU...), the layer
 keeps nothing of its own and rebuilds its input in backward (methods.md section 4; exact gradients). ReLUs
 inside such chains keep a 1-bit mask, else they would keep the very tensor the
-layer stopped keeping.
+layer stopped keeping. ReLU6 / Hardtanh / LeakyReLU keep their input, so they
+could start a chain themselves; a norm before them starts it instead
+(MobileNetV2's BN -> ReLU6 -> conv) and they keep a 1-bit mask, so their input
+(the norm's output) is kept by nobody. Without such a norm the activation
+nearest the chain's far end starts it.
 
 Zoo activations and norms (Hugging Face ``NewGELUActivation``, ``LlamaRMSNorm``)
 whose BP keeps more than their input keep only the input and run their forward
@@ -24,7 +28,7 @@ from typing import Any
 from torch import fx, nn
 
 from aalconvert.facts import KEEPS_INPUT, ModelFacts, qualified_name
-from aalconvert.nn.lossless import MaskReLU
+from aalconvert.nn.lossless import MASK_ACTIVATIONS, MaskHardtanh, MaskLeakyReLU, MaskReLU, MaskReLU6
 from aalconvert.nn.recompute import (
     CHAIN_MODULE_TYPES,
     RecomputedInputConv1d,
@@ -72,23 +76,38 @@ class Chain:
 def input_chain(facts: ModelFacts, node: fx.Node) -> Chain | str:
     """The chain feeding ``node``'s input, or why there is none (in words)."""
     names: list[str] = []
+    fallback: Chain | None = None  # a chain starting at a maskable activation that keeps its input
     current = node.args[0] if node.args else None
     while isinstance(current, fx.Node) and current.op == "call_module":
         name = qualified_name(current)
         module = facts.modules[name]
-        if type(module) not in CHAIN_MODULE_TYPES and not isinstance(module, MaskReLU):
+        maskable = type(module) in MASK_ACTIVATIONS or isinstance(module, _MASK_VARIANTS)
+        if type(module) not in CHAIN_MODULE_TYPES and not maskable:
             break
         names.insert(0, name)
+        inplace = getattr(module, "inplace", False)
+        if maskable and type(module) is not nn.ReLU:
+            # Keeps its input, so it could start the chain; a norm further back is better
+            # (this one then keeps a 1-bit mask, and its input is kept by nobody).
+            if not inplace and type(module) in MASK_ACTIVATIONS and facts.call_count(name) == 1:
+                fallback = Chain(start=name, modules=tuple(names))
         # An in-place activation overwrites its input, so it cannot start the chain: the module
         # before it (a norm keeping its own input) can.
-        if isinstance(module, KEEPS_INPUT) and not getattr(module, "inplace", False):
+        elif isinstance(module, KEEPS_INPUT) and not inplace:
             if facts.call_count(name) != 1:
-                return f"{name} starts the input chain but is called {facts.call_count(name)} times"
+                return fallback or (
+                    f"{name} starts the input chain but is called {facts.call_count(name)} times"
+                )
             return Chain(start=name, modules=tuple(names))
         current = current.args[0] if current.args else None
+    if fallback is not None:
+        return fallback
     if not names:
         return "input does not come from a norm or activation module"
     return f"input chain {' -> '.join(names)} starts at no module that keeps its input"
+
+
+_MASK_VARIANTS = (MaskReLU, MaskHardtanh, MaskReLU6, MaskLeakyReLU)
 
 
 class RecomputeRule(Rule):
@@ -121,10 +140,10 @@ class RecomputeRule(Rule):
                 continue
             start_module = facts.modules[chain.start]
             sites += [
-                Site(self.name, relu, f"keeps a 1-bit mask: its output is rebuilt for {name}",
+                Site(self.name, activation, f"keeps a 1-bit mask: its output is rebuilt for {name}",
                      payload={SERVES: name})
-                for relu in chain.modules
-                if type(facts.modules[relu]) is nn.ReLU
+                for activation in chain.modules
+                if activation != chain.start and type(facts.modules[activation]) in MASK_ACTIVATIONS
             ]
             sites.append(
                 Site(
@@ -154,8 +173,8 @@ class RecomputeRule(Rule):
         module = model.get_submodule(site.module_name)
         if POINTWISE_KEY in site.payload:
             return swap_module(model, site.module_name, PointwiseVariant.from_module(module))
-        if "chain" not in site.payload:  # a ReLU of a chain
-            return swap_module(model, site.module_name, MaskReLU.from_module(module))
+        if "chain" not in site.payload:  # a ReLU (ReLU6, Hardtanh, LeakyReLU) of a chain
+            return swap_module(model, site.module_name, MASK_ACTIVATIONS[type(module)].from_module(module))
         chain: Chain = site.payload["chain"]
         variant = _recompute_variant(module).from_module(
             module, chain=tuple(model.get_submodule(name) for name in chain.modules)

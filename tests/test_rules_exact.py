@@ -119,3 +119,120 @@ def test_gradient_penalty_through_a_masked_relu_gives_torch_zero_bias_gradients(
     plain, ours = _penalty_grads(model, x), _penalty_grads(converted, x)
     assert plain[1] is not None and torch.equal(plain[1], torch.zeros(4))
     assert all(a is not None and b is not None and torch.equal(a, b) for a, b in zip(plain, ours))
+
+
+# ------------------------------------------------------ ReLU6 / Hardtanh / LeakyReLU masks
+
+from aalconvert.nn.lossless import MaskHardtanh, MaskLeakyReLU, MaskReLU6  # noqa: E402
+from aalconvert.nn.recompute import RecomputedInputConv2d  # noqa: E402
+
+
+class InvertedResidual(nn.Module):
+    """torchvision's MobileNetV2 ``InvertedResidual`` (expand 1x1 conv, BN, ReLU6, depthwise 3x3,
+    BN, ReLU6, project 1x1 conv, BN, residual), its layout copied (torchvision does not import here)."""
+
+    def __init__(self, channels: int = 8, expand: int = 4, inplace: bool = True, act=nn.ReLU6) -> None:
+        super().__init__()
+        hidden = channels * expand
+        self.conv = nn.Sequential(
+            nn.Conv2d(channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden), act(inplace=inplace),
+            nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden), act(inplace=inplace),
+            nn.Conv2d(hidden, channels, 1, bias=False), nn.BatchNorm2d(channels),
+        )
+
+    def forward(self, x):
+        return x + self.conv(x)
+
+
+def _leaky(inplace: bool) -> nn.Module:
+    return nn.LeakyReLU(0.1, inplace=inplace)
+
+
+def _grads(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    y = model(x)
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(3)))
+    return [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("act", [nn.ReLU6, _leaky], ids=["relu6", "leaky"])
+def test_mobilenet_v2_block_exact_and_recompute_keep_less_with_bit_identical_gradients(inplace, act):
+    torch.manual_seed(0)
+    model = nn.Sequential(InvertedResidual(inplace=inplace, act=act),
+                          InvertedResidual(inplace=inplace, act=act))
+    x = torch.randn(2, 8, 10, 10)
+    bp, reference = _kept(model, x), _grads(model, x)
+    exact = aalconvert.convert(model, "exact", example_inputs=(x,))
+    recompute = aalconvert.convert(model, "recompute", example_inputs=(x,))
+    mask = MaskReLU6 if act is nn.ReLU6 else MaskLeakyReLU
+    for converted in (exact, recompute):
+        assert all(torch.equal(a, b) for a, b in zip(_grads(converted, x), reference))
+        assert torch.equal(converted(x), model(x))
+    # exact: the activation keeps its input (or, in place, a private copy of it) unless the
+    # in-place form keeps its output, which the next conv keeps anyway.
+    leaky_inplace = inplace and act is _leaky
+    assert _kept(exact, x) == bp if leaky_inplace else _kept(exact, x) < 0.75 * bp
+    assert all(isinstance(exact[0].conv[i], nn.LeakyReLU if leaky_inplace else mask) for i in (2, 5))
+    # recompute: BN starts the chain, the activation keeps a mask, the conv keeps nothing.
+    assert all(isinstance(recompute[0].conv[i], mask) for i in (2, 5))
+    assert all(isinstance(recompute[0].conv[i], RecomputedInputConv2d) for i in (3, 6))
+    assert _kept(recompute, x) < 0.6 * bp and _kept(recompute, x) < _kept(exact, x)
+
+
+class LeakyBesideLinear(nn.Module):
+    """The LeakyReLU's input is also read by a Linear, which keeps it anyway."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.act = nn.LeakyReLU(0.2)
+        self.side = nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return self.act(h) + self.side(h.view(-1, 16))
+
+
+class SigmoidThenHardtanh(nn.Module):
+    """The Hardtanh's input is the output of a sigmoid, which keeps it for its own backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.gate = nn.Sigmoid()
+        self.act = nn.Hardtanh(0.2, 0.8)
+
+    def forward(self, x):
+        return self.act(self.gate(self.fc(x)))
+
+
+@pytest.mark.parametrize(("model", "kind"), [(LeakyBesideLinear(), "LeakyReLU"),
+                                             (SigmoidThenHardtanh(), "Hardtanh")],
+                         ids=["other-reader", "producer"])
+def test_exact_leaves_an_activation_whose_input_someone_else_keeps(model, kind):
+    x = torch.randn(8, 16)
+    converted = aalconvert.convert(model, "exact", example_inputs=(x,))
+    assert type(converted.act) is type(model.act)
+    plan, _ = plan_conversion(model, "exact", example_inputs=(x,))
+    assert any(s.module_name == "act" and f"keeps this {kind}'s input anyway" in s.reason
+               for s in plan.skips)
+    assert _kept(converted, x) <= _kept(model, x)
+
+
+def test_exact_masks_a_relu_and_the_leaky_relu_it_feeds_together():
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.LeakyReLU(0.1), nn.Hardtanh(), nn.Linear(16, 4))
+    x = torch.randn(8, 16)
+    converted = aalconvert.convert(model, "exact", example_inputs=(x,))
+    assert [type(m) for m in converted][1:4] == [MaskReLU, MaskLeakyReLU, MaskHardtanh]
+    assert _kept(converted, x) < _kept(model, x)
+    assert all(torch.equal(a, b) for a, b in zip(_grads(converted, x), _grads(model, x)))
+
+
+def test_exact_leaves_an_in_place_leaky_relu_whose_output_the_next_layer_keeps():
+    model = nn.Sequential(nn.Linear(16, 16), nn.LeakyReLU(0.1, inplace=True), nn.Linear(16, 4))
+    x = torch.randn(8, 16)
+    plan, _ = plan_conversion(model, "exact", example_inputs=(x,))
+    assert any(s.module_name == "1" and "in-place LeakyReLU's output anyway" in s.reason
+               for s in plan.skips)

@@ -19,6 +19,9 @@ from aalconvert.nn import (
 
 CONVERTED_TYPES: tuple[type, ...] = (
     lossless.MaskReLU,
+    lossless.MaskHardtanh,
+    lossless.MaskReLU6,
+    lossless.MaskLeakyReLU,
     lossless.MaskDropout,
     lossless.CompactMaxPool2d,
     ara.ARALinear,

@@ -3,6 +3,8 @@
 methods.md section 4. Each variant keeps only what its backward truly needs:
 
 - ``MaskReLU``: 1 bit per element (``y > 0``) instead of the output ``y``.
+- ``MaskHardtanh`` / ``MaskReLU6`` / ``MaskLeakyReLU``: 1 bit per element (which
+  piece of the function the input fell in) instead of the input.
 - ``MaskDropout``: the keep-mask as 1 bit per element instead of the scaled
   mask in the input's dtype (CPU) or a bool byte per element (CUDA).
 - ``CompactMaxPool2d``: the argmax as a uint8 offset inside its pooling window
@@ -168,6 +170,280 @@ class MaskReLU(nn.ReLU):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, keeps=1-bit mask".lstrip(", ")
+
+
+# ------------------------------------------------------------- Hardtanh / ReLU6 / LeakyReLU
+#
+# Their gradient depends only on which piece of the function the input fell in, so
+# one bit per element is enough. Backward calls torch's own backward op
+# (``hardtanh_backward`` / ``leaky_relu_backward``) on a stand-in tensor rebuilt from
+# the bits: a value the op lets through where the bit is set, one it blocks elsewhere.
+# The op then gives exactly torch's gradient, with torch's strides and signed zeros.
+#
+# NaN: torch's CPU ``hardtanh_backward`` blocks a NaN in its vectorized loop and
+# lets it through in the scalar tail, so the outcome depends on the NaN's position
+# and on the iteration (thread chunks, strides). The stand-in therefore carries NaN
+# itself at the NaN positions (their flat indices, kept only when there is a NaN:
+# 0 bytes otherwise), and the op decides as it did for torch. On CUDA the op lets
+# NaN through everywhere (scalar code), which the bit says, and nothing is kept.
+# ``leaky_relu_backward`` tests ``x > 0`` in both loops: the bit says it all.
+
+
+def _nan_positions(kept: torch.Tensor, layout: _PackedLayout) -> torch.Tensor:
+    """Flat indices (memory order, int64) of NaNs in ``kept``; empty (0 bytes) when none.
+
+    Only where torch's backward treats NaN differently by position (CPU), and not
+    under torch.compile (inductor writes its own kernels, no data-dependent shapes).
+    """
+    if kept.device.type == "cuda" or torch.compiler.is_compiling():
+        return kept.new_empty(0, dtype=torch.long)
+    flat = layout.in_memory_order(kept).reshape(-1)
+    nan = flat.isnan()
+    if not bool(nan.any()):
+        return kept.new_empty(0, dtype=torch.long)
+    return nan.nonzero().view(-1)
+
+
+def _stand_in(
+    ctx, packed: torch.Tensor, nan_at: torch.Tensor, dtype: torch.dtype, through: float, blocked: float
+) -> torch.Tensor:
+    """The tensor torch's backward op reads: ``through`` where the bit is set, else ``blocked``,
+    NaN at ``nan_at``; strides of the tensor torch would have kept."""
+    keep = ctx.layout.unpack(packed, "bool", torch.bool)
+    values = torch.where(
+        keep,
+        torch.tensor(through, dtype=dtype, device=keep.device),
+        torch.tensor(blocked, dtype=dtype, device=keep.device),
+    )
+    if nan_at.numel():
+        ctx.layout.in_memory_order(values).reshape(-1)[nan_at] = math.nan
+    return values
+
+
+_PASS_VALUES: dict[tuple[torch.dtype, float, float], float] = {}
+
+
+def _hardtanh_pass_value(dtype: torch.dtype, min_val: float, max_val: float) -> float:
+    """A value of ``dtype`` that ``hardtanh_backward`` lets through (strictly inside the bounds).
+
+    Checked with torch's op itself. When ``dtype`` has no such value no input ever
+    passes, and any value does (the bit is never set).
+    """
+    key = (dtype, float(min_val), float(max_val))
+    if key not in _PASS_VALUES:
+        low, high = float(min_val), float(max_val)
+        candidates = [0.0, low + 1.0, high - 1.0, low / 2, high / 2]
+        if math.isfinite(low) and math.isfinite(high):
+            candidates.insert(0, low / 2 + high / 2)
+        try:
+            bounds = torch.tensor([low, high], dtype=dtype)
+            candidates += [
+                torch.nextafter(bounds[:1], bounds[1:]).item(),
+                torch.nextafter(bounds[1:], bounds[:1]).item(),
+            ]
+        except (RuntimeError, TypeError):  # nextafter not implemented for this dtype
+            pass
+        chosen = 0.0
+        for value in candidates:
+            if not math.isfinite(value):
+                continue
+            probe = torch.tensor([value], dtype=dtype)
+            if torch.ops.aten.hardtanh_backward(torch.ones_like(probe), probe, low, high).item() != 0:
+                chosen = probe.item()
+                break
+        _PASS_VALUES[key] = chosen
+    return _PASS_VALUES[key]
+
+
+_INPLACE_KEEPS: dict[str, str] = {}
+
+
+def inplace_keeps(op: str) -> str:
+    """What torch's autograd keeps for the in-place ``op`` (``"hardtanh_"``, ``"leaky_relu_"``):
+    ``"input"`` (a private copy of the input before the op) or ``"output"`` (its result).
+
+    Read once from the node torch records (``_saved_self`` / ``_saved_result``): it
+    changed across torch versions (``hardtanh_`` kept its result, torch 2.13 keeps a
+    copy of the input).
+    """
+    if op not in _INPLACE_KEEPS:
+        with torch.enable_grad():
+            x = torch.ones(2, requires_grad=True)
+            args = (0.0, 6.0) if op == "hardtanh_" else (0.5,)
+            node = getattr(torch.ops.aten, op)(x * 1, *args).grad_fn
+        _INPLACE_KEEPS[op] = "output" if hasattr(node, "_saved_result") else "input"
+    return _INPLACE_KEEPS[op]
+
+
+class MaskHardtanhFunction(torch.autograd.Function):
+    """Hardtanh (ReLU6) keeping 1 bit per element; backward is torch's ``hardtanh_backward``.
+
+    The bit is the op's own decision, taken in forward by running
+    ``hardtanh_backward`` with a gradient of ones on the tensor torch keeps: the
+    input, or for the in-place form what ``inplace_keeps("hardtanh_")`` says. So
+    bounds that round in a reduced dtype (``0.1`` in bfloat16) decide exactly as in torch.
+    """
+
+    @staticmethod
+    def forward(ctx, x, min_val: float, max_val: float, inplace: bool, probe):
+        keeps_output = inplace and inplace_keeps("hardtanh_") == "output"
+        if not keeps_output:
+            ones = torch.ones((), dtype=x.dtype, device=x.device)
+            decision = torch.ops.aten.hardtanh_backward(ones, x, min_val, max_val)
+            nan_at = _nan_positions(x, _PackedLayout(x))
+        if inplace:
+            torch.ops.aten.hardtanh_(x, min_val, max_val)
+            ctx.mark_dirty(x)
+            y = x  # the input object itself: torch.compile supports mark_dirty only then
+        else:
+            y = F.hardtanh(x, min_val, max_val)
+        kept = y if keeps_output else x
+        if keeps_output:
+            ones = torch.ones((), dtype=y.dtype, device=y.device)
+            decision = torch.ops.aten.hardtanh_backward(ones, y, min_val, max_val)
+            nan_at = _nan_positions(y, _PackedLayout(y))
+        layout = _PackedLayout(kept)
+        ctx.layout = layout
+        ctx.bounds = (min_val, max_val)
+        ctx.dtype = kept.dtype
+        packed = layout.pack(decision.ne_(0))
+        del decision
+        ctx.save_for_backward(packed, nan_at, probe)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        packed, nan_at, probe = ctx.saved_tensors
+        min_val, max_val = ctx.bounds
+        through = _hardtanh_pass_value(ctx.dtype, min_val, max_val)
+        stand_in = _stand_in(ctx, packed, nan_at, ctx.dtype, through, -math.inf)
+        grad_input = torch.ops.aten.hardtanh_backward(grad_output, stand_in, min_val, max_val)
+        return _with_zero_path(grad_input, probe), None, None, None, None
+
+
+class MaskLeakyReLUFunction(torch.autograd.Function):
+    """LeakyReLU keeping the bit ``x > 0``; backward is torch's ``leaky_relu_backward``.
+
+    The bit is taken on the input before an in-place forward overwrites it. For a
+    slope >= 0 that is the test torch applies to the output it keeps in place; for a
+    negative slope torch refuses the in-place backward, and this gives the gradient
+    of the out-of-place form.
+    """
+
+    @staticmethod
+    def forward(ctx, x, negative_slope: float, inplace: bool, probe):
+        layout = _PackedLayout(x)
+        packed = layout.pack(x.gt(0))
+        if inplace:
+            torch.ops.aten.leaky_relu_(x, negative_slope)
+            ctx.mark_dirty(x)
+            y = x  # the input object itself: torch.compile supports mark_dirty only then
+        else:
+            y = F.leaky_relu(x, negative_slope)
+        ctx.layout = layout
+        ctx.negative_slope = negative_slope
+        ctx.dtype = x.dtype
+        ctx.save_for_backward(packed, probe)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        packed, probe = ctx.saved_tensors
+        empty = packed.new_empty(0, dtype=torch.long)
+        stand_in = _stand_in(ctx, packed, empty, ctx.dtype, 1.0, -1.0)
+        grad_input = torch.ops.aten.leaky_relu_backward(
+            grad_output, stand_in, ctx.negative_slope, False
+        )
+        return _with_zero_path(grad_input, probe), None, None, None
+
+
+class _MaskHardtanhMixin:
+    """Forward, conversion and repr shared by ``MaskHardtanh`` and ``MaskReLU6``."""
+
+    _plain: type[nn.Hardtanh]
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not _needs_autograd(input):
+            return F.hardtanh(input, self.min_val, self.max_val, self.inplace)
+        return MaskHardtanhFunction.apply(
+            input, self.min_val, self.max_val, self.inplace, _input_probe(input)
+        )
+
+    @classmethod
+    def from_module(cls, module: nn.Hardtanh):
+        """Build from an ``nn.Hardtanh`` / ``nn.ReLU6`` (the class of the same kind)."""
+        if type(module) is not cls._plain and not isinstance(module, cls):
+            raise ConversionError(
+                f"{cls.__name__}.from_module expects an {cls._plain.__name__}, got "
+                f"{type(module).__name__}"
+            )
+        return rebuild_as(cls, module)
+
+    def to_module(self) -> nn.Hardtanh:
+        """The plain torch module with the same settings and hooks."""
+        return rebuild_as(self._plain, self)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, keeps=1-bit mask".lstrip(", ")
+
+
+class MaskHardtanh(_MaskHardtanhMixin, nn.Hardtanh):
+    """``nn.Hardtanh`` keeping a 1-bit mask (ceil(N / 8) bytes) instead of its input (N elements).
+
+    Forward and gradient bit-identical to ``nn.Hardtanh`` (any min_val < max_val,
+    ``inplace`` honoured, NaN and signed zeros included). Without autograd it is
+    plain ``F.hardtanh``.
+    """
+
+    _plain = nn.Hardtanh
+
+
+class MaskReLU6(_MaskHardtanhMixin, nn.ReLU6):
+    """``nn.ReLU6`` keeping a 1-bit mask instead of its input; see ``MaskHardtanh``."""
+
+    _plain = nn.ReLU6
+
+
+class MaskLeakyReLU(nn.LeakyReLU):
+    """``nn.LeakyReLU`` keeping a 1-bit mask (``x > 0``) instead of its input.
+
+    Forward and gradient bit-identical to ``nn.LeakyReLU`` for any
+    ``negative_slope``; in place too (with a negative slope, where torch's own
+    in-place backward refuses, it gives the out-of-place gradient). Without
+    autograd it is plain ``F.leaky_relu``.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not _needs_autograd(input):
+            return F.leaky_relu(input, self.negative_slope, self.inplace)
+        return MaskLeakyReLUFunction.apply(
+            input, self.negative_slope, self.inplace, _input_probe(input)
+        )
+
+    @classmethod
+    def from_module(cls, module: nn.LeakyReLU) -> "MaskLeakyReLU":
+        """Build from an ``nn.LeakyReLU``, keeping ``negative_slope`` and ``inplace``."""
+        if type(module) is not nn.LeakyReLU and not isinstance(module, cls):
+            raise ConversionError(
+                f"MaskLeakyReLU.from_module expects an nn.LeakyReLU, got {type(module).__name__}"
+            )
+        return rebuild_as(cls, module)
+
+    def to_module(self) -> nn.LeakyReLU:
+        """The plain ``nn.LeakyReLU`` with the same settings and hooks."""
+        return rebuild_as(nn.LeakyReLU, self)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, keeps=1-bit mask"
+
+
+MASK_ACTIVATIONS: dict[type[nn.Module], type[nn.Module]] = {
+    nn.ReLU: MaskReLU,
+    nn.ReLU6: MaskReLU6,
+    nn.Hardtanh: MaskHardtanh,
+    nn.LeakyReLU: MaskLeakyReLU,
+}
+"""Activations whose exact backward needs only 1 bit per element -> their mask variant."""
 
 
 # ------------------------------------------------------------------------ Dropout
