@@ -440,7 +440,7 @@ def summary(result: dict) -> dict:
                 failures.append(f"{where}: {row['status']}: {row['error']}")
                 continue
             if row["ratio"] > 1.0:
-                above_bp.append(f"{where}: {row['ratio']:.3f}")
+                above_bp.append(f"{where}: {row['ratio']:.4f}")
             if row["gradient_promised"] and not row["grads_equal"]:
                 grad_mismatch.append(f"{where}: gradient cosine {row['grad_cosine']:.6f}")
             if row["forward_promised"] and not row["forward_equal"]:
@@ -494,8 +494,11 @@ def family_table(result: dict) -> list[str]:
 def markdown(result: dict) -> str:
     """The full report: setup, medians, per-family and per-model tables, and every problem found."""
     rule_sets, found = result["rule_sets"], summary(result)
+    how = f"`{result['command']}`" if "shards" not in result else \
+        result["command"] + " (" + "; ".join(f"`{c}`" for c in result["shards"]) + ")"
     lines = [f"# Zoo: bytes kept for backward, converted / BP ({result['date'][:10]})", "",
-             f"`{result['command']}`: {found['models']} models, {result['seconds'] / 60:.0f} min on "
+             f"{how}: {found['models']} models, {result['seconds'] / 60:.0f} min"
+             f"{' (summed over shards)' if 'shards' in result else ''} on "
              f"{result['machine']} ({result['threads']} threads); torch {result['versions'].get('torch')}, "
              + ", ".join(f"{k} {v}" for k, v in result["versions"].items() if k != "torch") + ".",
              "Train mode, fp32, default dropout/drop-path (same seed for BP and each rule set), vision batch 2 at "
@@ -521,7 +524,8 @@ def markdown(result: dict) -> str:
                        ("Forward-exact rule sets whose output differs from BP", "forward_mismatches"),
                        ("Non-finite gradients", "non_finite_gradients"), ("Models not run", "skipped")):
         lines += ["", f"## {title} ({len(found[key])})", ""] + [f"- {item}" for item in found[key]]
-    lines += ["", "## Not in this run", ""] + [f"- {note}" for note in result.get("not_run", [])]
+    if result.get("not_run"):
+        lines += ["", "## Not in this run", ""] + [f"- {note}" for note in result["not_run"]]
     return "\n".join(lines) + "\n"
 
 
@@ -534,7 +538,7 @@ def update_readme(result: dict, markdown_path: Path, readme: Path = ROOT / "READ
     _, tail = rest.split(README_END, 1)
     found = summary(result)
     body = [f"Bytes kept for backward, converted / BP: median per family, {found['models']} models "
-            f"({result['date'][:10]}, `{result['command']}`, CPU; full per-model table, failures and "
+            f"({result['date'][:10]}, `{result['command'].split(',')[0]}`, CPU; full per-model table, failures and "
             f"gradient checks in [{markdown_path.relative_to(ROOT)}]({markdown_path.relative_to(ROOT)})).", "",
             *family_table(result), ""]
     readme.write_text(head + README_START + "\n" + "\n".join(body) + README_END + tail)
@@ -583,10 +587,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.readme:
         results = [json.loads(path.read_text()) for path in args.readme]
         result = results[0]
+        if len(results) > 1:
+            result["shards"] = [r["command"] for r in results]
+            result["command"] = f"python benchmarks/zoo.py, as {len(results)} shards run side by side"
         for other in results[1:]:
             result["records"] += other["records"]
             result["seconds"] += other["seconds"]
-            result["command"] += " ; " + other["command"]
             result["not_run"] = sorted(set(result["not_run"]) | set(other["not_run"]))
         out = args.json or args.readme[0]
         out.write_text(json.dumps(result, indent=1))

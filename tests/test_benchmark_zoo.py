@@ -96,7 +96,7 @@ def test_summary_markdown_and_readme_name_every_problem(zoo_script, tmp_path):
     found = zoo_script.summary(result)
     assert found["medians"] == {"exact": 0.75, "auto": 1.25}
     assert found["failures"] == ["hf/b [auto]: convert_error: ConversionError: boom"]
-    assert found["above_bp"] == ["hf/a [auto]: 1.250"]
+    assert found["above_bp"] == ["hf/a [auto]: 1.2500"]
     assert found["gradient_mismatches"] == ["hf/a [exact]: gradient cosine 0.500000"]
     assert found["skipped"] == ["hf/c: BP run failed: RuntimeError: too small"]
     text = zoo_script.markdown(result)
