@@ -501,6 +501,8 @@ def markdown(result: dict) -> str:
              f"{' (summed over shards)' if 'shards' in result else ''} on "
              f"{result['machine']} ({result['threads']} threads); torch {result['versions'].get('torch')}, "
              + ", ".join(f"{k} {v}" for k, v in result["versions"].items() if k != "torch") + ".",
+             *([f"aalconvert: {result['library']}."] if result.get("library") else []),
+             *result.get("notes", []),
              "Train mode, fp32, default dropout/drop-path (same seed for BP and each rule set), vision batch 2 at "
              "64 px (Inception v3 299, MaxViT 224, timm Swin 112, LeViT 128, torchvision ViT-H/14 112), HF vision "
              "32 px, text 2 x 32. Cells: converted / BP; `fails`: convert() raised; `≠grad`: a gradient-exact "
@@ -542,6 +544,18 @@ def update_readme(result: dict, markdown_path: Path, readme: Path = ROOT / "READ
             f"gradient checks in [{markdown_path.relative_to(ROOT)}]({markdown_path.relative_to(ROOT)})).", "",
             *family_table(result), ""]
     readme.write_text(head + README_START + "\n" + "\n".join(body) + README_END + tail)
+
+
+def library_state() -> str:
+    """The aalconvert commit measured, with "+ uncommitted changes" when the work tree differs from it."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "aalconvert", "kernels",
+                                "rules"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return commit + (" + uncommitted changes" if dirty else "")
 
 
 # --------------------------------------------------------------------------- command line
@@ -623,6 +637,7 @@ def main(argv: list[str] | None = None) -> dict:
         except ImportError:
             pass
     result = {"date": date.isoformat(timespec="seconds"), "command": "python benchmarks/zoo.py " + " ".join(argv),
+              "library": library_state(),
               "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
               "threads": torch.get_num_threads(), "versions": versions, "rule_sets": rule_sets,
               "not_run": not_importable, "records": [], "seconds": 0.0}
