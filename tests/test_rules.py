@@ -211,3 +211,26 @@ def test_threads_sharing_an_asa_model_get_their_own_shared_sign_packs():
     assert not errors, errors[0]
     for index, reference in enumerate(expected):
         assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(results[index], reference))
+
+
+@pytest.mark.parametrize("rules", ["exact", "recompute", "approx4", "asa", "auto", ["auto", "approx4"]],
+                         ids=rule_id)
+def test_layer_outputs_can_be_modified_in_place_as_the_plain_layers_can(rules):
+    # F.linear on a 3-D input returns a view of its 2-D product; returned from a variant's
+    # Function, autograd refused a following in-place op (torchvision Swin V2's cpb_mlp:
+    # Linear -> ReLU(inplace=True)), where the plain layer's output allows it.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 16), nn.ReLU(inplace=True),
+                          nn.Linear(16, 16))
+    x = torch.randn(2, 5, 8)
+    converted = aalconvert.convert(model, rules, example_inputs=(x,))
+
+    def run(m):
+        y = m(x)
+        y += 1.0  # a residual-style in-place add on the last layer's output
+        return torch.autograd.grad(loss_of(y), list(m.parameters()))
+
+    expected, actual = run(model), run(converted)
+    if rules in ("exact", "recompute"):
+        assert all(torch.equal(a, e) for a, e in zip(actual, expected))
+    assert all(torch.isfinite(a).all() for a in actual)

@@ -13,6 +13,7 @@ copies kept. Each operand is copied only when the *other* one needs a gradient.
 import torch
 
 from aalconvert.nn.approx_common import ApproxOptions, compress, needs_graph, restore
+from aalconvert.nn.function_output import own_output
 
 PRODUCTS = {"matmul": torch.matmul, "bmm": torch.bmm}
 
@@ -28,7 +29,7 @@ class ApproxMatmulFunction(torch.autograd.Function):
         saved_b, ctx.b_layout = compress(b, options) if need_da else ((), None)
         ctx.shapes = (a.shape, b.shape)
         ctx.save_for_backward(*saved_a, *saved_b)
-        return y
+        return own_output(y)
 
     @staticmethod
     def backward(ctx, g):

@@ -22,6 +22,7 @@ from aalconvert.nn.approx_common import (
     needs_graph,
     restore,
 )
+from aalconvert.nn.function_output import own_output
 from aalconvert.nn.weighted import TransposedLinearGeometry, transposed_linear
 from aalconvert.nn.zoo_linear import TransposedLinearVariant
 
@@ -36,7 +37,7 @@ class ApproxLinearFunction(torch.autograd.Function):
         y = F.linear(x, weight, bias)
         saved, ctx.layout = compress(x, options) if ctx.needs_input_grad[1] else ((), None)
         ctx.save_for_backward(weight if ctx.needs_input_grad[0] else None, *saved)
-        return y
+        return own_output(y)
 
     @staticmethod
     def backward(ctx, g):
@@ -168,7 +169,7 @@ class ApproxTransposedLinearFunction(torch.autograd.Function):
         ctx.input_shape = x.shape
         saved, ctx.layout = compress(x, options) if ctx.needs_input_grad[1] else ((), None)
         ctx.save_for_backward(weight if ctx.needs_input_grad[0] else None, *saved)
-        return y
+        return own_output(y)
 
     @staticmethod
     def backward(ctx, g):

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from aalconvert.errors import ConversionError
+from aalconvert.nn.function_output import own_output
 from aalconvert.nn.rebuild import rebuild_as
 from aalconvert.nn.saved import saved_tensors_or_raise
 from aalconvert.nn.weighted import (
@@ -39,7 +40,7 @@ class ARAFunction(torch.autograd.Function):
         ctx.layer = layer
         ctx.anchor_shape = tuple(anchor.shape)
         ctx.save_for_backward(anchor, weight)
-        return geometry.forward(x, weight, bias)
+        return own_output(geometry.forward(x, weight, bias))
 
     @staticmethod
     def backward(ctx, grad_output):

@@ -25,6 +25,7 @@ from torch import nn
 
 from aalconvert.errors import ConversionError
 from aalconvert.kernels import pack_bits, packed_nbytes, unpack_bits
+from aalconvert.nn.function_output import own_output
 from aalconvert.nn.rebuild import rebuild_as
 from aalconvert.nn.saved import saved_tensors_or_raise
 from aalconvert.nn.weighted import (
@@ -111,7 +112,7 @@ class ASAFunction(torch.autograd.Function):
         ctx.layer = layer
         ctx.save_for_backward(packed_sign, weight)
         perturbed = torch.add(x, auxiliary_sign(x, variant), alpha=eps)
-        return geometry.forward(perturbed, weight, bias)
+        return own_output(geometry.forward(perturbed, weight, bias))
 
     @staticmethod
     def backward(ctx, grad_output):

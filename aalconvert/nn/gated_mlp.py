@@ -47,6 +47,7 @@ from torch.nn.modules import module as torch_module
 from aalconvert.errors import ConversionError
 from aalconvert.nn.approx import ApproxLinear
 from aalconvert.nn.approx_common import ApproxOptions, compress, functorch_active, make_options, restore
+from aalconvert.nn.function_output import own_output
 from aalconvert.nn.recompute import _fold_to_2d, _folded_stride
 from aalconvert.nn.saved import saved_tensors_or_raise
 from aalconvert.nn.traced_forward import TracedForwardVariant, depends_on_input, options_node
@@ -173,7 +174,7 @@ class GatedProductFunction(torch.autograd.Function):
         ctx.product_shape, ctx.product_dtype = product.shape, product.dtype
         ctx.compute_dtype = out.dtype  # differs from the Parameters' under autocast
         ctx.save_for_backward(*kept, weight, bias)
-        return out
+        return own_output(out)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):

@@ -49,6 +49,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from aalconvert.errors import ConversionError
 from aalconvert.nn.approx_common import functorch_active
+from aalconvert.nn.function_output import own_output
 from aalconvert.nn.rebuild import rebuild_as
 from aalconvert.nn.saved import saved_tensors_or_raise
 from aalconvert.nn.weighted import transposed_linear
@@ -219,7 +220,7 @@ class RecomputedInputLinearFunction(torch.autograd.Function):
         ctx.compute_dtype = y.dtype
         ctx.saved_shapes = _saved_shapes(z, weight, bias)
         ctx.save_for_backward(z, weight, bias)
-        return y
+        return own_output(y)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
@@ -273,7 +274,7 @@ class RecomputedInputTransposedLinearFunction(torch.autograd.Function):
         ctx.compute_dtype = y.dtype  # differs from the Parameters' under autocast
         ctx.saved_shapes = _saved_shapes(z, weight, bias)
         ctx.save_for_backward(z, weight, bias)
-        return y
+        return own_output(y)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
@@ -323,7 +324,7 @@ class RecomputedInputConvFunction(torch.autograd.Function):
         ctx.compute_dtype = y.dtype
         ctx.saved_shapes = _saved_shapes(z, weight, bias)
         ctx.save_for_backward(z, weight, bias)
-        return y
+        return own_output(y)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):

@@ -27,6 +27,7 @@ from aalconvert.kernels import pack_bits, unpack_bits
 from aalconvert.nn.approx_activation import approx_softmax
 from aalconvert.nn.approx_common import ApproxOptions, compress, functorch_active, restore
 from aalconvert.nn.approx_matmul import approx_matmul
+from aalconvert.nn.function_output import own_output
 from aalconvert.nn.lossless import MaskDropout
 from aalconvert.nn.traced_forward import depends_on_input
 
@@ -134,7 +135,7 @@ class SoftmaxDropoutMatmulFunction(torch.autograd.Function):
         ctx.layouts = (y_layout, v_layout)
         ctx.counts = (len(kept_y), len(kept_v))
         ctx.save_for_backward(packed, *kept_y, *kept_v)
-        return out.view(*batch, rows, v.shape[-1])
+        return own_output(out.view(*batch, rows, v.shape[-1]))
 
     @staticmethod
     def backward(ctx, g):
