@@ -54,7 +54,14 @@ from aalconvert.nn.approx import (
 from aalconvert.nn.approx_weighted import ApproxTransposedLinear
 from aalconvert.nn.ara import ARAConv1d, ARAConv2d, ARALinear
 from aalconvert.nn.asa import ASAConv1d, ASAConv2d, ASALinear, ASATransposedLinear
-from aalconvert.nn.lossless import CompactMaxPool2d, MaskDropout, MaskReLU
+from aalconvert.nn.lossless import (
+    CompactMaxPool2d,
+    MaskDropout,
+    MaskHardtanh,
+    MaskLeakyReLU,
+    MaskReLU,
+    MaskReLU6,
+)
 from aalconvert.nn.recompute import (
     RecomputedInputConv1d,
     RecomputedInputConv2d,
@@ -209,7 +216,8 @@ def _linear_variants(recompute: Variant | None = None) -> tuple[Variant, ...]:
 
 
 def resnet50_layers(s: Sizes) -> list[Layer]:
-    """Stage 3x3 convs, bottleneck 1x1 convs, BN and ReLU at stage shapes, stem max-pool."""
+    """Stage 3x3 convs, bottleneck 1x1 convs, BN and ReLU at stage shapes, MobileNet-style
+    ReLU6/Hardtanh/LeakyReLU at the first stage shape, stem max-pool."""
     b = s.batch
     layers = [
         Layer("ResNet-50", f"conv3x3 {c}ch {side}x{side}",
@@ -231,6 +239,15 @@ def resnet50_layers(s: Sizes) -> list[Layer]:
         Layer("ResNet-50", f"ReLU {c}ch {side}x{side}", nn.ReLU, (b, c, side, side),
               (_exact(MaskReLU), _approx(ApproxReLU)))
         for c, side in s.stages
+    ]
+    c, side = s.stages[0]  # the piecewise-linear activations of MobileNet-style nets, at a stage shape
+    layers += [
+        Layer("ResNet-50", f"{label} {c}ch {side}x{side}", make, (b, c, side, side), (_exact(variant),))
+        for label, make, variant in (
+            ("ReLU6", nn.ReLU6, MaskReLU6),
+            ("Hardtanh(-1, 1)", nn.Hardtanh, MaskHardtanh),
+            ("LeakyReLU(0.1)", lambda: nn.LeakyReLU(0.1), MaskLeakyReLU),
+        )
     ]
     c, side = s.stem
     layers.append(
