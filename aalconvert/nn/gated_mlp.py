@@ -48,7 +48,7 @@ from aalconvert.errors import ConversionError
 from aalconvert.nn.approx import ApproxLinear
 from aalconvert.nn.approx_common import ApproxOptions, compress, functorch_active, make_options, restore
 from aalconvert.nn.function_output import own_output
-from aalconvert.nn.recompute import _fold_to_2d, _folded_stride
+from aalconvert.nn.recompute import LinearOperands, _folded_stride, linear_backward
 from aalconvert.nn.saved import saved_tensors_or_raise
 from aalconvert.nn.traced_forward import TracedForwardVariant, depends_on_input, options_node
 
@@ -169,10 +169,11 @@ class GatedProductFunction(torch.autograd.Function):
             ctx.save_for_backward(*kept)
             return product
         out = F.linear(product, weight, bias)
-        ctx.addmm = bias is not None and (product.dim() == 2 or product.is_contiguous())
-        ctx.product_2d_stride = _folded_stride(product, ctx.addmm)
-        ctx.product_shape, ctx.product_dtype = product.shape, product.dtype
-        ctx.compute_dtype = out.dtype  # differs from the Parameters' under autocast
+        addmm = bias is not None and (product.dim() == 2 or product.is_contiguous())
+        # out.dtype differs from the Parameters' under autocast
+        ctx.operands = LinearOperands(
+            product.shape, product.dtype, _folded_stride(product, addmm), out.dtype, addmm
+        )
         ctx.save_for_backward(*kept, weight, bias)
         return own_output(out)
 
@@ -210,8 +211,8 @@ class GatedProductFunction(torch.autograd.Function):
             if need_weight:
                 with recipe.autocast_state():
                     product = _product(a, up, recipe.act_first)
-            grad_product, grad_weight, grad_bias = _linear_backward(
-                ctx, grad_output, product, weight, bias, need_weight, need_bias
+            grad_product, grad_weight, grad_bias = linear_backward(
+                grad_output, weight, bias, lambda: product, ctx.operands, True, need_weight, need_bias
             )
         else:
             grad_product = grad_output
@@ -223,45 +224,6 @@ class GatedProductFunction(torch.autograd.Function):
         return None, None, None, grad_gate, grad_up, grad_weight, grad_bias
 
 
-def _linear_backward(ctx, grad_output, product, weight, bias, need_weight: bool, need_bias: bool):
-    """``F.linear(product, W, b)``'s gradients with the ``mm`` / ``addmm`` backward torch uses.
-
-    The same formulas and operands as ``RecomputedInputLinearFunction``: the
-    product's gradient always (the gate and up gradients need it), the weight's
-    from the rebuilt product, the bias's as ``sum_to`` of the gradient.
-    """
-    shape = ctx.product_shape
-    rows = 1
-    for size in shape[:-1]:
-        rows *= size
-    weight_c = weight.to(ctx.compute_dtype)
-    grad_2d = _fold_to_2d(grad_output, ctx.addmm)
-    # mm_mat1_backward
-    stride = ctx.product_2d_stride
-    if stride[0] == 1 and stride[1] == rows:
-        grad_product = weight_c.t().mm(grad_2d.t()).t()
-    else:
-        grad_product = grad_2d.mm(weight_c)
-    grad_product = grad_product.reshape(shape).to(ctx.product_dtype)
-    grad_weight = grad_bias = None
-    if need_weight:  # mm_mat2_backward, then the transpose of W.t()
-        product_2d = _fold_to_2d(product.to(ctx.compute_dtype), ctx.addmm)
-        if weight_c.stride(1) == 1 and weight_c.stride(0) == weight_c.shape[1]:
-            grad_weight = grad_2d.t().mm(product_2d)
-        else:
-            grad_weight = product_2d.t().mm(grad_2d).t()
-        grad_weight = grad_weight.to(weight.dtype)
-    if need_bias:
-        out_features = weight.shape[0]
-        if ctx.addmm:
-            grad_bias = grad_2d.sum(0, keepdim=True).view(out_features)
-        elif grad_output.dim() == 1:
-            grad_bias = grad_output
-        else:
-            leading = list(range(grad_output.dim() - 1))
-            grad_bias = grad_output.sum(leading, keepdim=True).view(out_features)
-        grad_bias = grad_bias.to(bias.dtype)
-    return grad_product, grad_weight, grad_bias
 
 
 def _plain(gate: torch.Tensor, up: torch.Tensor, act: nn.Module, options: ApproxOptions | None) -> bool:

@@ -41,6 +41,8 @@ precision gives the gradients plain torch gives.
 """
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -201,6 +203,66 @@ def _folded_stride(x: torch.Tensor, addmm: bool) -> tuple[int, ...]:
     return _fold_to_2d(x, addmm).stride()
 
 
+@dataclass(frozen=True)
+class LinearOperands:
+    """What ``linear_backward`` needs to know of the forward's ``F.linear(x, W, b)`` call.
+
+    ``x_2d_stride`` is ``_folded_stride(x, addmm)``; ``compute_dtype`` the output's
+    dtype (the autocast dtype under autocast); ``addmm`` whether torch ran addmm.
+    """
+
+    x_shape: torch.Size
+    x_dtype: torch.dtype
+    x_2d_stride: tuple[int, ...]
+    compute_dtype: torch.dtype
+    addmm: bool
+
+
+def linear_backward(
+    grad_output: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    rebuild_input: Callable[[], torch.Tensor],
+    operands: LinearOperands,
+    need_input: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``F.linear``'s gradients with the ``mm``/``addmm`` backward formulas torch applies, on the
+    same operands, so they are bit-identical; the input is rebuilt (``rebuild_input()``) only
+    for the weight gradient."""
+    shape = operands.x_shape
+    rows = math.prod(shape[:-1])
+    weight_c = weight.to(operands.compute_dtype)
+    grad_2d = _fold_to_2d(grad_output, operands.addmm)
+    grad_x = grad_weight = grad_bias = None
+    if need_input:  # mm_mat1_backward
+        stride = operands.x_2d_stride
+        if stride[0] == 1 and stride[1] == rows:
+            grad_x = weight_c.t().mm(grad_2d.t()).t()
+        else:
+            grad_x = grad_2d.mm(weight_c)
+        grad_x = grad_x.reshape(shape).to(operands.x_dtype)
+    if need_weight:  # mm_mat2_backward, then the transpose of W.t()
+        x_2d = _fold_to_2d(rebuild_input().to(operands.compute_dtype), operands.addmm)
+        if weight_c.stride(1) == 1 and weight_c.stride(0) == weight_c.shape[1]:
+            grad_weight = grad_2d.t().mm(x_2d)
+        else:
+            grad_weight = x_2d.t().mm(grad_2d).t()
+        grad_weight = grad_weight.to(weight.dtype)
+    if need_bias:  # sum_to(grad, bias.shape) of addmm's self, or of the added bias
+        out_features = weight.shape[0]
+        if operands.addmm:
+            grad_bias = grad_2d.sum(0, keepdim=True).view(out_features)
+        elif grad_output.dim() == 1:
+            grad_bias = grad_output
+        else:
+            leading = list(range(grad_output.dim() - 1))
+            grad_bias = grad_output.sum(leading, keepdim=True).view(out_features)
+        grad_bias = grad_bias.to(bias.dtype)
+    return grad_x, grad_weight, grad_bias
+
+
 class RecomputedInputLinearFunction(torch.autograd.Function):
     """``F.linear(x, W, b)`` keeping ``z`` instead of ``x``; backward mirrors torch's exactly.
 
@@ -226,35 +288,12 @@ class RecomputedInputLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         z, weight, bias = _saved_tensors(ctx, ctx.where)
         _, need_x, _, need_weight, need_bias = ctx.needs_input_grad
-        shape = ctx.record.x_shape
-        rows = math.prod(shape[:-1])
-        weight_c = weight.to(ctx.compute_dtype)
-        grad_2d = _fold_to_2d(grad_output, ctx.addmm)
-        grad_x = grad_weight = grad_bias = None
-        if need_x:  # mm_mat1_backward
-            stride = ctx.x_2d_stride
-            if stride[0] == 1 and stride[1] == rows:
-                grad_x = weight_c.t().mm(grad_2d.t()).t()
-            else:
-                grad_x = grad_2d.mm(weight_c)
-            grad_x = grad_x.reshape(shape).to(ctx.record.x_dtype)
-        if need_weight:  # mm_mat2_backward, then the transpose of W.t()
-            x_2d = _fold_to_2d(ctx.record.rebuild(z, ctx.where).to(ctx.compute_dtype), ctx.addmm)
-            if weight_c.stride(1) == 1 and weight_c.stride(0) == weight_c.shape[1]:
-                grad_weight = grad_2d.t().mm(x_2d)
-            else:
-                grad_weight = x_2d.t().mm(grad_2d).t()
-            grad_weight = grad_weight.to(weight.dtype)
-        if need_bias:  # sum_to(grad, bias.shape) of addmm's self, or of the added bias
-            out_features = weight.shape[0]
-            if ctx.addmm:
-                grad_bias = grad_2d.sum(0, keepdim=True).view(out_features)
-            elif grad_output.dim() == 1:
-                grad_bias = grad_output
-            else:
-                leading = list(range(grad_output.dim() - 1))
-                grad_bias = grad_output.sum(leading, keepdim=True).view(out_features)
-            grad_bias = grad_bias.to(bias.dtype)
+        record = ctx.record
+        grad_x, grad_weight, grad_bias = linear_backward(
+            grad_output, weight, bias, lambda: record.rebuild(z, ctx.where),
+            LinearOperands(record.x_shape, record.x_dtype, ctx.x_2d_stride, ctx.compute_dtype, ctx.addmm),
+            need_x, need_weight, need_bias,
+        )
         return None, grad_x, None, grad_weight, grad_bias
 
 
