@@ -51,10 +51,29 @@ def attention_sites(
     reason: str,
 ) -> tuple[list[Site], list[Skip]]:
     """A site per module whose forward holds an attention core ``variant`` converts, or why not."""
+    return traced_forward_sites(facts, rule, variant, options, reason, core_modules(facts))
+
+
+def traced_forward_sites(
+    facts: ModelFacts,
+    rule: str,
+    variant: type[TracedForwardVariant],
+    options: dict[str, Any],
+    reason: str,
+    names: list[str],
+    refused: dict[str, str] | None = None,
+) -> tuple[list[Site], list[Skip]]:
+    """A site per module of ``names`` whose forward ``variant`` rewrites, or why not.
+
+    ``refused`` maps module names to the reason they are left as they are.
+    """
     sites, skips = [], []
-    for name in core_modules(facts):
+    for name in names:
         module = facts.modules.get(name)
         if module is None or isinstance(module, TracedForwardVariant):
+            continue
+        if refused and name in refused:
+            skips.append(Skip(rule, name, refused[name]))
             continue
         try:  # building the variant traces and checks; it shares tensors and copies nothing
             variant.from_module(module, **options)

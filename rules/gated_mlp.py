@@ -21,11 +21,10 @@ from typing import Any
 import torch
 from torch import fx
 
-from aalconvert.errors import ConversionError
 from aalconvert.facts import ModelFacts
 from aalconvert.nn.gated_mlp import activation_problem
 from aalconvert.nn.traced_forward import TracedForwardVariant
-from aalconvert.rules.attention import PAYLOAD_KEY, _owner, core_modules
+from aalconvert.rules.attention import _owner, core_modules, traced_forward_sites
 from aalconvert.rules.base import Site, Skip
 
 _MULS = (operator.mul, torch.mul)
@@ -64,19 +63,7 @@ def gated_mlp_sites(
     reason: str,
 ) -> tuple[list[Site], list[Skip]]:
     """A site per module whose forward holds an ``act(gate) * up`` ``variant`` converts, or why not."""
-    sites, skips = [], []
-    attention = set(core_modules(facts))
-    for name in gated_modules(facts):
-        module = facts.modules.get(name)
-        if module is None or isinstance(module, TracedForwardVariant):
-            continue
-        if name in attention:
-            skips.append(Skip(rule, name, "its forward also holds an attention core; converted as attention only"))
-            continue
-        try:  # building the variant traces and checks; it shares tensors and copies nothing
-            variant.from_module(module, **options)
-        except ConversionError as error:
-            skips.append(Skip(rule, name, str(error)))
-            continue
-        sites.append(Site(rule, name, reason, payload={PAYLOAD_KEY: variant}))
-    return sites, skips
+    attention = dict.fromkeys(
+        core_modules(facts), "its forward also holds an attention core; converted as attention only"
+    )
+    return traced_forward_sites(facts, rule, variant, options, reason, gated_modules(facts), attention)
