@@ -93,9 +93,9 @@ def _reader_keeps(facts: ModelFacts, node, masked: frozenset[str]) -> bool:
     return _keeps_operand(node)
 
 
-def _keeping_reader(facts: ModelFacts, start, skip, masked: frozenset[str]) -> str | None:
-    """A node reading ``start``'s tensor (directly or through views) that keeps it, other than ``skip``."""
-    pending = [user for user in start.users if user is not skip]
+def _first_keeper(facts: ModelFacts, readers, masked: frozenset[str], skip=None) -> str | None:
+    """The first of ``readers``, or of the readers of their views, that keeps the tensor (described)."""
+    pending = [reader for reader in readers if reader is not skip]
     seen = set()
     while pending:
         node = pending.pop()
@@ -107,6 +107,11 @@ def _keeping_reader(facts: ModelFacts, start, skip, masked: frozenset[str]) -> s
         if _is_view(facts, node):
             pending.extend(user for user in node.users if user is not skip)
     return None
+
+
+def _keeping_reader(facts: ModelFacts, start, skip, masked: frozenset[str]) -> str | None:
+    """A node reading ``start``'s tensor (directly or through views) that keeps it, other than ``skip``."""
+    return _first_keeper(facts, start.users, masked, skip)
 
 
 def kept_by_reader(facts: ModelFacts, name: str, masked: frozenset[str] = frozenset()) -> str | None:
@@ -121,18 +126,7 @@ def kept_by_reader(facts: ModelFacts, name: str, masked: frozenset[str] = frozen
     readers = facts.output_readers(name)
     if readers is None or len(nodes) != 1:
         return None
-    pending = list(readers)
-    seen = set()
-    while pending:
-        node = pending.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        if _reader_keeps(facts, node, masked):
-            return _describe(facts, node)
-        if _is_view(facts, node):
-            pending.extend(node.users)
-    return None
+    return _first_keeper(facts, readers, masked)
 
 
 # Modules and functional ops whose backward keeps their output.
