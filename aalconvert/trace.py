@@ -24,6 +24,7 @@ counters are not touched.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import re
 from collections.abc import Callable, Iterator
@@ -231,8 +232,10 @@ class _ModuleStateGuard:
     """Restores every module's attributes after a trace or the example run.
 
     fx stores tensor constants on the traced module (``_tensor_constant0``) and
-    forward code may cache values (proxies, during a trace) on ``self``; neither
-    may stay on the user's model.
+    forward code may cache values (proxies or fake tensors) on ``self``, also inside
+    containers it already had (timm's ``attention_bias_cache = {}`` fills on an
+    eval-mode forward); none of them may stay on the user's model, so the contents
+    of dict, list and set attributes are restored too.
     """
 
     _TABLES = ("_parameters", "_buffers", "_modules")
@@ -240,11 +243,18 @@ class _ModuleStateGuard:
     def __init__(self, module: nn.Module):
         self.module = module
         self.saved: list[tuple[nn.Module, dict[str, Any], dict[str, dict[str, Any]]]] = []
+        self.contents: list[tuple[Any, Any]] = []
 
     def __enter__(self) -> None:
         self.saved = [
             (m, dict(vars(m)), {table: dict(getattr(m, table)) for table in self._TABLES})
             for m in self.module.modules()
+        ]
+        self.contents = [
+            (value, copy.copy(value))
+            for _, attributes, _ in self.saved
+            for key, value in attributes.items()
+            if key not in self._TABLES and type(value) in (dict, list, set)
         ]
 
     def __exit__(self, *exc: object) -> None:
@@ -257,6 +267,12 @@ class _ModuleStateGuard:
                 live = current[table]
                 live.clear()
                 live.update(entries)
+        for container, before in self.contents:
+            if isinstance(container, list):
+                container[:] = before
+            else:
+                container.clear()
+                container.update(before)
 
 
 def _traced_parameters(module: nn.Module) -> list[inspect.Parameter]:

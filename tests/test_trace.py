@@ -1,11 +1,13 @@
 """Tests for aalconvert.trace: regions, untraced reasons, module facts and shapes."""
 
+import copy
 import operator
 
 import pytest
 import torch
 from torch import nn
 
+import aalconvert
 from aalconvert.errors import ConversionError
 from aalconvert.trace import META_KEY, NodeFacts, is_linear_like, is_norm_like, trace_model
 
@@ -320,3 +322,36 @@ def test_tensor_results_of_python_functions_on_values_stay_nodes(width):
     assert [r.name for r in result.regions] == [""] and len(calls) == 3
     assert {c.meta[META_KEY].calls_in_region for c in calls} == {3}
     assert all(c.meta[META_KEY].shape == (width,) for c in calls)
+
+
+class _CachingAttentionBias(nn.Module):
+    """Copies timm's ``tiny_vit``/``levit`` attention: an eval-mode forward caches a tensor
+    in a dict the module already holds (``attention_bias_cache``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.biases = nn.Parameter(torch.randn(8))
+        self.attention_bias_cache = {}
+
+    def forward(self, x):
+        if self.training:
+            bias = self.biases * 1.0
+        else:
+            if "bias" not in self.attention_bias_cache:
+                self.attention_bias_cache["bias"] = self.biases * 1.0
+            bias = self.attention_bias_cache["bias"]
+        return self.proj(x) + bias
+
+
+def test_tracing_leaves_no_fake_tensor_in_containers_the_model_already_had():
+    # The example run (eval mode, fake tensors) filled timm's cache with a FakeTensor; it stayed
+    # on the model, and a later eval forward or a deepcopy of the model crashed the process.
+    model = nn.Sequential(_CachingAttentionBias(), nn.LayerNorm(8), nn.Linear(8, 2)).train()
+    x = torch.randn(3, 8)
+    converted = aalconvert.convert(model, "auto", example_inputs=(x,))
+    for m in (model, converted):
+        assert m[0].attention_bias_cache == {}
+    copy.deepcopy(converted)
+    converted.eval()
+    assert torch.equal(converted(x), model.eval()(x))
