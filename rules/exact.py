@@ -175,6 +175,11 @@ def kept_input_elsewhere(facts: ModelFacts, name: str, masked: frozenset[str] = 
 def _kept_anyway(facts: ModelFacts, name: str, masked: frozenset[str]) -> str | None:
     """Why the tensor ``name``'s backward keeps is kept by someone else anyway (None: the mask pays)."""
     module = facts.modules[name]
+    if facts.call_count(name) == 0:  # e.g. the act of timm's BatchNormAct2d, a leaf of the trace
+        return (
+            "not seen in the traced graphs (called inside a module traced as a whole): whether "
+            "its tensor is kept anyway is unknown, and a mask could add to it"
+        )
     if type(module) is nn.ReLU:
         reader = kept_by_reader(facts, name, masked)
         return None if reader is None else f"{reader} keeps this ReLU's output anyway; a mask would add to it"
