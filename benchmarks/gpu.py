@@ -433,6 +433,7 @@ def step_amp(device: torch.device, sizes: Sizes, deadline: Deadline) -> dict:
                 if deadline.passed(reserve=3):
                     break
                 row = dict(example=name, rules=rules, precision=label)
+                torch.manual_seed(0)  # the same weights and batch for every row, whatever ran before
                 try:
                     model, inputs = example_model(name, sizes.amp_batch, device, sizes)
                     row.update(amp_step(convert(model, rules, inputs).train(), inputs, device, dtype))
