@@ -44,7 +44,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as torch_module
 
-from aalconvert.errors import ConversionError
 from aalconvert.nn.approx import ApproxLinear
 from aalconvert.nn.approx_common import ApproxOptions, compress, functorch_active, make_options, restore
 from aalconvert.nn.function_output import own_output
@@ -360,12 +359,6 @@ class RecomputedGatedMLP(TracedForwardVariant):
     """A module's own forward whose ``down(act(gate) * up)`` keeps only gate and up (exact)."""
 
     nothing_found = NOTHING_FOUND
-
-    @classmethod
-    def make_options(cls, options: dict[str, Any]) -> None:
-        if options:
-            raise ConversionError(f"{cls.__name__} takes no options, got {sorted(options)}")
-        return None
 
     @classmethod
     def rewrite(cls, graph: fx.Graph, module: nn.Module) -> int:

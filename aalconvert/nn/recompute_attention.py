@@ -8,12 +8,9 @@ probabilities after dropout are rebuilt in backward from the softmax output
 less is kept and every gradient is bit-identical to BP's.
 """
 
-from typing import Any
-
 import torch.fx as fx
 from torch import nn
 
-from aalconvert.errors import ConversionError
 from aalconvert.nn.softmax_dropout_matmul import fuse_chains
 from aalconvert.nn.traced_forward import TracedForwardVariant
 
@@ -25,12 +22,6 @@ class RecomputedAttention(TracedForwardVariant):
         "has no matmul(dropout(softmax(scores)), v) whose intermediates have no other reader; "
         "nothing to rebuild"
     )
-
-    @classmethod
-    def make_options(cls, options: dict[str, Any]) -> None:
-        if options:
-            raise ConversionError(f"{cls.__name__} takes no options, got {sorted(options)}")
-        return None
 
     @classmethod
     def rewrite(cls, graph: fx.Graph, module: nn.Module) -> int:

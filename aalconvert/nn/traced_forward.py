@@ -174,7 +174,7 @@ def _rebuild_variant(mixin: type, module: nn.Module, options: dict[str, Any]) ->
 class TracedForwardVariant(nn.Module):
     """Mixin of the variants built from a traced forward. ``core_code`` shows the rewritten forward.
 
-    Subclasses implement ``make_options`` and ``rewrite``; ``nothing_found`` says
+    Subclasses implement ``rewrite`` (and ``make_options`` if they take options); ``nothing_found`` says
     what the rewrite looks for.
     """
 
@@ -184,8 +184,13 @@ class TracedForwardVariant(nn.Module):
 
     @classmethod
     def make_options(cls, options: dict[str, Any]) -> Any:
-        """The validated options object the rewritten code reads as ``self.core_options``."""
-        raise NotImplementedError
+        """The validated options object the rewritten code reads as ``self.core_options``.
+
+        By default a rewrite takes none (the exact ones); k-bit rewrites override this.
+        """
+        if options:
+            raise ConversionError(f"{cls.__name__} takes no options, got {sorted(options)}")
+        return None
 
     @classmethod
     def rewrite(cls, graph: fx.Graph, module: nn.Module) -> int:
