@@ -13,13 +13,13 @@ import io
 import pytest
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 import aalconvert
 from aalconvert.errors import WiringError
 from aalconvert.memory import measure_saved
 from aalconvert.rules.wiring import TensorSlot, wiring_of
 from examples import EXAMPLES
+from checkpointed import Checkpointed
 
 MODELS = {
     "resnet_basic": dict(width=4, image_size=16),
@@ -157,17 +157,6 @@ def test_ara_anchor_wiring_survives_torch_save_after_a_forward():
 
 
 # ------------------------------------------------- activation checkpointing
-
-
-class Checkpointed(nn.Module):
-    """Runs ``inner`` under ``torch.utils.checkpoint`` (non-reentrant)."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, *args):
-        return checkpoint(self.inner, *args, use_reentrant=False)
 
 
 def _checkpoint_blocks(model: nn.Module, name: str, per_block: bool) -> None:

@@ -11,7 +11,6 @@ the converted model's Parameter objects; gradients are taken with
 """
 
 import dataclasses
-import threading
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ import aalconvert
 from aalconvert.nn.recompute import RecomputedInputConv2d, RecomputedInputLinear
 from aalconvert.rules.wiring import wiring_of
 from examples import EXAMPLES
+from threads import run_in_threads
 
 LOSSLESS = ("exact", "recompute")
 NAMES = sorted(EXAMPLES)
@@ -255,24 +255,9 @@ def test_threads_sharing_one_converted_model_get_their_own_gradients(name, rules
     converted = convert(model, rules, inputs)
     batches = [EXAMPLES[name].example_inputs(batch_size=BATCH + i) for i in range(4)]
     expected = [gradients(model, batch) for batch in batches]
-    results: dict[int, tuple] = {}
-    errors: list[BaseException] = []
-
-    def work(index: int) -> None:
-        try:
-            for _ in range(3):
-                results[index] = gradients(converted, batches[index])
-        except BaseException as error:  # reported below, with the thread's gradients
-            errors.append(error)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(batches))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors, errors[0]
-    for index, grads in enumerate(expected):
-        assert_bit_identical(results[index], grads)
+    results = run_in_threads(lambda batch: gradients(converted, batch), batches, repeats=3)
+    for actual, grads in zip(results, expected, strict=True):
+        assert_bit_identical(actual, grads)
 
 
 @pytest.mark.parametrize("rules", LOSSLESS)

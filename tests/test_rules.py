@@ -17,6 +17,7 @@ from aalconvert.nn.asa import ASALinear
 from aalconvert.rules.registry import NAMES
 from aalconvert.rules.wiring import SharedPack, TensorSlot, wiring_of
 from examples import EXAMPLES
+from threads import run_in_threads
 
 BATCH = 4
 RULE_CHOICES = [*NAMES, ["auto", "approx4"], ["ara", "approx4"]]
@@ -185,8 +186,6 @@ def test_asa_query_key_value_share_one_packed_mask_counted_once():
 def test_threads_sharing_an_asa_model_get_their_own_shared_sign_packs():
     # The pack shared by query/key/value is cached per thread: a cache shared across threads
     # could hand one thread's sign mask to another's layers.
-    import threading
-
     model = aalconvert.convert(build("bert", **no_dropout("bert")), "asa")
     batches = [EXAMPLES["bert"].example_inputs(batch_size=BATCH + i) for i in range(4)]
 
@@ -194,23 +193,9 @@ def test_threads_sharing_an_asa_model_get_their_own_shared_sign_packs():
         return torch.autograd.grad(loss_of(model(*inputs)), list(model.parameters()), allow_unused=True)
 
     expected = [grads(batch) for batch in batches]
-    results, errors = {}, []
-
-    def work(index):
-        try:
-            for _ in range(5):
-                results[index] = grads(batches[index])
-        except BaseException as error:  # reported below
-            errors.append(error)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(batches))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors, errors[0]
-    for index, reference in enumerate(expected):
-        assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(results[index], reference))
+    results = run_in_threads(grads, batches, repeats=5)
+    for actual, reference in zip(results, expected, strict=True):
+        assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(actual, reference))
 
 
 @pytest.mark.parametrize("rules", ["exact", "recompute", "approx4", "asa", "auto", ["auto", "approx4"]],

@@ -7,24 +7,13 @@ spanning two stages ([layer2.1, layer3.0]) made it raise WiringError.
 import pytest
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 import aalconvert
 from aalconvert.api import plan_conversion
 from examples import EXAMPLES
+from checkpointed import Checkpointed
 
 SMALL = dict(width=4, image_size=16)  # ResNet-18 block layout (2, 2, 2, 2), small width
-
-
-class Checkpointed(nn.Module):
-    """Runs ``inner`` under non-reentrant ``torch.utils.checkpoint``."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, *args):
-        return checkpoint(self.inner, *args, use_reentrant=False)
 
 
 def _resnet18(seed: int = 0) -> tuple[nn.Module, tuple]:
