@@ -12,19 +12,17 @@ SyncBatchNorm each rank's batch norm uses its own shard's statistics).
 
 import os
 import re
-import socket
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import aalconvert
 from examples import EXAMPLES
+from spawn import run_ranks
 
 WORLD = 2
 STEPS = 3
@@ -100,24 +98,11 @@ def _replica(rank: int, port: int, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     """Run ``_replica`` on WORLD spawned processes; their saved results, by rank."""
     out_dir = tmp_path_factory.mktemp("ranks")
-    context = mp.start_processes(_replica, args=(_free_port(), str(out_dir)), nprocs=WORLD,
-                                 join=False, start_method="spawn")
-    deadline = time.monotonic() + 240
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.terminate()
-            pytest.fail("the distributed ranks did not finish within 240 s")
+    run_ranks(_replica, str(out_dir), WORLD, timeout_s=240)
     return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD)]
 
 

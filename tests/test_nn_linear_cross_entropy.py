@@ -9,13 +9,10 @@ of anything, token counts that leave a short last chunk, chunk_size=1.
 """
 
 import os
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -24,6 +21,7 @@ from torch import nn
 from aalconvert.errors import ConversionError, SavedTensorModifiedError
 from aalconvert.nn.functional import linear_cross_entropy
 from aalconvert.nn.linear_cross_entropy import CHUNK_LOGITS_BYTES, default_chunk_size
+from spawn import run_ranks
 
 # ------------------------------------------------------------------ the reference
 
@@ -460,21 +458,8 @@ def _ddp_rank(rank: int, port: int, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_ddp_on_two_processes_gives_the_single_process_gradients(tmp_path):
-    context = mp.start_processes(_ddp_rank, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.terminate()
-            pytest.fail("the DDP ranks did not finish within 120 s")
+    run_ranks(_ddp_rank, str(tmp_path), WORLD, timeout_s=120)
     torch.manual_seed(0)
     model = TinyLM()
     inputs, labels = _batch()
