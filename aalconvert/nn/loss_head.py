@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aalconvert.nn.approx_common import functorch_active
+from aalconvert.nn.linear_cross_entropy import linear_cross_entropy
 from aalconvert.nn.rebuild import rebuild_as
 
 _METADATA = frozenset({
@@ -92,6 +93,11 @@ class DeferredLogits(torch.Tensor):
         self.versions = versions if versions is not None else self._current_versions()
         self._logits: torch.Tensor | None = None
 
+    def forward_autocast(self) -> torch.autocast:
+        """The autocast state the layer was called in, to compute in as it would have."""
+        device_type, enabled, dtype = self.autocast
+        return torch.autocast(device_type, dtype=dtype, enabled=enabled)
+
     def _current_versions(self) -> tuple[int, ...]:
         return tuple(t._version for t in (self.hidden, self.weight, self.bias) if t is not None)
 
@@ -122,8 +128,7 @@ class DeferredLogits(torch.Tensor):
                 "was modified in place since the forward (e.g. by optimizer.step()): read "
                 "output.logits before changing the weights, or convert with skip=[<the lm_head name>]"
             )
-        device_type, enabled, dtype = self.autocast
-        with torch._C.DisableTorchFunctionSubclass(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+        with torch._C.DisableTorchFunctionSubclass(), self.forward_autocast():
             logits = F.linear(self.hidden, self.weight, self.bias)
             for step in self.values:
                 logits = _apply_step(logits, step)
@@ -223,10 +228,7 @@ def _chunked_cross_entropy(
     )
     if plain_only:
         return None
-    from aalconvert.nn.functional import linear_cross_entropy  # late: functional imports this module's peers
-
-    device_type, enabled, dtype = logits.autocast
-    with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+    with logits.forward_autocast():
         return linear_cross_entropy(
             logits.hidden, logits.weight, target, bias=logits.bias, ignore_index=ignore_index,
             reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
