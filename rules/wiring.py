@@ -64,16 +64,14 @@ class _Wiring:
 
     aalconvert_wiring = True
     handles: list[RemovableHandle]
+    state: _PerThread  # what the current forward captured, per thread
 
     def remove(self) -> None:
         """Undo ``wire``: remove every hook this object registered, and what it holds."""
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
-        self._forget()
-
-    def _forget(self) -> None:
-        """Drop run-time state (each kind holds its own)."""
+        self.state = _PerThread()
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "handles": []}
@@ -123,9 +121,6 @@ class TensorSlot(_Wiring):
 
     def _release(self, module: nn.Module, args: tuple, output: object) -> None:
         self.state.get().tensor = None
-
-    def _forget(self) -> None:
-        self.state = _PerThread()
 
 
 class ChainSlot(_Wiring):
@@ -179,9 +174,6 @@ class ChainSlot(_Wiring):
         if z is None or x is None:
             return None
         return args, {**kwargs, "chain_input": z, "chain_output": x}
-
-    def _forget(self) -> None:
-        self.state = _PerThread()
 
     @property
     def tensor(self) -> torch.Tensor | None:
@@ -244,9 +236,6 @@ class SharedPack(_Wiring):
             state.source = weakref.ref(x)
             state.version = -1 if compiling else x._version
         return args, {**kwargs, self.keyword: state.packed}
-
-    def _forget(self) -> None:
-        self.state = _PerThread()
 
 
 def wiring_owner(hook: Callable) -> object | None:
