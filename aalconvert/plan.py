@@ -6,13 +6,13 @@ first site that claims a module wins, and a site is refused when a module it
 """
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
 from aalconvert.errors import ConversionError
 from aalconvert.facts import ModelFacts
-from aalconvert.rules.base import Rule, Site, Skip
+from aalconvert.rules.base import COVERS, SKIPPED, Rule, Site, Skip
 
 SkipFilter = Callable[[nn.Module, str], bool]
 
@@ -71,6 +71,9 @@ def make_plan(facts: ModelFacts, rules: list[Rule], skip: SkipFilter) -> Plan:
             if skip(facts.modules[site.module_name], site.module_name):
                 plan.skips.append(Skip(site.rule, site.module_name, "skipped by the skip= option"))
                 continue
+            if COVERS in site.payload:
+                skipped = tuple(name for name, module in facts.modules.items() if skip(module, name))
+                site = replace(site, payload={**site.payload, SKIPPED: skipped})
             refusal = plan.accept(site)
             if refusal is not None:
                 plan.skips.append(Skip(site.rule, site.module_name, refusal))

@@ -16,6 +16,10 @@ Attention cores written with functional ops (``softmax``, ``q @ k^T``,
 belong to the approx family rather than a rule of their own because they
 quantize the same kind of tensors with the same options. Gated MLPs
 (``down(act(gate) * up)``, ``aalconvert.rules.gated_mlp``) keep k-bit gate and up only.
+
+What no site above reaches (``F.scaled_dot_product_attention``,
+``nn.MultiheadAttention``, norms and functional ops written in a module's
+forward) is packed by saved-tensor hooks on the root (``aalconvert.rules.saved_pack``).
 """
 
 from dataclasses import fields
@@ -37,6 +41,8 @@ from aalconvert.rules.base import Site, Skip
 from aalconvert.rules.gated_mlp import gated_mlp_sites
 from aalconvert.rules.exact import ExactRule
 from aalconvert.rules.recompute import POINTWISE_KEY, pointwise_sites
+from aalconvert.rules.saved_pack import PAYLOAD_KEY as SAVED_PACK_KEY
+from aalconvert.rules.saved_pack import apply_saved_pack_site, saved_pack_site
 from aalconvert.rules.swap import TypeSwapRule
 from aalconvert.rules.wiring import swap_module
 
@@ -91,7 +97,10 @@ class ApproxRule(ExactRule):
             facts, self.name, ApproxGatedMLP, self.option_values(),
             f"act(gate) * up keeps {self.options.bits}-bit copies of gate and up only",
         )
-        return sites + core_sites + gated_sites, skips + core_skips + gated_skips
+        sites, skips = sites + core_sites + gated_sites, skips + core_skips + gated_skips
+        root_sites, root_skips = saved_pack_site(
+            facts, self.name, self.options.bits, {site.module_name for site in sites})
+        return sites + root_sites, skips + root_skips
 
     def _transposed_linear_sites(self, facts: ModelFacts) -> tuple[list[Site], list[Skip]]:
         """Zoo ``Conv1D`` modules (GPT-2's linears, weight stored (in, out)), which no type table lists."""
@@ -107,6 +116,8 @@ class ApproxRule(ExactRule):
         return sites, skips
 
     def apply(self, model: nn.Module, site: Site, facts: ModelFacts) -> nn.Module:
+        if SAVED_PACK_KEY in site.payload:
+            return apply_saved_pack_site(model, site, self.options)
         if PAYLOAD_KEY in site.payload:
             return apply_attention_site(model, site, self.option_values())
         module = model.get_submodule(site.module_name)

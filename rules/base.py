@@ -18,6 +18,14 @@ SERVES = "serves"
 """Payload key of a site that pays off only when the named module's site is applied too
 (a recompute chain's ReLU mask): when that site is dropped, this one is dropped with it."""
 
+COVERS = "covers"
+"""Payload key of a site whose rewrite also acts inside the modules below it that have no
+site of their own; its value says, for the report, what it does there. The plan adds
+``SKIPPED`` to such a site's payload: the modules the user's ``skip=`` names, which it
+must leave alone."""
+
+SKIPPED = "skipped"
+
 
 @dataclass(frozen=True)
 class Site:

@@ -1,0 +1,203 @@
+"""k-bit copies of the activations torch's own ops save for backward (saved-tensor hooks).
+
+Leaf swaps and traced forwards reach the modules and calls a rule knows. What
+they leave -- ``F.scaled_dot_product_attention`` in any caller,
+``nn.MultiheadAttention``, Hugging Face attention and norms, layer scale,
+drop-path, anything a module computes with functional ops -- reaches autograd
+through torch's ops, which save their tensors through one general door:
+``torch.autograd.graph.saved_tensors_hooks``. While a ``SavedTensorPacker`` is
+active (``begin`` / ``end``), each saved activation is packed into a k-bit copy
+(``ApproxOptions``, the quantizer of every approx variant) and decoded when
+backward asks for it, so torch's own backward formulas (SDPA's fused backward
+included) run on the decoded copy. The forward is untouched.
+
+What is packed: floating tensors of at least ``min_numel`` elements that
+require grad (activations on the differentiable path). Everything else stays
+as it is: statistics an op saves beside its inputs and outputs (SDPA's
+logsumexp, a norm's mean and rstd: torch marks them non-differentiable, and a
+k-bit normaliser would scale every gradient of its row), masks and indices,
+constants, the model's inputs, and Parameters, buffers and their views (a copy
+of a tensor that stays alive anyway would only add memory). One tensor saved by
+several ops is packed once.
+
+Hooks that were active when the packer began (``torch.utils.checkpoint``,
+``save_on_cpu``, aalconvert's own measurement) still see every saved tensor:
+they get the packed parts instead of the tensor. While a converted variant
+runs (``keep``), its saves are its own decision and pass through unpacked.
+"""
+
+import threading
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor
+
+from aalconvert.memory import storage_key
+from aalconvert.nn.approx_common import (
+    ApproxOptions,
+    SavedLayout,
+    compress,
+    functorch_active,
+    restore,
+    should_quantize,
+)
+
+_Hooks = tuple[Callable[[torch.Tensor], Any], Callable[[Any], torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class PackedSave:
+    """One saved activation as its k-bit parts, and how to give back a tensor of its shape and strides.
+
+    ``parts`` went through the hooks that were active outside the packer
+    (``outer``), if any. ``stride`` is None when the tensor was packed from a
+    contiguous copy (a view that does not cover its memory densely).
+    """
+
+    parts: tuple[Any, ...]
+    layout: SavedLayout
+    shape: torch.Size
+    stride: tuple[int, ...] | None
+    outer: _Hooks | None
+
+    def unpack(self) -> torch.Tensor:
+        parts = self.parts if self.outer is None else tuple(self.outer[1](p) for p in self.parts)
+        flat = restore(parts, self.layout)
+        if self.stride is None:
+            return flat.view(self.shape)
+        return flat.as_strided(self.shape, self.stride)
+
+
+@dataclass(frozen=True)
+class PassedOn:
+    """A saved tensor the packer leaves as it is, handed to the hooks active outside it."""
+
+    packed: Any
+    unpack_hook: Callable[[Any], torch.Tensor]
+
+    def unpack(self) -> torch.Tensor:
+        return self.unpack_hook(self.packed)
+
+
+def _covers_memory_densely(tensor: torch.Tensor) -> bool:
+    """True when ``tensor``'s elements fill ``numel`` consecutive slots of its storage, in some order."""
+    expected = 1
+    for stride, size in sorted((s, n) for n, s in zip(tensor.shape, tensor.stride()) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _memory_order(tensor: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...] | None]:
+    """A 1-D tensor of ``tensor``'s elements in memory order, and the strides that undo it.
+
+    A tensor covering its memory densely (contiguous, channels-last, transposed)
+    is read as it lies, and ``as_strided`` with its strides restores it; any other
+    view is copied contiguously first and comes back contiguous (None).
+    """
+    if tensor.is_contiguous():
+        return tensor.reshape(-1), tuple(tensor.stride())
+    if _covers_memory_densely(tensor):
+        return tensor.as_strided((tensor.numel(),), (1,), tensor.storage_offset()), tuple(tensor.stride())
+    return tensor.contiguous().reshape(-1), None
+
+
+def _plain(tensor: torch.Tensor) -> bool:
+    """A dense tensor of torch's own type (or a fake one, for estimates), not a subclass or wrapper."""
+    return (
+        (type(tensor) is torch.Tensor or isinstance(tensor, FakeTensor))
+        and tensor.layout == torch.strided
+        and not tensor.is_nested
+    )
+
+
+class SavedTensorPacker:
+    """Packs what torch's ops save for backward while a forward runs between ``begin`` and ``end``.
+
+    State is per thread: threads sharing a model pack their own forwards.
+    ``begin`` calls nest (a module called inside another packed call); the
+    saved-tensor hooks are pushed by the outermost and popped by its ``end``.
+    """
+
+    def __init__(self, options: ApproxOptions) -> None:
+        self.options = options
+        self._local = threading.local()
+
+    def _state(self) -> threading.local:
+        state = self._local
+        if not hasattr(state, "modes"):
+            state.modes, state.cache, state.excluded, state.context, state.outer = [], {}, set(), None, None
+        return state
+
+    def begin(self, keep_as_is: Iterable[torch.Tensor]) -> None:
+        """Start packing in this thread; ``keep_as_is`` (Parameters, buffers, inputs) are never packed."""
+        state = self._state()
+        if not state.modes:
+            state.excluded = {storage_key(t.untyped_storage()) for t in keep_as_is if _plain(t)}
+            state.cache = {}
+            state.outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+            state.context = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+            state.context.__enter__()
+        state.modes.append(True)
+
+    def keep(self) -> None:
+        """From here until the matching ``end``, saves pass through unpacked (a variant's own)."""
+        self._state().modes.append(False)
+
+    def end(self) -> None:
+        """Close the innermost ``begin`` or ``keep``; the outermost lets go of the hooks and the cache."""
+        state = self._state()
+        if not state.modes:
+            return
+        state.modes.pop()
+        if not state.modes and state.context is not None:
+            context, state.context = state.context, None
+            state.cache, state.excluded, state.outer = {}, set(), None
+            context.__exit__(None, None, None)
+
+    @property
+    def active(self) -> bool:
+        """Whether this thread's current forward packs what it saves."""
+        modes = self._state().modes
+        return bool(modes) and modes[-1]
+
+    def packs(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor``, saved now, would be packed (see the module docstring)."""
+        state = self._state()
+        return (
+            self.active
+            and tensor.requires_grad
+            and should_quantize(tensor, self.options)
+            and _plain(tensor)
+            and not functorch_active(tensor)
+            and storage_key(tensor.untyped_storage()) not in state.excluded
+        )
+
+    def _pack(self, tensor: torch.Tensor) -> Any:
+        state = self._state()
+        if not self.packs(tensor):
+            return tensor if state.outer is None else PassedOn(state.outer[0](tensor), state.outer[1])
+        cached = state.cache.get(id(tensor))
+        if cached is not None and cached[0]() is tensor and cached[1] == tensor._version:
+            return cached[2]
+        flat, stride = _memory_order(tensor.detach())
+        parts, layout = compress(flat, self.options)
+        if state.outer is not None:
+            parts = tuple(state.outer[0](part) for part in parts)
+        packed = PackedSave(parts, layout, tensor.shape, stride, state.outer)
+        state.cache[id(tensor)] = (weakref.ref(tensor), tensor._version, packed)
+        return packed
+
+    @staticmethod
+    def _unpack(packed: Any) -> torch.Tensor:
+        return packed if isinstance(packed, torch.Tensor) else packed.unpack()
+
+    def __getstate__(self) -> dict:
+        return {"options": self.options}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["options"])

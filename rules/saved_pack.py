@@ -1,0 +1,134 @@
+"""The approx rules' last reach: k-bit copies of whatever else torch's ops save in the model.
+
+One site on the model's root (``aalconvert.nn.saved_pack``): while the root's
+forward runs, every large activation an op saves for backward is kept as a
+k-bit copy, unless a converted variant saved it (its own decision: an ARA
+anchor, a recompute chain's input, a loss head's hidden states) or it was saved
+inside a module the user named in ``skip=``. Attention written with
+``F.scaled_dot_product_attention`` or ``nn.MultiheadAttention``, Hugging Face
+attention, layer scale and other functional ops are reached this way, by any
+caller.
+
+Only a call of the root packs: a submodule called directly runs as BP does.
+Under torch.compile the hooks stand aside (Dynamo traces module hooks, and the
+saved-tensor hooks would be pushed at trace time, not at run time), so a
+compiled model keeps what its leaf variants keep and no more.
+"""
+
+import itertools
+import threading
+
+import torch
+from torch import nn
+
+from aalconvert.facts import ModelFacts
+from aalconvert.nn import CONVERTED_TYPES
+from aalconvert.nn.approx_common import ApproxOptions
+from aalconvert.nn.saved_pack import SavedTensorPacker
+from aalconvert.nn.traced_forward import TracedForwardVariant
+from aalconvert.rules.base import COVERS, SKIPPED, Site, Skip
+from aalconvert.rules.wiring import _PerThread, _Wiring
+
+PAYLOAD_KEY = "saved_pack"
+
+
+def _tensors(value: object) -> list[torch.Tensor]:
+    """The tensors in a forward's arguments (nested tuples, lists and dicts)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _tensors(item)]
+    if isinstance(value, dict):
+        return [t for item in value.values() for t in _tensors(item)]
+    return []
+
+
+class SavedPackScope(_Wiring):
+    """Starts the packer when the root's forward starts and stops it when it ends (also on error).
+
+    Converted variants and the modules in ``skipped`` get hooks that make the
+    packer pass their saves through; they are found at the first packed
+    forward, when every site of the conversion has been applied.
+    """
+
+    def __init__(self, options: ApproxOptions, skipped: tuple[str, ...]) -> None:
+        self.packer = SavedTensorPacker(options)
+        self.skipped = skipped
+        self.handles = []
+        self.state = _PerThread()
+        self._armed = False
+        self._arming = threading.Lock()
+
+    def wire(self, root: nn.Module) -> None:
+        self.handles.append(root.register_forward_pre_hook(self._begin, with_kwargs=True))
+        self.handles.append(root.register_forward_hook(self._end, always_call=True))
+
+    def _begin(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if torch.compiler.is_compiling():
+            return
+        packing = torch.is_grad_enabled()
+        self._calls().append(packing)
+        if packing:
+            self._arm(module)
+            self.packer.begin(itertools.chain(
+                module.parameters(), module.buffers(), _tensors(args), _tensors(kwargs)))
+
+    def _end(self, module: nn.Module, args: tuple, output: object) -> None:
+        if torch.compiler.is_compiling():
+            return
+        calls = self._calls()
+        if calls and calls.pop():
+            self.packer.end()
+
+    def _calls(self) -> list[bool]:
+        """This thread's open root calls, each with whether it packs (grad mode was on)."""
+        state = self.state.get()
+        if not hasattr(state, "calls"):
+            state.calls = []
+        return state.calls
+
+    def _arm(self, root: nn.Module) -> None:
+        if self._armed:
+            return
+        with self._arming:
+            if self._armed:
+                return
+            for name, module in root.named_modules():
+                own_saves = isinstance(module, CONVERTED_TYPES) and not isinstance(module, TracedForwardVariant)
+                if own_saves or name in self.skipped:
+                    self.handles.append(module.register_forward_pre_hook(self._keep))
+                    self.handles.append(module.register_forward_hook(self._keep_end, always_call=True))
+            self._armed = True
+
+    def _keep(self, module: nn.Module, args: tuple) -> None:
+        if not torch.compiler.is_compiling():
+            self.packer.keep()
+
+    def _keep_end(self, module: nn.Module, args: tuple, output: object) -> None:
+        if not torch.compiler.is_compiling():
+            self.packer.end()
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "_arming": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._arming = threading.Lock()
+
+
+def saved_pack_site(facts: ModelFacts, rule: str, bits: int, claimed: set[str]) -> tuple[list[Site], list[Skip]]:
+    """The root site that packs what no other site keeps, or why there is none."""
+    if "" in claimed:
+        return [], [Skip(rule, "", "the root module is converted itself; nothing wraps its forward")]
+    covers = f"its ops' saved activations are kept as {bits}-bit copies ({rule} on <root>)"
+    reason = (
+        f"keeps {bits}-bit copies of every other activation torch's ops save in the model "
+        "(functional attention, SDPA, norms and functional ops: saved-tensor hooks)"
+    )
+    return [Site(rule, "", reason, payload={PAYLOAD_KEY: True, COVERS: covers})], []
+
+
+def apply_saved_pack_site(model: nn.Module, site: Site, options: ApproxOptions) -> nn.Module:
+    """Wire the packer's hooks on the root (nothing is swapped)."""
+    SavedPackScope(options, tuple(site.payload.get(SKIPPED, ()))).wire(model)
+    return model
