@@ -22,6 +22,7 @@ from aalconvert.errors import ConversionError
 from aalconvert.facts import ModelFacts
 from aalconvert.memory import SavedByModule
 from aalconvert.plan import Plan
+from aalconvert.rules.base import COVERS, Site
 from aalconvert.trace import Untraced
 
 # Optimizer state per trainable parameter byte: SGD keeps nothing, momentum one
@@ -282,6 +283,18 @@ def _explanation(name: str, module: nn.Module, plan: Plan, untraced: dict[str, U
     return f"kept as is: no chosen rule converts {type(module).__name__}; its backward needs what it keeps"
 
 
+def _covering_site(name: str, plan: Plan) -> Site | None:
+    """The nearest ancestor's site whose rewrite reaches into ``name`` (``COVERS``), when ``name`` has none."""
+    if name in plan.sites or not name:
+        return None
+    parts = name.split(".")
+    for depth in range(len(parts) - 1, -1, -1):
+        site = plan.sites.get(".".join(parts[:depth]))
+        if site is not None and COVERS in site.payload:
+            return site
+    return None
+
+
 def _shared_note(name: str, bp: SavedByModule, converted: SavedByModule) -> str:
     """Why a row keeps more after conversion: a tensor BP counted at another module is counted here now."""
     owner = bp.counted_at.get(name)
@@ -316,13 +329,13 @@ def build_report(
     rows = []
     for name in sorted(set(bp.bytes_by_module) | set(converted.bytes_by_module)):
         op, shape, dtype = info.get(name, ("", None, None))
-        rows.append(Row(
-            name, op, shape, dtype,
-            bp.bytes_by_module.get(name, 0), converted.bytes_by_module.get(name, 0),
-            plan.sites[name].rule if name in plan.sites else "",
-            _explanation(name, modules.get(name, facts.model), plan, untraced)
-            + _shared_note(name, bp, converted),
-        ))
+        before, after = bp.bytes_by_module.get(name, 0), converted.bytes_by_module.get(name, 0)
+        covering = _covering_site(name, plan) if after < before else None
+        rule = plan.sites[name].rule if name in plan.sites else covering.rule if covering else ""
+        explanation = (covering.payload[COVERS] if covering else
+                       _explanation(name, modules.get(name, facts.model), plan, untraced))
+        rows.append(Row(name, op, shape, dtype, before, after, rule,
+                        explanation + _shared_note(name, bp, converted)))
     rows.sort(key=_largest_saving_first)
     parameters = list(modules[""].parameters())
     parameter_bytes = sum(p.numel() * p.element_size() for p in parameters)

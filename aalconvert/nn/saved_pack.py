@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
 from aalconvert.memory import storage_key
@@ -107,9 +108,9 @@ def _memory_order(tensor: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...] |
 
 
 def _plain(tensor: torch.Tensor) -> bool:
-    """A dense tensor of torch's own type (or a fake one, for estimates), not a subclass or wrapper."""
+    """A dense tensor of torch's own types (or a fake one, for estimates), not a subclass or wrapper."""
     return (
-        (type(tensor) is torch.Tensor or isinstance(tensor, FakeTensor))
+        (type(tensor) in (torch.Tensor, nn.Parameter) or isinstance(tensor, FakeTensor))
         and tensor.layout == torch.strided
         and not tensor.is_nested
     )

@@ -1,0 +1,370 @@
+"""The approx rules' saved-tensor packer (aalconvert.nn.saved_pack, rules/saved_pack.py).
+
+References are plain torch: BP of the unconverted model, and torch's own
+backward fed with an activation decoded by the reference quantizer
+(``aalconvert.kernels.quantize`` / ``dequantize``), computed here independently.
+"""
+
+import copy
+import io
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import aalconvert
+from aalconvert.kernels import dequantize, quantize
+from aalconvert.memory import measure_saved
+from aalconvert.nn.approx_common import ApproxOptions
+from aalconvert.nn.saved_pack import PackedSave, SavedTensorPacker
+from tests.threads import run_in_threads
+
+
+def cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    flat_a = torch.cat([t.flatten().double() for t in a])
+    flat_b = torch.cat([t.flatten().double() for t in b])
+    return float(F.cosine_similarity(flat_a, flat_b, dim=0))
+
+
+def grads(model: nn.Module, *inputs: torch.Tensor) -> list[torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    out = model(*inputs)
+    out.square().mean().backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def kept(model: nn.Module, *inputs: torch.Tensor) -> int:
+    return measure_saved(lambda: model(*inputs), model.parameters()).nbytes
+
+
+class SDPABlock(nn.Module):
+    """timm's ViT block as written: fused qkv, F.scaled_dot_product_attention, layer scale."""
+
+    def __init__(self, dim: int = 64, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.gamma = nn.Parameter(torch.full((dim,), 0.5))
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+        return x + self.gamma * self.proj(o)
+
+
+class MHABlock(nn.Module):
+    """torchvision's ViT encoder block: nn.MultiheadAttention, then an MLP."""
+
+    def __init__(self, dim: int = 64, heads: int = 4, batch_first: bool = True):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attention = nn.MultiheadAttention(dim, heads, batch_first=batch_first)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x):
+        h = self.norm(x)
+        x = x + self.attention(h, h, h, need_weights=False)[0]
+        return x + self.mlp(x)
+
+
+class Functional(nn.Module):
+    """Only functional ops on its own Parameter: nothing a leaf swap can reach."""
+
+    def __init__(self, dim: int = 64):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(dim, dim) / dim**0.5)
+
+    def forward(self, x):
+        h = x @ self.weight
+        return F.gelu(h) * torch.sigmoid(h)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("make", [SDPABlock, MHABlock, lambda: MHABlock(batch_first=False)],
+                         ids=["sdpa", "mha", "mha_seq_first"])
+def test_attention_however_written_keeps_k_bit_copies_with_forward_exact(make, bits):
+    torch.manual_seed(0)
+    model = nn.Sequential(make(), make())
+    x = torch.randn(4, 64, 64)
+    converted = aalconvert.convert(model, f"approx{bits}", example_inputs=(x,))
+    with torch.no_grad():
+        assert torch.equal(converted(x), model(x))
+    ratio = kept(converted, x) / kept(model, x)
+    assert ratio < {8: 0.32, 4: 0.2}[bits]
+    assert cosine(grads(converted, x), grads(model, x)) > 0.99
+
+
+def test_inspect_predicts_what_the_packer_keeps_and_names_the_rule_on_each_row():
+    torch.manual_seed(0)
+    model = nn.Sequential(SDPABlock(), SDPABlock())
+    x = torch.randn(4, 64, 64)
+    report = aalconvert.inspect(model, (x,), "approx4")
+    converted = aalconvert.convert(model, "approx4", example_inputs=(x,))
+    assert report.totals.converted_bytes == kept(converted, x)
+    rows = {row.name: row for row in report.rows}
+    assert rows["0"].rule == "approx4" and "4-bit copies" in rows["0"].explanation
+    assert rows["0"].bytes_converted < rows["0"].bytes_bp / 4
+
+
+def _recorded_saves(forward, packer: SavedTensorPacker, keep_as_is=()):
+    """Run ``forward`` with ``packer`` active inside a recording hook: what reached the outside."""
+    seen: list = []
+
+    def outer_pack(tensor):
+        seen.append((tuple(tensor.shape), tensor.dtype))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(outer_pack, lambda t: t):
+        packer.begin(keep_as_is)
+        try:
+            out = forward()
+        finally:
+            packer.end()
+    return out, seen
+
+
+def test_sdpa_keeps_q_k_v_output_k_bit_and_its_logsumexp_exact():
+    packer = SavedTensorPacker(ApproxOptions(bits=4, min_numel=0))
+    q, k, v = (torch.randn(2, 4, 32, 16, requires_grad=True) for _ in range(3))
+    out, seen = _recorded_saves(lambda: F.scaled_dot_product_attention(q * 1, k * 1, v * 1), packer)
+    codes = [s for s in seen if s[1] == torch.uint8]
+    assert len(codes) == 4  # q, k, v and the output, 4-bit codes each
+    assert all(shape == (2 * 4 * 32 * 16 // 2,) for shape, _ in codes)
+    assert ((2, 4, 32), torch.float32) in seen  # the logsumexp, as it is
+
+
+def test_parameters_their_views_inputs_buffers_and_non_differentiable_tensors_are_not_packed():
+    packer = SavedTensorPacker(ApproxOptions(bits=4, min_numel=0))
+    weight = nn.Parameter(torch.randn(16, 16))
+    buffer = torch.randn(32, 16)
+    x = torch.randn(32, 16, requires_grad=True)
+    _, seen = _recorded_saves(lambda: (F.linear(x, weight) * buffer).sum(), packer,
+                              keep_as_is=(weight, buffer, x))
+    assert all(dtype == torch.float32 for _, dtype in seen)  # nothing was packed
+    _, seen = _recorded_saves(lambda: (F.linear(x * 1, weight) * buffer).sum(), packer,
+                              keep_as_is=(weight, buffer, x))
+    assert sum(dtype == torch.uint8 for _, dtype in seen) == 1  # x * 1, an activation
+
+
+def test_one_tensor_saved_by_several_ops_is_packed_once():
+    packer = SavedTensorPacker(ApproxOptions(bits=4, min_numel=0))
+    x = torch.randn(64, 64, requires_grad=True)
+    _, seen = _recorded_saves(lambda: (lambda h: h * h + h.sin())(x * 1), packer)
+    assert sum(dtype == torch.uint8 for _, dtype in seen) == 1  # mul saves h twice, sin once: one pack
+    assert packer._state().cache == {}  # let go of at the end of the forward
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "channels_last", "slice"])
+def test_unpacked_tensor_has_the_saved_shape_and_strides_and_the_decoded_values(layout):
+    torch.manual_seed(0)
+    base = torch.randn(4, 8, 6, 10)
+    tensor = {
+        "contiguous": base,
+        "transposed": base.transpose(1, 3),
+        "channels_last": base.contiguous(memory_format=torch.channels_last),
+        "slice": base[:, 1:5],  # does not cover its memory densely: packed from a contiguous copy
+    }[layout].requires_grad_()
+    options = ApproxOptions(bits=4, min_numel=0)
+    packer = SavedTensorPacker(options)
+    packer.keep()  # a mode on the stack without pushing hooks, then made a packing one
+    packer._state().modes[-1] = True
+    restored = packer._pack(tensor).unpack()
+    # the elements in the order they lie in memory, from the largest stride to the smallest
+    order = range(4) if layout == "slice" else sorted(range(4), key=lambda d: -tensor.stride(d))
+    in_memory_order = tensor.detach().permute(*order).reshape(-1)
+    reference = dequantize(quantize(in_memory_order, 4, group_size=options.group_size,
+                                    companding=options.companding))
+    assert restored.shape == tensor.shape
+    assert restored.stride() == (base[:, 1:5].contiguous().stride() if layout == "slice" else tensor.stride())
+    assert torch.equal(restored.permute(*order).reshape(-1), reference)
+
+
+def test_weight_gradient_is_torch_backward_at_the_decoded_saved_tensors():
+    torch.manual_seed(0)
+    model = Functional()
+    x = torch.randn(256, 64)
+    converted = aalconvert.convert(model, "approx4", example_inputs=(x,))
+    converted.zero_grad()
+    converted(x).sum().backward()
+    options = ApproxOptions(bits=4)
+
+    def decoded(t):
+        return dequantize(quantize(t, 4, group_size=options.group_size, companding=options.companding))
+
+    # forward exact: h = x @ W (x is the caller's input, never packed), out = gelu(h) * sigmoid(h);
+    # gelu saves h, sigmoid its output s, mul gelu(h) and s (s once: the same tensor)
+    h = x @ model.weight.detach()
+    s, gelu_h = torch.sigmoid(h), F.gelu(h)
+    h_d, s_d, gelu_d = decoded(h), decoded(s), decoded(gelu_h)
+    probe = h_d.clone().requires_grad_()
+    (through_gelu,) = torch.autograd.grad(F.gelu(probe), probe, s_d)
+    g_h = through_gelu + gelu_d * s_d * (1 - s_d)
+    torch.testing.assert_close(converted.weight.grad, x.t() @ g_h, rtol=1e-5, atol=1e-5)
+
+
+def test_outer_hooks_see_the_packed_parts_save_on_cpu_and_checkpoint_still_give_the_gradients():
+    torch.manual_seed(0)
+    model = nn.Sequential(SDPABlock(), SDPABlock())
+    x = torch.randn(4, 64, 64)
+    converted = aalconvert.convert(model, "approx4", example_inputs=(x,))
+    expected = grads(converted, x)
+    with torch.autograd.graph.save_on_cpu():
+        assert cosine(grads(converted, x), expected) > 0.999999
+    checkpointed = lambda inp: torch.utils.checkpoint.checkpoint(converted, inp, use_reentrant=False)  # noqa: E731
+    converted.zero_grad()
+    checkpointed(x).square().mean().backward()
+    assert cosine([p.grad for p in converted.parameters()], expected) > 0.999999
+
+
+class Inner(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = SDPABlock()
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False) + x
+
+
+def test_checkpoint_inside_the_model_is_left_to_checkpoint():
+    torch.manual_seed(0)
+    model = nn.Sequential(Inner(), SDPABlock())
+    x = torch.randn(2, 32, 64)
+    converted = aalconvert.convert(model, "approx4", example_inputs=(x,))
+    assert cosine(grads(converted, x), grads(model, x)) > 0.99
+
+
+def test_variants_and_skipped_modules_keep_their_own_saves():
+    torch.manual_seed(0)
+    model = nn.Sequential(Functional(), Functional(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    x = torch.randn(128, 64)
+    report = aalconvert.inspect(model, (x,), ["ara", "approx4"], skip=["1"])
+    rows = {row.name: row for row in report.rows}
+    assert rows["0"].bytes_converted < rows["0"].bytes_bp / 2  # all but the model's input, which it keeps
+    assert rows["1"].bytes_converted == rows["1"].bytes_bp  # skip= holds inside the packer too
+    converted = aalconvert.convert(model, ["ara", "approx4"], example_inputs=(x,), skip=["1"])
+    assert kept(converted, x) == report.totals.converted_bytes
+
+
+def test_direct_submodule_calls_and_no_grad_forwards_pack_nothing():
+    torch.manual_seed(0)
+    model = nn.Sequential(Functional(), Functional())
+    x = torch.randn(128, 64)
+    converted = aalconvert.convert(model, "approx4", example_inputs=(x,))
+    assert kept(converted[0], x) == kept(model[0], x)
+    with torch.no_grad():
+        converted(x)
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+
+
+def test_an_exception_mid_forward_lets_go_of_the_hooks():
+    class Failing(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("boom")
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Functional(), Failing())
+    x = torch.randn(128, 64)
+    converted = aalconvert.convert(model[:1], "approx4", example_inputs=(x,))
+    converted.append(Failing())
+    with pytest.raises(RuntimeError, match="boom"):
+        converted(x)
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+    converted = converted[:1]
+    assert cosine(grads(converted, x), grads(model[:1], x)) > 0.99
+
+
+def test_threads_sharing_a_model_each_pack_their_own_forward():
+    torch.manual_seed(0)
+    model = nn.Sequential(SDPABlock(), SDPABlock())
+    converted = aalconvert.convert(model, "approx4", example_inputs=(torch.randn(2, 32, 64),))
+    batches = [torch.randn(2, 32, 64) for _ in range(4)]
+
+    def step(x):
+        out = converted(x)
+        return torch.autograd.grad(out.square().mean(), list(converted.parameters()))
+
+    alone = [step(x) for x in batches]
+    together = run_in_threads(step, batches, repeats=3)
+    for one, other in zip(alone, together):
+        for a, b in zip(one, other):
+            assert torch.equal(a, b)
+
+
+def test_second_order_gradients_follow_the_graph_at_the_decoded_values():
+    torch.manual_seed(0)
+    model = Functional()
+    x = torch.randn(128, 64)
+    converted = aalconvert.convert(model, "approx8", example_inputs=(x,))
+    results = []
+    for m in (model, converted):
+        xx = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(m(xx).square().sum(), xx, create_graph=True)
+        results.append(torch.autograd.grad(g.square().sum(), m.weight))
+    assert cosine(results[1], results[0]) > 0.99
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_other_dtypes_pack_when_the_quantizer_takes_them_and_pass_otherwise(dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(SDPABlock(), SDPABlock()).to(dtype)
+    x = torch.randn(4, 64, 64, dtype=dtype)
+    converted = aalconvert.convert(model, "approx8", example_inputs=(x,))
+    ratio = kept(converted, x) / kept(model, x)
+    if dtype == torch.float64:
+        assert ratio > 0.5  # float64 is kept exact, as every approx variant keeps it
+    else:
+        assert ratio < 0.6
+    assert cosine(grads(converted, x), grads(model, x)) > 0.99
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e30])  # fp16 steps: tinier groups lose precision (quantizer)
+def test_huge_and_tiny_finite_activations_come_back_finite_and_close(scale):
+    torch.manual_seed(0)
+    tensor = (torch.randn(64, 64) * scale).requires_grad_()
+    packer = SavedTensorPacker(ApproxOptions(bits=8, min_numel=0))
+    packer.keep()
+    packer._state().modes[-1] = True
+    restored = packer._pack(tensor).unpack()
+    assert torch.isfinite(restored).all()
+    assert cosine([restored], [tensor.detach()]) > 0.99
+
+
+def test_copies_of_a_converted_model_pack_on_their_own():
+    torch.manual_seed(0)
+    model = nn.Sequential(Functional(), Functional())
+    x = torch.randn(128, 64)
+    converted = aalconvert.convert(model, "approx4", example_inputs=(x,))
+    expected = kept(converted, x)
+    buffer = io.BytesIO()
+    torch.save(converted, buffer)
+    buffer.seek(0)
+    for copied in (copy.deepcopy(converted), torch.load(buffer, weights_only=False)):
+        assert kept(copied, x) == expected
+        assert cosine(grads(copied, x), grads(model, x)) > 0.99
+
+
+def test_revert_removes_the_hooks():
+    torch.manual_seed(0)
+    model = nn.Sequential(Functional(), Functional())
+    x = torch.randn(128, 64)
+    reverted = aalconvert.revert(aalconvert.convert(model, "approx4", example_inputs=(x,)))
+    assert not reverted._forward_pre_hooks and not reverted._forward_hooks
+    assert kept(reverted, x) == kept(model, x)
+
+
+def test_under_torch_compile_the_packer_stands_aside_and_gradients_stay_right():
+    torch.manual_seed(0)
+    model = nn.Sequential(Functional(), Functional())
+    x = torch.randn(128, 64)
+    converted = aalconvert.convert(model, "approx4", example_inputs=(x,))
+    compiled = torch.compile(converted, backend="aot_eager")
+    converted.zero_grad()
+    compiled(x).square().mean().backward()
+    got = [p.grad.clone() for p in converted.parameters()]
+    for a, b in zip(got, grads(model, x)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
