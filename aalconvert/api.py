@@ -143,6 +143,8 @@ def convert(
     example_inputs: tuple | None = None,
     inplace: bool = False,
     skip: Iterable[str] | SkipFilter | None = None,
+    budget: str | int | None = None,
+    optimizer: str | None = None,
     **rule_options: Any,
 ) -> nn.Module:
     """Return ``model`` rewritten to keep less for backward.
@@ -157,8 +159,22 @@ def convert(
     The result shares the original Parameter objects (same state_dict keys);
     converting a converted model changes nothing. Unless ``inplace``, the
     original module tree is left as it was.
+
+    ``budget`` ("10GiB", "512MiB", "1.5GB" or bytes): instead of ``rules``, a
+    rule per module chosen so that the predicted peak of one training step
+    with ``optimizer`` fits (see :func:`aalconvert.plan`); ``example_inputs``
+    is then required and ``rules`` must stay at its default.
     """
     _check_model(model)
+    if budget is not None or optimizer is not None:
+        from aalconvert.budget import convert_to_budget
+
+        if rules != "auto":
+            raise ConversionError(
+                f"rules={rules!r} with budget=: the planner chooses the rules itself; to limit them, "
+                "call aalconvert.budget.convert_to_budget(model, budget, example_inputs, rules=[...])")
+        return convert_to_budget(model, budget, example_inputs, optimizer=optimizer, inplace=inplace,
+                                 skip=skip, **rule_options)
     target = model if inplace else _shallow_copy(model)
     plan, facts = plan_conversion(
         target, rules, example_inputs=example_inputs, skip=skip, **rule_options

@@ -1,0 +1,520 @@
+"""Fit a memory budget: one rule per module, cheapest changes first, so that one training step fits.
+
+The predicted peak is inspect's (``Report.totals``): parameters + gradients +
+optimizer state + activations kept + twice the largest module output. The model
+is traced once; every estimate is a forward on fake tensors of a fake copy.
+
+How the plan is chosen:
+
+1. Tiers. The candidate rules are tried in ``costs.tier_order`` (lossless
+   first, then by measured cost per byte saved). Tier k's *cumulative* plan is
+   ``make_plan`` with the rules of tiers 1..k (a later ``approx`` width replaces
+   an earlier one), and it is estimated once.
+2. Units. What tier k's plan decides differently from tier k-1's is cut into
+   units that must be taken whole: an ARA group (its anchor wires its layers;
+   its ReLU masks pay only with the group), an ASA layer with the ReLU mask
+   that feeds it, a recompute layer with the ReLU masks that serve it, any
+   other site alone. Each unit's saving is the change of bytes kept between
+   the two plans at its modules, and at modules that counted a tensor one of
+   its modules also keeps (``SavedByModule.counted_at``); what no unit claims
+   goes to the tier's root site, if it has one (approx's saved-tensor packer).
+3. Order. Units in tier order; within a tier the largest saving first, except
+   that in the 4- and 2-bit tiers the model's first and last weighted layers
+   go last (they keep their 8-bit copies longest). Taking a prefix of this
+   order means every earlier tier is taken whole, which is what each unit's
+   saving was estimated under.
+4. Search. The smallest prefix whose plan, estimated on fake tensors, fits the
+   budget; found by bisection inside the first tier whose full plan fits. The
+   plan's peak is therefore an estimate of the very plan returned, not a sum.
+
+Activation checkpointing of whole blocks is not among the options yet.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch._subclasses import FakeTensorMode
+
+from aalconvert.costs import RULE_COSTS, tier_order
+from aalconvert.errors import ConversionError
+from aalconvert.facts import ModelFacts, gather_facts
+from aalconvert.memory import SavedByModule, fake_copy, fake_inputs
+from aalconvert.plan import Plan, SkipFilter, make_plan, skip_filter
+from aalconvert.report import Report, build_report, format_bytes, optimizer_state_factor
+from aalconvert.rules.base import SERVES, Rule, Site, Skip
+from aalconvert.rules.registry import AUTO, PRECEDENCE, build_rule, resolve
+from aalconvert.sizes import parse_size
+
+LOSSLESS = "BP"  # the name of the starting point in explanations
+
+
+class BudgetError(ConversionError):
+    """The budget is under the floor: even the plan that keeps least does not fit.
+
+    ``floor_bytes``: the predicted peak of that plan; ``largest_batch``: the
+    largest batch it would fit at the budget (0 when none), scaled linearly
+    from the batch given.
+    """
+
+    def __init__(self, message: str, floor_bytes: int, largest_batch: int) -> None:
+        super().__init__(message)
+        self.floor_bytes = floor_bytes
+        self.largest_batch = largest_batch
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Sites of one tier that are taken together, and the bytes they save (estimated)."""
+
+    tier: str
+    sites: tuple[Site, ...]
+    saving: int
+    sensitive: bool = False
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        return tuple(site.module_name for site in self.sites)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One unit the plan takes: its rule, modules, estimated saving (bytes) and why it was needed."""
+
+    rule: str
+    modules: tuple[str, ...]
+    saving: int
+    why: str
+    reasons: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TierStep:
+    """One tier: the predicted peak (bytes) with it and every earlier tier taken whole, and its cost row."""
+
+    rule: str
+    units: int
+    taken: int
+    peak_bytes: int
+    cost_per_saved: float | None
+    source: str
+
+
+@dataclass
+class BudgetPlan:
+    """A per-module plan that fits ``budget_bytes`` (or says by how much it does not), with its estimate.
+
+    ``report`` is inspect's report of the chosen plan (BP vs planned, per
+    module); ``decisions`` maps module name -> rule; ``choices`` are the units
+    taken in order, each with why; ``tiers`` the tiers tried.
+    """
+
+    budget_bytes: int
+    plan: Plan
+    report: Report
+    decisions: dict[str, str]
+    choices: list[Choice]
+    tiers: list[TierStep]
+    floor_bytes: int
+    batch_size: int | None
+    facts: ModelFacts = field(repr=False)
+    site_tiers: dict[str, int] = field(default_factory=dict, repr=False)
+    """Module name -> index into ``tiers`` of the tier plan whose site it takes."""
+
+    @property
+    def peak_bp_bytes(self) -> int:
+        return self.report.totals.peak_bp_bytes
+
+    @property
+    def peak_bytes(self) -> int:
+        """Predicted peak of one training step of the planned model (bytes)."""
+        return self.report.totals.peak_converted_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes <= self.budget_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, exact bytes: budget, peaks, floor, tiers, choices, decisions and the report."""
+        return {
+            "budget_bytes": self.budget_bytes,
+            "fits": self.fits,
+            "peak_bp_bytes": self.peak_bp_bytes,
+            "peak_bytes": self.peak_bytes,
+            "floor_bytes": self.floor_bytes,
+            "over_bytes": max(0, self.peak_bytes - self.budget_bytes),
+            "batch_size": self.batch_size,
+            "tiers": [vars(step) for step in self.tiers],
+            "choices": [{"rule": c.rule, "modules": list(c.modules), "saving_bytes": c.saving,
+                         "why": c.why, "reasons": list(c.reasons)} for c in self.choices],
+            "decisions": dict(self.decisions),
+            "report": self.report.to_dict(),
+        }
+
+
+def candidate_rules(rules: str | Sequence[str] | None) -> list[str]:
+    """The rule names the planner may use, in tier order (None: all; "auto" expands to its rules)."""
+    if rules is None:
+        return tier_order()
+    names = [rules] if isinstance(rules, str) else list(rules)
+    expanded = [n for name in names for n in (AUTO if name == "auto" else (name,))]
+    unknown = [name for name in expanded if name not in RULE_COSTS]
+    if unknown or not expanded:
+        raise ConversionError(
+            f"budget planning takes rules from {', '.join(RULE_COSTS)} (or 'auto'); got {names!r}")
+    return tier_order(sorted(set(expanded)))
+
+
+class _Estimator:
+    """Fake-tensor forwards of plans on fresh fake copies of one model, all with the same facts."""
+
+    def __init__(self, model: nn.Module, example_inputs: tuple, labels: Any, optimizer: str | None,
+                 rule_options: dict[str, Any], skip: Iterable[str] | SkipFilter | None) -> None:
+        from aalconvert import api  # api imports this module lazily; import back lazily too
+
+        self.api = api
+        self.fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+        self.device = api._estimate_device(model, example_inputs)
+        self.target = fake_copy(model, self.fake_mode, self.device).train()
+        self.inputs = fake_inputs(example_inputs, self.fake_mode, self.device)
+        labels, note = api._forward_labels(model, example_inputs, labels)
+        self.keywords = {} if labels is None else {
+            "labels": fake_inputs((labels,), self.fake_mode, self.device)[0]}
+        self.notes: list[str] = [note] if note else []
+        self.optimizer = optimizer
+        self.facts = gather_facts(self.target, self.inputs)
+        self.skip = skip_filter(skip, self.facts)
+        self.rule_options = rule_options
+        self.bp = self.kept(Plan(rules=[]))
+
+    def kept(self, plan: Plan) -> SavedByModule:
+        copy = fake_copy(self.target, self.fake_mode, self.device).train()
+        copy = apply_plan(copy, plan, self.facts)
+        return self.api._saved_by_module(copy, self.inputs, self.keywords, self.fake_mode, self.notes)
+
+    def report(self, plan: Plan, kept: SavedByModule) -> Report:
+        estimated_on = "the meta device" if any("meta device" in n for n in self.notes) else "fake tensors"
+        return build_report(self.facts, plan, self.bp, kept, optimizer=self.optimizer,
+                            estimated_on=estimated_on, notes=list(dict.fromkeys(self.notes)))
+
+
+def apply_plan(model: nn.Module, plan: Plan, facts: ModelFacts) -> nn.Module:
+    """Apply every site of ``plan`` to ``model`` (in the plan's order) and return the root."""
+    for site in plan.sites.values():
+        rule = next(r for r in plan.rules if r.name == site.rule)
+        model = rule.apply(model, site, facts)
+    return model
+
+
+def tier_rules(tiers: list[str], rule_options: dict[str, Any]) -> list[Rule]:
+    """One Rule object per tier name, built from convert()'s options (checked first)."""
+    if "bits" in rule_options:
+        raise ConversionError("bits= does not apply with a budget: the planner chooses the bit widths")
+    validation = [name for name in tiers if not name.startswith("approx")]
+    resolve(validation + ([next(n for n in tiers if n.startswith("approx"))]
+                          if any(n.startswith("approx") for n in tiers) else []), rule_options)
+    return [build_rule(name, rule_options) for name in tiers]
+
+
+def cumulative_plans(facts: ModelFacts, rules: list[Rule], skip: SkipFilter,
+                     model: nn.Module) -> list[Plan]:
+    """Plan k uses the rules of tiers 1..k (the latest approx width only), in precedence order."""
+    plans = []
+    for k in range(1, len(rules) + 1):
+        chosen: dict[str, Rule] = {}
+        for rule in rules[:k]:
+            chosen[_family(rule.name)] = rule
+        ordered = sorted(chosen.values(), key=lambda r: PRECEDENCE.index(_family(r.name)))
+        plan = make_plan(facts, ordered, skip)
+        _drop_failing(plan, facts, model)
+        plans.append(plan)
+    return plans
+
+
+def _drop_failing(plan: Plan, facts: ModelFacts, model: nn.Module) -> None:
+    from aalconvert import api
+
+    api._drop_sites_that_fail(plan, facts, model)
+
+
+def _family(name: str) -> str:
+    return "approx" if name.startswith("approx") else name
+
+
+_UNIT_ENDS = {
+    # An ARA group's sites come masks first, then layers, then the anchor (rules/ara.py): whole groups.
+    "ara": lambda site: site.payload.get("role") == "anchor",
+    # An ASA ReLU mask site comes just before the layer it feeds (rules/asa.py).
+    "asa": lambda site: "variant" in site.payload,
+}
+
+
+def tier_units(tier: str, plan: Plan, before: Plan, kept: SavedByModule, kept_before: SavedByModule,
+               sensitive: set[str]) -> list[Unit]:
+    """The units tier ``tier`` adds to ``before``, each with its estimated saving (bytes)."""
+    changed = [site for name, site in plan.sites.items()
+               if name not in before.sites or before.sites[name].rule != site.rule]
+    groups: list[list[Site]] = []
+    pending: dict[str, list[Site]] = {}
+    for site in changed:
+        ends = _UNIT_ENDS.get(site.rule)
+        waiting = pending.setdefault(site.rule, [])
+        waiting.append(site)
+        if ends is None or ends(site):
+            groups.append(list(waiting))
+            waiting.clear()
+    groups += [sites for sites in pending.values() if sites]
+    # A site that serves another (a recompute chain's ReLU mask) joins that site's unit.
+    owner = {site.module_name: i for i, sites in enumerate(groups) for site in sites}
+    for i, sites in enumerate(groups):
+        for site in list(sites):
+            served = site.payload.get(SERVES)
+            if served in owner and owner[served] != i:
+                groups[owner[served]].append(site)
+                sites.remove(site)
+                owner[site.module_name] = owner[served]
+    groups = [sites for sites in groups if sites]
+    owner = {site.module_name: i for i, sites in enumerate(groups) for site in sites}
+    savings = [0] * len(groups)
+    root = owner.get("")
+    for name in set(kept.bytes_by_module) | set(kept_before.bytes_by_module):
+        delta = kept_before.bytes_by_module.get(name, 0) - kept.bytes_by_module.get(name, 0)
+        if delta == 0:
+            continue
+        unit = _owning_unit(name, owner, kept, kept_before)
+        unit = root if unit is None else unit
+        if unit is not None:
+            savings[unit] += delta
+    return [Unit(tier, tuple(sites), savings[i], any(s.module_name in sensitive for s in sites))
+            for i, sites in enumerate(groups)]
+
+
+def _owning_unit(name: str, owner: dict[str, int], kept: SavedByModule,
+                 kept_before: SavedByModule) -> int | None:
+    """The unit whose module is ``name``, shares a tensor with it, or encloses it (not the root)."""
+    for candidate in (name, kept.counted_at.get(name), kept_before.counted_at.get(name)):
+        if candidate is not None and candidate != "" and candidate in owner:
+            return owner[candidate]
+    parts = name.split(".")
+    for depth in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:depth])
+        if prefix in owner:
+            return owner[prefix]
+    return None
+
+
+def sensitive_modules(facts: ModelFacts) -> set[str]:
+    """The model's first and last weighted layers (Linear, Conv): kept at more bits longest."""
+    weighted = [name for name, module in facts.modules.items()
+                if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))]
+    return set(weighted[:1] + weighted[-1:])
+
+
+def site_tiers(units: Sequence[Unit], tiers: list[str]) -> dict[str, int]:
+    """Per module, the index of the latest tier whose unit taken decides it."""
+    tier_index = {name: i for i, name in enumerate(tiers)}
+    return {site.module_name: tier_index[unit.tier] for unit in units for site in unit.sites}
+
+
+def merge(decided_tiers: dict[str, int], plans: list[Plan], rules: list[Rule]) -> Plan:
+    """One Plan: per module the site of its tier's plan, accepted in precedence order, then tier, then place."""
+    decided = {name: (k, plans[k].sites[name]) for name, k in decided_tiers.items()}
+    position = {(k, name): i for k, plan in enumerate(plans) for i, name in enumerate(plan.sites)}
+    ordered = sorted(decided.values(), key=lambda item: (
+        PRECEDENCE.index(_family(item[1].rule)), item[0], position.get((item[0], item[1].module_name), 0)))
+    used = {site.rule for _, site in ordered}
+    merged = Plan(rules=[rule for rule in rules if rule.name in used])
+    for _, site in ordered:
+        refusal = merged.accept(site)
+        if refusal is not None:
+            merged.skips.append(Skip(site.rule, site.module_name, refusal))
+    if plans:
+        merged.skips.extend(skip for skip in plans[-1].skips if skip.module_name not in merged.sites)
+    return merged
+
+
+def plan_budget(
+    model: nn.Module,
+    budget: str | int,
+    example_inputs: tuple,
+    *,
+    optimizer: str | None = None,
+    rules: str | Sequence[str] | None = None,
+    labels: torch.Tensor | str | None = "auto",
+    skip: Iterable[str] | SkipFilter | None = None,
+    **rule_options: Any,
+) -> BudgetPlan:
+    """Choose a rule per module so that the predicted peak of one training step fits ``budget``.
+
+    ``budget``: bytes, or a size such as "10GiB" / "512MiB" / "1.5GB".
+    ``rules``: the rules the planner may use (default: all, in
+    ``costs.tier_order``). ``optimizer``, ``labels``, ``skip`` and rule options
+    (``asa_eps``, ``ara_group``, ``group_size``, ...) as for inspect()/convert().
+    ``model`` is not modified; everything runs on fake tensors. Raises
+    BudgetError when even the plan that keeps least does not fit.
+    """
+    budget_bytes = parse_size(budget)
+    if not isinstance(example_inputs, tuple):
+        raise ConversionError(
+            f"example_inputs must be a tuple of the model's positional arguments, got "
+            f"{type(example_inputs).__name__}; wrap a single tensor as (tensor,)")
+    optimizer_state_factor(optimizer)
+    tiers = candidate_rules(rules)
+    rule_objects = tier_rules(tiers, rule_options)
+    estimator = _Estimator(model, example_inputs, labels, optimizer, rule_options, skip)
+    facts = estimator.facts
+    plans = cumulative_plans(facts, rule_objects, estimator.skip, estimator.target)
+    kept_by_tier = [estimator.kept(plan) for plan in plans]
+    reports = [estimator.report(plan, kept) for plan, kept in zip(plans, kept_by_tier)]
+    sensitive = sensitive_modules(facts)
+    order: list[Unit] = []
+    tier_ends: list[int] = []
+    previous, previous_kept = Plan(rules=[]), estimator.bp
+    for tier, plan, kept in zip(tiers, plans, kept_by_tier):
+        units = tier_units(tier, plan, previous, kept, previous_kept,
+                           sensitive if RULE_COSTS[tier].bits < 8 else set())
+        order += sorted(units, key=lambda u: (u.sensitive, -u.saving, u.modules))
+        tier_ends.append(len(order))
+        previous, previous_kept = plan, kept
+    bp_report = estimator.report(Plan(rules=[]), estimator.bp)
+    batch = _batch_size(example_inputs)
+
+    cache: dict[int, tuple[Plan, Report]] = {}
+
+    def evaluate(n: int) -> tuple[Plan, Report]:
+        if n not in cache:
+            merged = merge(site_tiers(order[:n], tiers), plans, rule_objects)
+            cache[n] = merged, estimator.report(merged, estimator.kept(merged))
+        return cache[n]
+
+    floor_plan, floor_report = evaluate(len(order))
+    floor = floor_report.totals.peak_converted_bytes
+    if floor > budget_bytes:
+        raise _under_floor(budget_bytes, floor, floor_report, batch)
+    taken = _smallest_fitting_prefix(evaluate, budget_bytes, tier_ends, bp_report)
+    plan, report = evaluate(taken) if taken else (Plan(rules=[], skips=[]), bp_report)
+    peaks = [bp_report.totals.peak_bp_bytes] + [r.totals.peak_converted_bytes for r in reports]
+    steps, choices = [], []
+    start = 0
+    for k, (tier, end) in enumerate(zip(tiers, tier_ends)):
+        cost = RULE_COSTS[tier]
+        steps.append(TierStep(tier, end - start, max(0, min(taken, end) - start), peaks[k + 1],
+                              cost.cost_per_saved, cost.source))
+        before = "BP" if k == 0 else "the " + ", ".join(tiers[:k]) + " tier" + ("s" if k > 1 else "")
+        why = f"needed to fit: {format_bytes(peaks[k] - budget_bytes)} over with {before}"
+        for unit in order[start:min(taken, end)]:
+            choices.append(Choice(unit.tier, unit.modules, unit.saving, why,
+                                  tuple(site.reason for site in unit.sites)))
+        start = end
+    return BudgetPlan(
+        budget_bytes=budget_bytes, plan=plan, report=report,
+        decisions={name: site.rule for name, site in plan.sites.items()},
+        choices=choices, tiers=steps, floor_bytes=floor, batch_size=batch, facts=facts,
+        site_tiers=site_tiers(order[:taken], tiers),
+    )
+
+
+def convert_to_budget(
+    model: nn.Module,
+    budget: str | int | None,
+    example_inputs: tuple | None,
+    *,
+    optimizer: str | None = None,
+    rules: str | Sequence[str] | None = None,
+    inplace: bool = False,
+    labels: torch.Tensor | str | None = "auto",
+    skip: Iterable[str] | SkipFilter | None = None,
+    **rule_options: Any,
+) -> nn.Module:
+    """``model`` converted by :func:`plan_budget`'s plan (what ``convert(model, budget=...)`` runs).
+
+    The plan is chosen on fake tensors, then the model is traced once on
+    ``example_inputs`` and the same per-module decisions are applied to it.
+    Every check (budget, options, floor) runs before ``model`` is touched.
+    """
+    from aalconvert import api
+
+    if budget is None:
+        raise ConversionError("optimizer= only counts toward a memory budget: pass budget= too, or drop it")
+    parse_size(budget)
+    if example_inputs is None:
+        raise ConversionError(
+            "budget= needs example_inputs=(...): the plan is chosen from the bytes a forward on them keeps")
+    api._check_model(model)
+    earlier, _ = api._earlier_conversion(model)
+    if earlier:
+        raise ConversionError(
+            f"the model is already converted with {', '.join(sorted(earlier))}; budget= plans from the "
+            "plain model: call aalconvert.revert(model) first")
+    chosen = plan_budget(model, budget, example_inputs, optimizer=optimizer, rules=rules, labels=labels,
+                         skip=skip, **rule_options)
+    target = model if inplace else api._shallow_copy(model)
+    tiers = [step.rule for step in chosen.tiers]
+    rule_objects = tier_rules(tiers, rule_options)
+    facts = gather_facts(target, example_inputs)
+    plans = cumulative_plans(facts, rule_objects, skip_filter(skip, facts), target)
+    missing = [name for name, k in chosen.site_tiers.items() if name not in plans[k].sites]
+    if missing:
+        raise ConversionError(
+            f"the plan chosen on fake tensors names modules the real model's trace does not convert "
+            f"({missing[:3]}); inspect the model with aalconvert.inspect and report it")
+    plan = merge(chosen.site_tiers, plans, rule_objects)
+    target = apply_plan(target, plan, facts)
+    if plan.sites:
+        setattr(target, api._RULES_ATTRIBUTE, tuple(sorted({r.name for r in plan.rules}, key=api._precedence)))
+    return target
+
+
+def _smallest_fitting_prefix(evaluate, budget: int, tier_ends: list[int], bp: Report) -> int:
+    """The fewest units (a prefix of the order) whose plan's estimated peak fits ``budget``.
+
+    BP when it fits; otherwise the first tier whose full plan fits, bisected
+    inside (its start, the previous tier in full, does not fit).
+    """
+    if bp.totals.peak_bp_bytes <= budget:
+        return 0
+    low = 0  # known not to fit
+    for end in tier_ends:
+        if end == low:
+            continue
+        if evaluate(end)[1].totals.peak_converted_bytes <= budget:
+            high = end
+            break
+        low = end
+    else:
+        return tier_ends[-1] if tier_ends else 0
+    while high - low > 1:
+        middle = (low + high) // 2
+        if evaluate(middle)[1].totals.peak_converted_bytes <= budget:
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+def _batch_size(example_inputs: tuple) -> int | None:
+    first = next((x for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() > 0), None)
+    return None if first is None else int(first.shape[0])
+
+
+def _under_floor(budget: int, floor: int, report: Report, batch: int | None) -> BudgetError:
+    totals = report.totals
+    fixed = totals.parameter_bytes + totals.gradient_bytes + totals.optimizer_state_bytes
+    per_batch = totals.converted_bytes + totals.largest_transient_bytes
+    if batch is None or per_batch == 0 or budget <= fixed:
+        largest = 0
+    else:
+        largest = math.floor((budget - fixed) * batch / per_batch)
+    fits = (f"the largest batch that would fit is about {largest} (activations scaled linearly from "
+            f"batch {batch})" if largest > 0 else
+            f"no batch fits: parameters, gradients and optimizer state alone take {format_bytes(fixed)}")
+    return BudgetError(
+        f"budget {format_bytes(budget)} is under the floor of {format_bytes(floor)} ({floor} bytes): "
+        f"parameters + gradients + optimizer state ({format_bytes(fixed)}) + the least any plan keeps "
+        f"({format_bytes(totals.converted_bytes)}) + transients ({format_bytes(totals.largest_transient_bytes)}); "
+        f"{fits}", floor, largest)

@@ -1,0 +1,110 @@
+"""What each rule costs, from measured figures: the order in which the budget planner tries them.
+
+One table, one row per rule, every figure with the file it was read from. A
+rule's cost per byte saved is
+
+    (step time ratio - 1 + FIDELITY_WEIGHT * fidelity loss) / (1 - kept ratio)
+
+where the step time ratio and the kept ratio are the medians over the seven
+examples at batch 64 (``python benchmarks/memory.py``,
+``benchmarks/results/memory_cpu.json``), and the fidelity loss is the worst mean
+gap to BP over the examples where the rule converts something, in accuracy
+points or percent of validation loss (``python benchmarks/fidelity.py``,
+``benchmarks/results/fidelity.json``, 3 seeds). Rules whose gradients are
+exact come first whatever their time (they change no number); a rule with a
+figure nobody has measured comes after every measured one. Costs within 5 %
+of each other are a tie (the CPU step times were taken with other work on the
+machine), settled for the rule with more bits (finer copies, smaller gradient
+error), then by name.
+
+The CPU figures are what exists: ``approx*`` there runs the torch reference
+quantizer (about 1 GB/s), not the Triton kernels, so on a GPU its time cost
+is likely far lower. Regenerate the benchmarks and update the rows together.
+"""
+
+from dataclasses import dataclass
+
+FIDELITY_WEIGHT = 0.2
+"""Step-time ratio one accuracy point (or one percent of loss) is worth: a policy, not a measurement.
+
+At 0.2, ARA's measured 1.39-point worst gap costs as much as 0.28x of step time."""
+
+TIE = 0.05  # relative difference under which two costs count as equal (timing noise)
+
+
+@dataclass(frozen=True)
+class RuleCost:
+    """Measured figures of one rule (None: not measured) and where each came from."""
+
+    rule: str
+    gradient_exact: bool
+    step_time_ratio: float | None
+    kept_ratio: float | None
+    fidelity_loss: float | None
+    bits: int = 32
+    source: str = ""
+
+    @property
+    def cost_per_saved(self) -> float | None:
+        """Step-time overhead plus weighted fidelity loss per unit fraction of BP's bytes saved (None: unmeasured)."""
+        if None in (self.step_time_ratio, self.kept_ratio, self.fidelity_loss) or self.kept_ratio >= 1:
+            return None
+        return (self.step_time_ratio - 1 + FIDELITY_WEIGHT * self.fidelity_loss) / (1 - self.kept_ratio)
+
+
+_MEMORY = "benchmarks/results/memory_cpu.json (batch 64, median of 7 examples)"
+_FIDELITY = "benchmarks/results/fidelity.json (worst example, mean of 3 seeds)"
+
+RULE_COSTS: dict[str, RuleCost] = {cost.rule: cost for cost in (
+    RuleCost("exact", True, 1.26, 0.811, 0.0,
+             source=f"time, kept: {_MEMORY}; fidelity: bit-identical gradients "
+                    "(tests/test_lossless_guarantees.py)"),
+    RuleCost("recompute", True, 1.29, 0.530, 0.0,
+             source=f"time, kept: {_MEMORY} (recompute + exact); fidelity: bit-identical gradients "
+                    "(tests/test_lossless_guarantees.py)"),
+    RuleCost("loss_head", False, 1.02, 0.409, 0.0,
+             source="time, kept: benchmarks/results/loss_head_cpu.json (Llama, vocabulary 32k); "
+                    "fidelity: equal to the plain head up to fp32 rounding (tests)"),
+    RuleCost("ara", False, 1.24, 0.783, 1.389,
+             source=f"time, kept: {_MEMORY}; fidelity: {_FIDELITY}: resnet_bottleneck -1.39 points"),
+    RuleCost("asa", False, 1.56, 0.565, 7.682,
+             source=f"time, kept: {_MEMORY}; fidelity: {_FIDELITY}: transformer -7.68 points"),
+    RuleCost("approx8", False, 3.58, 0.198, 0.093, bits=8,
+             source=f"time, kept: {_MEMORY}; fidelity: not measured at 8 bits, approx4's worst "
+                    "(resnet_basic -0.09 points) taken as its bound: 8-bit copies are finer"),
+    RuleCost("approx4", False, 3.85, 0.114, 0.093, bits=4,
+             source=f"time, kept: {_MEMORY}; fidelity: {_FIDELITY}: resnet_basic -0.09 points"),
+    RuleCost("approx2", False, None, None, None, bits=2,
+             source="not measured (no memory or fidelity run at 2 bits): tried last"),
+)}
+
+
+def tier_order(rules: list[str] | None = None) -> list[str]:
+    """``rules`` (default: every rule in the table) in the order the planner tries them, cheapest first."""
+    names = list(RULE_COSTS) if rules is None else rules
+    unknown = [name for name in names if name not in RULE_COSTS]
+    if unknown:
+        raise ValueError(f"no measured cost for rule(s) {unknown}; known: {', '.join(RULE_COSTS)}")
+    costs = [RULE_COSTS[name] for name in names]
+    ordered = sorted(costs, key=_sort_key)
+    # Settle near-ties (within TIE) for more bits, walking neighbours until nothing moves.
+    moved = True
+    while moved:
+        moved = False
+        for i in range(len(ordered) - 1):
+            first, second = ordered[i], ordered[i + 1]
+            if (first.gradient_exact == second.gradient_exact and _near(first, second)
+                    and second.bits > first.bits):
+                ordered[i], ordered[i + 1] = second, first
+                moved = True
+    return [cost.rule for cost in ordered]
+
+
+def _sort_key(cost: RuleCost) -> tuple[bool, bool, float, str]:
+    value = cost.cost_per_saved
+    return (not cost.gradient_exact, value is None, value or 0.0, cost.rule)
+
+
+def _near(first: RuleCost, second: RuleCost) -> bool:
+    a, b = first.cost_per_saved, second.cost_per_saved
+    return a is not None and b is not None and abs(a - b) <= TIE * max(a, b)
