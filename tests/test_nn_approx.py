@@ -525,3 +525,54 @@ def test_autocast_forward_is_bit_identical_and_backward_runs_outside_it(case):
     actual = torch.autograd.grad(actual_y, [x, *variant.parameters()], g)
     for e, a in zip(expected, actual):
         assert a.dtype == e.dtype and cosine(e, a) >= 0.999
+
+
+# ------------------------------------------------------------ one k-bit copy per tensor
+
+
+def test_layers_reading_one_tensor_share_one_k_bit_copy_and_gradients_are_unchanged():
+    torch.manual_seed(0)
+    projections = nn.ModuleList(nn.Linear(64, 64) for _ in range(3))  # q, k, v of one input
+    approx = nn.ModuleList(ApproxLinear.from_module(copy.deepcopy(p), bits=4) for p in projections)
+    x = torch.randn(256, 64)
+    h = x * 1  # an activation, as a norm's output would be
+
+    def forward(layers):
+        return sum(layer(h).sum() for layer in layers)  # sum keeps nothing
+
+    one = measure_saved(lambda: approx[0](h), approx.parameters()).nbytes
+    three = measure_saved(lambda: forward(approx), approx.parameters()).nbytes
+    assert three == one
+    forward(approx).backward()
+    separately = copy.deepcopy(approx)
+    for layer in separately:
+        layer(h.clone()).sum().backward()  # a clone each: three copies, the same values
+    for shared, alone in zip(approx.parameters(), separately.parameters()):
+        assert torch.equal(shared.grad, alone.grad)
+
+
+def test_a_tensor_changed_in_place_is_packed_again():
+    torch.manual_seed(0)
+    layer = ApproxLinear.from_module(nn.Linear(64, 64), bits=4)
+    h = torch.randn(256, 64) * 1
+    first = measure_saved(lambda: layer(h), layer.parameters())
+    h.mul_(2)
+    second = measure_saved(lambda: layer(h), layer.parameters())
+    assert set(first.storages).isdisjoint(second.storages)
+    layer.zero_grad()
+    second.output.sum().backward()
+    reference = copy.deepcopy(layer)
+    reference.zero_grad()
+    reference(h.clone()).sum().backward()
+    assert torch.equal(layer.weight.grad, reference.weight.grad)
+
+
+def test_the_shared_copy_goes_with_its_tensor():
+    from aalconvert.nn import approx_common
+
+    layer = ApproxLinear.from_module(nn.Linear(64, 64), bits=4)
+    h = torch.randn(256, 64) * 1
+    layer(h).sum().backward()
+    assert any(entry[0]() is h for entry in approx_common._packs.entries.values())
+    del h
+    assert not any(entry[0]() is None for entry in approx_common._packs.entries.values())

@@ -12,6 +12,8 @@ heavy-tailed activations (Student-t(3), lognormal), where one outlier would
 otherwise stretch the steps of a whole 256-element group.
 """
 
+import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
@@ -168,10 +170,33 @@ def next_seed() -> int:
     return (z ^ (z >> 31)) >> 1
 
 
+class _Packs(threading.local):
+    """This thread's packs by (tensor identity, options), each with a weak reference to its tensor."""
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple[int, ApproxOptions], tuple[weakref.ref, int, tuple, SavedLayout]] = {}
+
+
+_packs = _Packs()
+
+
 def compress(x: torch.Tensor, options: ApproxOptions) -> tuple[tuple[torch.Tensor, ...], SavedLayout]:
-    """Tensors to pass to ``ctx.save_for_backward`` for ``x``, and how to decode them."""
+    """Tensors to pass to ``ctx.save_for_backward`` for ``x``, and how to decode them.
+
+    Layers that read the same tensor (q, k and v projections of one input; a
+    norm and the layer after it under recompute) share one k-bit copy: a pack is
+    reused for the very same tensor at the same version with the same options,
+    for as long as the tensor lives (the entry goes with it). Not under
+    torch.compile, whose graphs cannot hold the cache.
+    """
     if not should_quantize(x, options):
         return (x,), SavedLayout(False, x.shape, x.dtype, 0, 0)
+    caching = not torch.compiler.is_compiling()
+    key = (id(x), options)
+    entries = _packs.entries
+    cached = entries.get(key) if caching else None
+    if cached is not None and cached[0]() is x and cached[1] == x._version:
+        return cached[2], cached[3]
     q = quantize(
         x.detach(),
         options.bits,
@@ -182,6 +207,13 @@ def compress(x: torch.Tensor, options: ApproxOptions) -> tuple[tuple[torch.Tenso
         companding=options.companding,
     )
     layout = SavedLayout(True, x.shape, x.dtype, q.bits, q.group_size, q.companding)
+    if caching:
+        def forget(reference: weakref.ref, key=key, entries=entries) -> None:
+            entry = entries.get(key)
+            if entry is not None and entry[0] is reference:
+                del entries[key]
+
+        entries[key] = (weakref.ref(x, forget), x._version, q.tensors(), layout)
     return q.tensors(), layout
 
 
