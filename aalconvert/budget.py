@@ -51,8 +51,6 @@ from aalconvert.rules.base import SERVES, Rule, Site, Skip
 from aalconvert.rules.registry import AUTO, PRECEDENCE, build_rule, resolve
 from aalconvert.sizes import parse_size
 
-LOSSLESS = "BP"  # the name of the starting point in explanations
-
 
 class BudgetError(ConversionError):
     """The budget is under the floor: even the plan that keeps least does not fit.
@@ -405,8 +403,8 @@ def plan_budget(
         cost = RULE_COSTS[tier]
         steps.append(TierStep(tier, end - start, max(0, min(taken, end) - start), peaks[k + 1],
                               cost.cost_per_saved, cost.source))
-        before = "BP" if k == 0 else "the " + ", ".join(tiers[:k]) + " tier" + ("s" if k > 1 else "")
-        why = f"needed to fit: {format_bytes(peaks[k] - budget_bytes)} over with {before}"
+        before = "under BP" if k == 0 else "after " + " + ".join(tiers[:k])
+        why = f"needed to fit: {format_bytes(peaks[k] - budget_bytes)} over {before}"
         for unit in order[start:min(taken, end)]:
             choices.append(Choice(unit.tier, unit.modules, unit.saving, why,
                                   tuple(site.reason for site in unit.sites)))

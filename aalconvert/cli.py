@@ -68,6 +68,14 @@ def add_inspect_parser(commands: argparse._SubParsersAction) -> None:
     inspect.add_argument("--labels", choices=("auto", "none"), default="auto",
                          help="auto: a language model (...ForCausalLM/...ForMaskedLM) runs with labels = its "
                               "input ids, so the loss head counts; none: never pass labels")
+    inspect.add_argument("--budget", default=None, metavar="SIZE",
+                         help="plan a rule per module so that one training step fits SIZE (e.g. 10GiB, "
+                              "512MiB, 1.5GB) and print the plan instead of the report")
+    inspect.add_argument("--max-batch", action="store_true",
+                         help="print the largest batch that fits --memory for bp, exact, auto, "
+                              "auto+approx8 and auto+approx4")
+    inspect.add_argument("--memory", default=None, metavar="SIZE",
+                         help="the memory size --max-batch fits (e.g. 24GiB)")
     inspect.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -245,6 +253,11 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     errors = Console(stderr=True, highlight=False)
     try:
+        if args.budget is not None or args.max_batch or args.memory is not None:
+            from aalconvert.cli_budget import run_budget_commands
+
+            run_budget_commands(args, errors)
+            return 0
         report = build_inspect_report(args, errors)
         write_report(report, args)
         if args.output is not None:
@@ -275,24 +288,35 @@ def write_report(report: Any, args: argparse.Namespace) -> None:
     args.output.write_text(text, encoding="utf-8")
 
 
-def build_inspect_report(args: argparse.Namespace, errors: Any) -> Any:
-    """Check the command line, load TARGET, build inputs and run aalconvert.inspect (progress on stderr)."""
+def check_numbers(args: argparse.Namespace) -> None:
+    """--batch-size, --top and --depth in range, before any work."""
     if args.batch_size < 1 or (args.top is not None and args.top < 1) or (
             args.depth is not None and args.depth < 0):
         raise CommandError("--batch-size and --top must be >= 1 and --depth >= 0", code=2)
-    rules = check_rules(args.rules)
-    shapes = [parse_shape(text) for text in args.input_shape or ()]
+
+
+def load_target(args: argparse.Namespace, errors: Any) -> tuple[dict[str, Any], Any, Any]:
+    """TARGET's namespace, its model (cast to --dtype) and the dtype (progress on stderr)."""
     with errors.status(f"loading {args.target}"):
         import torch
-
-        import aalconvert
 
         namespace, attribute = load_namespace(args.target)
         model = pick_model(namespace, args.model or attribute or None, args.target)
         dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else torch.float32
         if args.dtype:
             model = model.to(dtype)
-        inputs = find_inputs(namespace, model, args, shapes, dtype, lambda text: errors.print(f"note: {text}", markup=False))
+    return namespace, model, dtype
+
+
+def build_inspect_report(args: argparse.Namespace, errors: Any) -> Any:
+    """Check the command line, load TARGET, build inputs and run aalconvert.inspect (progress on stderr)."""
+    check_numbers(args)
+    rules = check_rules(args.rules)
+    shapes = [parse_shape(text) for text in args.input_shape or ()]
+    import aalconvert
+
+    namespace, model, dtype = load_target(args, errors)
+    inputs = find_inputs(namespace, model, args, shapes, dtype, lambda text: errors.print(f"note: {text}", markup=False))
     with errors.status(f"planning and estimating {type(model).__name__} on fake tensors"):
         return aalconvert.inspect(model, inputs, rules[0] if len(rules) == 1 else rules,
                                   optimizer=args.optimizer, labels=None if args.labels == "none" else "auto")

@@ -1,0 +1,121 @@
+"""The largest batch whose predicted training-step peak fits a memory size, per rule set.
+
+Each probe is one ``aalconvert.inspect`` on fake tensors (nothing is
+allocated), so batches far beyond the machine can be tried. The peak grows
+with the batch (activations and transients scale with it, parameters and
+optimizer state do not), so the search starts from the linear guess that one
+probe gives and brackets the answer with doubling steps, then bisects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from aalconvert.api import inspect
+from aalconvert.report import Report
+from aalconvert.sizes import parse_size
+
+RULE_SETS: tuple[str, ...] = ("bp", "exact", "auto", "auto+approx8", "auto+approx4")
+"""What ``--max-batch`` compares: plain backprop, lossless only, the paper's recipe, and it with k-bit copies."""
+
+InputsForBatch = Callable[[int], tuple]
+
+
+@dataclass(frozen=True)
+class BatchFit:
+    """The largest batch (0: none) for one rule set, and the predicted peak there (bytes; 0 when none)."""
+
+    rules: str
+    largest_batch: int
+    peak_bytes: int
+    probes: int
+
+
+def largest_batch(peak_at: Callable[[int], int], memory: int, start: int, limit: int = 1 << 24) -> int:
+    """The largest batch b >= 1 with ``peak_at(b) <= memory`` (0 when even 1 does not fit).
+
+    ``peak_at`` must not decrease with the batch. ``start`` is the first probe
+    (a good guess saves probes); ``limit`` caps the search.
+    """
+    start = max(1, min(start, limit))
+    if peak_at(start) <= memory:
+        low, high = start, None  # low fits
+        step = 1
+        while high is None:
+            probe = min(low + step, limit)
+            if probe == low:
+                return low
+            if peak_at(probe) <= memory:
+                low, step = probe, step * 2
+            else:
+                high = probe
+    else:
+        high, low = start, None  # high does not fit
+        step = 1
+        while low is None:
+            probe = max(high - step, 1)
+            if peak_at(probe) <= memory:
+                low = probe
+            elif probe == 1:
+                return 0
+            else:
+                high, step = probe, step * 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        if peak_at(middle) <= memory:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def fit_batches(
+    model: nn.Module,
+    inputs_for_batch: InputsForBatch,
+    memory: str | int,
+    *,
+    rule_sets: Sequence[str] = RULE_SETS,
+    optimizer: str | None = None,
+    labels: str | None = "auto",
+    batch_size: int = 8,
+    progress: Callable[[str], None] = lambda text: None,
+) -> list[BatchFit]:
+    """Per rule set, the largest batch whose predicted peak of one training step fits ``memory``.
+
+    ``inputs_for_batch(b)`` builds the model's positional inputs for batch b;
+    ``batch_size`` is the first probe. ``progress`` receives a line per probe
+    (the CLI shows it on stderr).
+    """
+    memory_bytes = parse_size(memory)
+    fits = []
+    for rules in rule_sets:
+        reports: dict[int, Report] = {}
+
+        def peak_at(batch: int, rules: str = rules, reports: dict[int, Report] = reports) -> int:
+            if batch not in reports:
+                chosen = "exact" if rules == "bp" else rules.split("+")
+                reports[batch] = inspect(model, inputs_for_batch(batch), chosen,
+                                         optimizer=optimizer, labels=labels)
+            totals = reports[batch].totals
+            peak = totals.peak_bp_bytes if rules == "bp" else totals.peak_converted_bytes
+            progress(f"{rules}: batch {batch} -> predicted peak {peak} bytes")
+            return peak
+
+        guess = _linear_guess(peak_at, batch_size, memory_bytes, rules, reports)
+        batch = largest_batch(peak_at, memory_bytes, guess)
+        peak = peak_at(batch) if batch else 0
+        fits.append(BatchFit(rules, batch, peak, len(reports)))
+    return fits
+
+
+def _linear_guess(peak_at: Callable[[int], int], batch: int, memory: int, rules: str,
+                  reports: dict[int, Report]) -> int:
+    """The batch at which ``memory`` is reached if what grows with the batch grows linearly."""
+    peak = peak_at(batch)
+    totals = reports[batch].totals
+    fixed = totals.parameter_bytes + totals.gradient_bytes + totals.optimizer_state_bytes
+    per_sample = (peak - fixed) / batch
+    return max(1, int((memory - fixed) // per_sample)) if per_sample > 0 else batch
