@@ -86,3 +86,56 @@ def test_debug_lets_the_original_exception_through(tmp_path):
     with pytest.raises(CommandError, match="ZeroDivisionError") as caught:
         main(["inspect", str(tmp_path / "raises.py"), "--debug"])
     assert isinstance(caught.value.__cause__, ZeroDivisionError)
+
+
+def test_budget_prints_the_plan_with_why_and_the_peaks():
+    result = run("examples/vit.py", "--budget", "12MiB", "--optimizer", "adamw")
+    assert result.returncode == 0, result.stderr
+    assert "plan for a budget of 12.0 MiB" in result.stdout and "needed to fit:" in result.stdout
+    for line in ("predicted peak, BP", "predicted peak, planned", "floor (least any plan keeps)"):
+        assert line in result.stdout
+
+
+def test_budget_json_is_a_plan_that_fits():
+    result = run("examples/gpt.py", "--budget", "2.5MiB", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["fits"] and data["peak_bytes"] <= data["budget_bytes"] == int(2.5 * 2**20)
+    assert data["floor_bytes"] <= data["peak_bytes"] < data["peak_bp_bytes"]
+    assert data["decisions"] and all(choice["why"].startswith("needed to fit") for choice in data["choices"])
+
+
+def test_budget_under_the_floor_is_an_error_naming_the_floor_and_a_batch():
+    result = run("examples/gpt.py", "--budget", "2MiB")
+    assert result.returncode == 1 and result.stdout == ""
+    assert "under the floor of" in result.stderr and "largest batch that would fit is about" in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--budget", "12 parsecs"), "bad memory size '12 parsecs'"),
+    (("--max-batch",), "--max-batch needs --memory"),
+    (("--memory", "1GiB"), "add --max-batch"),
+    (("--budget", "1GiB", "--max-batch", "--memory", "1GiB"), "pass one of them"),
+    (("--budget", "1GiB", "--format", "csv"), "table or JSON"),
+])
+def test_bad_budget_command_lines_exit_2_before_loading(args, message):
+    result = run("examples/does_not_exist.py", *args)
+    assert result.returncode == 2 and message in result.stderr
+
+
+def test_max_batch_json_lists_every_rule_set_with_a_batch_that_fits():
+    result = run("examples/gpt.py", "--max-batch", "--memory", "16MiB", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert [row["rules"] for row in data["rule_sets"]] == ["bp", "exact", "auto", "auto+approx8",
+                                                           "auto+approx4"]
+    batches = [row["largest_batch"] for row in data["rule_sets"]]
+    assert 0 < batches[0] <= batches[-1] and batches == sorted(batches)
+    assert all(row["peak_bytes"] <= data["memory_bytes"] for row in data["rule_sets"])
+
+
+def test_max_batch_table_names_each_rule_set():
+    result = run("examples/resnet.py", "--max-batch", "--memory", "64MiB", "--optimizer", "sgd_momentum")
+    assert result.returncode == 0, result.stderr
+    assert "largest batch whose predicted training-step peak fits 64.0 MiB" in result.stdout
+    assert all(f"  {rules} " in result.stdout for rules in ("bp", "exact", "auto", "auto+approx4"))

@@ -1,0 +1,271 @@
+"""The budget planner (aalconvert.plan, convert(budget=)), its cost table, memory sizes and the batch search.
+
+The planner's choices are checked on a small synthetic residual MLP (cheapest
+tiers first, monotone and deterministic in the budget), and its promise on the
+examples: the converted model's measured bytes kept (measure_saved) give a
+step peak under the budget, within 5 % of the prediction.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+import aalconvert
+from aalconvert.budget import BudgetError, plan_budget
+from aalconvert.costs import RULE_COSTS, tier_order
+from aalconvert.errors import ConversionError
+from aalconvert.max_batch import RULE_SETS, fit_batches, largest_batch
+from aalconvert.memory import measure_saved
+from aalconvert.sizes import parse_size
+from examples import EXAMPLES
+
+LOSSLESS = {"exact", "recompute"}
+
+
+class Block(nn.Module):
+    """A pre-norm residual MLP block: x + fc2(drop(gelu(fc1(norm(x)))))."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, 4 * width)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(0.1)
+        self.fc2 = nn.Linear(4 * width, width)
+
+    def forward(self, x):
+        return x + self.fc2(self.drop(self.act(self.fc1(self.norm(x)))))
+
+
+class ResidualMLP(nn.Module):
+    def __init__(self, width: int = 32, depth: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Linear(16, width)
+        self.blocks = nn.Sequential(*(Block(width) for _ in range(depth)))
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x):
+        return self.head(self.blocks(torch.relu(self.stem(x))))
+
+
+def synthetic() -> tuple[nn.Module, tuple]:
+    torch.manual_seed(0)
+    return ResidualMLP(), (torch.randn(64, 16, 16),)
+
+
+@pytest.fixture(scope="module")
+def widest():
+    """The synthetic model's plan at its BP peak: it converts nothing, and tells the floor and tier peaks."""
+    model, inputs = synthetic()
+    bp_peak = aalconvert.inspect(model, inputs, "exact").totals.peak_bp_bytes
+    return plan_budget(model, bp_peak, inputs)
+
+
+def between(low: int, high: int, fraction: float) -> int:
+    return int(low + (high - low) * fraction)
+
+
+# -- memory sizes -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("10GiB", 10 * 2**30), ("512MiB", 512 * 2**20), ("1.5GB", 1_500_000_000), ("2 kib", 2048),
+    ("4096", 4096), (".5KiB", 512), (123, 123),
+])
+def test_sizes_parse_binary_and_decimal_units(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["ten GiB", "10 GiBs", "-1GB", "0", "", "1e3GB", 1.5, None, True])
+def test_bad_sizes_raise_naming_the_text(text):
+    with pytest.raises(ConversionError, match="memory size"):
+        parse_size(text)
+
+
+def test_a_bad_budget_raises_before_the_model_changes():
+    model, inputs = synthetic()
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(ConversionError, match="bad memory size '12 parsecs'"):
+        aalconvert.convert(model, budget="12 parsecs", example_inputs=inputs, inplace=True)
+    assert [type(m) for m in model.modules()] == before
+
+
+# -- the cost table ---------------------------------------------------------------------------
+
+
+def test_tiers_put_lossless_rules_first_then_measured_costs_in_order_then_unmeasured():
+    order = tier_order()
+    assert set(order[:2]) == LOSSLESS
+    learning = [RULE_COSTS[name] for name in order[2:]]
+    measured = [cost.cost_per_saved for cost in learning if cost.cost_per_saved is not None]
+    assert all(later >= 0.95 * earlier for earlier, later in zip(measured, measured[1:]))
+    assert [cost.cost_per_saved is None for cost in learning] == sorted(
+        cost.cost_per_saved is None for cost in learning)
+    assert order.index("approx8") < order.index("approx4") < order.index("approx2")
+    assert all(cost.source for cost in RULE_COSTS.values())
+
+
+def test_tier_order_of_a_subset_keeps_the_full_order():
+    full = tier_order()
+    subset = ["approx4", "exact", "asa"]
+    assert tier_order(subset) == [name for name in full if name in subset]
+
+
+# -- the planner's choices on a synthetic model -----------------------------------------------
+
+
+def test_bp_fits_a_budget_at_its_peak_and_nothing_is_converted(widest):
+    assert widest.decisions == {} and widest.choices == []
+    assert widest.peak_bytes == widest.peak_bp_bytes <= widest.budget_bytes
+    assert widest.floor_bytes < widest.peak_bp_bytes
+
+
+def test_a_budget_lossless_rules_reach_is_met_with_lossless_rules_only(widest):
+    model, inputs = synthetic()
+    lossless_peak = widest.tiers[1].peak_bytes  # both lossless tiers in full
+    plan = plan_budget(model, between(lossless_peak, widest.peak_bp_bytes, 0.5), inputs)
+    assert plan.fits and plan.decisions
+    assert set(plan.decisions.values()) <= LOSSLESS
+
+
+def test_a_tighter_budget_takes_every_lossless_unit_before_any_learning_rule(widest):
+    model, inputs = synthetic()
+    plan = plan_budget(model, between(widest.floor_bytes, widest.tiers[1].peak_bytes, 0.5), inputs)
+    assert plan.fits
+    assert set(plan.decisions.values()) - LOSSLESS, "a learning or approx rule was needed"
+    for step in plan.tiers[:2]:
+        assert step.taken == step.units
+    last_used = max(i for i, step in enumerate(plan.tiers) if step.taken)
+    assert all(step.taken == step.units for step in plan.tiers[:last_used]), \
+        "a tier is used only when every cheaper one is taken whole"
+
+
+def test_within_a_tier_the_largest_saving_comes_first(widest):
+    model, inputs = synthetic()
+    plan = plan_budget(model, widest.floor_bytes, inputs)
+    for rule in ("recompute", "exact", "approx8"):
+        savings = [choice.saving for choice in plan.choices if choice.rule == rule]
+        assert savings == sorted(savings, reverse=True), rule
+
+
+def test_the_plan_is_monotone_in_the_budget(widest):
+    model, inputs = synthetic()
+    budgets = [between(widest.floor_bytes, widest.peak_bp_bytes, f) for f in (0.9, 0.6, 0.3, 0.1, 0.0)]
+    plans = [plan_budget(model, budget, inputs) for budget in budgets]
+    for budget, plan in zip(budgets, plans):
+        assert plan.peak_bytes <= budget
+    for looser, tighter in zip(plans, plans[1:]):
+        assert tighter.peak_bytes <= looser.peak_bytes
+        units = lambda plan: [(choice.rule, choice.modules) for choice in plan.choices]
+        assert units(tighter)[:len(looser.choices)] == units(looser)  # a tighter budget only adds
+
+
+def test_the_plan_is_deterministic(widest):
+    model, inputs = synthetic()
+    budget = between(widest.floor_bytes, widest.peak_bp_bytes, 0.2)
+    first, second = plan_budget(model, budget, inputs), plan_budget(model, budget, inputs)
+    assert first.to_dict() == second.to_dict()
+
+
+def test_mixed_bit_widths_with_the_first_and_last_layers_kept_at_8_bits(widest):
+    model, inputs = synthetic()
+    approx8, approx4 = (next(s for s in widest.tiers if s.rule == r) for r in ("approx8", "approx4"))
+    plan = plan_budget(model, between(approx4.peak_bytes, approx8.peak_bytes, 0.5), inputs)
+    rules = set(plan.decisions.values())
+    assert {"approx8", "approx4"} <= rules
+    assert plan.decisions.get("stem") == "approx8" and plan.decisions.get("head") == "approx8"
+
+
+def test_a_budget_under_the_floor_names_the_floor_and_the_largest_batch(widest):
+    model, inputs = synthetic()
+    with pytest.raises(BudgetError) as raised:
+        plan_budget(model, widest.floor_bytes - 1, inputs)
+    error = raised.value
+    assert error.floor_bytes == widest.floor_bytes and 0 < error.largest_batch < 64
+    assert f"floor of" in str(error) and f"({widest.floor_bytes} bytes)" in str(error)
+    assert f"largest batch that would fit is about {error.largest_batch}" in str(error)
+
+
+def test_the_plan_counts_the_optimizer_state(widest):
+    model, inputs = synthetic()
+    with_adam = plan_budget(model, widest.budget_bytes * 2, inputs, optimizer="adamw")
+    assert with_adam.report.totals.optimizer_state_bytes == 2 * with_adam.report.totals.gradient_bytes > 0
+    assert with_adam.peak_bp_bytes == widest.peak_bp_bytes + with_adam.report.totals.optimizer_state_bytes
+
+
+def test_restricting_the_rules_plans_with_those_only(widest):
+    model, inputs = synthetic()
+    plan = plan_budget(model, widest.floor_bytes * 10, inputs, rules=["exact", "approx4"])
+    assert [step.rule for step in plan.tiers] == ["exact", "approx4"]
+    with pytest.raises(ConversionError, match="budget planning takes rules"):
+        plan_budget(model, "1GiB", inputs, rules=["fast"])
+
+
+def test_convert_refuses_rules_or_bits_with_a_budget_and_optimizer_without_one():
+    model, inputs = synthetic()
+    with pytest.raises(ConversionError, match="the planner chooses the rules itself"):
+        aalconvert.convert(model, "exact", budget="1GiB", example_inputs=inputs)
+    with pytest.raises(ConversionError, match="bits= does not apply"):
+        aalconvert.convert(model, budget="1GiB", example_inputs=inputs, bits=4)
+    with pytest.raises(ConversionError, match="pass budget= too"):
+        aalconvert.convert(model, optimizer="adamw", example_inputs=inputs)
+    with pytest.raises(ConversionError, match="needs example_inputs"):
+        aalconvert.convert(model, budget="1GiB")
+
+
+# -- the promise on the examples: measured under the budget, prediction within 5 % -------------
+
+
+@pytest.mark.parametrize("name", list(EXAMPLES))
+def test_a_planned_example_measures_under_the_budget_as_predicted(name):
+    torch.manual_seed(0)
+    example = EXAMPLES[name]
+    model = example.build_model().train()
+    inputs = example.example_inputs(batch_size=4)
+    bp_peak = aalconvert.inspect(model, inputs, "exact", optimizer="adamw").totals.peak_bp_bytes
+    floor = plan_budget(model, bp_peak, inputs, optimizer="adamw").floor_bytes
+    budget = between(floor, bp_peak, 0.3)
+    plan = aalconvert.plan(model, budget=budget, example_inputs=inputs, optimizer="adamw")
+    converted = aalconvert.convert(model, budget=budget, example_inputs=inputs, optimizer="adamw")
+    converted.train()
+    kept = measure_saved(lambda: converted(*inputs), converted.parameters())
+    totals = plan.report.totals
+    measured_peak = totals.peak(kept.nbytes)
+    assert measured_peak <= budget, (measured_peak, budget)
+    assert abs(totals.converted_bytes - kept.nbytes) <= 0.05 * kept.nbytes
+    assert {type(m).__name__ for m in converted.modules()} != {type(m).__name__ for m in model.modules()}
+    kept.output.float().logsumexp(-1).mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in converted.parameters() if p.grad is not None)
+
+
+# -- the largest batch --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("start", [1, 7, 50, 400])
+@pytest.mark.parametrize("memory", [5, 99, 100, 1234])
+def test_largest_batch_finds_the_last_batch_that_fits(start, memory):
+    probes = []
+
+    def peak_at(batch):
+        probes.append(batch)
+        return 10 + 3 * batch
+
+    batch = largest_batch(peak_at, memory, start)
+    expected = max(0, (memory - 10) // 3)
+    assert batch == expected
+    assert len(probes) <= 24
+
+
+def test_fit_batches_gives_each_rule_set_the_last_batch_under_the_memory():
+    example = EXAMPLES["gpt"]
+    model = example.build_model()
+    memory = 8 * 2**20
+    fits = fit_batches(model, lambda b: example.example_inputs(batch_size=b), memory)
+    assert [fit.rules for fit in fits] == list(RULE_SETS)
+    for fit in fits:
+        rules = "exact" if fit.rules == "bp" else fit.rules.split("+")
+        after = aalconvert.inspect(model, example.example_inputs(batch_size=fit.largest_batch + 1), rules)
+        peak_after = after.totals.peak_bp_bytes if fit.rules == "bp" else after.totals.peak_converted_bytes
+        assert fit.peak_bytes <= memory < peak_after, fit
+    batches = [fit.largest_batch for fit in fits]
+    assert batches == sorted(batches) and batches[0] < batches[-1]
