@@ -40,7 +40,7 @@ from aalconvert.rules.attention import PAYLOAD_KEY, apply_attention_site, attent
 from aalconvert.rules.base import Site, Skip
 from aalconvert.rules.gated_mlp import gated_mlp_sites
 from aalconvert.rules.exact import ExactRule
-from aalconvert.rules.recompute import POINTWISE_KEY, pointwise_sites
+from aalconvert.rules.recompute import CHAIN_KEY, POINTWISE_KEY, apply_chain_site, layer_chains, pointwise_sites
 from aalconvert.rules.saved_pack import PAYLOAD_KEY as SAVED_PACK_KEY
 from aalconvert.rules.saved_pack import apply_saved_pack_site, saved_pack_site
 from aalconvert.rules.swap import TypeSwapRule
@@ -98,9 +98,29 @@ class ApproxRule(ExactRule):
             f"act(gate) * up keeps {self.options.bits}-bit copies of gate and up only",
         )
         sites, skips = sites + core_sites + gated_sites, skips + core_skips + gated_skips
+        chain_sites = self._chain_sites(facts)
+        rebuilt = {site.module_name for site in chain_sites}
+        sites = [site for site in sites if site.module_name not in rebuilt] + chain_sites
         root_sites, root_skips = saved_pack_site(
             facts, self.name, self.options.bits, {site.module_name for site in sites})
         return sites + root_sites, skips + root_skips
+
+    def _chain_sites(self, facts: ModelFacts) -> list[Site]:
+        """Layers whose input a norm/activation chain rebuilds from the chain start's k-bit copy.
+
+        The chain start (LayerNorm, GELU, batch norm...) keeps a k-bit copy of
+        its input under this rule anyway; the layer shares that copy instead of
+        keeping a second one of its own input. Listed after every other site, so
+        the chain's modules are this rule's variants by the time it is applied.
+        """
+        chains, _ = layer_chains(facts, self.name)  # a layer without a chain keeps its own copy
+        return [
+            Site(self.name, name,
+                 f"input not kept: rebuilt in backward as {' -> '.join(chain.modules)} of the "
+                 f"{self.options.bits}-bit copy of its input {chain.start} keeps",
+                 payload={CHAIN_KEY: chain})
+            for name, chain in chains.items()
+        ]
 
     def _transposed_linear_sites(self, facts: ModelFacts) -> tuple[list[Site], list[Skip]]:
         """Zoo ``Conv1D`` modules (GPT-2's linears, weight stored (in, out)), which no type table lists."""
@@ -118,6 +138,8 @@ class ApproxRule(ExactRule):
     def apply(self, model: nn.Module, site: Site, facts: ModelFacts) -> nn.Module:
         if SAVED_PACK_KEY in site.payload:
             return apply_saved_pack_site(model, site, self.options)
+        if CHAIN_KEY in site.payload:
+            return apply_chain_site(model, site, self.options)
         if PAYLOAD_KEY in site.payload:
             return apply_attention_site(model, site, self.option_values())
         module = model.get_submodule(site.module_name)

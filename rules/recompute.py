@@ -28,6 +28,7 @@ from typing import Any
 from torch import fx, nn
 
 from aalconvert.facts import KEEPS_INPUT, ModelFacts, qualified_name
+from aalconvert.nn.approx_common import ApproxOptions
 from aalconvert.nn.lossless import MASK_ACTIVATIONS, MaskHardtanh, MaskLeakyReLU, MaskReLU, MaskReLU6
 from aalconvert.nn.recompute import (
     CHAIN_MODULE_TYPES,
@@ -128,16 +129,9 @@ class RecomputeRule(Rule):
 
     def find(self, facts: ModelFacts) -> tuple[list[Site], list[Skip]]:
         sites, skips = pointwise_sites(self.name, facts, None)
-        for name, nodes in facts.call_nodes.items():
-            if _recompute_variant(facts.modules[name]) is None:
-                continue
-            if len(nodes) != 1:
-                skips.append(Skip(self.name, name, f"called {len(nodes)} times; recompute needs one call"))
-                continue
-            chain = input_chain(facts, nodes[0])
-            if isinstance(chain, str):
-                skips.append(Skip(self.name, name, chain))
-                continue
+        chains, chain_skips = layer_chains(facts, self.name)
+        skips += chain_skips
+        for name, chain in chains.items():
             start_module = facts.modules[chain.start]
             sites += [
                 Site(self.name, activation, f"keeps a 1-bit mask: its output is rebuilt for {name}",
@@ -151,7 +145,7 @@ class RecomputeRule(Rule):
                     name,
                     f"input not kept: rebuilt in backward as {' -> '.join(chain.modules)} of the "
                     f"input {type(start_module).__name__} {chain.start} keeps anyway",
-                    payload={"chain": chain},
+                    payload={CHAIN_KEY: chain},
                     requires=(chain.start,),
                 )
             )
@@ -173,15 +167,42 @@ class RecomputeRule(Rule):
         module = model.get_submodule(site.module_name)
         if POINTWISE_KEY in site.payload:
             return swap_module(model, site.module_name, PointwiseVariant.from_module(module))
-        if "chain" not in site.payload:  # a ReLU (ReLU6, Hardtanh, LeakyReLU) of a chain
+        if CHAIN_KEY not in site.payload:  # a ReLU (ReLU6, Hardtanh, LeakyReLU) of a chain
             return swap_module(model, site.module_name, MASK_ACTIVATIONS[type(module)].from_module(module))
-        chain: Chain = site.payload["chain"]
-        variant = _recompute_variant(module).from_module(
-            module, chain=tuple(model.get_submodule(name) for name in chain.modules)
-        )
-        model = swap_module(model, site.module_name, variant)
-        ChainSlot().wire(variant.chain, variant)
-        return model
+        return apply_chain_site(model, site)
+
+
+CHAIN_KEY = "chain"
+
+
+def layer_chains(facts: ModelFacts, rule: str) -> tuple[dict[str, Chain], list[Skip]]:
+    """Each weighted layer whose input its chain can rebuild, with the chain; why not for the others."""
+    chains, skips = {}, []
+    for name, nodes in facts.call_nodes.items():
+        if _recompute_variant(facts.modules[name]) is None:
+            continue
+        if len(nodes) != 1:
+            skips.append(Skip(rule, name, f"called {len(nodes)} times; recompute needs one call"))
+            continue
+        chain = input_chain(facts, nodes[0])
+        if isinstance(chain, str):
+            skips.append(Skip(rule, name, chain))
+        else:
+            chains[name] = chain
+    return chains, skips
+
+
+def apply_chain_site(model: nn.Module, site: Site, kept_copy: ApproxOptions | None = None) -> nn.Module:
+    """Swap the site's layer for its recompute variant fed by its chain (the chain's modules
+    as they are now in ``model``), keeping ``z`` or, with ``kept_copy``, a k-bit copy of it."""
+    chain: Chain = site.payload[CHAIN_KEY]
+    module = model.get_submodule(site.module_name)
+    variant = _recompute_variant(module).from_module(
+        module, chain=tuple(model.get_submodule(name) for name in chain.modules), kept_copy=kept_copy
+    )
+    model = swap_module(model, site.module_name, variant)
+    ChainSlot(hold_input=kept_copy is not None).wire(variant.chain, variant)
+    return model
 
 
 POINTWISE_KEY = "pointwise"

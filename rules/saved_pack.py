@@ -23,7 +23,7 @@ from torch import nn
 
 from aalconvert.facts import ModelFacts
 from aalconvert.nn import CONVERTED_TYPES
-from aalconvert.nn.approx_common import ApproxOptions
+from aalconvert.nn.approx_common import ApproxOptions, functorch_active
 from aalconvert.nn.saved_pack import SavedTensorPacker
 from aalconvert.nn.traced_forward import TracedForwardVariant
 from aalconvert.rules.base import COVERS, SKIPPED, Site, Skip
@@ -66,7 +66,7 @@ class SavedPackScope(_Wiring):
     def _begin(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if torch.compiler.is_compiling():
             return
-        packing = torch.is_grad_enabled()
+        packing = torch.is_grad_enabled() and not functorch_active()  # transforms: plain torch
         self._calls().append(packing)
         if packing:
             self._arm(module)

@@ -136,9 +136,16 @@ class ChainSlot(_Wiring):
     input as BP does: exact in every case. Only weak references are held, so
     nothing here outlives the forward or keeps a graph alive after an
     exception; a tensor that died meanwhile was needed by nobody.
+
+    ``hold_input``: hold ``z`` itself until the layer has run (then let go,
+    also on error). A chain start that keeps only a k-bit copy of ``z`` lets
+    ``z`` die at once; the layer, sharing that copy, needs ``z`` alive to find
+    it (``approx_common.compress``). ``z`` then lives one layer longer in the
+    forward; nothing more is kept for backward.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, hold_input: bool = False) -> None:
+        self.hold_input = hold_input
         self.state = _PerThread()
         self.handles: list[RemovableHandle] = []
 
@@ -149,11 +156,13 @@ class ChainSlot(_Wiring):
         for module in chain:
             self.handles.append(module.register_forward_hook(self._link, prepend=True))
         self.handles.append(consumer.register_forward_pre_hook(self._inject, with_kwargs=True))
+        if self.hold_input:
+            self.handles.append(consumer.register_forward_hook(self._release, always_call=True))
 
     def _capture(self, module: nn.Module, args: tuple) -> None:
         state = self.state.get()
-        state.chain_input = _reference(args[0])
-        state.last = state.chain_input
+        state.chain_input = args[0] if self.hold_input else _reference(args[0])
+        state.last = _reference(args[0])
 
     def _link(self, module: nn.Module, args: tuple, output: object) -> None:
         state = self.state.get()
@@ -174,6 +183,9 @@ class ChainSlot(_Wiring):
         if z is None or x is None:
             return None
         return args, {**kwargs, "chain_input": z, "chain_output": x}
+
+    def _release(self, module: nn.Module, args: tuple, output: object) -> None:
+        self.state.get().chain_input = None
 
     @property
     def tensor(self) -> torch.Tensor | None:

@@ -187,11 +187,12 @@ def compress(x: torch.Tensor, options: ApproxOptions) -> tuple[tuple[torch.Tenso
     norm and the layer after it under recompute) share one k-bit copy: a pack is
     reused for the very same tensor at the same version with the same options,
     for as long as the tensor lives (the entry goes with it). Not under
-    torch.compile, whose graphs cannot hold the cache.
+    torch.compile, whose graphs cannot hold the cache, and not with stochastic
+    rounding, whose copies of one tensor must differ from forward to forward.
     """
     if not should_quantize(x, options):
-        return (x,), SavedLayout(False, x.shape, x.dtype, 0, 0)
-    caching = not torch.compiler.is_compiling()
+        return (compact(x),), SavedLayout(False, x.shape, x.dtype, 0, 0)
+    caching = not options.stochastic and not torch.compiler.is_compiling()
     key = (id(x), options)
     entries = _packs.entries
     cached = entries.get(key) if caching else None
@@ -215,6 +216,18 @@ def compress(x: torch.Tensor, options: ApproxOptions) -> tuple[tuple[torch.Tenso
 
         entries[key] = (weakref.ref(x, forget), x._version, q.tensors(), layout)
     return q.tensors(), layout
+
+
+def compact(x: torch.Tensor) -> torch.Tensor:
+    """``x``, or a copy of it when ``x`` is a small view of a much larger storage.
+
+    Saving a view keeps its whole storage alive: a ViT's head saving its class
+    token ``x[:, 0]`` would keep every token. A copy of the view is kept instead
+    when the storage holds at least twice its bytes.
+    """
+    if x.untyped_storage().nbytes() >= 2 * x.numel() * x.element_size() > 0:
+        return x.detach().clone(memory_format=torch.contiguous_format)
+    return x
 
 
 def restore(tensors: Sequence[torch.Tensor], layout: SavedLayout) -> torch.Tensor:

@@ -38,6 +38,12 @@ weight in plain torch).
 
 Forward and backward run in the autocast state of the forward, so mixed
 precision gives the gradients plain torch gives.
+
+Under the approx rules (``kept_copy=ApproxOptions``) the layer keeps a k-bit
+copy of ``z`` instead of ``z`` and rebuilds its input from the decoded copy:
+approximate, like every approx variant. The chain's first module, an approx
+variant itself, packs the same ``z`` with the same options, and both share one
+copy (``approx_common.compress``), so the layer keeps nothing of its own.
 """
 
 import math
@@ -50,7 +56,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from aalconvert.errors import ConversionError
-from aalconvert.nn.approx_common import functorch_active
+from aalconvert.nn.approx_common import ApproxOptions, SavedLayout, compress, functorch_active, restore
 from aalconvert.nn.function_output import own_output
 from aalconvert.nn.rebuild import rebuild_as
 from aalconvert.nn.saved import saved_tensors_or_raise
@@ -174,6 +180,22 @@ def _saved_shapes(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return shapes
 
 
+def _keep_chain_input(ctx, z: torch.Tensor, kept_copy: ApproxOptions | None) -> tuple[torch.Tensor, ...]:
+    """What the layer saves of ``z``: ``z`` itself, or its k-bit copy (layout in ``ctx.z_layout``)."""
+    if kept_copy is None:
+        ctx.z_layout = None
+        return (z,)
+    kept, ctx.z_layout = compress(z, kept_copy)
+    return kept
+
+
+def _chain_input_and_weights(ctx, where: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``z`` (decoded when a k-bit copy was kept), the weight and the bias, from ``ctx``."""
+    *kept, weight, bias = _saved_tensors(ctx, where)
+    layout: SavedLayout | None = ctx.z_layout
+    return (kept[0] if layout is None else restore(kept, layout)), weight, bias
+
+
 def _modified_name(shapes: dict, message: str) -> str:
     """Which saved tensor torch's message is about, told apart by the shape it quotes."""
     quoted = {name: f"[{', '.join(map(str, shape))}]]" for name, shape in shapes.items()}
@@ -281,12 +303,12 @@ class RecomputedInputLinearFunction(torch.autograd.Function):
         ctx.x_2d_stride = _folded_stride(x, ctx.addmm)
         ctx.compute_dtype = y.dtype
         ctx.saved_shapes = _saved_shapes(z, weight, bias)
-        ctx.save_for_backward(z, weight, bias)
+        ctx.save_for_backward(*_keep_chain_input(ctx, z, layer.kept_copy), weight, bias)
         return own_output(y)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        z, weight, bias = _saved_tensors(ctx, ctx.where)
+        z, weight, bias = _chain_input_and_weights(ctx, ctx.where)
         _, need_x, _, need_weight, need_bias = ctx.needs_input_grad
         record = ctx.record
         grad_x, grad_weight, grad_bias = linear_backward(
@@ -312,12 +334,12 @@ class RecomputedInputTransposedLinearFunction(torch.autograd.Function):
         ctx.x_2d_stride = _folded_stride(x, addmm=True)
         ctx.compute_dtype = y.dtype  # differs from the Parameters' under autocast
         ctx.saved_shapes = _saved_shapes(z, weight, bias)
-        ctx.save_for_backward(z, weight, bias)
+        ctx.save_for_backward(*_keep_chain_input(ctx, z, layer.kept_copy), weight, bias)
         return own_output(y)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        z, weight, bias = _saved_tensors(ctx, ctx.where)
+        z, weight, bias = _chain_input_and_weights(ctx, ctx.where)
         _, need_x, _, need_weight, need_bias = ctx.needs_input_grad
         shape = ctx.record.x_shape
         rows = math.prod(shape[:-1])
@@ -362,12 +384,12 @@ class RecomputedInputConvFunction(torch.autograd.Function):
         ctx.geometry = (layer.stride, layer.explicit_padding(), layer.dilation, layer.groups)
         ctx.compute_dtype = y.dtype
         ctx.saved_shapes = _saved_shapes(z, weight, bias)
-        ctx.save_for_backward(z, weight, bias)
+        ctx.save_for_backward(*_keep_chain_input(ctx, z, layer.kept_copy), weight, bias)
         return own_output(y)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        z, weight, bias = _saved_tensors(ctx, ctx.where)
+        z, weight, bias = _chain_input_and_weights(ctx, ctx.where)
         _, need_x, _, need_weight, need_bias = ctx.needs_input_grad
         record = ctx.record
         x = record.rebuild(z, ctx.where).to(ctx.compute_dtype)
@@ -396,12 +418,16 @@ class _RecomputedInput:
     """Chain handling shared by the Linear and Conv variants (see the module docstring)."""
 
     chain: tuple[nn.Module, ...] = ()
+    kept_copy: ApproxOptions | None = None
     _plain_type: type[nn.Module]
     _function: type[torch.autograd.Function]
 
     @classmethod
-    def from_module(cls, module: nn.Module, chain: tuple[nn.Module, ...] = ()):
-        """Build from a plain layer, sharing its Parameters; ``chain`` as for ``set_chain``."""
+    def from_module(
+        cls, module: nn.Module, chain: tuple[nn.Module, ...] = (), kept_copy: ApproxOptions | None = None
+    ):
+        """Build from a plain layer, sharing its Parameters; ``chain`` as for ``set_chain``;
+        ``kept_copy``: keep a k-bit copy of the chain input (module docstring), else the input."""
         if type(module) is not cls._plain_type:
             raise ConversionError(
                 f"{cls.__name__}.from_module expects an nn.{cls._plain_type.__name__}, "
@@ -412,6 +438,7 @@ class _RecomputedInput:
             _validate_chain(tuple(chain), cls.__name__)
         converted = rebuild_as(cls, module)
         converted.chain = tuple(chain)
+        converted.kept_copy = kept_copy
         return converted
 
     @classmethod
@@ -425,7 +452,7 @@ class _RecomputedInput:
 
     def to_module(self) -> nn.Module:
         """The plain torch layer with the same Parameter objects (the chain is dropped)."""
-        return rebuild_as(self._plain_type, self, drop=("chain",))
+        return rebuild_as(self._plain_type, self, drop=("chain", "kept_copy"))
 
     def describe(self) -> str:
         return f"{type(self).__name__}({self.extra_repr()})"
@@ -474,7 +501,8 @@ class _RecomputedInput:
 
     def extra_repr(self) -> str:
         chain = " -> ".join(type(module).__name__ for module in self.chain) or "unset"
-        return f"{self._layer_repr()}, rebuilds input from chain={chain}"
+        kept = "" if self.kept_copy is None else f" kept in {self.kept_copy.bits} bits"
+        return f"{self._layer_repr()}, rebuilds input from chain={chain}{kept}"
 
 
 class RecomputedInputLinear(_RecomputedInput, nn.Linear):
@@ -540,16 +568,20 @@ class RecomputedInputTransposedLinear(_RecomputedInput, TransposedLinearVariant)
     (``aalconvert.nn.zoo_linear``).
     """
 
-    OPTIONS = ("chain",)
+    OPTIONS = ("chain", "kept_copy")
     _function = RecomputedInputTransposedLinearFunction
 
     @classmethod
-    def from_module(cls, module: nn.Module, chain: tuple[nn.Module, ...] = ()):
-        """Build from a zoo ``Conv1D``, sharing its Parameters; ``chain`` as for ``set_chain``."""
+    def from_module(
+        cls, module: nn.Module, chain: tuple[nn.Module, ...] = (), kept_copy: ApproxOptions | None = None
+    ):
+        """Build from a zoo ``Conv1D``, sharing its Parameters; ``chain`` and ``kept_copy`` as for
+        the Linear variant."""
         if chain:
             _validate_chain(tuple(chain), cls.__name__)
         converted = cls.rebuild_from(module)
         converted.chain = tuple(chain)
+        converted.kept_copy = kept_copy
         return converted
 
     def to_module(self) -> nn.Module:

@@ -40,6 +40,7 @@ from aalconvert.memory import storage_key
 from aalconvert.nn.approx_common import (
     ApproxOptions,
     SavedLayout,
+    compact,
     compress,
     functorch_active,
     restore,
@@ -166,22 +167,22 @@ class SavedTensorPacker:
         modes = self._state().modes
         return bool(modes) and modes[-1]
 
-    def packs(self, tensor: torch.Tensor) -> bool:
-        """Whether ``tensor``, saved now, would be packed (see the module docstring)."""
-        state = self._state()
+    def is_activation(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor``, saved now, is an activation this packer may pack (module docstring)."""
         return (
             self.active
             and tensor.requires_grad
-            and should_quantize(tensor, self.options)
             and _plain(tensor)
             and not functorch_active(tensor)
-            and storage_key(tensor.untyped_storage()) not in state.excluded
+            and storage_key(tensor.untyped_storage()) not in self._state().excluded
         )
 
     def _pack(self, tensor: torch.Tensor) -> Any:
         state = self._state()
-        if not self.packs(tensor):
-            return tensor if state.outer is None else PassedOn(state.outer[0](tensor), state.outer[1])
+        activation = self.is_activation(tensor)
+        if not activation or not should_quantize(tensor, self.options):
+            kept = compact(tensor) if activation else tensor  # a small view: not its whole storage
+            return kept if state.outer is None else PassedOn(state.outer[0](kept), state.outer[1])
         cached = state.cache.get(id(tensor))
         if cached is not None and cached[0]() is tensor and cached[1] == tensor._version:
             return cached[2]

@@ -1,0 +1,113 @@
+"""Under approx rules, a layer after a norm/activation chain shares the chain start's k-bit copy.
+
+The reference is torch: the layer's weight gradient computed by autograd at
+``chain(decoded z)``, where ``decoded z`` comes from the reference quantizer.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import aalconvert
+from aalconvert.kernels import dequantize, quantize
+from aalconvert.memory import measure_saved
+from aalconvert.nn.approx_common import ApproxOptions
+from aalconvert.nn.recompute import RecomputedInputConv2d, RecomputedInputLinear
+
+
+class PreNorm(nn.Module):
+    """A transformer MLP as timm writes it: LayerNorm -> fc1 -> GELU -> fc2, on a residual."""
+
+    def __init__(self, dim: int = 64):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        return x + self.fc2(self.act(self.fc1(self.norm(x))))
+
+
+class ConvBlock(nn.Module):
+    """torchvision's BasicBlock order: conv -> BN -> ReLU(inplace) -> conv."""
+
+    def __init__(self, channels: int = 16):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        out = self.conv1(x)
+        out = self.bn(out)  # the conv's output dies here: only the BN's k-bit copy of it is kept
+        out = self.relu(out)
+        return self.conv2(out)
+
+
+def kept(model, x):
+    return measure_saved(lambda: model(x), model.parameters()).nbytes
+
+
+def decoded(t: torch.Tensor, options: ApproxOptions) -> torch.Tensor:
+    return dequantize(quantize(t, options.bits, group_size=options.group_size, companding=options.companding))
+
+
+def test_layers_after_a_chain_keep_nothing_of_their_own_and_the_report_says_why():
+    torch.manual_seed(0)
+    model = nn.Sequential(PreNorm(), PreNorm())
+    x = torch.randn(8, 32, 64)
+    converted = aalconvert.convert(model, "approx4", example_inputs=(x,))
+    assert type(converted[0].fc1) is RecomputedInputLinear and type(converted[0].fc2) is RecomputedInputLinear
+    report = aalconvert.inspect(model, (x,), "approx4")
+    rows = {row.name: row for row in report.rows}
+    assert rows["0.fc2"].bytes_converted == 0 and "4-bit copy" in rows["0.fc2"].explanation
+    assert rows["0.act"].bytes_converted > 0  # the one copy, kept by the chain start
+    assert kept(converted, x) == report.totals.converted_bytes
+    plain_approx = aalconvert.convert(model, "approx4", example_inputs=(x,), skip=["0.fc1", "0.fc2"])
+    assert kept(converted, x) < kept(plain_approx, x)
+
+
+def test_weight_gradient_is_torch_at_the_chain_rebuilt_from_the_decoded_copy():
+    torch.manual_seed(0)
+    model = PreNorm()
+    x = torch.randn(8, 32, 64)
+    converted = aalconvert.convert(model, "approx4", example_inputs=(x,))
+    converted.zero_grad()
+    converted(x).sum().backward()
+    options = ApproxOptions(bits=4)
+    h = model.fc1(model.norm(x)).detach()  # the GELU's input: the chain start keeps its k-bit copy
+    rebuilt = F.gelu(decoded(h, options))
+    grad_out = torch.ones(8, 32, 64)
+    torch.testing.assert_close(converted.fc2.weight.grad, grad_out.reshape(-1, 64).t() @ rebuilt.reshape(-1, 256))
+
+
+def test_a_conv_after_batch_norm_and_in_place_relu_shares_the_copy_and_lets_go_after_the_layer():
+    torch.manual_seed(0)
+    model = ConvBlock()
+    x = torch.randn(4, 16, 16, 16)
+    converted = aalconvert.convert(model, "approx4", example_inputs=(x,))
+    assert type(converted.conv2) is RecomputedInputConv2d
+    plain_approx = aalconvert.convert(model, "approx4", example_inputs=(x,), skip=["conv2"])
+    assert kept(converted, x) < kept(plain_approx, x)
+    slot = next(h.__self__ for h in converted.bn._forward_pre_hooks.values())
+    assert slot.tensor is None  # the held chain input went after the layer ran
+    got = torch.autograd.grad(converted(x).square().mean(), list(converted.parameters()))
+    expected = torch.autograd.grad(model(x).square().mean(), list(model.parameters()))
+    cos = F.cosine_similarity(torch.cat([g.flatten() for g in got]), torch.cat([g.flatten() for g in expected]), dim=0)
+    assert cos > 0.99
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_stochastic_rounding_keeps_its_own_copy_and_trains(stochastic):
+    torch.manual_seed(0)
+    model = PreNorm()
+    x = torch.randn(8, 32, 64)
+    converted = aalconvert.convert(model, "approx4", example_inputs=(x,), stochastic=stochastic)
+    converted.zero_grad()
+    converted(x).square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in converted.parameters())
+    shared = aalconvert.convert(model, "approx4", example_inputs=(x,))
+    assert (kept(converted, x) > kept(shared, x)) == stochastic  # a stochastic copy is never shared
