@@ -368,3 +368,35 @@ def test_under_torch_compile_the_packer_stands_aside_and_gradients_stay_right():
     got = [p.grad.clone() for p in converted.parameters()]
     for a, b in zip(got, grads(model, x)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+class LossInside(nn.Module):
+    """A language model that computes its loss in forward, as Hugging Face's do with labels=."""
+
+    def __init__(self, vocab: int = 512, dim: int = 64):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.block = SDPABlock(dim)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, ids, labels):
+        logits = self.head(self.block(self.embed(ids)))
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+
+
+def test_a_loss_inside_the_model_keeps_its_log_probabilities_exact():
+    torch.manual_seed(0)
+    model = LossInside()
+    ids = torch.randint(0, 512, (4, 64))
+    converted = aalconvert.convert(model, "approx4", example_inputs=(ids, ids))
+    packer = SavedTensorPacker(ApproxOptions(bits=4, min_numel=0))
+    logits = (torch.randn(256, 512) * 10).requires_grad_()
+    _, seen = _recorded_saves(lambda: F.cross_entropy(logits * 1, torch.randint(0, 512, (256,))), packer)
+    assert ((256, 512), torch.float32) in seen and not any(dtype == torch.uint8 for _, dtype in seen)
+
+    def step(m):
+        m.zero_grad()
+        m(ids, ids).backward()
+        return [p.grad.clone() for p in m.parameters()]
+
+    assert cosine(step(converted), step(model)) > 0.99

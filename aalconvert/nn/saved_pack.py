@@ -17,8 +17,16 @@ as it is: statistics an op saves beside its inputs and outputs (SDPA's
 logsumexp, a norm's mean and rstd: torch marks them non-differentiable, and a
 k-bit normaliser would scale every gradient of its row), masks and indices,
 constants, the model's inputs, and Parameters, buffers and their views (a copy
-of a tensor that stays alive anyway would only add memory). One tensor saved by
-several ops is packed once.
+of a tensor that stays alive anyway would only add memory), and log-softmax
+outputs (a loss computed inside the model): their backward exponentiates them,
+so a k-bit error of a step in log space would scale a probability by e^step. One
+tensor saved by several ops is packed once; a small view (under ``min_numel``)
+is kept as a compact copy rather than with its whole storage.
+
+The packer sees tensors, not the ops that save them: an activation an op
+divides by or takes the logarithm of is quantized like any other (its relative
+error grows near zero). Models do that in norms (``x / rms``) over statistics
+that are small tensors and mostly stay exact by ``min_numel``.
 
 Hooks that were active when the packer began (``torch.utils.checkpoint``,
 ``save_on_cpu``, aalconvert's own measurement) still see every saved tensor:
@@ -46,6 +54,9 @@ from aalconvert.nn.approx_common import (
     restore,
     should_quantize,
 )
+
+# Saved outputs of these autograd nodes stay exact (see the module docstring).
+_EXACT_OUTPUTS = frozenset({"LogSoftmaxBackward0"})
 
 _Hooks = tuple[Callable[[torch.Tensor], Any], Callable[[Any], torch.Tensor]]
 
@@ -172,6 +183,7 @@ class SavedTensorPacker:
         return (
             self.active
             and tensor.requires_grad
+            and type(tensor.grad_fn).__name__ not in _EXACT_OUTPUTS
             and _plain(tensor)
             and not functorch_active(tensor)
             and storage_key(tensor.untyped_storage()) not in self._state().excluded
