@@ -17,6 +17,10 @@ belong to the approx family rather than a rule of their own because they
 quantize the same kind of tensors with the same options. Gated MLPs
 (``down(act(gate) * up)``, ``aalconvert.rules.gated_mlp``) keep k-bit gate and up only.
 
+A language model's output projection takes the loss head
+(``aalconvert.rules.loss_head``): like the masks, it is lossless and keeps less
+than any k-bit copy of the logits' log-softmax would.
+
 What no site above reaches (``F.scaled_dot_product_attention``,
 ``nn.MultiheadAttention``, norms and functional ops written in a module's
 forward) is packed by saved-tensor hooks on the root (``aalconvert.rules.saved_pack``).
@@ -39,6 +43,7 @@ from aalconvert.nn.zoo_pointwise import PointwiseVariant
 from aalconvert.rules.attention import PAYLOAD_KEY, apply_attention_site, attention_sites
 from aalconvert.rules.base import Site, Skip
 from aalconvert.rules.gated_mlp import gated_mlp_sites
+from aalconvert.rules.loss_head import LossHeadRule
 from aalconvert.rules.exact import ExactRule
 from aalconvert.rules.recompute import CHAIN_KEY, POINTWISE_KEY, apply_chain_site, layer_chains, pointwise_sites
 from aalconvert.rules.saved_pack import PAYLOAD_KEY as SAVED_PACK_KEY
@@ -59,6 +64,9 @@ _APPROX_VARIANTS: dict[type[nn.Module], type[nn.Module]] = {
 }
 
 
+LOSS_HEAD_KEY = "loss_head"
+
+
 class ApproxRule(ExactRule):
     name = "approx4"
     description = "k-bit copies of saved inputs (linear, conv, norms, GELU/SiLU, softmax, attention matmuls)"
@@ -69,8 +77,9 @@ class ApproxRule(ExactRule):
         self.options = options or ApproxOptions()
         self.name = f"approx{self.options.bits}"
         self.description = (
-            f"{self.options.bits}-bit copies of saved inputs (linear, conv, norms, GELU/SiLU, zoo "
-            "activations/norms, softmax, attention matmul operands); ReLU/dropout/max-pool masked as in exact"
+            f"{self.options.bits}-bit copies of what is saved for backward (linear, conv, norms, "
+            "activations, attention, functional ops); layers after a norm/activation share its copy; "
+            "ReLU/dropout/max-pool masked as in exact; a language model's loss head as in loss_head"
         )
 
     @classmethod
@@ -98,7 +107,7 @@ class ApproxRule(ExactRule):
             f"act(gate) * up keeps {self.options.bits}-bit copies of gate and up only",
         )
         sites, skips = sites + core_sites + gated_sites, skips + core_skips + gated_skips
-        chain_sites = self._chain_sites(facts)
+        chain_sites = self._chain_sites(facts) + self._loss_head_sites(facts)
         rebuilt = {site.module_name for site in chain_sites}
         sites = [site for site in sites if site.module_name not in rebuilt] + chain_sites
         root_sites, root_skips = saved_pack_site(
@@ -122,6 +131,11 @@ class ApproxRule(ExactRule):
             for name, chain in chains.items()
         ]
 
+    def _loss_head_sites(self, facts: ModelFacts) -> list[Site]:
+        """A language model's output projection, as the ``loss_head`` rule converts it."""
+        sites, _ = LossHeadRule().find(facts)  # a model without one is no news under approx
+        return [Site(self.name, site.module_name, site.reason, payload={LOSS_HEAD_KEY: True}) for site in sites]
+
     def _transposed_linear_sites(self, facts: ModelFacts) -> tuple[list[Site], list[Skip]]:
         """Zoo ``Conv1D`` modules (GPT-2's linears, weight stored (in, out)), which no type table lists."""
         sites, skips = [], []
@@ -140,6 +154,8 @@ class ApproxRule(ExactRule):
             return apply_saved_pack_site(model, site, self.options)
         if CHAIN_KEY in site.payload:
             return apply_chain_site(model, site, self.options)
+        if LOSS_HEAD_KEY in site.payload:
+            return LossHeadRule().apply(model, site, facts)
         if PAYLOAD_KEY in site.payload:
             return apply_attention_site(model, site, self.option_values())
         module = model.get_submodule(site.module_name)

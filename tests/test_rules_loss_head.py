@@ -223,3 +223,20 @@ def test_compiled_converted_model_gives_the_plain_loss():
     ours, our_grads = step(compiled, ids, labels)
     torch.testing.assert_close(ours.loss, plain.loss, rtol=1e-6, atol=0)
     assert_close_gradients(our_grads, plain_grads)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_approx_rules_take_the_loss_head_and_the_step_keeps_its_logits_nowhere(name):
+    model = build(name)
+    ids, labels = token_batch()
+    converted = aalconvert.convert(model, "approx4", example_inputs=(ids,))
+    assert isinstance(converted.get_output_embeddings(), LossHeadLinear)
+    bp = measure_saved(lambda: model(ids, labels=labels), list(model.parameters())).nbytes
+    kept = measure_saved(lambda: converted(ids, labels=labels), list(model.parameters())).nbytes
+    only_masks = aalconvert.convert(model, "approx4", example_inputs=(ids,), skip=[
+        n for n, m in model.named_modules() if m is model.get_output_embeddings()])
+    without_head = measure_saved(lambda: only_masks(ids, labels=labels), list(model.parameters())).nbytes
+    assert kept < without_head < bp
+    (_, got), (_, expected) = step(converted, ids, labels), step(model, ids, labels)
+    flat = lambda grads: torch.cat([g.flatten() for g in grads if g is not None])  # noqa: E731
+    assert F.cosine_similarity(flat(got), flat(expected), dim=0) > 0.99
