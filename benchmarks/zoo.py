@@ -12,8 +12,11 @@ Inputs are small because CPU time is the constraint: vision batch 2 at 64x64
 (299 for Inception v3, whose auxiliary head needs it; 224 for MaxViT, whose partition sizes
 fix it; torchvision and timm ViT/Mixer-style models are built for the input
 size with their own ``image_size``/``img_size`` argument, widths untouched),
-Hugging Face vision configs at 32x32, text 2 x 32 tokens. Ratios at 224 px
+Hugging Face vision configs at 32x32, text 4 x 128 tokens. Ratios at 224 px
 differ somewhat (the share of the stem and of attention changes with tokens).
+Language models (``*ForCausalLM``, ``*LMHeadModel``, ``*ForMaskedLM``) train
+as they are trained: ``labels=`` the token ids, and the gradients are those of
+their own loss; every other model's are those of the mean square of its outputs.
 
 Per model and rule set it records, on real tensors, with one seeded forward
 and backward of the same model object (the converted model shares its
@@ -218,7 +221,7 @@ HF_ARCHITECTURES: dict[str, tuple[str, str, dict, str]] = {
     "electra": ("ElectraForMaskedLM", "ElectraConfig", {"vocab_size": 100, "embedding_size": 32, **HF_SIZES},
                 "text"),
     "gpt2": ("GPT2LMHeadModel", "GPT2Config",
-             {"vocab_size": 100, "n_layer": 2, "n_embd": 64, "n_head": 4, "n_inner": 128, "n_positions": 64,
+             {"vocab_size": 100, "n_layer": 2, "n_embd": 64, "n_head": 4, "n_inner": 128, "n_positions": 128,
               "bos_token_id": 0, "eos_token_id": 0}, "text"),
     "llama": ("LlamaForCausalLM", "LlamaConfig", HF_DECODER, "text"),
     "mistral": ("MistralForCausalLM", "MistralConfig", HF_DECODER, "text"),
@@ -252,7 +255,7 @@ HF_ARCHITECTURES: dict[str, tuple[str, str, dict, str]] = {
                {"embedding_size": 16, "hidden_sizes": [16, 32], "depths": [1, 1], "num_labels": 10}, "image"),
 }
 HF_QUICK = {"bert", "gpt2", "llama", "vit"}
-TEXT_SHAPE = (2, 32)  # batch, tokens
+TEXT_SHAPE = (4, 128)  # batch, tokens
 
 
 def hf_inputs(kind: str) -> tuple:
@@ -314,29 +317,52 @@ class Step:
     seconds: float
 
 
-def run_step(model: Any, inputs: tuple, params: list) -> Step:
-    """One seeded train-mode forward (bytes kept measured) and backward; gradients w.r.t. ``params``."""
+def training_keywords(model: Any, inputs: tuple) -> dict:
+    """``labels=`` the token ids for a language model (it then computes its own loss), else nothing."""
+    from aalconvert.rules.loss_head import LANGUAGE_MODEL_SUFFIXES
+
+    return {"labels": inputs[0]} if type(model).__name__.endswith(LANGUAGE_MODEL_SUFFIXES) else {}
+
+
+def run_step(model: Any, inputs: tuple, params: list, keywords: dict | None = None) -> Step:
+    """One seeded train-mode forward (bytes kept measured) and backward; gradients w.r.t. ``params``.
+
+    With ``labels`` in ``keywords`` the model's own loss is the objective (and
+    the output compared), else the mean square of its outputs.
+    """
     import torch
 
     from aalconvert.memory import measure_saved
 
+    keywords = keywords or {}
     model.train()
     torch.manual_seed(1)  # the same dropout / drop-path draws for BP and every rule set
     start = time.perf_counter()
-    saved = measure_saved(lambda: model(*inputs), params)
-    outputs = output_tensors(saved.output)
-    loss = sum(t.float().square().mean() for t in outputs)
+    saved = measure_saved(lambda: model(*inputs, **keywords), params)
+    if "labels" in keywords:
+        outputs = [saved.output.loss]
+        loss = saved.output.loss
+    else:
+        outputs = output_tensors(saved.output)
+        loss = sum(t.float().square().mean() for t in outputs)
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     seconds = time.perf_counter() - start
     return Step(saved.nbytes, [t.detach() for t in outputs], list(grads), seconds)
 
 
-def promises(rules: str) -> tuple[bool, bool]:
-    """(forward exact, gradients exact) as every rule of the set promises."""
+def promises(rules: str, labels: bool = False) -> tuple[bool, bool]:
+    """(forward exact, gradients exact) as every rule of the set promises.
+
+    A language model's loss taken by a loss head (``loss_head``, and the approx
+    rules, which take it too) is summed per chunk: equal up to rounding, not bit
+    for bit, so with ``labels`` such a set promises no bit-equal forward.
+    """
     from aalconvert.rules.registry import resolve
 
     resolved = resolve(rules.split("+"), {})
-    return all(r.forward_exact for r in resolved), all(r.gradient_exact for r in resolved)
+    takes_loss_head = any(r.name == "loss_head" or r.name.startswith("approx") for r in resolved)
+    forward = all(r.forward_exact for r in resolved) and not (labels and takes_loss_head)
+    return forward, all(r.gradient_exact for r in resolved)
 
 
 def compare(bp: Step, converted: Step) -> dict:
@@ -381,14 +407,16 @@ def measure_model(entry: Entry, rule_sets: list[str]) -> dict:
         params = [p for p in model.parameters() if p.requires_grad]
         record["inputs"] = [list(t.shape) for t in inputs if isinstance(t, torch.Tensor)]
         record["parameters"] = sum(p.numel() for p in params)
-        bp = run_step(model, inputs, params)
+        keywords = training_keywords(model, inputs)
+        record["labels"] = bool(keywords)
+        bp = run_step(model, inputs, params, keywords)
     except Exception as error:  # a model the zoo cannot even run under BP: recorded, never silent
         record.update(status="skipped", error=f"BP run failed: {type(error).__name__}: {error}"[:500],
                       seconds=time.perf_counter() - start)
         return record
     record.update(status="ok", bp_bytes=bp.nbytes, bp_step_s=bp.seconds)
     for rules in rule_sets:
-        forward_promised, gradient_promised = promises(rules)
+        forward_promised, gradient_promised = promises(rules, bool(keywords))
         row: dict[str, Any] = {"rules": rules, "forward_promised": forward_promised,
                                "gradient_promised": gradient_promised}
         converted = None
@@ -403,7 +431,7 @@ def measure_model(entry: Entry, rule_sets: list[str]) -> dict:
             record["rows"].append(row)
             continue
         try:
-            step = run_step(converted, inputs, params)
+            step = run_step(converted, inputs, params, keywords)
         except Exception as error:
             row.update(status="run_error", error=f"{type(error).__name__}: {error}"[:500])
             record["rows"].append(row)

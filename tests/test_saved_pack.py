@@ -392,7 +392,7 @@ def test_a_loss_inside_the_model_keeps_its_log_probabilities_exact():
     packer = SavedTensorPacker(ApproxOptions(bits=4, min_numel=0))
     logits = (torch.randn(256, 512) * 10).requires_grad_()
     _, seen = _recorded_saves(lambda: F.cross_entropy(logits * 1, torch.randint(0, 512, (256,))), packer)
-    assert ((256, 512), torch.float32) in seen and not any(dtype == torch.uint8 for _, dtype in seen)
+    assert ((256, 512), torch.float32) in seen and ((256 * 512 // 2,), torch.uint8) not in seen
 
     def step(m):
         m.zero_grad()
@@ -400,3 +400,25 @@ def test_a_loss_inside_the_model_keeps_its_log_probabilities_exact():
         return [p.grad.clone() for p in m.parameters()]
 
     assert cosine(step(converted), step(model)) > 0.99
+
+
+def test_masks_and_two_level_tensors_keep_one_bit_and_come_back_bit_identical():
+    packer = SavedTensorPacker(ApproxOptions(bits=4, min_numel=0))
+    x = torch.randn(64, 128, requires_grad=True)
+    keep = torch.rand(64, 128) > 0.3
+    scaled = keep.float() / 0.7  # dropout's mask as SDPA's CPU math path keeps it
+    other = torch.rand(64, 128)  # no grad, many values: a statistic-like tensor stays exact
+    _, seen = _recorded_saves(lambda: ((x * 1).masked_fill(keep, 0.0) * scaled * other).sum(), packer)
+    bit_packs = [shape for shape, dtype in seen if dtype == torch.uint8 and shape == (64 * 128 // 8,)]
+    assert len(bit_packs) == 2  # the bool mask and the scaled one
+    assert ((64, 128), torch.float32) in seen  # other, as it is
+    model_grads = []
+    for active in (False, True):
+        xx = x.detach().requires_grad_()
+        run = lambda: ((xx * 1).masked_fill(keep, 0.0) * scaled * other).square().sum()  # noqa: E731
+        if active:
+            loss, _ = _recorded_saves(run, packer)
+        else:
+            loss = run()
+        model_grads.append(torch.autograd.grad(loss, xx)[0])
+    assert torch.equal(model_grads[0], model_grads[1])

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
+from aalconvert.kernels import pack_bits, unpack_bits
 from aalconvert.memory import storage_key
 from aalconvert.nn.approx_common import (
     ApproxOptions,
@@ -62,8 +63,38 @@ _Hooks = tuple[Callable[[torch.Tensor], Any], Callable[[Any], torch.Tensor]]
 
 
 @dataclass(frozen=True)
+class TwoLevels:
+    """A mask, or a float tensor holding only 0 and one other value: 1 bit per element, exact.
+
+    Dropout keeps such tensors (a bool mask; on CPU, SDPA's math path keeps its
+    mask scaled by ``1 / (1 - p)``), and so do ``masked_fill`` and ``where``.
+    """
+
+    numel: int
+    dtype: torch.dtype  # torch.bool for a mask
+
+    def decode(self, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        if self.dtype == torch.bool:
+            return unpack_bits(parts[0], (self.numel,), decode="bool")
+        return unpack_bits(parts[0], (self.numel,), decode="binary", dtype=self.dtype) * parts[1]
+
+
+def two_levels(flat: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], TwoLevels] | None:
+    """The 1-bit form of a bool tensor, or of a float one whose values are 0 and one positive
+    finite value; None for any other tensor (and for fake ones, whose values are unknown)."""
+    if flat.dtype == torch.bool:
+        return (pack_bits(flat),), TwoLevels(flat.numel(), torch.bool)
+    if isinstance(flat, FakeTensor) or not flat.is_floating_point():
+        return None
+    value = flat.amax()
+    if not bool(torch.isfinite(value) & (value > 0)) or not bool(((flat == 0) | (flat == value)).all()):
+        return None
+    return (pack_bits(flat), value.clone()), TwoLevels(flat.numel(), flat.dtype)
+
+
+@dataclass(frozen=True)
 class PackedSave:
-    """One saved activation as its k-bit parts, and how to give back a tensor of its shape and strides.
+    """One saved tensor as its packed parts, and how to give back a tensor of its shape and strides.
 
     ``parts`` went through the hooks that were active outside the packer
     (``outer``), if any. ``stride`` is None when the tensor was packed from a
@@ -71,14 +102,14 @@ class PackedSave:
     """
 
     parts: tuple[Any, ...]
-    layout: SavedLayout
+    layout: SavedLayout | TwoLevels
     shape: torch.Size
     stride: tuple[int, ...] | None
     outer: _Hooks | None
 
     def unpack(self) -> torch.Tensor:
         parts = self.parts if self.outer is None else tuple(self.outer[1](p) for p in self.parts)
-        flat = restore(parts, self.layout)
+        flat = self.layout.decode(parts) if isinstance(self.layout, TwoLevels) else restore(parts, self.layout)
         if self.stride is None:
             return flat.view(self.shape)
         return flat.as_strided(self.shape, self.stride)
@@ -180,10 +211,13 @@ class SavedTensorPacker:
 
     def is_activation(self, tensor: torch.Tensor) -> bool:
         """Whether ``tensor``, saved now, is an activation this packer may pack (module docstring)."""
+        return tensor.requires_grad and type(tensor.grad_fn).__name__ not in _EXACT_OUTPUTS and self._own(tensor)
+
+    def _own(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` was made by this forward (not a Parameter, buffer or input) and is
+        a plain tensor the packer can read, while packing is on."""
         return (
             self.active
-            and tensor.requires_grad
-            and type(tensor.grad_fn).__name__ not in _EXACT_OUTPUTS
             and _plain(tensor)
             and not functorch_active(tensor)
             and storage_key(tensor.untyped_storage()) not in self._state().excluded
@@ -191,20 +225,36 @@ class SavedTensorPacker:
 
     def _pack(self, tensor: torch.Tensor) -> Any:
         state = self._state()
-        activation = self.is_activation(tensor)
-        if not activation or not should_quantize(tensor, self.options):
-            kept = compact(tensor) if activation else tensor  # a small view: not its whole storage
-            return kept if state.outer is None else PassedOn(state.outer[0](kept), state.outer[1])
         cached = state.cache.get(id(tensor))
         if cached is not None and cached[0]() is tensor and cached[1] == tensor._version:
             return cached[2]
-        flat, stride = _memory_order(tensor.detach())
-        parts, layout = compress(flat, self.options)
+        packed = self._packed(tensor, state)
+        if isinstance(packed, PackedSave):
+            state.cache[id(tensor)] = (weakref.ref(tensor), tensor._version, packed)
+        return packed
+
+    def _packed(self, tensor: torch.Tensor, state: threading.local) -> Any:
+        """A k-bit or 1-bit ``PackedSave`` of ``tensor``, or ``tensor`` (a compact copy of a small view)."""
+        large = tensor.numel() >= max(self.options.min_numel, 1)
+        if self.is_activation(tensor) and should_quantize(tensor, self.options):
+            flat, stride = _memory_order(tensor.detach())
+            parts, layout = compress(flat, self.options)
+        elif large and not tensor.requires_grad and self._own(tensor):
+            flat, stride = _memory_order(tensor.detach())
+            found = two_levels(flat)
+            if found is None:
+                return self._passed_on(tensor, state)
+            parts, layout = found
+        else:
+            kept = compact(tensor) if self.is_activation(tensor) else tensor  # a view: not its storage
+            return self._passed_on(kept, state)
         if state.outer is not None:
             parts = tuple(state.outer[0](part) for part in parts)
-        packed = PackedSave(parts, layout, tensor.shape, stride, state.outer)
-        state.cache[id(tensor)] = (weakref.ref(tensor), tensor._version, packed)
-        return packed
+        return PackedSave(parts, layout, tensor.shape, stride, state.outer)
+
+    @staticmethod
+    def _passed_on(tensor: torch.Tensor, state: threading.local) -> Any:
+        return tensor if state.outer is None else PassedOn(state.outer[0](tensor), state.outer[1])
 
     @staticmethod
     def _unpack(packed: Any) -> torch.Tensor:
