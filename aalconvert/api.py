@@ -9,6 +9,7 @@ from torch import nn
 from torch._subclasses import FakeTensorMode
 from torch.func import functional_call
 
+from aalconvert.checkpointing import remove_checkpoints
 from aalconvert.errors import ConversionError
 from aalconvert.example_inputs import self_described_inputs
 from aalconvert.facts import ModelFacts, gather_facts
@@ -200,6 +201,7 @@ def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     # Unwire first: a slot's handles point at the hook dicts of the modules it was wired on,
     # so once a variant is swapped out (to_module() may carry its hooks over) they miss.
     remove_wiring(target)
+    remove_checkpoints(target)  # blocks the budget planner checkpointed
     for name, module in list(target.named_modules()):
         if isinstance(module, CONVERTED_TYPES):
             target = swap_module(target, name, module.to_module())

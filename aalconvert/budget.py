@@ -7,14 +7,15 @@ is traced once; every estimate is a forward on fake tensors of a fake copy.
 How the plan is chosen:
 
 1. Tiers. The candidate rules are tried in ``costs.tier_order`` (lossless
-   first, then by measured cost per byte saved). Tier k's *cumulative* plan is
-   ``make_plan`` with the rules of tiers 1..k (a later ``approx`` width replaces
-   an earlier one), and it is estimated once.
+   first, then by measured cost per byte saved; checkpointing whole blocks is
+   one of them). Tier k's *cumulative* plan is ``make_plan`` with the rules of
+   tiers 1..k (a later ``approx`` width replaces an earlier one), without any
+   site inside a checkpointed block, and it is estimated once.
 2. Units. What tier k's plan decides differently from tier k-1's is cut into
    units that must be taken whole: an ARA group (its anchor wires its layers;
    its ReLU masks pay only with the group), an ASA layer with the ReLU mask
    that feeds it, a recompute layer with the ReLU masks that serve it, any
-   other site alone. Each unit's saving is the change of bytes kept between
+   other site alone (a checkpointed block is one site). Each unit's saving is the change of bytes kept between
    the two plans at its modules, and at modules that counted a tensor one of
    its modules also keeps (``SavedByModule.counted_at``); what no unit claims
    goes to the tier's root site, if it has one (approx's saved-tensor packer).
@@ -27,13 +28,15 @@ How the plan is chosen:
    budget; found by bisection inside the first tier whose full plan fits. The
    plan's peak is therefore an estimate of the very plan returned, not a sum.
 
-Activation checkpointing of whole blocks is not among the options yet.
+A checkpointed block counts its inputs as kept, and the predicted peak adds
+what the largest checkpointed block keeps under BP (alive again while it
+recomputes in backward): ``BudgetPlan.recompute_bytes``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +44,8 @@ import torch
 from torch import nn
 from torch._subclasses import FakeTensorMode
 
+from aalconvert.checkpointing import (
+    CheckpointRule, held_by_checkpoints, inside, recompute_bytes, with_checkpoint_inputs)
 from aalconvert.costs import RULE_COSTS, tier_order
 from aalconvert.errors import ConversionError
 from aalconvert.facts import ModelFacts, gather_facts
@@ -123,6 +128,8 @@ class BudgetPlan:
     facts: ModelFacts = field(repr=False)
     site_tiers: dict[str, int] = field(default_factory=dict, repr=False)
     """Module name -> index into ``tiers`` of the tier plan whose site it takes."""
+    recompute_bytes: int = 0
+    """What the largest checkpointed block keeps under BP: alive again while it recomputes (bytes)."""
 
     @property
     def peak_bp_bytes(self) -> int:
@@ -130,8 +137,8 @@ class BudgetPlan:
 
     @property
     def peak_bytes(self) -> int:
-        """Predicted peak of one training step of the planned model (bytes)."""
-        return self.report.totals.peak_converted_bytes
+        """Predicted peak of one training step of the planned model (bytes), recomputation included."""
+        return self.report.totals.peak_converted_bytes + self.recompute_bytes
 
     @property
     def fits(self) -> bool:
@@ -145,7 +152,7 @@ class BudgetPlan:
             "peak_bp_bytes": self.peak_bp_bytes,
             "peak_bytes": self.peak_bytes,
             "floor_bytes": self.floor_bytes,
-            "over_bytes": max(0, self.peak_bytes - self.budget_bytes),
+            "recompute_bytes": self.recompute_bytes,
             "batch_size": self.batch_size,
             "tiers": [vars(step) for step in self.tiers],
             "choices": [{"rule": c.rule, "modules": list(c.modules), "saving_bytes": c.saving,
@@ -191,9 +198,20 @@ class _Estimator:
         self.bp = self.kept(Plan(rules=[]))
 
     def kept(self, plan: Plan) -> SavedByModule:
+        """What a forward of the model converted by ``plan`` keeps, checkpointed blocks' inputs included."""
         copy = fake_copy(self.target, self.fake_mode, self.device).train()
         copy = apply_plan(copy, plan, self.facts)
-        return self.api._saved_by_module(copy, self.inputs, self.keywords, self.fake_mode, self.notes)
+        saved = self.api._saved_by_module(copy, self.inputs, self.keywords, self.fake_mode, self.notes)
+        if not checkpointed(plan):
+            return saved
+        with self.fake_mode:  # a second forward: what the checkpoints hold that nothing else saves
+            held = held_by_checkpoints(copy, lambda: copy(*self.inputs, **self.keywords),
+                                       lambda storage: storage._cdata)
+        return with_checkpoint_inputs(saved, held)
+
+    def peak(self, plan: Plan, report: Report) -> int:
+        """The predicted peak of one step under ``plan``: inspect's, plus a checkpointed block recomputing."""
+        return report.totals.peak_converted_bytes + recompute_bytes(checkpointed(plan), self.bp)
 
     def report(self, plan: Plan, kept: SavedByModule) -> Report:
         estimated_on = "the meta device" if any("meta device" in n for n in self.notes) else "fake tensors"
@@ -213,10 +231,31 @@ def tier_rules(tiers: list[str], rule_options: dict[str, Any]) -> list[Rule]:
     """One Rule object per tier name, built from convert()'s options (checked first)."""
     if "bits" in rule_options:
         raise ConversionError("bits= does not apply with a budget: the planner chooses the bit widths")
-    validation = [name for name in tiers if not name.startswith("approx")]
-    resolve(validation + ([next(n for n in tiers if n.startswith("approx"))]
-                          if any(n.startswith("approx") for n in tiers) else []), rule_options)
-    return [build_rule(name, rule_options) for name in tiers]
+    registered = [name for name in tiers if name != CheckpointRule.name]
+    approx = [name for name in registered if name.startswith("approx")]
+    resolve([name for name in registered if name not in approx] + approx[:1] or ["exact"], rule_options)
+    return [CheckpointRule() if name == CheckpointRule.name else build_rule(name, rule_options)
+            for name in tiers]
+
+
+def checkpointed(plan: Plan) -> list[str]:
+    """The blocks ``plan`` checkpoints."""
+    return [name for name, site in plan.sites.items() if site.rule == CheckpointRule.name]
+
+
+def _precedence(rule_name: str) -> int:
+    """Checkpointing first (it takes whole blocks), then the registry's precedence."""
+    return -1 if rule_name == CheckpointRule.name else PRECEDENCE.index(_family(rule_name))
+
+
+def drop_inside_checkpoints(plan: Plan) -> None:
+    """Remove the sites inside checkpointed blocks: checkpointing drops what they keep anyway."""
+    blocks = checkpointed(plan)
+    for name in [name for name in plan.sites if plan.sites[name].rule != CheckpointRule.name]:
+        block = next((b for b in blocks if inside(name, b)), None)
+        if block is not None:
+            site = plan.sites.pop(name)
+            plan.skips.append(Skip(site.rule, name, f"inside checkpointed block {block}: not converted"))
 
 
 def cumulative_plans(facts: ModelFacts, rules: list[Rule], skip: SkipFilter,
@@ -227,8 +266,9 @@ def cumulative_plans(facts: ModelFacts, rules: list[Rule], skip: SkipFilter,
         chosen: dict[str, Rule] = {}
         for rule in rules[:k]:
             chosen[_family(rule.name)] = rule
-        ordered = sorted(chosen.values(), key=lambda r: PRECEDENCE.index(_family(r.name)))
+        ordered = sorted(chosen.values(), key=lambda r: _precedence(r.name))
         plan = make_plan(facts, ordered, skip)
+        drop_inside_checkpoints(plan)
         _drop_failing(plan, facts, model)
         plans.append(plan)
     return plans
@@ -324,13 +364,14 @@ def merge(decided_tiers: dict[str, int], plans: list[Plan], rules: list[Rule]) -
     decided = {name: (k, plans[k].sites[name]) for name, k in decided_tiers.items()}
     position = {(k, name): i for k, plan in enumerate(plans) for i, name in enumerate(plan.sites)}
     ordered = sorted(decided.values(), key=lambda item: (
-        PRECEDENCE.index(_family(item[1].rule)), item[0], position.get((item[0], item[1].module_name), 0)))
+        _precedence(item[1].rule), item[0], position.get((item[0], item[1].module_name), 0)))
     used = {site.rule for _, site in ordered}
     merged = Plan(rules=[rule for rule in rules if rule.name in used])
     for _, site in ordered:
         refusal = merged.accept(site)
         if refusal is not None:
             merged.skips.append(Skip(site.rule, site.module_name, refusal))
+    drop_inside_checkpoints(merged)
     if plans:
         merged.skips.extend(skip for skip in plans[-1].skips if skip.module_name not in merged.sites)
     return merged
@@ -350,8 +391,8 @@ def plan_budget(
     """Choose a rule per module so that the predicted peak of one training step fits ``budget``.
 
     ``budget``: bytes, or a size such as "10GiB" / "512MiB" / "1.5GB".
-    ``rules``: the rules the planner may use (default: all, in
-    ``costs.tier_order``). ``optimizer``, ``labels``, ``skip`` and rule options
+    ``rules``: the rules the planner may use, "checkpoint" (whole blocks under
+    torch.utils.checkpoint) among them (default: all, in ``costs.tier_order``). ``optimizer``, ``labels``, ``skip`` and rule options
     (``asa_eps``, ``ara_group``, ``group_size``, ...) as for inspect()/convert().
     ``model`` is not modified; everything runs on fake tensors. Raises
     BudgetError when even the plan that keeps least does not fit.
@@ -363,58 +404,77 @@ def plan_budget(
             f"{type(example_inputs).__name__}; wrap a single tensor as (tensor,)")
     optimizer_state_factor(optimizer)
     tiers = candidate_rules(rules)
-    rule_objects = tier_rules(tiers, rule_options)
+    tier_rules(tiers, rule_options)  # options checked before any work
     estimator = _Estimator(model, example_inputs, labels, optimizer, rule_options, skip)
-    facts = estimator.facts
-    plans = cumulative_plans(facts, rule_objects, estimator.skip, estimator.target)
-    kept_by_tier = [estimator.kept(plan) for plan in plans]
-    reports = [estimator.report(plan, kept) for plan, kept in zip(plans, kept_by_tier)]
-    sensitive = sensitive_modules(facts)
-    order: list[Unit] = []
-    tier_ends: list[int] = []
-    previous, previous_kept = Plan(rules=[]), estimator.bp
-    for tier, plan, kept in zip(tiers, plans, kept_by_tier):
-        units = tier_units(tier, plan, previous, kept, previous_kept,
-                           sensitive if RULE_COSTS[tier].bits < 8 else set())
-        order += sorted(units, key=lambda u: (u.sensitive, -u.saving, u.modules))
-        tier_ends.append(len(order))
-        previous, previous_kept = plan, kept
     bp_report = estimator.report(Plan(rules=[]), estimator.bp)
     batch = _batch_size(example_inputs)
-
-    cache: dict[int, tuple[Plan, Report]] = {}
-
-    def evaluate(n: int) -> tuple[Plan, Report]:
-        if n not in cache:
-            merged = merge(site_tiers(order[:n], tiers), plans, rule_objects)
-            cache[n] = merged, estimator.report(merged, estimator.kept(merged))
-        return cache[n]
-
-    floor_plan, floor_report = evaluate(len(order))
-    floor = floor_report.totals.peak_converted_bytes
-    if floor > budget_bytes:
-        raise _under_floor(budget_bytes, floor, floor_report, batch)
-    taken = _smallest_fitting_prefix(evaluate, budget_bytes, tier_ends, bp_report)
-    plan, report = evaluate(taken) if taken else (Plan(rules=[], skips=[]), bp_report)
-    peaks = [bp_report.totals.peak_bp_bytes] + [r.totals.peak_converted_bytes for r in reports]
+    # Checkpointing every block keeps each block's input and recomputes the largest one: where the
+    # budget is tighter than that allows, the rules alone (inside the blocks too) may still fit.
+    orders = [tiers] + ([[t for t in tiers if t != CheckpointRule.name]]
+                        if CheckpointRule.name in tiers and len(tiers) > 1 else [])
+    ladders = [_Ladder(estimator, order, rule_options) for order in orders]
+    floor = min(ladder.floor for ladder in ladders)
+    ladder = next((ladder for ladder in ladders if ladder.floor <= budget_bytes), None)
+    if ladder is None:
+        lowest = min(ladders, key=lambda ladder: ladder.floor)
+        raise _under_floor(budget_bytes, floor, lowest.evaluate(len(lowest.order))[1], batch)
+    bp_peak = bp_report.totals.peak_bp_bytes
+    taken = _smallest_fitting_prefix(lambda n: ladder.evaluate(n)[2], budget_bytes, ladder.tier_ends, bp_peak)
+    plan, report, _ = ladder.evaluate(taken) if taken else (Plan(rules=[]), bp_report, 0)
+    peaks = [bp_peak] + ladder.peaks_by_tier
     steps, choices = [], []
     start = 0
-    for k, (tier, end) in enumerate(zip(tiers, tier_ends)):
+    for k, (tier, end) in enumerate(zip(ladder.tiers, ladder.tier_ends)):
         cost = RULE_COSTS[tier]
         steps.append(TierStep(tier, end - start, max(0, min(taken, end) - start), peaks[k + 1],
                               cost.cost_per_saved, cost.source))
-        before = "under BP" if k == 0 else "after " + " + ".join(tiers[:k])
+        before = "under BP" if k == 0 else "after " + " + ".join(ladder.tiers[:k])
         why = f"needed to fit: {format_bytes(peaks[k] - budget_bytes)} over {before}"
-        for unit in order[start:min(taken, end)]:
+        for unit in ladder.order[start:min(taken, end)]:
             choices.append(Choice(unit.tier, unit.modules, unit.saving, why,
                                   tuple(site.reason for site in unit.sites)))
         start = end
     return BudgetPlan(
         budget_bytes=budget_bytes, plan=plan, report=report,
         decisions={name: site.rule for name, site in plan.sites.items()},
-        choices=choices, tiers=steps, floor_bytes=floor, batch_size=batch, facts=facts,
-        site_tiers=site_tiers(order[:taken], tiers),
+        choices=choices, tiers=steps, floor_bytes=floor, batch_size=batch, facts=estimator.facts,
+        site_tiers=site_tiers(ladder.order[:taken], ladder.tiers),
+        recompute_bytes=recompute_bytes(checkpointed(plan), estimator.bp),
     )
+
+
+class _Ladder:
+    """One tier order: its cumulative plans and their peaks, the units in order, and prefix plans on demand."""
+
+    def __init__(self, estimator: _Estimator, tiers: list[str], rule_options: dict[str, Any]) -> None:
+        self.estimator = estimator
+        self.tiers = tiers
+        self.rules = tier_rules(tiers, rule_options)
+        facts = estimator.facts
+        self.plans = cumulative_plans(facts, self.rules, estimator.skip, estimator.target)
+        kept_by_tier = [estimator.kept(plan) for plan in self.plans]
+        self.peaks_by_tier = [estimator.peak(plan, estimator.report(plan, kept))
+                              for plan, kept in zip(self.plans, kept_by_tier)]
+        sensitive = sensitive_modules(facts)
+        self.order: list[Unit] = []
+        self.tier_ends: list[int] = []
+        previous, previous_kept = Plan(rules=[]), estimator.bp
+        for tier, plan, kept in zip(tiers, self.plans, kept_by_tier):
+            units = tier_units(tier, plan, previous, kept, previous_kept,
+                               sensitive if RULE_COSTS[tier].bits < 8 else set())
+            self.order += sorted(units, key=lambda u: (u.sensitive, -u.saving, u.modules))
+            self.tier_ends.append(len(self.order))
+            previous, previous_kept = plan, kept
+        self.cache: dict[int, tuple[Plan, Report, int]] = {}
+        self.floor = self.evaluate(len(self.order))[2]
+
+    def evaluate(self, n: int) -> tuple[Plan, Report, int]:
+        """The plan of the first ``n`` units, its report and its predicted peak (bytes)."""
+        if n not in self.cache:
+            merged = merge(site_tiers(self.order[:n], self.tiers), self.plans, self.rules)
+            report = self.estimator.report(merged, self.estimator.kept(merged))
+            self.cache[n] = merged, report, self.estimator.peak(merged, report)
+        return self.cache[n]
 
 
 def convert_to_budget(
@@ -468,19 +528,20 @@ def convert_to_budget(
     return target
 
 
-def _smallest_fitting_prefix(evaluate, budget: int, tier_ends: list[int], bp: Report) -> int:
+def _smallest_fitting_prefix(peak_of: Callable[[int], int], budget: int, tier_ends: list[int],
+                             bp_peak: int) -> int:
     """The fewest units (a prefix of the order) whose plan's estimated peak fits ``budget``.
 
     BP when it fits; otherwise the first tier whose full plan fits, bisected
     inside (its start, the previous tier in full, does not fit).
     """
-    if bp.totals.peak_bp_bytes <= budget:
+    if bp_peak <= budget:
         return 0
     low = 0  # known not to fit
     for end in tier_ends:
         if end == low:
             continue
-        if evaluate(end)[1].totals.peak_converted_bytes <= budget:
+        if peak_of(end) <= budget:
             high = end
             break
         low = end
@@ -488,7 +549,7 @@ def _smallest_fitting_prefix(evaluate, budget: int, tier_ends: list[int], bp: Re
         return tier_ends[-1] if tier_ends else 0
     while high - low > 1:
         middle = (low + high) // 2
-        if evaluate(middle)[1].totals.peak_converted_bytes <= budget:
+        if peak_of(middle) <= budget:
             high = middle
         else:
             low = middle
@@ -503,7 +564,7 @@ def _batch_size(example_inputs: tuple) -> int | None:
 def _under_floor(budget: int, floor: int, report: Report, batch: int | None) -> BudgetError:
     totals = report.totals
     fixed = totals.parameter_bytes + totals.gradient_bytes + totals.optimizer_state_bytes
-    per_batch = totals.converted_bytes + totals.largest_transient_bytes
+    per_batch = floor - fixed
     if batch is None or per_batch == 0 or budget <= fixed:
         largest = 0
     else:
@@ -514,5 +575,6 @@ def _under_floor(budget: int, floor: int, report: Report, batch: int | None) -> 
     return BudgetError(
         f"budget {format_bytes(budget)} is under the floor of {format_bytes(floor)} ({floor} bytes): "
         f"parameters + gradients + optimizer state ({format_bytes(fixed)}) + the least any plan keeps "
-        f"({format_bytes(totals.converted_bytes)}) + transients ({format_bytes(totals.largest_transient_bytes)}); "
+        f"({format_bytes(totals.converted_bytes)}) + transients and recomputation "
+        f"({format_bytes(floor - fixed - totals.converted_bytes)}); "
         f"{fits}", floor, largest)

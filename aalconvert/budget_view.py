@@ -64,6 +64,7 @@ def print_budget_plan(plan: BudgetPlan, *, file: IO[str] | None = None, top: int
         ("activations kept, BP -> planned",
          f"{format_bytes(t.bp_bytes)} -> {format_bytes(t.converted_bytes)} (ratio {t.ratio:.3f})"),
         ("largest transient", format_bytes(t.largest_transient_bytes)),
+        ("a checkpointed block recomputing", format_bytes(plan.recompute_bytes)),
     ]
     lines.append(("left under the budget", format_bytes(plan.budget_bytes - plan.peak_bytes)))
     for label, value in lines:

@@ -10,8 +10,11 @@ examples at batch 64 (``python benchmarks/memory.py``,
 ``benchmarks/results/memory_cpu.json``), and the fidelity loss is the worst mean
 gap to BP over the examples where the rule converts something, in accuracy
 points or percent of validation loss (``python benchmarks/fidelity.py``,
-``benchmarks/results/fidelity.json``, 3 seeds). Rules whose gradients are
-exact come first whatever their time (they change no number); a rule with a
+``benchmarks/results/fidelity.json``, 3 seeds). Our lossless rules (exact,
+recompute) come first whatever their time: they change no number and cost
+little extra work per byte on a GPU (their CPU times carry Python overhead).
+Checkpointing also gives the same gradients but costs one more forward of
+each block, so it is ranked by its cost like the rest; a rule with a
 figure nobody has measured comes after every measured one. Costs within 5 %
 of each other are a tie (the CPU step times were taken with other work on the
 machine), settled for the rule with more bits (finer copies, smaller gradient
@@ -37,7 +40,8 @@ class RuleCost:
     """Measured figures of one rule (None: not measured) and where each came from."""
 
     rule: str
-    gradient_exact: bool
+    lossless_rule: bool
+    """One of our lossless rules (exact gradients, elementwise extra work): always tried first."""
     step_time_ratio: float | None
     kept_ratio: float | None
     fidelity_loss: float | None
@@ -65,6 +69,11 @@ RULE_COSTS: dict[str, RuleCost] = {cost.rule: cost for cost in (
     RuleCost("loss_head", False, 1.02, 0.409, 0.0,
              source="time, kept: benchmarks/results/loss_head_cpu.json (Llama, vocabulary 32k); "
                     "fidelity: equal to the plain head up to fp32 rounding (tests)"),
+    RuleCost("checkpoint", False, 1.385, 0.2155, 0.0,
+             source="issue 14 / methods.md section 7, CPU, one thread, batch 8: torch.utils.checkpoint per "
+                    "block on timm ViT-S 1.24x keeping 0.073, torchvision ResNet-50 1.53x keeping 0.358; "
+                    "the mean of the two; fidelity: the same gradients (the forward runs again with the "
+                    "same RNG state)"),
     RuleCost("ara", False, 1.24, 0.783, 1.389,
              source=f"time, kept: {_MEMORY}; fidelity: {_FIDELITY}: resnet_bottleneck -1.39 points"),
     RuleCost("asa", False, 1.56, 0.565, 7.682,
@@ -93,7 +102,7 @@ def tier_order(rules: list[str] | None = None) -> list[str]:
         moved = False
         for i in range(len(ordered) - 1):
             first, second = ordered[i], ordered[i + 1]
-            if (first.gradient_exact == second.gradient_exact and _near(first, second)
+            if (first.lossless_rule == second.lossless_rule and _near(first, second)
                     and second.bits > first.bits):
                 ordered[i], ordered[i + 1] = second, first
                 moved = True
@@ -102,7 +111,7 @@ def tier_order(rules: list[str] | None = None) -> list[str]:
 
 def _sort_key(cost: RuleCost) -> tuple[bool, bool, float, str]:
     value = cost.cost_per_saved
-    return (not cost.gradient_exact, value is None, value or 0.0, cost.rule)
+    return (not cost.lossless_rule, value is None, value or 0.0, cost.rule)
 
 
 def _near(first: RuleCost, second: RuleCost) -> bool:
