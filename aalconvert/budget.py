@@ -179,7 +179,7 @@ class _Estimator:
     """Fake-tensor forwards of plans on fresh fake copies of one model, all with the same facts."""
 
     def __init__(self, model: nn.Module, example_inputs: tuple, labels: Any, optimizer: str | None,
-                 rule_options: dict[str, Any], skip: Iterable[str] | SkipFilter | None) -> None:
+                 skip: Iterable[str] | SkipFilter | None) -> None:
         from aalconvert import api  # api imports this module lazily; import back lazily too
 
         self.api = api
@@ -194,7 +194,6 @@ class _Estimator:
         self.optimizer = optimizer
         self.facts = gather_facts(self.target, self.inputs)
         self.skip = skip_filter(skip, self.facts)
-        self.rule_options = rule_options
         self.bp = self.kept(Plan(rules=[]))
 
     def kept(self, plan: Plan) -> SavedByModule:
@@ -360,7 +359,7 @@ def site_tiers(units: Sequence[Unit], tiers: list[str]) -> dict[str, int]:
 
 
 def merge(decided_tiers: dict[str, int], plans: list[Plan], rules: list[Rule]) -> Plan:
-    """One Plan: per module the site of its tier's plan, accepted in precedence order, then tier, then place."""
+    """One Plan: per module its tier plan's site, accepted by precedence, then tier, then place."""
     decided = {name: (k, plans[k].sites[name]) for name, k in decided_tiers.items()}
     position = {(k, name): i for k, plan in enumerate(plans) for i, name in enumerate(plan.sites)}
     ordered = sorted(decided.values(), key=lambda item: (
@@ -392,7 +391,8 @@ def plan_budget(
 
     ``budget``: bytes, or a size such as "10GiB" / "512MiB" / "1.5GB".
     ``rules``: the rules the planner may use, "checkpoint" (whole blocks under
-    torch.utils.checkpoint) among them (default: all, in ``costs.tier_order``). ``optimizer``, ``labels``, ``skip`` and rule options
+    torch.utils.checkpoint) among them (default: all, in ``costs.tier_order``).
+    ``optimizer``, ``labels``, ``skip`` and rule options
     (``asa_eps``, ``ara_group``, ``group_size``, ...) as for inspect()/convert().
     ``model`` is not modified; everything runs on fake tensors. Raises
     BudgetError when even the plan that keeps least does not fit.
@@ -405,7 +405,7 @@ def plan_budget(
     optimizer_state_factor(optimizer)
     tiers = candidate_rules(rules)
     tier_rules(tiers, rule_options)  # options checked before any work
-    estimator = _Estimator(model, example_inputs, labels, optimizer, rule_options, skip)
+    estimator = _Estimator(model, example_inputs, labels, optimizer, skip)
     bp_report = estimator.report(Plan(rules=[]), estimator.bp)
     batch = _batch_size(example_inputs)
     # Checkpointing every block keeps each block's input and recomputes the largest one: where the
@@ -419,16 +419,18 @@ def plan_budget(
         lowest = min(ladders, key=lambda ladder: ladder.floor)
         raise _under_floor(budget_bytes, floor, lowest.evaluate(len(lowest.order))[1], batch)
     bp_peak = bp_report.totals.peak_bp_bytes
-    taken = _smallest_fitting_prefix(lambda n: ladder.evaluate(n)[2], budget_bytes, ladder.tier_ends, bp_peak)
+    taken = _smallest_fitting_prefix(lambda n: ladder.evaluate(n)[2], budget_bytes, ladder.tier_ends,
+                                     bp_peak)
     plan, report, _ = ladder.evaluate(taken) if taken else (Plan(rules=[]), bp_report, 0)
     peaks = [bp_peak] + ladder.peaks_by_tier
-    steps, choices = [], []
+    steps, choices, used = [], [], []
     start = 0
     for k, (tier, end) in enumerate(zip(ladder.tiers, ladder.tier_ends)):
         cost = RULE_COSTS[tier]
         steps.append(TierStep(tier, end - start, max(0, min(taken, end) - start), peaks[k + 1],
                               cost.cost_per_saved, cost.source))
-        before = "under BP" if k == 0 else "after " + " + ".join(ladder.tiers[:k])
+        before = "after " + " + ".join(used) if used else "under BP"
+        used += [tier] if end > start else []
         why = f"needed to fit: {format_bytes(peaks[k] - budget_bytes)} over {before}"
         for unit in ladder.order[start:min(taken, end)]:
             choices.append(Choice(unit.tier, unit.modules, unit.saving, why,
@@ -444,7 +446,7 @@ def plan_budget(
 
 
 class _Ladder:
-    """One tier order: its cumulative plans and their peaks, the units in order, and prefix plans on demand."""
+    """One tier order: its cumulative plans and peaks, its units in order, prefix plans on demand."""
 
     def __init__(self, estimator: _Estimator, tiers: list[str], rule_options: dict[str, Any]) -> None:
         self.estimator = estimator
@@ -524,7 +526,8 @@ def convert_to_budget(
     plan = merge(chosen.site_tiers, plans, rule_objects)
     target = apply_plan(target, plan, facts)
     if plan.sites:
-        setattr(target, api._RULES_ATTRIBUTE, tuple(sorted({r.name for r in plan.rules}, key=api._precedence)))
+        applied = sorted({rule.name for rule in plan.rules}, key=api._precedence)
+        setattr(target, api._RULES_ATTRIBUTE, tuple(applied))
     return target
 
 

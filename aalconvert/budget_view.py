@@ -20,6 +20,13 @@ def modules_text(modules: tuple[str, ...], shown: int = 3) -> str:
     return ", ".join(names[:shown]) + more
 
 
+def reasons_text(reasons: tuple[str, ...], shown: int = 2) -> str:
+    """The distinct reasons of a unit's sites, the first ``shown`` of them, then how many more."""
+    distinct = list(dict.fromkeys(reasons))
+    more = f" (+{len(distinct) - shown} more)" if len(distinct) > shown else ""
+    return " | ".join(distinct[:shown]) + more
+
+
 def print_budget_plan(plan: BudgetPlan, *, file: IO[str] | None = None, top: int | None = None) -> None:
     """Render ``plan``: the choices (largest first within a tier), the tiers tried, then the totals."""
     from rich.console import Console
@@ -38,7 +45,7 @@ def print_budget_plan(plan: BudgetPlan, *, file: IO[str] | None = None, top: int
         table.add_column(column, justify=justify)
     for choice in choices:
         table.add_row(choice.rule, modules_text(choice.modules), format_bytes(choice.saving),
-                      choice.why, choice.reasons[-1])
+                      choice.why, reasons_text(choice.reasons))
     if len(choices) < len(plan.choices):
         table.caption = f"{len(plan.choices) - len(choices)} more units not shown (top={top})"
     if plan.choices:

@@ -115,7 +115,8 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
 
 
 @contextmanager
-def checkpoint_inputs(model: nn.Module, key: Callable[[torch.UntypedStorage], int]) -> Iterator[dict[str, dict[int, int]]]:
+def checkpoint_inputs(model: nn.Module, key: Callable[[torch.UntypedStorage], int]
+                      ) -> Iterator[dict[str, dict[int, int]]]:
     """Record, per checkpointed block of ``model``, the storages of its inputs: name -> {key: bytes}.
 
     A storage two blocks take is recorded once, at the first. Parameters and
@@ -152,7 +153,7 @@ def checkpoint_inputs(model: nn.Module, key: Callable[[torch.UntypedStorage], in
 
 def held_by_checkpoints(model: nn.Module, forward: Callable[[], Any],
                         key: Callable[[torch.UntypedStorage], int]) -> dict[str, int]:
-    """Run ``forward()`` (a call of ``model``); per checkpointed block, the bytes of its inputs nothing else saves.
+    """Run ``forward()`` (a call of ``model``); per checkpointed block, its input bytes nothing else saves.
 
     Saved-tensor hooks outside the checkpoint regions see every other save, so
     an input that a module outside also keeps (the ReLU before a ResNet block)

@@ -79,7 +79,8 @@ def _batch_of(inputs: tuple) -> int | None:
     return None if first is None else int(first.shape[0])
 
 
-def _budget_text(args: argparse.Namespace, model: Any, inputs_for_batch: Any, labels: Any, errors: Any) -> str:
+def _budget_text(args: argparse.Namespace, model: Any, inputs_for_batch: Any, labels: Any,
+                 errors: Any) -> str:
     import aalconvert
     from aalconvert.budget_view import print_budget_plan
 

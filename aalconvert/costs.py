@@ -50,7 +50,7 @@ class RuleCost:
 
     @property
     def cost_per_saved(self) -> float | None:
-        """Step-time overhead plus weighted fidelity loss per unit fraction of BP's bytes saved (None: unmeasured)."""
+        """Time overhead plus weighted fidelity loss per fraction of BP's bytes saved (None: unmeasured)."""
         if None in (self.step_time_ratio, self.kept_ratio, self.fidelity_loss) or self.kept_ratio >= 1:
             return None
         return (self.step_time_ratio - 1 + FIDELITY_WEIGHT * self.fidelity_loss) / (1 - self.kept_ratio)

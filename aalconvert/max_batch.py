@@ -19,7 +19,7 @@ from aalconvert.report import Report
 from aalconvert.sizes import parse_size
 
 RULE_SETS: tuple[str, ...] = ("bp", "exact", "auto", "auto+approx8", "auto+approx4")
-"""What ``--max-batch`` compares: plain backprop, lossless only, the paper's recipe, and it with k-bit copies."""
+"""What ``--max-batch`` compares: plain backprop, lossless only, the paper's recipe, with k-bit copies."""
 
 InputsForBatch = Callable[[int], tuple]
 

@@ -280,7 +280,7 @@ def test_revert_removes_checkpoints_and_keeps_the_state_dict_keys():
 
 
 def measured_kept(model: nn.Module, inputs: tuple):
-    """Bytes a real forward keeps: saved tensors (measure_saved) and what checkpoints hold, each storage once."""
+    """Bytes a real forward keeps: saved tensors and what checkpoints hold, each storage once."""
     with checkpoint_inputs(model, storage_key) as held:
         kept = measure_saved(lambda: model(*inputs), model.parameters())
     extra = sum(nbytes for storages in held.values() for key, nbytes in storages.items()
