@@ -20,6 +20,7 @@ from aalconvert.facts import ModelFacts, qualified_name
 from aalconvert.nn.asa import ASALinear, ASATransposedLinear, pack_sign, validate_options
 from aalconvert.nn.lossless import MaskReLU
 from aalconvert.nn.zoo_linear import is_transposed_linear, transposed_linear_problem
+from aalconvert.rules.recompute import layer_chains
 from aalconvert.rules.base import Rule, Site, Skip
 from aalconvert.rules.wiring import SharedPack, swap_module
 
@@ -84,6 +85,10 @@ class ASARule(Rule):
     def __init__(self, options: ASAOptions | None = None) -> None:
         self.options = options or ASAOptions()
         self.shared = SharedPack("packed_sign", pack_sign)
+        # A layer whose input its norm/activation chain rebuilds keeps nothing under recompute
+        # (exactly) or approx (sharing the chain start's copy): less than a 1-bit sign, so
+        # next to one of them ASA leaves it (``registry.resolve`` sets this).
+        self.leave_chains: str | None = None
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> "ASARule":
@@ -92,6 +97,13 @@ class ASARule(Rule):
 
     def find(self, facts: ModelFacts) -> tuple[list[Site], list[Skip]]:
         sites, skips, seen = [], [], set()
+        if self.leave_chains:
+            chains, _ = layer_chains(facts, self.name)
+            for name, chain in chains.items():
+                seen.add(name)
+                skips.append(Skip(self.name, name, (
+                    f"left to {self.leave_chains}: its input is rebuilt from {' -> '.join(chain.modules)}, "
+                    "keeping less than a 1-bit sign")))
         for block in facts.blocks:
             for name in block.branch_weighted:
                 if name in seen:

@@ -1,5 +1,6 @@
 """``exact``: lossless 1-bit masks for ReLU, ReLU6, Hardtanh, LeakyReLU and dropout,
-1-byte argmax for max-pool.
+1-byte argmax for max-pool; masks torch's ops save elsewhere (functional dropout,
+``masked_fill``, SDPA's dropout mask on CPU) in 1 bit (``rules/saved_pack.py``).
 
 Forward and gradients are bit-identical to ordinary backprop (methods.md section 4).
 A mask replaces the tensor torch keeps for the activation's backward; where
@@ -31,6 +32,8 @@ from torch import fx, nn
 from aalconvert.facts import ModelFacts, keeps_input, qualified_name
 from aalconvert.nn.lossless import MASK_ACTIVATIONS, CompactMaxPool2d, MaskDropout, inplace_keeps
 from aalconvert.rules.base import Site, Skip
+from aalconvert.rules.saved_pack import PAYLOAD_KEY as SAVED_PACK_KEY
+from aalconvert.rules.saved_pack import apply_saved_pack_site, saved_pack_site
 from aalconvert.rules.swap import TypeSwapRule
 from aalconvert.trace import is_linear_like
 
@@ -206,13 +209,16 @@ class ExactRule(TypeSwapRule):
     name = "exact"
     description = (
         "lossless: ReLU, ReLU6, Hardtanh, LeakyReLU and dropout keep a 1-bit mask, "
-        "max-pool a 1-byte argmax"
+        "max-pool a 1-byte argmax, and masks functional ops save are kept in 1 bit"
     )
     forward_exact = True
     gradient_exact = True
 
     def __init__(self, options: ExactOptions | None = None) -> None:
         self.options = options or ExactOptions()
+        # Masks torch's ops save, packed in 1 bit on the root; an approx rule's packer does it
+        # too (with k-bit activations), so next to one this is off (``registry.resolve``).
+        self.pack_masks = True
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> "ExactRule":
@@ -240,7 +246,15 @@ class ExactRule(TypeSwapRule):
                     changed = True
         kept = [site for site in sites if site.module_name not in reasons]
         skips += [Skip(self.name, name, reason) for name, reason in reasons.items()]
+        if self.pack_masks:
+            root_sites, root_skips = saved_pack_site(facts, self.name, None, {s.module_name for s in kept})
+            kept, skips = kept + root_sites, skips + root_skips
         return kept, skips
+
+    def apply(self, model: nn.Module, site: Site, facts: ModelFacts) -> nn.Module:
+        if SAVED_PACK_KEY in site.payload:
+            return apply_saved_pack_site(model, site, None)
+        return super().apply(model, site, facts)
 
     def site_reason(self, module: nn.Module, variant: type[nn.Module]) -> str:
         if isinstance(module, nn.MaxPool2d):

@@ -27,7 +27,7 @@ from typing import Any
 
 from torch import fx, nn
 
-from aalconvert.facts import KEEPS_INPUT, ModelFacts, qualified_name
+from aalconvert.facts import KEEPS_INPUT, ModelFacts, keeps_input, qualified_name
 from aalconvert.nn.approx_common import ApproxOptions
 from aalconvert.nn.lossless import MASK_ACTIVATIONS, MaskHardtanh, MaskLeakyReLU, MaskReLU, MaskReLU6
 from aalconvert.nn.recompute import (
@@ -41,7 +41,12 @@ from aalconvert.nn.gated_mlp import RecomputedGatedMLP
 from aalconvert.nn.recompute_attention import RecomputedAttention
 from aalconvert.nn.zoo_linear import is_transposed_linear
 from aalconvert.trace import is_norm_like
-from aalconvert.nn.zoo_pointwise import PointwiseVariant, bp_keeps_more_than_input, pointwise_problem
+from aalconvert.nn.zoo_pointwise import (
+    PointwiseVariant,
+    bp_keeps_input,
+    bp_keeps_more_than_input,
+    pointwise_problem,
+)
 from aalconvert.rules.attention import PAYLOAD_KEY, apply_attention_site, attention_sites
 from aalconvert.rules.gated_mlp import gated_mlp_sites
 from aalconvert.rules.base import SERVES, Rule, Site, Skip
@@ -83,7 +88,8 @@ def input_chain(facts: ModelFacts, node: fx.Node) -> Chain | str:
         name = qualified_name(current)
         module = facts.modules[name]
         maskable = type(module) in MASK_ACTIVATIONS or isinstance(module, _MASK_VARIANTS)
-        if type(module) not in CHAIN_MODULE_TYPES and not maskable:
+        zoo = pointwise_problem(module) is None or isinstance(module, PointwiseVariant)
+        if type(module) not in CHAIN_MODULE_TYPES and not maskable and not zoo:
             break
         names.insert(0, name)
         inplace = getattr(module, "inplace", False)
@@ -94,7 +100,7 @@ def input_chain(facts: ModelFacts, node: fx.Node) -> Chain | str:
                 fallback = Chain(start=name, modules=tuple(names))
         # An in-place activation overwrites its input, so it cannot start the chain: the module
         # before it (a norm keeping its own input) can.
-        elif isinstance(module, KEEPS_INPUT) and not inplace:
+        elif (keeps_input(module) or (zoo and bp_keeps_input(module))) and not inplace:
             if facts.call_count(name) != 1:
                 return fallback or (
                     f"{name} starts the input chain but is called {facts.call_count(name)} times"

@@ -143,4 +143,22 @@ def resolve(rules: str | Rule | Sequence[str | Rule], options: dict[str, Any]) -
                 )
             raise ConversionError(f"unknown option {option}=; allowed options: {', '.join(known)}")
     chosen.sort(key=lambda rule: PRECEDENCE.index(_family(rule)))
+    _coordinate(chosen)
     return chosen
+
+
+def _coordinate(chosen: list[Rule]) -> None:
+    """Settle what one rule leaves to another of the same set.
+
+    Next to an approx rule, ``exact`` packs no masks on the root (the approx
+    rule's packer does, with its k-bit copies); next to ``recompute`` or an
+    approx rule, ``asa`` leaves the layers whose input a chain rebuilds (they
+    keep nothing there, less than a 1-bit sign).
+    """
+    families = [_family(rule) for rule in chosen]
+    rebuilding = next((rule.name for rule in chosen if _family(rule) in ("approx", "recompute")), None)
+    for rule in chosen:
+        if isinstance(rule, ExactRule) and not isinstance(rule, ApproxRule):
+            rule.pack_masks = "approx" not in families
+        if isinstance(rule, ASARule):
+            rule.leave_chains = rebuilding

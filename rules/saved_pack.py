@@ -1,8 +1,8 @@
-"""The approx rules' last reach: k-bit copies of whatever else torch's ops save in the model.
+"""The last reach of the exact and approx rules: whatever else torch's ops save in the model.
 
 One site on the model's root (``aalconvert.nn.saved_pack``): while the root's
-forward runs, every large activation an op saves for backward is kept as a
-k-bit copy, unless a converted variant saved it (its own decision: an ARA
+forward runs, every mask an op saves is kept in 1 bit (exact rule), and under
+an approx rule every large activation as a k-bit copy too, unless a converted variant saved it (its own decision: an ARA
 anchor, a recompute chain's input, a loss head's hidden states) or it was saved
 inside a module the user named in ``skip=``. Attention written with
 ``F.scaled_dot_product_attention`` or ``nn.MultiheadAttention``, Hugging Face
@@ -51,7 +51,7 @@ class SavedPackScope(_Wiring):
     forward, when every site of the conversion has been applied.
     """
 
-    def __init__(self, options: ApproxOptions, skipped: tuple[str, ...]) -> None:
+    def __init__(self, options: ApproxOptions | None, skipped: tuple[str, ...]) -> None:
         self.packer = SavedTensorPacker(options)
         self.skipped = skipped
         self.handles = []
@@ -116,19 +116,27 @@ class SavedPackScope(_Wiring):
         self._arming = threading.Lock()
 
 
-def saved_pack_site(facts: ModelFacts, rule: str, bits: int, claimed: set[str]) -> tuple[list[Site], list[Skip]]:
-    """The root site that packs what no other site keeps, or why there is none."""
+def saved_pack_site(
+    facts: ModelFacts, rule: str, bits: int | None, claimed: set[str]
+) -> tuple[list[Site], list[Skip]]:
+    """The root site that packs what no other site keeps (``bits`` None: only what 1 bit holds
+    exactly), or why there is none."""
     if "" in claimed:
         return [], [Skip(rule, "", "the root module is converted itself; nothing wraps its forward")]
-    covers = f"its ops' saved activations are kept as {bits}-bit copies ({rule} on <root>)"
-    reason = (
-        f"keeps {bits}-bit copies of every other activation torch's ops save in the model "
-        "(functional attention, SDPA, norms and functional ops: saved-tensor hooks)"
-    )
+    if bits is None:
+        covers = f"masks its ops save are kept in 1 bit, exact ({rule} on <root>)"
+        reason = ("keeps every mask torch's ops save in the model (dropout, masked_fill, where) in 1 bit: "
+                  "bool masks and 0-or-one-value tensors, exact (saved-tensor hooks)")
+    else:
+        covers = f"its ops' saved activations are kept as {bits}-bit copies ({rule} on <root>)"
+        reason = (
+            f"keeps {bits}-bit copies of every other activation torch's ops save in the model "
+            "(functional attention, SDPA, norms and functional ops: saved-tensor hooks), masks in 1 bit"
+        )
     return [Site(rule, "", reason, payload={PAYLOAD_KEY: True, COVERS: covers})], []
 
 
-def apply_saved_pack_site(model: nn.Module, site: Site, options: ApproxOptions) -> nn.Module:
+def apply_saved_pack_site(model: nn.Module, site: Site, options: ApproxOptions | None) -> nn.Module:
     """Wire the packer's hooks on the root (nothing is swapped)."""
     SavedPackScope(options, tuple(site.payload.get(SKIPPED, ()))).wire(model)
     return model

@@ -62,6 +62,7 @@ from aalconvert.nn.rebuild import rebuild_as
 from aalconvert.nn.saved import saved_tensors_or_raise
 from aalconvert.nn.weighted import transposed_linear
 from aalconvert.nn.zoo_linear import TransposedLinearVariant
+from aalconvert.nn.zoo_pointwise import PointwiseVariant, pointwise_problem
 
 CHAIN_MODULE_TYPES: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d,
@@ -83,6 +84,17 @@ CHAIN_MODULE_TYPES: tuple[type[nn.Module], ...] = (
 """Modules a chain may hold: deterministic, and cheap to run again (elementwise or a norm)."""
 
 
+def is_chain_module(module: nn.Module) -> bool:
+    """A torch module of ``CHAIN_MODULE_TYPES``, or a zoo activation or norm (timm's ``LayerNorm``,
+    Hugging Face's ``GELUActivation``, ``LlamaRMSNorm``: deterministic and elementwise or a norm,
+    ``zoo_pointwise.pointwise_problem``), converted or not."""
+    return (
+        isinstance(module, CHAIN_MODULE_TYPES)
+        or isinstance(module, PointwiseVariant)
+        or pointwise_problem(module) is None
+    )
+
+
 # ------------------------------------------------------------------ the chain
 
 
@@ -90,11 +102,11 @@ def _validate_chain(chain: tuple[nn.Module, ...], where: str) -> None:
     if not chain:
         raise ConversionError(f"{where}: set_chain needs at least one module (norm or activation)")
     for position, module in enumerate(chain):
-        if not isinstance(module, CHAIN_MODULE_TYPES):
+        if not is_chain_module(module):
             allowed = ", ".join(t.__name__ for t in CHAIN_MODULE_TYPES)
             raise ConversionError(
                 f"{where}: chain module {position} is {type(module).__name__}, which cannot be "
-                f"rebuilt exactly in backward; allowed: {allowed}"
+                f"rebuilt exactly in backward; allowed: {allowed}, and zoo activations and norms"
             )
     if getattr(chain[0], "inplace", False):
         raise ConversionError(

@@ -32,6 +32,10 @@ Hooks that were active when the packer began (``torch.utils.checkpoint``,
 ``save_on_cpu``, aalconvert's own measurement) still see every saved tensor:
 they get the packed parts instead of the tensor. While a converted variant
 runs (``keep``), its saves are its own decision and pass through unpacked.
+
+Without options (the lossless rules) only what one bit holds exactly is packed:
+masks, and float tensors holding 0 and one other value; gradients stay
+bit-identical.
 """
 
 import threading
@@ -167,8 +171,11 @@ class SavedTensorPacker:
     saved-tensor hooks are pushed by the outermost and popped by its ``end``.
     """
 
-    def __init__(self, options: ApproxOptions) -> None:
+    def __init__(self, options: ApproxOptions | None) -> None:
+        """``options``: how activations are quantized; None packs only what 1 bit holds exactly
+        (masks and 0-or-one-value tensors), for the lossless rules."""
         self.options = options
+        self.min_numel = (options or ApproxOptions()).min_numel
         self._local = threading.local()
 
     def _state(self) -> threading.local:
@@ -235,8 +242,9 @@ class SavedTensorPacker:
 
     def _packed(self, tensor: torch.Tensor, state: threading.local) -> Any:
         """A k-bit or 1-bit ``PackedSave`` of ``tensor``, or ``tensor`` (a compact copy of a small view)."""
-        large = tensor.numel() >= max(self.options.min_numel, 1)
-        if self.is_activation(tensor) and should_quantize(tensor, self.options):
+        large = tensor.numel() >= max(self.min_numel, 1)
+        quantizing = self.options is not None
+        if quantizing and self.is_activation(tensor) and should_quantize(tensor, self.options):
             flat, stride = _memory_order(tensor.detach())
             parts, layout = compress(flat, self.options)
         elif large and not tensor.requires_grad and self._own(tensor):
@@ -245,8 +253,8 @@ class SavedTensorPacker:
             if found is None:
                 return self._passed_on(tensor, state)
             parts, layout = found
-        else:
-            kept = compact(tensor) if self.is_activation(tensor) else tensor  # a view: not its storage
+        else:  # a small view is copied rather than keeping its storage, where values may change
+            kept = compact(tensor) if quantizing and self.is_activation(tensor) else tensor
             return self._passed_on(kept, state)
         if state.outer is not None:
             parts = tuple(state.outer[0](part) for part in parts)

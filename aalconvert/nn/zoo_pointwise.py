@@ -92,6 +92,29 @@ def bp_keeps_more_than_input(module: nn.Module) -> bool:
     return kept > probe.numel() * probe.element_size()
 
 
+def bp_keeps_input(module: nn.Module) -> bool:
+    """Whether ``module``'s backward keeps its very input under BP (on a small probe input).
+
+    A chain may start only at a module that keeps its input anyway; a zoo
+    activation keeping only its output (or a copy) does not. False when it
+    cannot tell.
+    """
+    from aalconvert.memory import measure_saved, storage_key  # late, as above
+
+    parameter = next(module.parameters(), None)
+    if parameter is not None and parameter.device.type == "meta":
+        return False
+    features = tuple(parameter.shape) if parameter is not None and parameter.dim() >= 1 else (64,)
+    probe = torch.randn((2, *features), requires_grad=True) * 1
+    if parameter is not None:
+        probe = probe.to(parameter.device, parameter.dtype if parameter.is_floating_point() else None)
+    try:
+        kept = measure_saved(lambda: type(module).forward(module, probe), module.parameters())
+    except Exception:  # the probe does not fit the module's expectations
+        return False
+    return storage_key(probe.untyped_storage()) in kept.storages
+
+
 def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
     return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
 
