@@ -2,8 +2,9 @@
 
 The planner's choices are checked on a small synthetic residual MLP (cheapest
 tiers first, monotone and deterministic in the budget), and its promise on the
-examples: the converted model's measured bytes kept (measure_saved) give a
-step peak under the budget, within 5 % of the prediction.
+examples and three Hugging Face models: the converted model's measured bytes
+kept (measure_saved, plus what checkpoints hold) give a step peak under the
+budget, within 5 % of the prediction.
 """
 
 import pytest
@@ -279,10 +280,10 @@ def test_revert_removes_checkpoints_and_keeps_the_state_dict_keys():
 # -- the promise on the examples: measured under the budget, prediction within 5 % -------------
 
 
-def measured_kept(model: nn.Module, inputs: tuple):
+def measured_kept(model: nn.Module, forward):
     """Bytes a real forward keeps: saved tensors and what checkpoints hold, each storage once."""
     with checkpoint_inputs(model, storage_key) as held:
-        kept = measure_saved(lambda: model(*inputs), model.parameters())
+        kept = measure_saved(forward, model.parameters())
     extra = sum(nbytes for storages in held.values() for key, nbytes in storages.items()
                 if key not in kept.storages)
     return kept.nbytes + extra, kept
@@ -300,7 +301,7 @@ def test_a_planned_example_measures_under_the_budget_as_predicted(name, fraction
     plan = aalconvert.plan(model, budget=budget, example_inputs=inputs, optimizer="adamw")
     converted = aalconvert.convert(model, budget=budget, example_inputs=inputs, optimizer="adamw")
     converted.train()
-    kept_bytes, kept = measured_kept(converted, inputs)
+    kept_bytes, kept = measured_kept(converted, lambda: converted(*inputs))
     totals = plan.report.totals
     measured_peak = totals.peak(kept_bytes) + plan.recompute_bytes
     assert measured_peak <= budget, (measured_peak, budget)
@@ -341,3 +342,34 @@ def test_fit_batches_gives_each_rule_set_the_last_batch_under_the_memory():
         assert fit.peak_bytes <= memory < peak_after, fit
     batches = [fit.largest_batch for fit in fits]
     assert batches == sorted(batches) and batches[0] < batches[-1]
+
+
+HF_MODELS = {  # small random-init configs of three zoo architectures, with their loss heads
+    "bert": ("BertConfig", "BertForMaskedLM", dict(vocab_size=100, max_position_embeddings=64, hidden_size=32,
+                                                   num_hidden_layers=2, num_attention_heads=2,
+                                                   intermediate_size=64)),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_inner=64,
+                                                   n_positions=64, bos_token_id=0, eos_token_id=0)),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(vocab_size=100, num_key_value_heads=2, hidden_size=32,
+                                                      num_hidden_layers=2, num_attention_heads=2,
+                                                      intermediate_size=64, max_position_embeddings=64)),
+}
+
+
+@pytest.mark.parametrize("name", list(HF_MODELS))
+def test_a_planned_hugging_face_model_with_labels_measures_under_the_budget_as_predicted(name):
+    transformers = pytest.importorskip("transformers")
+    config_name, model_name, options = HF_MODELS[name]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_name)(getattr(transformers, config_name)(**options)).train()
+    ids = torch.randint(0, 100, (4, 16))
+    bp_peak = aalconvert.inspect(model, (ids,), "exact").totals.peak_bp_bytes
+    budget = between(plan_budget(model, bp_peak, (ids,)).floor_bytes, bp_peak, 0.2)
+    plan = aalconvert.plan(model, budget=budget, example_inputs=(ids,))
+    assert "loss_head" in plan.decisions.values()  # inspect and the plan run the forward with labels
+    converted = aalconvert.convert(model, budget=budget, example_inputs=(ids,)).train()
+    kept_bytes, kept = measured_kept(converted, lambda: converted(ids, labels=ids))
+    totals = plan.report.totals
+    assert totals.peak(kept_bytes) + plan.recompute_bytes <= budget
+    assert abs(totals.converted_bytes - kept_bytes) <= 0.05 * kept_bytes
+    kept.output.loss.backward()
