@@ -209,6 +209,17 @@ def test_restricting_the_rules_plans_with_those_only(widest):
         plan_budget(model, "1GiB", inputs, rules=["fast"])
 
 
+def test_skipped_modules_stay_as_they_are_in_the_plan_and_the_converted_model(widest):
+    model, inputs = synthetic()
+    budget = between(widest.floor_bytes, widest.peak_bp_bytes, 0.3)
+    plan = plan_rules(model, budget, inputs, skip=["blocks.0"])
+    assert plan.decisions and not [name for name in plan.decisions if inside(name, "blocks.0")]
+    converted = aalconvert.convert(model, budget=budget, example_inputs=inputs, skip=["blocks.0"])
+    assert [type(m) for m in converted.blocks[0].modules()] == [type(m) for m in model.blocks[0].modules()]
+    assert not is_checkpointed(converted.blocks[0])
+    assert [type(m) for m in converted.modules()] != [type(m) for m in model.modules()]
+
+
 def test_convert_refuses_rules_or_bits_with_a_budget_and_optimizer_without_one():
     model, inputs = synthetic()
     with pytest.raises(ConversionError, match="the planner chooses the rules itself"):
