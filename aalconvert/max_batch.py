@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from aalconvert.api import inspect
-from aalconvert.report import Report
+from aalconvert.report import Report, format_bytes
 from aalconvert.sizes import parse_size
 
 RULE_SETS: tuple[str, ...] = ("bp", "exact", "auto", "auto+approx8", "auto+approx4")
@@ -101,7 +101,7 @@ def fit_batches(
                                          optimizer=optimizer, labels=labels)
             totals = reports[batch].totals
             peak = totals.peak_bp_bytes if rules == "bp" else totals.peak_converted_bytes
-            progress(f"{rules}: batch {batch} -> predicted peak {peak} bytes")
+            progress(f"{rules}: batch {batch} -> predicted peak {format_bytes(peak)}")
             return peak
 
         guess = _linear_guess(peak_at, batch_size, memory_bytes, rules, reports)
