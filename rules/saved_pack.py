@@ -27,7 +27,7 @@ from aalconvert.nn.approx_common import ApproxOptions, functorch_active
 from aalconvert.nn.saved_pack import SavedTensorPacker
 from aalconvert.nn.traced_forward import TracedForwardVariant
 from aalconvert.rules.base import COVERS, SKIPPED, Site, Skip
-from aalconvert.rules.wiring import _PerThread, _Wiring
+from aalconvert.rules.wiring import _PerThread, _Wiring, wiring_of
 
 PAYLOAD_KEY = "saved_pack"
 
@@ -123,6 +123,8 @@ def saved_pack_site(
     exactly), or why there is none."""
     if "" in claimed:
         return [], [Skip(rule, "", "the root module is converted itself; nothing wraps its forward")]
+    if any(isinstance(owner, SavedPackScope) for owner in wiring_of(facts.model)):
+        return [], [Skip(rule, "", "an earlier conversion already packs what the model's ops save")]
     if bits is None:
         covers = f"masks its ops save are kept in 1 bit, exact ({rule} on <root>)"
         reason = ("keeps every mask torch's ops save in the model (dropout, masked_fill, where) in 1 bit: "

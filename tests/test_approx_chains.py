@@ -111,3 +111,48 @@ def test_stochastic_rounding_keeps_its_own_copy_and_trains(stochastic):
     assert all(torch.isfinite(p.grad).all() for p in converted.parameters())
     shared = aalconvert.convert(model, "approx4", example_inputs=(x,))
     assert (kept(converted, x) > kept(shared, x)) == stochastic  # a stochastic copy is never shared
+
+
+def test_zoo_norms_start_chains_and_recompute_stays_bit_identical():
+    class Block(nn.Module):
+        """timm's pre-norm MLP with its own LayerNorm subclass, and a zoo RMS norm as Llama writes it."""
+
+        def __init__(self, dim: int = 64):
+            super().__init__()
+            self.norm = type("LayerNorm", (nn.LayerNorm,), {"__module__": "timm.layers.norm"})(dim)
+            self.up = nn.Linear(dim, 4 * dim)
+            self.act = nn.GELU()
+            self.down = nn.Linear(4 * dim, dim)
+            self.rms = RMSNorm(dim)
+            self.out = nn.Linear(dim, dim)
+
+        def forward(self, x):
+            x = x + self.down(self.act(self.up(self.norm(x))))
+            return x + self.out(self.rms(x))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(), Block())
+    x = torch.randn(4, 32, 64)
+    converted = aalconvert.convert(model, "recompute", example_inputs=(x,))
+    for name in ("up", "down", "out"):
+        assert type(getattr(converted[0], name)) is RecomputedInputLinear, name
+    got = torch.autograd.grad(converted(x).square().mean(), list(converted.parameters()))
+    expected = torch.autograd.grad(model(x).square().mean(), list(model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert kept(converted, x) < kept(model, x)
+    plan, _ = aalconvert.api.plan_conversion(model, ["asa", "recompute"], example_inputs=(x,))
+    assert plan.sites["0.down"].rule == "recompute"
+    assert any(s.rule == "asa" and s.module_name == "0.down" and "left to recompute" in s.reason for s in plan.skips)
+
+
+class RMSNorm(nn.Module):
+    """Hugging Face's LlamaRMSNorm, as written there (a zoo norm: no torch class to swap)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        variance = x.pow(2).mean(-1, keepdim=True)
+        return self.weight * (x * torch.rsqrt(variance + self.eps))

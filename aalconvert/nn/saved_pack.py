@@ -85,7 +85,8 @@ class TwoLevels:
 
 def two_levels(flat: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], TwoLevels] | None:
     """The 1-bit form of a bool tensor, or of a float one whose values are 0 and one positive
-    finite value; None for any other tensor (and for fake ones, whose values are unknown)."""
+    finite value; None for any other tensor, and for fake ones, whose values are unknown
+    (``inspect`` then counts such a float mask in full: CPU dropout keeps one)."""
     if flat.dtype == torch.bool:
         return (pack_bits(flat),), TwoLevels(flat.numel(), torch.bool)
     if isinstance(flat, FakeTensor) or not flat.is_floating_point():
@@ -256,6 +257,8 @@ class SavedTensorPacker:
         else:  # a small view is copied rather than keeping its storage, where values may change
             kept = compact(tensor) if quantizing and self.is_activation(tensor) else tensor
             return self._passed_on(kept, state)
+        if sum(part.untyped_storage().nbytes() for part in parts) >= tensor.untyped_storage().nbytes():
+            return self._passed_on(tensor, state)  # an expanded view: its storage is smaller already
         if state.outer is not None:
             parts = tuple(state.outer[0](part) for part in parts)
         return PackedSave(parts, layout, tensor.shape, stride, state.outer)
