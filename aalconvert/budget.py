@@ -15,10 +15,11 @@ How the plan is chosen:
    units that must be taken whole: an ARA group (its anchor wires its layers;
    its ReLU masks pay only with the group), an ASA layer with the ReLU mask
    that feeds it, a recompute layer with the ReLU masks that serve it, any
-   other site alone (a checkpointed block is one site). Each unit's saving is the change of bytes kept between
-   the two plans at its modules, and at modules that counted a tensor one of
-   its modules also keeps (``SavedByModule.counted_at``); what no unit claims
-   goes to the tier's root site, if it has one (approx's saved-tensor packer).
+   other site alone (a checkpointed block is one site). Each unit's saving is
+   the change of bytes kept between the two plans at its modules, at modules
+   inside it, and at modules that counted a tensor one of its modules also
+   keeps (``SavedByModule.counted_at``); what no unit claims goes to the
+   tier's root site, if it has one (approx's saved-tensor packer).
 3. Order. Units in tier order; within a tier the largest saving first, except
    that in the 4- and 2-bit tiers the model's first and last weighted layers
    go last (they keep their 8-bit copies longest). Taking a prefix of this
@@ -27,6 +28,11 @@ How the plan is chosen:
 4. Search. The smallest prefix whose plan, estimated on fake tensors, fits the
    budget; found by bisection inside the first tier whose full plan fits. The
    plan's peak is therefore an estimate of the very plan returned, not a sum.
+5. Without checkpointing. Checkpointing every block keeps each block's input
+   in full and has one block recompute, which can keep more than our rules
+   inside the blocks would; so the same is done for the tier order without
+   it, used when the first order cannot reach the budget. The floor is the
+   least either order keeps.
 
 A checkpointed block counts its inputs as kept, and the predicted peak adds
 what the largest checkpointed block keeps under BP (alive again while it
