@@ -17,7 +17,7 @@ from torch import fx, nn
 
 from aalconvert.errors import ConversionError
 from aalconvert.facts import ModelFacts, qualified_name
-from aalconvert.nn.asa import ASALinear, ASATransposedLinear, pack_sign, validate_options
+from aalconvert.nn.asa import ASAConv2d, ASALinear, ASATransposedLinear, pack_sign, validate_options
 from aalconvert.nn.lossless import MaskReLU
 from aalconvert.nn.zoo_linear import is_transposed_linear, transposed_linear_problem
 from aalconvert.rules.recompute import layer_chains
@@ -45,10 +45,21 @@ class ASAOptions:
 
 
 def _asa_variant(module: nn.Module) -> type[nn.Module] | None:
-    """The ASA class for ``module``: a plain nn.Linear or a zoo transposed linear (GPT-2 Conv1D)."""
+    """The ASA class for ``module``: a plain nn.Linear, a zoo transposed linear (GPT-2 Conv1D),
+    or a 1x1 nn.Conv2d used as an MLP layer (PoolFormer, MetaFormer and ConvNeXt-style blocks)."""
     if is_transposed_linear(module):
         return ASATransposedLinear
+    if type(module) is nn.Conv2d and _pointwise_conv(module):
+        return ASAConv2d
     return _ASA_VARIANTS.get(type(module))
+
+
+def _pointwise_conv(conv: nn.Conv2d) -> bool:
+    """A 1x1 convolution over all channels: a linear layer applied at every position."""
+    return (
+        conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1
+        and conv.dilation == (1, 1) and conv.padding in ((0, 0), "valid")
+    )
 
 
 def _unconvertible_reason(module: nn.Module) -> str:
@@ -56,8 +67,8 @@ def _unconvertible_reason(module: nn.Module) -> str:
     if kind == "Conv1D":
         return f"{kind} in a residual branch: not converted, {transposed_linear_problem(module)}"
     return (
-        f"{kind} in a residual branch: ASA converts nn.Linear and zoo transposed linears "
-        "(transformers Conv1D) only"
+        f"{kind} in a residual branch: ASA converts nn.Linear, zoo transposed linears "
+        "(transformers Conv1D) and 1x1 convolutions only"
     )
 
 
@@ -110,7 +121,7 @@ class ASARule(Rule):
                     continue
                 seen.add(name)
                 module = facts.modules[name]
-                if isinstance(module, (ASALinear, ASATransposedLinear)):
+                if isinstance(module, (ASALinear, ASAConv2d, ASATransposedLinear)):
                     continue
                 if _asa_variant(module) is None:
                     skips.append(Skip(self.name, name, _unconvertible_reason(module)))

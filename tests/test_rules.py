@@ -219,3 +219,40 @@ def test_layer_outputs_can_be_modified_in_place_as_the_plain_layers_can(rules):
     if rules in ("exact", "recompute"):
         assert all(torch.equal(a, e) for a, e in zip(actual, expected))
     assert all(torch.isfinite(a).all() for a in actual)
+
+
+class PoolFormerBlock(nn.Module):
+    """timm's PoolFormer block (MetaFormer): pooling token mixer, then an MLP of 1x1 convolutions."""
+
+    def __init__(self, channels: int = 32):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(1, channels)
+        self.pool = nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+        self.norm2 = nn.GroupNorm(1, channels)
+        self.fc1 = nn.Conv2d(channels, 4 * channels, 1)
+        self.act = nn.GELU()
+        self.fc2 = nn.Conv2d(4 * channels, channels, 1)
+
+    def forward(self, x):
+        y = self.norm1(x)
+        x = x + self.pool(y) - y
+        return x + self.fc2(self.act(self.fc1(self.norm2(x))))
+
+
+def test_asa_takes_1x1_convolutions_of_mlp_branches_and_leaves_chained_ones_to_recompute():
+    from aalconvert.nn.asa import ASAConv2d
+
+    torch.manual_seed(0)
+    model = nn.Sequential(PoolFormerBlock(), PoolFormerBlock())
+    x = torch.randn(2, 32, 8, 8)
+    alone = aalconvert.convert(model, "asa", example_inputs=(x,))
+    assert type(alone[0].fc1) is ASAConv2d and type(alone[0].fc2) is ASAConv2d
+    out = alone(x)
+    assert not torch.equal(out, model(x))  # ASA's forward: W(x + eps*s)
+    out.square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in alone.parameters())
+    auto = aalconvert.convert(model, "auto", example_inputs=(x,))
+    for layer in (auto[0].fc1, auto[0].fc2):  # after norm2 and GELU: rebuilt, keeping nothing
+        assert type(layer).__name__ == "RecomputedInputConv2d"
+    bp = measure_saved(lambda: model(x), model.parameters()).nbytes
+    assert measure_saved(lambda: auto(x), auto.parameters()).nbytes < bp

@@ -62,7 +62,7 @@ from aalconvert.nn.rebuild import rebuild_as
 from aalconvert.nn.saved import saved_tensors_or_raise
 from aalconvert.nn.weighted import transposed_linear
 from aalconvert.nn.zoo_linear import TransposedLinearVariant
-from aalconvert.nn.zoo_pointwise import PointwiseVariant, pointwise_problem
+from aalconvert.nn import zoo_pointwise
 
 CHAIN_MODULE_TYPES: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d,
@@ -90,8 +90,8 @@ def is_chain_module(module: nn.Module) -> bool:
     ``zoo_pointwise.pointwise_problem``), converted or not."""
     return (
         isinstance(module, CHAIN_MODULE_TYPES)
-        or isinstance(module, PointwiseVariant)
-        or pointwise_problem(module) is None
+        or isinstance(module, zoo_pointwise.PointwiseVariant)
+        or zoo_pointwise.pointwise_problem(module) is None
     )
 
 

@@ -265,7 +265,11 @@ class SavedTensorPacker:
 
     @staticmethod
     def _passed_on(tensor: torch.Tensor, state: threading.local) -> Any:
-        return tensor if state.outer is None else PassedOn(state.outer[0](tensor), state.outer[1])
+        """``tensor`` as it is, detached: a saved output handed back with its ``grad_fn`` would
+        hold its own node alive (a reference cycle that outlives a forward without backward);
+        autograd restores the graph links of what the unpack hook returns."""
+        kept = tensor.detach() if tensor.requires_grad else tensor
+        return kept if state.outer is None else PassedOn(state.outer[0](kept), state.outer[1])
 
     @staticmethod
     def _unpack(packed: Any) -> torch.Tensor:
