@@ -151,12 +151,15 @@ def _coordinate(chosen: list[Rule]) -> None:
     """Settle what one rule leaves to another of the same set.
 
     Next to an approx rule, ``exact`` packs no masks on the root (the approx
-    rule's packer does, with its k-bit copies); next to ``recompute`` or an
-    approx rule, ``asa`` leaves the layers whose input a chain rebuilds (they
-    keep nothing there, less than a 1-bit sign).
+    rule's packer does, with its k-bit copies), and ``asa`` leaves the layers
+    whose input a chain rebuilds: they share the chain start's k-bit copy
+    there, keeping less than a 1-bit sign. ``recompute`` alone does not get
+    them: its layer keeps ``z`` exactly, which the chain start keeps only when
+    it saves ``z`` itself (a LayerNorm over a permuted input saves a contiguous
+    copy instead, as in ConvNeXt), so ASA's sign can be the smaller.
     """
     families = [_family(rule) for rule in chosen]
-    rebuilding = next((rule.name for rule in chosen if _family(rule) in ("approx", "recompute")), None)
+    rebuilding = next((rule.name for rule in chosen if _family(rule) == "approx"), None)
     for rule in chosen:
         if isinstance(rule, ExactRule) and not isinstance(rule, ApproxRule):
             rule.pack_masks = "approx" not in families

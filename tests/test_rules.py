@@ -239,7 +239,7 @@ class PoolFormerBlock(nn.Module):
         return x + self.fc2(self.act(self.fc1(self.norm2(x))))
 
 
-def test_asa_takes_1x1_convolutions_of_mlp_branches_and_leaves_chained_ones_to_recompute():
+def test_asa_takes_1x1_convolutions_of_mlp_branches_and_leaves_chained_ones_to_approx():
     from aalconvert.nn.asa import ASAConv2d
 
     torch.manual_seed(0)
@@ -251,8 +251,8 @@ def test_asa_takes_1x1_convolutions_of_mlp_branches_and_leaves_chained_ones_to_r
     assert not torch.equal(out, model(x))  # ASA's forward: W(x + eps*s)
     out.square().mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in alone.parameters())
-    auto = aalconvert.convert(model, "auto", example_inputs=(x,))
-    for layer in (auto[0].fc1, auto[0].fc2):  # after norm2 and GELU: rebuilt, keeping nothing
+    auto = aalconvert.convert(model, ["auto", "approx4"], example_inputs=(x,))
+    for layer in (auto[0].fc1, auto[0].fc2):  # after norm2 and GELU: the chain start's copy is shared
         assert type(layer).__name__ == "RecomputedInputConv2d"
     bp = measure_saved(lambda: model(x), model.parameters()).nbytes
-    assert measure_saved(lambda: auto(x), auto.parameters()).nbytes < bp
+    assert measure_saved(lambda: auto(x), auto.parameters()).nbytes < 0.2 * bp
