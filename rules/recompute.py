@@ -207,7 +207,7 @@ def apply_chain_site(model: nn.Module, site: Site, kept_copy: ApproxOptions | No
         module, chain=tuple(model.get_submodule(name) for name in chain.modules), kept_copy=kept_copy
     )
     model = swap_module(model, site.module_name, variant)
-    ChainSlot(hold_input=kept_copy is not None).wire(variant.chain, variant)
+    ChainSlot().wire(variant.chain, variant, model)
     return model
 
 

@@ -133,35 +133,35 @@ class ChainSlot(_Wiring):
     layer compares with the input it is finally called with. A direct call with
     another tensor (manifold mixup), a forward hook that replaces an output, or
     a chain run out of order breaks the link, and the layer then keeps its
-    input as BP does: exact in every case. Only weak references are held, so
-    nothing here outlives the forward or keeps a graph alive after an
-    exception; a tensor that died meanwhile was needed by nobody.
+    input as BP does: exact in every case.
 
-    ``hold_input``: hold ``z`` itself until the layer has run (then let go,
-    also on error). A chain start that keeps only a k-bit copy of ``z`` lets
-    ``z`` die at once; the layer, sharing that copy, needs ``z`` alive to find
-    it (``approx_common.compress``). ``z`` then lives one layer longer in the
-    forward; nothing more is kept for backward.
+    ``z`` itself is held from the chain start until the layer has run, and let
+    go then, or when the root's forward ends (also on error). What the chain
+    start saves of ``z`` may be another object over the same storage (a
+    saved-tensor hook's detached alias) or only a k-bit copy, so ``z``'s own
+    object would otherwise die before the layer runs. This costs no memory: the
+    storage is the chain start's. The chain's outputs are followed by weak
+    references only.
     """
 
-    def __init__(self, hold_input: bool = False) -> None:
-        self.hold_input = hold_input
+    def __init__(self) -> None:
         self.state = _PerThread()
         self.handles: list[RemovableHandle] = []
 
-    def wire(self, chain: Sequence[nn.Module], consumer: nn.Module) -> None:
+    def wire(self, chain: Sequence[nn.Module], consumer: nn.Module, root: nn.Module | None = None) -> None:
         """Follow ``chain`` (first hooks of their modules: they see what the module itself got
         and returned, before any user hook changes it) and feed ``consumer``."""
         self.handles.append(chain[0].register_forward_pre_hook(self._capture, prepend=True))
         for module in chain:
             self.handles.append(module.register_forward_hook(self._link, prepend=True))
         self.handles.append(consumer.register_forward_pre_hook(self._inject, with_kwargs=True))
-        if self.hold_input:
-            self.handles.append(consumer.register_forward_hook(self._release, always_call=True))
+        for module in (consumer, root):
+            if module is not None:
+                self.handles.append(module.register_forward_hook(self._release, always_call=True))
 
     def _capture(self, module: nn.Module, args: tuple) -> None:
         state = self.state.get()
-        state.chain_input = args[0] if self.hold_input else _reference(args[0])
+        state.chain_input = args[0]
         state.last = _reference(args[0])
 
     def _link(self, module: nn.Module, args: tuple, output: object) -> None:
@@ -178,7 +178,7 @@ class ChainSlot(_Wiring):
 
     def _inject(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         state = self.state.get()
-        z = _dereference(getattr(state, "chain_input", None))
+        z = getattr(state, "chain_input", None)
         x = _dereference(getattr(state, "last", None))
         if z is None or x is None:
             return None
@@ -189,8 +189,8 @@ class ChainSlot(_Wiring):
 
     @property
     def tensor(self) -> torch.Tensor | None:
-        """The chain input this thread's forward still refers to (None once it is gone)."""
-        return _dereference(getattr(self.state.get(), "chain_input", None))
+        """The chain input this thread's forward holds (None once let go)."""
+        return getattr(self.state.get(), "chain_input", None)
 
 
 def _global_forward_hooks() -> bool:
