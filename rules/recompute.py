@@ -33,6 +33,7 @@ from aalconvert.nn.lossless import MASK_ACTIVATIONS, MaskHardtanh, MaskLeakyReLU
 from aalconvert.nn.recompute import (
     CHAIN_MODULE_TYPES,
     RecomputedInputConv1d,
+    is_norm_act,
     RecomputedInputConv2d,
     RecomputedInputLinear,
     RecomputedInputTransposedLinear,
@@ -89,7 +90,7 @@ def input_chain(facts: ModelFacts, node: fx.Node) -> Chain | str:
         module = facts.modules[name]
         maskable = type(module) in MASK_ACTIVATIONS or isinstance(module, _MASK_VARIANTS)
         zoo = pointwise_problem(module) is None or isinstance(module, PointwiseVariant)
-        if type(module) not in CHAIN_MODULE_TYPES and not maskable and not zoo:
+        if type(module) not in CHAIN_MODULE_TYPES and not maskable and not zoo and not is_norm_act(module):
             break
         names.insert(0, name)
         inplace = getattr(module, "inplace", False)

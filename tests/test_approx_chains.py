@@ -158,3 +158,55 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         variance = x.pow(2).mean(-1, keepdim=True)
         return self.weight * (x * torch.rsqrt(variance + self.eps))
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's ``BatchNormAct2d`` (timm/layers/norm_act.py) as its forward computes: the batch
+    norm's own formula, then ``drop`` (an identity) and ``act``, fused in one module."""
+
+    def __init__(self, channels: int, act: nn.Module):
+        super().__init__(channels)
+        self.drop = nn.Identity()
+        self.act = act
+
+    def forward(self, x):
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                         self.training, self.momentum, self.eps)
+        return self.act(self.drop(x))
+
+
+class TimmConvBlock(nn.Module):
+    """timm's EfficientNet/ResNet order: conv -> BatchNormAct2d -> conv."""
+
+    def __init__(self, act: nn.Module, channels: int = 16):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = BatchNormAct2d(channels, act)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        return x + self.conv2(self.bn1(self.conv1(x)))
+
+
+@pytest.mark.parametrize("act", [nn.SiLU(inplace=True), nn.ReLU(inplace=True)], ids=["silu", "relu"])
+def test_a_fused_batch_norm_activation_starts_a_chain_bit_identical_under_recompute(act):
+    torch.manual_seed(0)
+    model = nn.Sequential(TimmConvBlock(act), TimmConvBlock(act))
+    x = torch.randn(4, 16, 16, 16)
+    converted = aalconvert.convert(model, "recompute", example_inputs=(x,))
+    assert type(converted[0].conv2) is RecomputedInputConv2d
+    running = [b.clone() for b in model.buffers()]
+    got = torch.autograd.grad(converted(x).square().mean(), list(converted.parameters()))
+    after_one = [b.clone() for b in model.buffers()]
+    for buffer, value in zip(model.buffers(), running):
+        buffer.copy_(value)
+    expected = torch.autograd.grad(model(x).square().mean(), list(model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert all(torch.equal(a, b) for a, b in zip(after_one, model.buffers()))  # updated once, as BP
+    # an in-place ReLU inside keeps its output itself: the conv's input then costs BP nothing extra
+    assert kept(converted, x) <= kept(model, x)
+    approx = aalconvert.convert(model, "approx4", example_inputs=(x,))
+    plain_approx = aalconvert.convert(model, "approx4", example_inputs=(x,), skip=["0.conv2", "1.conv2"])
+    assert kept(approx, x) < kept(plain_approx, x)  # the conv shares the packed batch-norm input

@@ -84,18 +84,34 @@ CHAIN_MODULE_TYPES: tuple[type[nn.Module], ...] = (
 """Modules a chain may hold: deterministic, and cheap to run again (elementwise or a norm)."""
 
 
+def is_norm_act(module: nn.Module) -> bool:
+    """A batch norm fused with its activation, as timm's ``BatchNormAct2d`` is: a ``_BatchNorm``
+    subclass whose forward is the batch norm's, then its ``drop`` (an identity here) and its
+    ``act`` (a chain module) children."""
+    children = dict(module.named_children())
+    return (
+        isinstance(module, _BatchNorm)
+        and type(module) not in CHAIN_MODULE_TYPES
+        and set(children) == {"drop", "act"}
+        and type(children["drop"]) is nn.Identity
+        and (isinstance(children["act"], CHAIN_MODULE_TYPES)
+             or zoo_pointwise.pointwise_problem(children["act"]) is None)
+    )
+
+
 def is_chain_module(module: nn.Module) -> bool:
-    """A torch module of ``CHAIN_MODULE_TYPES``, or a zoo activation or norm (timm's ``LayerNorm``,
-    Hugging Face's ``GELUActivation``, ``LlamaRMSNorm``: deterministic and elementwise or a norm,
-    ``zoo_pointwise.pointwise_problem``), converted or not."""
+    """A torch module of ``CHAIN_MODULE_TYPES``, a batch norm fused with its activation
+    (``is_norm_act``), or a zoo activation or norm (timm's ``LayerNorm``, Hugging Face's
+    ``GELUActivation``, ``LlamaRMSNorm``: deterministic and elementwise or a norm,
+    ``zoo_pointwise.pointwise_problem``), converted or not. Another batch-norm subclass is
+    not: a chain rebuilds batch norms by torch's formula, not by their own forward."""
+    if isinstance(module, _BatchNorm) and type(module) not in CHAIN_MODULE_TYPES:
+        return is_norm_act(module) or type(module).__module__.startswith("aalconvert.")
     return (
         isinstance(module, CHAIN_MODULE_TYPES)
         or isinstance(module, zoo_pointwise.PointwiseVariant)
         or zoo_pointwise.pointwise_problem(module) is None
     )
-
-
-# ------------------------------------------------------------------ the chain
 
 
 def _validate_chain(chain: tuple[nn.Module, ...], where: str) -> None:
@@ -126,6 +142,12 @@ def _rebuild_module(module: nn.Module, training: bool, x: torch.Tensor) -> torch
     """
     if not isinstance(module, _BatchNorm):
         return module.forward(x)
+    x = _batch_norm_again(module, training, x)
+    return module.act.forward(x) if is_norm_act(module) else x  # a fused activation (drop: identity)
+
+
+def _batch_norm_again(module: _BatchNorm, training: bool, x: torch.Tensor) -> torch.Tensor:
+    """``module``'s batch norm of ``x`` as its forward computed it, running statistics untouched."""
     # Mirrors _BatchNorm.forward, with throwaway copies of the running statistics
     # so that the same kernel runs as in the forward and nothing is updated twice.
     use_running = not training or module.track_running_stats

@@ -246,8 +246,12 @@ class SavedTensorPacker:
         large = tensor.numel() >= max(self.min_numel, 1)
         quantizing = self.options is not None
         if quantizing and self.is_activation(tensor) and should_quantize(tensor, self.options):
-            flat, stride = _memory_order(tensor.detach())
-            parts, layout = compress(flat, self.options)
+            if tensor.is_contiguous():  # the tensor itself: a layer reading it shares this copy
+                parts, layout = compress(tensor, self.options)
+                stride = tuple(tensor.stride())
+            else:
+                flat, stride = _memory_order(tensor.detach())
+                parts, layout = compress(flat, self.options)
         elif large and not tensor.requires_grad and self._own(tensor):
             flat, stride = _memory_order(tensor.detach())
             found = two_levels(flat)
