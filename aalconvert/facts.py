@@ -15,6 +15,7 @@ from aalconvert.trace import TraceResult, is_norm_like, trace_model
 KEEPS_INPUT: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
     nn.GELU, nn.SiLU, nn.LeakyReLU, nn.Hardtanh, nn.Hardswish,
+    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,  # (adaptive average pooling keeps nothing)
 )
 
 

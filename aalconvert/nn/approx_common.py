@@ -223,8 +223,11 @@ def compact(x: torch.Tensor) -> torch.Tensor:
 
     Saving a view keeps its whole storage alive: a ViT's head saving its class
     token ``x[:, 0]`` would keep every token. A copy of the view is kept instead
-    when the storage holds at least twice its bytes.
+    when the storage holds at least twice its bytes. Not under torch.compile,
+    which plans its own saved tensors (and cannot trace a storage's size).
     """
+    if torch.compiler.is_compiling():
+        return x
     if x.untyped_storage().nbytes() >= 2 * x.numel() * x.element_size() > 0:
         return x.detach().clone(memory_format=torch.contiguous_format)
     return x
