@@ -519,6 +519,27 @@ def family_table(result: dict) -> list[str]:
     return lines
 
 
+def merge_shards(results: list[dict]) -> dict:
+    """One result from shards run side by side; a model run again in a later shard takes the
+    later record, in the earlier one's place. Each shard's library state is kept."""
+    result = results[0]
+    if len(results) == 1:
+        return result
+    result["shards"] = [r["command"] for r in results]
+    result["command"] = f"python benchmarks/zoo.py, as {len(results)} shards run side by side"
+    libraries = [r.get("library", "?") for r in results]
+    if len(set(libraries)) > 1:
+        result["library"] = ", ".join(f"{library} (shard {i})" for i, library in enumerate(libraries, 1))
+    records = {}
+    for shard in results:
+        for record in shard["records"]:
+            records[record["model"]] = record
+    result["records"] = list(records.values())
+    result["seconds"] = sum(r["seconds"] for r in results)
+    result["not_run"] = sorted(set().union(*(r["not_run"] for r in results)))
+    return result
+
+
 def markdown(result: dict) -> str:
     """The full report: setup, medians, per-family and per-model tables, and every problem found."""
     rule_sets, found = result["rule_sets"], summary(result)
@@ -533,7 +554,8 @@ def markdown(result: dict) -> str:
              *result.get("notes", []),
              "Train mode, fp32, default dropout/drop-path (same seed for BP and each rule set), vision batch 2 at "
              "64 px (Inception v3 299, MaxViT 224, timm Swin 112, LeViT 128, torchvision ViT-H/14 112), HF vision "
-             "32 px, text 2 x 32. Cells: converted / BP; `fails`: convert() raised; `≠grad`: a gradient-exact "
+             f"32 px, text {TEXT_SHAPE[0]} x {TEXT_SHAPE[1]} tokens (language models train on their own loss, "
+             "labels= the tokens). Cells: converted / BP; `fails`: convert() raised; `≠grad`: a gradient-exact "
              "rule set whose gradients are not bit-identical to BP; `≠fwd`: a forward-exact rule set whose "
              "output differs; `nan`: a non-finite gradient. Medians are over the models where the rule set "
              "converts.", "",
@@ -627,15 +649,7 @@ def main(argv: list[str] | None = None) -> dict:
         setup()
         return {}
     if args.readme:
-        results = [json.loads(path.read_text()) for path in args.readme]
-        result = results[0]
-        if len(results) > 1:
-            result["shards"] = [r["command"] for r in results]
-            result["command"] = f"python benchmarks/zoo.py, as {len(results)} shards run side by side"
-        for other in results[1:]:
-            result["records"] += other["records"]
-            result["seconds"] += other["seconds"]
-            result["not_run"] = sorted(set(result["not_run"]) | set(other["not_run"]))
+        result = merge_shards([json.loads(path.read_text()) for path in args.readme])
         out = args.json or args.readme[0]
         out.write_text(json.dumps(result, indent=1))
         md = out.with_suffix(".md")
