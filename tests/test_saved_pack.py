@@ -459,3 +459,15 @@ def test_exact_packs_functional_masks_in_one_bit_with_bit_identical_gradients():
     # tensors do not show, so the estimate counts it in full (a bool mask it counts in 1 bit)
     report = aalconvert.inspect(model, (x,), "exact")
     assert kept_bytes < report.totals.converted_bytes <= bp_bytes
+
+
+def test_a_functional_relu_keeps_one_bit_of_its_output_and_its_backward_stays_exact():
+    packer = SavedTensorPacker(ApproxOptions(bits=4, min_numel=0))
+    x = (torch.randn(64, 128) * 1e-3).requires_grad_()  # small positives: a k-bit copy would zero many
+    w = torch.randn(128, 32, requires_grad=True)  # its gradient needs the ReLU's output values
+    y, seen = _recorded_saves(lambda: torch.relu(x * 1) @ w, packer, keep_as_is=(w,))
+    assert ((64 * 128 // 8,), torch.uint8) in seen  # the ReLU's mask
+    assert ((64 * 128 // 2,), torch.uint8) in seen  # the product's k-bit copy of the same output
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    (expected,) = torch.autograd.grad((torch.relu(x * 1) @ w).sum(), x)
+    assert torch.equal(grad, expected)  # through w (kept as is) and the exact mask

@@ -19,7 +19,9 @@ k-bit normaliser would scale every gradient of its row), masks and indices,
 constants, the model's inputs, and Parameters, buffers and their views (a copy
 of a tensor that stays alive anyway would only add memory), and log-softmax
 outputs (a loss computed inside the model): their backward exponentiates them,
-so a k-bit error of a step in log space would scale a probability by e^step. One
+so a k-bit error of a step in log space would scale a probability by e^step.
+A functional ReLU's own save of its output keeps 1 bit, exactly what its
+backward reads. One
 tensor saved by several ops is packed once; a small view (under ``min_numel``)
 is kept as a compact copy rather than with its whole storage.
 
@@ -183,6 +185,7 @@ class SavedTensorPacker:
         state = self._local
         if not hasattr(state, "modes"):
             state.modes, state.cache, state.excluded, state.context, state.outer = [], {}, set(), None, None
+            state.relu_outputs = {}
         return state
 
     def begin(self, keep_as_is: Iterable[torch.Tensor]) -> None:
@@ -190,7 +193,7 @@ class SavedTensorPacker:
         state = self._state()
         if not state.modes:
             state.excluded = {storage_key(t.untyped_storage()) for t in keep_as_is if _plain(t)}
-            state.cache = {}
+            state.cache, state.relu_outputs = {}, {}
             state.outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
             state.context = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
             state.context.__enter__()
@@ -208,7 +211,7 @@ class SavedTensorPacker:
         state.modes.pop()
         if not state.modes and state.context is not None:
             context, state.context = state.context, None
-            state.cache, state.excluded, state.outer = {}, set(), None
+            state.cache, state.relu_outputs, state.excluded, state.outer = {}, {}, set(), None
             context.__exit__(None, None, None)
 
     @property
@@ -233,6 +236,8 @@ class SavedTensorPacker:
 
     def _pack(self, tensor: torch.Tensor) -> Any:
         state = self._state()
+        if self._relu_saving_its_output(tensor, state):
+            return self._relu_mask(tensor, state)
         cached = state.cache.get(id(tensor))
         if cached is not None and cached[0]() is tensor and cached[1] == tensor._version:
             return cached[2]
@@ -240,6 +245,33 @@ class SavedTensorPacker:
         if isinstance(packed, PackedSave):
             state.cache[id(tensor)] = (weakref.ref(tensor), tensor._version, packed)
         return packed
+
+    def _relu_saving_its_output(self, tensor: torch.Tensor, state: threading.local) -> bool:
+        """Whether this is a ReLU's own save of its output (under the approx rules).
+
+        A ReLU saves its output when it makes it, before any other op can save
+        that tensor; its backward reads only which values are positive, so one
+        bit holds that exactly, where a k-bit copy would turn small positive
+        values into zeros. A later save of the same tensor (the layer reading it)
+        is packed as usual.
+        """
+        if self.options is None or type(tensor.grad_fn).__name__ != "ReluBackward0":
+            return False
+        seen = state.relu_outputs.get(id(tensor))
+        if seen is not None and seen[0]() is tensor and seen[1] == tensor._version:
+            return False
+        if not (self.is_activation(tensor) and tensor.numel() >= max(self.min_numel, 1)):
+            return False
+        state.relu_outputs[id(tensor)] = (weakref.ref(tensor), tensor._version)
+        return True
+
+    def _relu_mask(self, tensor: torch.Tensor, state: threading.local) -> PackedSave:
+        """``tensor > 0`` in 1 bit, decoded as 0 and 1 (all a ReLU's backward reads)."""
+        flat, stride = _memory_order(tensor.detach())
+        parts = (pack_bits(flat), flat.new_ones(()))
+        if state.outer is not None:
+            parts = tuple(state.outer[0](part) for part in parts)
+        return PackedSave(parts, TwoLevels(flat.numel(), flat.dtype), tensor.shape, stride, state.outer)
 
     def _packed(self, tensor: torch.Tensor, state: threading.local) -> Any:
         """A k-bit or 1-bit ``PackedSave`` of ``tensor``, or ``tensor`` (a compact copy of a small view)."""
