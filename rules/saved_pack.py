@@ -24,12 +24,17 @@ from torch import nn
 from aalconvert.facts import ModelFacts
 from aalconvert.nn import CONVERTED_TYPES
 from aalconvert.nn.approx_common import ApproxOptions, functorch_active
+from aalconvert.nn.lossless import MASK_ACTIVATIONS, CompactMaxPool2d, MaskDropout
 from aalconvert.nn.saved_pack import SavedTensorPacker
 from aalconvert.nn.traced_forward import TracedForwardVariant
 from aalconvert.rules.base import COVERS, SKIPPED, Site, Skip
 from aalconvert.rules.wiring import _PerThread, _Wiring, wiring_of
 
 PAYLOAD_KEY = "saved_pack"
+# Variants that need no pass-through: traced forwards are the user's code (their own calls save
+# what they decide, the rest is packed), and mask variants save bits only. No hook of the packer
+# then sits on a dropout that a fused attention core must find hook-free.
+_NOTHING_TO_KEEP = (TracedForwardVariant, *MASK_ACTIVATIONS.values(), MaskDropout, CompactMaxPool2d)
 
 
 def _tensors(value: object) -> list[torch.Tensor]:
@@ -94,7 +99,7 @@ class SavedPackScope(_Wiring):
             if self._armed:
                 return
             for name, module in root.named_modules():
-                own_saves = isinstance(module, CONVERTED_TYPES) and not isinstance(module, TracedForwardVariant)
+                own_saves = isinstance(module, CONVERTED_TYPES) and not isinstance(module, _NOTHING_TO_KEEP)
                 if own_saves or name in self.skipped:
                     self.handles.append(module.register_forward_pre_hook(self._keep))
                     self.handles.append(module.register_forward_hook(self._keep_end, always_call=True))
