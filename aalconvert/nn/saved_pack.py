@@ -236,6 +236,8 @@ class SavedTensorPacker:
 
     def _pack(self, tensor: torch.Tensor) -> Any:
         state = self._state()
+        if self.options is None and tensor.requires_grad:  # lossless: activations stay as they are
+            return self._passed_on(tensor, state)
         if self._relu_saving_its_output(tensor, state):
             return self._relu_mask(tensor, state)
         cached = state.cache.get(id(tensor))
