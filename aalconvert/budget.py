@@ -50,6 +50,7 @@ import torch
 from torch import nn
 from torch._subclasses import FakeTensorMode
 
+from aalconvert.bisection import first_true
 from aalconvert.checkpointing import (
     CheckpointRule, held_by_checkpoints, inside, recompute_bytes, with_checkpoint_inputs)
 from aalconvert.costs import RULE_COSTS, tier_order
@@ -556,13 +557,7 @@ def _smallest_fitting_prefix(peak_of: Callable[[int], int], budget: int, tier_en
         low = end
     else:
         return tier_ends[-1] if tier_ends else 0
-    while high - low > 1:
-        middle = (low + high) // 2
-        if peak_of(middle) <= budget:
-            high = middle
-        else:
-            low = middle
-    return high
+    return first_true(low, high, lambda end: peak_of(end) <= budget)
 
 
 def _batch_size(example_inputs: tuple) -> int | None:

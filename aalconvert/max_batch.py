@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from aalconvert.api import inspect
+from aalconvert.bisection import first_true
 from aalconvert.report import Report, format_bytes
 from aalconvert.sizes import parse_size
 
@@ -63,13 +64,7 @@ def largest_batch(peak_at: Callable[[int], int], memory: int, start: int, limit:
                 return 0
             else:
                 high, step = probe, step * 2
-    while high - low > 1:
-        middle = (low + high) // 2
-        if peak_at(middle) <= memory:
-            low = middle
-        else:
-            high = middle
-    return low
+    return first_true(low, high, lambda batch: peak_at(batch) > memory) - 1
 
 
 def fit_batches(
