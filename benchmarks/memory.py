@@ -36,6 +36,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import aalconvert  # noqa: E402
+from aalconvert.bisection import first_true  # noqa: E402
 from aalconvert.errors import ConversionError  # noqa: E402
 from aalconvert.memory import measure_saved  # noqa: E402
 from examples import EXAMPLES  # noqa: E402
@@ -126,13 +127,7 @@ def largest_fitting(fits: Callable[[int], bool], limit: int = MAX_BATCH_LIMIT) -
         good = trial
     else:
         return good
-    while bad - good > 1:
-        middle = (good + bad) // 2
-        if fits(middle):
-            good = middle
-        else:
-            bad = middle
-    return good
+    return first_true(good, bad, lambda batch: not fits(batch)) - 1
 
 
 def release_cuda_memory() -> None:
