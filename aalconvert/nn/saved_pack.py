@@ -166,6 +166,11 @@ def _plain(tensor: torch.Tensor) -> bool:
     )
 
 
+def _same(entry: tuple, tensor: torch.Tensor) -> bool:
+    """Whether a ``(weak reference, version, ...)`` entry was made for this very tensor as it is now."""
+    return entry[0]() is tensor and entry[1] == tensor._version
+
+
 class SavedTensorPacker:
     """Packs what torch's ops save for backward while a forward runs between ``begin`` and ``end``.
 
@@ -184,17 +189,21 @@ class SavedTensorPacker:
     def _state(self) -> threading.local:
         state = self._local
         if not hasattr(state, "modes"):
-            state.modes, state.cache, state.excluded, state.context, state.outer = [], {}, set(), None, None
-            state.relu_outputs = {}
+            state.modes, state.context = [], None
+            self._forget(state, set(), None)
         return state
+
+    @staticmethod
+    def _forget(state: threading.local, excluded: set, outer: _Hooks | None) -> None:
+        """A fresh forward's state: nothing cached or seen yet."""
+        state.cache, state.relu_outputs, state.excluded, state.outer = {}, {}, excluded, outer
 
     def begin(self, keep_as_is: Iterable[torch.Tensor]) -> None:
         """Start packing in this thread; ``keep_as_is`` (Parameters, buffers, inputs) are never packed."""
         state = self._state()
         if not state.modes:
-            state.excluded = {storage_key(t.untyped_storage()) for t in keep_as_is if _plain(t)}
-            state.cache, state.relu_outputs = {}, {}
-            state.outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+            self._forget(state, {storage_key(t.untyped_storage()) for t in keep_as_is if _plain(t)},
+                         torch._C._autograd._top_saved_tensors_default_hooks(False))
             state.context = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
             state.context.__enter__()
         state.modes.append(True)
@@ -211,7 +220,7 @@ class SavedTensorPacker:
         state.modes.pop()
         if not state.modes and state.context is not None:
             context, state.context = state.context, None
-            state.cache, state.relu_outputs, state.excluded, state.outer = {}, {}, set(), None
+            self._forget(state, set(), None)
             context.__exit__(None, None, None)
 
     @property
@@ -241,7 +250,7 @@ class SavedTensorPacker:
         if self._relu_saving_its_output(tensor, state):
             return self._relu_mask(tensor, state)
         cached = state.cache.get(id(tensor))
-        if cached is not None and cached[0]() is tensor and cached[1] == tensor._version:
+        if cached is not None and _same(cached, tensor):
             return cached[2]
         packed = self._packed(tensor, state)
         if isinstance(packed, PackedSave):
@@ -260,7 +269,7 @@ class SavedTensorPacker:
         if self.options is None or type(tensor.grad_fn).__name__ != "ReluBackward0":
             return False
         seen = state.relu_outputs.get(id(tensor))
-        if seen is not None and seen[0]() is tensor and seen[1] == tensor._version:
+        if seen is not None and _same(seen, tensor):
             return False
         if not (self.is_activation(tensor) and tensor.numel() >= max(self.min_numel, 1)):
             return False
@@ -270,16 +279,15 @@ class SavedTensorPacker:
     def _relu_mask(self, tensor: torch.Tensor, state: threading.local) -> PackedSave:
         """``tensor > 0`` in 1 bit, decoded as 0 and 1 (all a ReLU's backward reads)."""
         flat, stride = _memory_order(tensor.detach())
-        parts = (pack_bits(flat), flat.new_ones(()))
-        if state.outer is not None:
-            parts = tuple(state.outer[0](part) for part in parts)
-        return PackedSave(parts, TwoLevels(flat.numel(), flat.dtype), tensor.shape, stride, state.outer)
+        return self._handed_out((pack_bits(flat), flat.new_ones(())), TwoLevels(flat.numel(), flat.dtype),
+                                tensor, stride, state)
 
     def _packed(self, tensor: torch.Tensor, state: threading.local) -> Any:
         """A k-bit or 1-bit ``PackedSave`` of ``tensor``, or ``tensor`` (a compact copy of a small view)."""
         large = tensor.numel() >= max(self.min_numel, 1)
         quantizing = self.options is not None
-        if quantizing and self.is_activation(tensor) and should_quantize(tensor, self.options):
+        activation = self.is_activation(tensor)
+        if quantizing and activation and should_quantize(tensor, self.options):
             if tensor.is_contiguous():  # the tensor itself: a layer reading it shares this copy
                 parts, layout = compress(tensor, self.options)
                 stride = tuple(tensor.stride())
@@ -293,10 +301,16 @@ class SavedTensorPacker:
                 return self._passed_on(tensor, state)
             parts, layout = found
         else:  # a small view is copied rather than keeping its storage, where values may change
-            kept = compact(tensor) if quantizing and self.is_activation(tensor) else tensor
+            kept = compact(tensor) if quantizing and activation else tensor
             return self._passed_on(kept, state)
         if sum(part.untyped_storage().nbytes() for part in parts) >= tensor.untyped_storage().nbytes():
             return self._passed_on(tensor, state)  # an expanded view: its storage is smaller already
+        return self._handed_out(parts, layout, tensor, stride, state)
+
+    @staticmethod
+    def _handed_out(parts: tuple, layout: SavedLayout | TwoLevels, tensor: torch.Tensor,
+                    stride: tuple[int, ...] | None, state: threading.local) -> PackedSave:
+        """The ``PackedSave`` of ``tensor``'s parts, which the hooks outside the packer see first."""
         if state.outer is not None:
             parts = tuple(state.outer[0](part) for part in parts)
         return PackedSave(parts, layout, tensor.shape, stride, state.outer)
