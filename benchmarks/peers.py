@@ -1,0 +1,693 @@
+"""Peers side by side: what each way of saving activation memory keeps, its step peak and its step time.
+
+On real models (torchvision ResNet-50, timm ViT-S/16, a Hugging Face Llama
+decoder trained on its own loss with ``labels=``), one full training step
+(forward, loss, backward, SGD step) under:
+
+- ``bp``: ordinary backprop;
+- ``checkpoint``: ``torch.utils.checkpoint(..., use_reentrant=False)`` around
+  every block (the outermost members with children of an ``nn.Sequential`` /
+  ``nn.ModuleList``: ResNet bottlenecks, ViT blocks, decoder layers);
+- ``selective checkpoint``: the same blocks with
+  ``create_selective_checkpoint_contexts`` saving the outputs of the matmuls
+  (``mm``, ``addmm``, ``bmm``, ``baddbmm``, and ``convolution``, the ResNet's
+  matmul) and recomputing everything else;
+- ``torch.compile``: inductor with ``torch._functorch.config.activation_memory_budget = 0.5``;
+- ``save_on_cpu``: ``torch.autograd.graph.save_on_cpu()``;
+- ``exact``, ``auto``, ``auto+approx4``: ``aalconvert.convert``;
+- ``plan @ ...``: ``aalconvert.convert(model, budget=...)`` at three budgets set
+  from this run's measurements: checkpointing's step peak, halfway between BP's
+  peak and checkpointing's, and halfway between checkpointing's peak and the
+  planner's floor (each plus the parameters, which the planner's budget counts
+  and the measured peak does not; SGD without momentum keeps no optimizer state).
+
+How each column is measured (CPU, one thread, fp32):
+
+- bytes kept for backward: the bytes allocated during the forward and loss and
+  still alive when they return, i.e. what the step holds across the
+  forward/backward boundary, from the allocation events of ``torch.profiler``
+  (``profile_memory=True``; the running sum of every CPU allocation and free,
+  in time order). This sees what checkpoints, selective checkpointing and
+  compiled graphs hold, which saved-tensor hooks (``aalconvert.memory.measure_saved``)
+  do not; the hooks' count is kept in the JSON (``saved_hooks_bytes``) for the
+  rows where they see everything (BP and aalconvert without checkpointed blocks).
+- step peak: the largest running sum of the same events over the whole step,
+  above what was alive before it (parameters, inputs): activations, gradients,
+  transients.
+- step time / BP: median over ``--rounds`` of the step time, every method's
+  step interleaved in each round, over BP's median.
+- ``save_on_cpu(pin_memory=True)`` on a CPU-only machine copies each saved
+  tensor into new memory of the same kind; those copies (the allocations made
+  inside its pack hook) are counted as moved off the device ("to host"), not as
+  kept or in the peak. On a GPU the unpacked copies come back to the device one
+  node at a time in backward, which this peak cannot show. It packs the
+  parameters layers save too: they count in "to host".
+
+    python benchmarks/peers.py                 # the README run (~10-15 min on 2 CPU cores); re-runs in .zoo-venv/
+    python benchmarks/peers.py --quick         # tiny sizes, 2 rounds: a smoke run written to /tmp
+    python benchmarks/peers.py --models vit_small --rounds 3 --no-compile
+
+Needs torchvision, timm and transformers (``python benchmarks/zoo.py --setup``
+builds ``.zoo-venv``) and matplotlib for the plot, installed into that venv
+with ``.zoo-venv/bin/python -m pip install matplotlib`` (no plot without it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import functools
+import gc
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # examples/ and aalconvert at the repo root
+sys.path.insert(0, str(ROOT / "benchmarks"))  # zoo.py's builders
+
+import aalconvert  # noqa: E402
+from aalconvert.budget import BudgetError  # noqa: E402
+from aalconvert.memory import measure_saved  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+FORWARD, HOST_COPY = "peers::forward", "peers::to_host"
+BP, CHECKPOINT, SELECTIVE, COMPILE, SAVE_ON_CPU = (
+    "bp", "checkpoint", "selective checkpoint", "torch.compile (budget 0.5)", "save_on_cpu")
+RULE_SETS = ["exact", "auto", "auto+approx4"]
+BUDGETS = ("checkpointing's peak", "between BP and checkpointing", "below checkpointing")
+MATMULS = [torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+           torch.ops.aten.baddbmm.default, torch.ops.aten.convolution.default]
+COMPILE_MEMORY_BUDGET = 0.5
+LEARNING_RATE = 1e-5  # small: a dozen steps must not move the weights far from where BP started
+
+
+# --------------------------------------------------------------------------- workloads
+
+@dataclass
+class Workload:
+    """A model with fixed inputs; ``targets`` are class ids, or None for a language model trained with labels=."""
+
+    name: str
+    sizes: str
+    model: nn.Module
+    inputs: tuple
+    targets: torch.Tensor | None
+
+    def loss(self, model: nn.Module) -> torch.Tensor:
+        """The training loss of one forward: cross-entropy on the classes, or the model's own (labels=)."""
+        if self.targets is None:
+            return model(*self.inputs, labels=self.inputs[0]).loss
+        return F.cross_entropy(model(*self.inputs), self.targets)
+
+
+def vision_workload(name: str, model: nn.Module, inputs: tuple) -> Workload:
+    """A classifier with targets drawn from its own number of classes (read from one no-grad forward)."""
+    with torch.no_grad():
+        classes = model(*inputs).shape[-1]
+    targets = torch.randint(0, classes, (inputs[0].shape[0],), generator=torch.Generator().manual_seed(2))
+    sizes = "batch " + " x ".join(str(s) for s in inputs[0].shape)
+    return Workload(name, sizes, model.train(), inputs, targets)
+
+
+def resnet50(batch: int, side: int) -> Workload:
+    """torchvision ResNet-50, random init, as the zoo builds it."""
+    import zoo
+
+    entry = next(e for e in zoo.torchvision_entries() if e.name == "torchvision/resnet50")
+    model, _ = entry.build()
+    return vision_workload("torchvision/resnet50", model, zoo._images(side, batch))
+
+
+def vit_small(batch: int, side: int) -> Workload:
+    """timm ViT-S/16 built for the input side (``img_size``, as the zoo does), random init."""
+    import timm
+    import zoo
+
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=side)
+    return vision_workload("timm/vit_small_patch16_224", model, zoo._images(side, batch))
+
+
+LLAMA_SIZES = {"hidden_size": 256, "num_hidden_layers": 4, "intermediate_size": 688,
+               "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 4096}
+
+
+def llama(batch: int, tokens: int, sizes: dict | None = None) -> Workload:
+    """A Hugging Face Llama from the zoo's config table with larger sizes, trained on its own loss."""
+    import transformers
+    import zoo
+
+    model_class, config_class, fields, _ = zoo.HF_ARCHITECTURES["llama"]
+    sizes = sizes or LLAMA_SIZES
+    config = getattr(transformers, config_class)(**{**fields, **sizes, "use_cache": False})
+    model = getattr(transformers, model_class)(config).train()
+    ids = torch.randint(0, sizes["vocab_size"], (batch, tokens), generator=torch.Generator().manual_seed(1))
+    described = ", ".join(f"{k} {v}" for k, v in sizes.items())
+    return Workload("hf/llama (LlamaForCausalLM)", f"batch {batch} x {tokens} tokens; {described}", model,
+                    (ids,), None)
+
+
+WORKLOADS: dict[str, Callable[[bool], Workload]] = {
+    "resnet50": lambda quick: resnet50(2, 64) if quick else resnet50(8, 160),
+    "vit_small": lambda quick: vit_small(2, 64) if quick else vit_small(8, 160),
+    "llama": lambda quick: (llama(2, 32, {**LLAMA_SIZES, "hidden_size": 64, "num_hidden_layers": 2,
+                                          "intermediate_size": 128, "num_attention_heads": 4,
+                                          "num_key_value_heads": 2, "vocab_size": 256})
+                            if quick else llama(4, 128)),
+}
+
+
+# --------------------------------------------------------------------------- the peers
+
+def outermost_blocks(model: nn.Module) -> list[str]:
+    """Members of an nn.Sequential / nn.ModuleList that have children and parameters, none inside another.
+
+    The same blocks the planner's ``checkpoint`` option takes, so the two
+    checkpoint the same units; nested ones are left out (checkpointing inside a
+    checkpoint keeps nothing less).
+    """
+    chosen: list[str] = []
+    for parent_name, parent in model.named_modules():
+        if not isinstance(parent, (nn.Sequential, nn.ModuleList)):
+            continue
+        for child_name, child in parent.named_children():
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            has_children = next(child.children(), None) is not None
+            has_parameters = next(child.parameters(), None) is not None
+            if has_children and has_parameters and not any(name.startswith(b + ".") for b in chosen):
+                chosen.append(name)
+    return chosen
+
+
+class CheckpointedBlock:
+    """A block's instance-level ``forward`` under non-reentrant ``torch.utils.checkpoint`` (optionally selective)."""
+
+    def __init__(self, module: nn.Module, context_fn: Callable | None) -> None:
+        self.module, self.context_fn = module, context_fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        forward = type(self.module).forward
+        extra = {"context_fn": self.context_fn} if self.context_fn is not None else {}
+        return checkpoint(forward, self.module, *args, use_reentrant=False, **extra, **kwargs)
+
+
+def checkpoint_blocks(model: nn.Module, context_fn: Callable | None = None) -> nn.Module:
+    """A deep copy of ``model`` with every outermost block checkpointed; raises when it has none."""
+    model = copy.deepcopy(model)
+    names = outermost_blocks(model)
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no blocks (members of nn.Sequential / nn.ModuleList) "
+                         "to checkpoint")
+    for name in names:
+        block = model.get_submodule(name)
+        block.forward = CheckpointedBlock(block, context_fn)
+    return model
+
+
+def save_matmuls_context() -> Callable:
+    """``context_fn`` for selective checkpointing: save matmul and convolution outputs, recompute the rest."""
+    return functools.partial(create_selective_checkpoint_contexts, MATMULS)
+
+
+def host_copies() -> torch.autograd.graph.saved_tensors_hooks:
+    """``save_on_cpu(pin_memory=True)`` whose pack hook runs in a profiler region, so its copies can be told apart.
+
+    ``pin_memory=True`` (the setting for a GPU) copies every saved tensor into
+    a new host tensor even on a CPU-only machine (without it, ``tensor.cpu()``
+    of a CPU tensor is the tensor itself and nothing would move).
+    """
+    hooks = torch.autograd.graph.save_on_cpu(pin_memory=True)
+    pack = hooks.pack_hook
+
+    def pack_marked(tensor: torch.Tensor) -> Any:
+        with torch.profiler.record_function(HOST_COPY):
+            return pack(tensor)
+
+    hooks.pack_hook = pack_marked
+    return hooks
+
+
+@contextlib.contextmanager
+def compile_memory_budget() -> Iterator[None]:
+    """``activation_memory_budget`` for torch.compile's partitioner while the compiled model runs."""
+    with torch._functorch.config.patch(activation_memory_budget=COMPILE_MEMORY_BUDGET):
+        yield
+
+
+@dataclass
+class Method:
+    """One way to train ``model``: its name, the module stepped, a context around each forward, notes."""
+
+    name: str
+    model: nn.Module | None
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    note: str = ""
+    error: str | None = None
+    warmups: int = 1
+    hooks_see_all: bool = False
+    plan: dict | None = None
+
+
+def failed(name: str, error: BaseException, note: str = "") -> Method:
+    """A method that could not be built or run: its row says why instead of stopping the run."""
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return Method(name, None, note=note, error=text[:300])
+
+
+def build_method(name: str, workload: Workload) -> Method:
+    """The method ``name`` for ``workload`` (a failure becomes a row saying why)."""
+    model = workload.model
+    try:
+        if name == BP:
+            return Method(name, model, hooks_see_all=True)
+        if name == CHECKPOINT:
+            return Method(name, checkpoint_blocks(model), note=f"{len(outermost_blocks(model))} blocks")
+        if name == SELECTIVE:
+            return Method(name, checkpoint_blocks(model, save_matmuls_context()),
+                          note=f"{len(outermost_blocks(model))} blocks, saves mm/addmm/bmm/conv outputs")
+        if name == COMPILE:
+            return Method(name, torch.compile(copy.deepcopy(model)), compile_memory_budget, warmups=2,
+                          note="inductor")
+        if name == SAVE_ON_CPU:
+            return Method(name, model, host_copies)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            converted = aalconvert.convert(model, name.split("+"), example_inputs=workload.inputs)
+        return Method(name, converted, hooks_see_all=True)
+    except Exception as error:  # a peer that does not build on this model is a row, not a crash
+        return failed(name, error)
+
+
+def planner_method(workload: Workload, label: str, budget: int) -> Method:
+    """``aalconvert.convert(model, budget=...)`` with SGD (no optimizer state); the plan's rules in the note."""
+    name = f"plan @ {label}"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            chosen = aalconvert.plan(workload.model, budget=budget, example_inputs=workload.inputs,
+                                     optimizer="sgd")
+            converted = aalconvert.convert(workload.model, budget=budget, example_inputs=workload.inputs,
+                                           optimizer="sgd")
+    except BudgetError as error:
+        return failed(name, error, f"budget {budget} B")
+    except Exception as error:
+        return failed(name, error, f"budget {budget} B")
+    rules = sorted(set(chosen.decisions.values()))
+    blocks = sum(1 for rule in chosen.decisions.values() if rule == "checkpoint")
+    note = f"budget {mib(budget)}; " + (", ".join(rules) if rules else "no change")
+    note += f" ({blocks} blocks checkpointed)" if blocks else ""
+    return Method(name, converted, note=note, hooks_see_all=not blocks,
+                  plan={"budget_bytes": budget, "predicted_peak_bytes": chosen.peak_bytes,
+                        "floor_bytes": chosen.floor_bytes, "rules": rules, "checkpointed_blocks": blocks})
+
+
+# --------------------------------------------------------------------------- stepping and measuring
+
+class Runner:
+    """One method's training step on a workload: forward + loss (marked for the profiler), backward, SGD."""
+
+    def __init__(self, workload: Workload, method: Method) -> None:
+        self.workload, self.method = workload, method
+        # the method's own parameters: a checkpointed or compiled copy has its own
+        self.optimizer = torch.optim.SGD(method.model.parameters(), lr=LEARNING_RATE)
+
+    def step(self) -> None:
+        with torch.profiler.record_function(FORWARD), self.method.context():
+            loss = self.workload.loss(self.method.model)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)  # every step starts with no gradients alive
+
+    def timed_step(self) -> float:
+        start = time.perf_counter()
+        self.step()
+        return time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """One CPU allocation (+bytes) or free (-bytes) seen by the profiler; ``host``: made by save_on_cpu's pack."""
+
+    time_ns: int
+    ptr: int
+    nbytes: int
+    host: bool = False
+
+
+@dataclass(frozen=True)
+class StepMemory:
+    """Bytes alive at the end of the forward, the step's peak, and bytes packed to the host (all above the start)."""
+
+    kept_bytes: int
+    peak_bytes: int
+    host_bytes: int
+
+
+def allocations(prof: torch.profiler.profile) -> tuple[list[Allocation], int]:
+    """Every allocation event of a profiled step, and when its forward region ended (ns)."""
+    events: list[Allocation] = []
+    forward_end = None
+
+    def walk(nodes: list, host: bool) -> None:
+        nonlocal forward_end
+        for node in nodes:
+            fields = node.extra_fields
+            if isinstance(fields, torch._C._profiler._ExtraFields_Allocation):
+                events.append(Allocation(node.start_time_ns, fields.ptr, fields.alloc_size, host))
+            if node.name == FORWARD:
+                forward_end = node.end_time_ns
+            walk(node.children, host or node.name == HOST_COPY)
+
+    walk(prof.profiler.kineto_results.experimental_event_tree(), False)
+    if forward_end is None:
+        raise RuntimeError(f"the profiler recorded no {FORWARD!r} region: is the step marked?")
+    return events, forward_end
+
+
+def replay(events: list[Allocation], forward_end_ns: int) -> StepMemory:
+    """Running sum of allocations in time order: its level when the forward ends, its peak, host copies apart.
+
+    A host copy's allocation and its later free are left out of the sum (they
+    would live in host memory on a device); their allocated bytes are summed.
+    """
+    level = peak = host = 0
+    kept = None
+    host_live: set[int] = set()
+    for event in sorted(events, key=lambda e: e.time_ns):
+        if kept is None and event.time_ns > forward_end_ns:
+            kept = level
+        if event.host and event.nbytes > 0:
+            host_live.add(event.ptr)
+            host += event.nbytes
+            continue
+        if event.nbytes < 0 and event.ptr in host_live:
+            host_live.discard(event.ptr)
+            continue
+        level += event.nbytes
+        peak = max(peak, level)
+    return StepMemory(level if kept is None else kept, peak, host)
+
+
+def profile_step(runner: Runner) -> StepMemory:
+    """One step under the profiler's memory events (after warm-up), replayed."""
+    gc.collect()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        runner.step()
+    return replay(*allocations(prof))
+
+
+def saved_hooks_bytes(runner: Runner) -> int:
+    """What saved-tensor hooks see one forward keep (``measure_saved``, parameters excluded); runs its backward."""
+    model = runner.method.model
+    saved = measure_saved(lambda: runner.workload.loss(model), model.parameters())
+    saved.output.backward()
+    runner.optimizer.zero_grad(set_to_none=True)
+    return saved.nbytes
+
+
+def step_times(runners: dict[str, Runner], rounds: int) -> dict[str, float]:
+    """Median step time (s) per method, every method stepped once in each round.
+
+    The order rotates by one each round, so no method always follows the same
+    one; the garbage collector runs before each step, not during it.
+    """
+    names = list(runners)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            gc.collect()
+            gc.disable()
+            try:
+                times[name].append(runners[name].timed_step())
+            finally:
+                gc.enable()
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def prepare(workload: Workload, method: Method) -> tuple[Method, Runner | None, StepMemory | None]:
+    """Warm ``method`` up and profile one step; a failure turns the method into a row saying why."""
+    if method.error:
+        return method, None, None
+    runner = Runner(workload, method)
+    try:
+        for _ in range(method.warmups):
+            runner.step()
+        return method, runner, profile_step(runner)
+    except Exception as error:
+        runner.optimizer.zero_grad(set_to_none=True)
+        return failed(method.name, error, method.note), None, None
+
+
+def planner_budgets(parameter_bytes: int, bp_peak: int, checkpoint_peak: int, floor: int | None) -> dict[str, int]:
+    """The three planner budgets (bytes, parameters included) from measured step peaks (parameters excluded).
+
+    At checkpointing's peak; halfway from BP's peak to it; halfway from it down
+    to the planner's floor (or to 3/4 of it when the floor is unknown).
+    """
+    at = parameter_bytes + checkpoint_peak
+    low = (at + floor) // 2 if floor is not None and floor < at else parameter_bytes + checkpoint_peak * 3 // 4
+    return {BUDGETS[0]: at, BUDGETS[1]: parameter_bytes + (bp_peak + checkpoint_peak) // 2, BUDGETS[2]: low}
+
+
+def planner_floor(workload: Workload) -> int | None:
+    """The planner's floor (bytes): the least predicted peak any plan reaches; None when planning fails."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return aalconvert.plan(workload.model, budget=1 << 60, example_inputs=workload.inputs,
+                                   optimizer="sgd").floor_bytes
+    except Exception:
+        return None
+
+
+def measure_workload(workload: Workload, methods: list[str], rounds: int, log: Callable[[str], None] = print
+                     ) -> dict:
+    """Every method (and the planner at three budgets) on one workload: a record with one row per method."""
+    prepared: dict[str, tuple[Method, Runner | None, StepMemory | None]] = {}
+    for name in methods:
+        log(f"  {workload.name}: {name}")
+        prepared[name] = prepare(workload, build_method(name, workload))
+    bp_memory, ckpt_memory = prepared[BP][2], prepared.get(CHECKPOINT, (None, None, None))[2]
+    if bp_memory is None:
+        raise RuntimeError(f"BP did not run on {workload.name}: {prepared[BP][0].error}")
+    parameter_bytes = sum(p.numel() * p.element_size() for p in workload.model.parameters())
+    budgets = {}
+    if ckpt_memory is not None:
+        log(f"  {workload.name}: planner floor")
+        budgets = planner_budgets(parameter_bytes, bp_memory.peak_bytes, ckpt_memory.peak_bytes,
+                                  planner_floor(workload))
+    for label, budget in budgets.items():
+        log(f"  {workload.name}: plan @ {label}")
+        method = planner_method(workload, label, budget)
+        prepared[method.name] = prepare(workload, method)
+    runners = {name: runner for name, (_, runner, _) in prepared.items() if runner is not None}
+    log(f"  {workload.name}: timing {len(runners)} methods x {rounds} rounds")
+    times = step_times(runners, rounds)
+    saved = {name: saved_hooks_bytes(runner) for name, runner in runners.items()
+             if runner.method.hooks_see_all}
+    rows = [make_row(method, memory, times.get(name), saved.get(name), bp_memory, times[BP])
+            for name, (method, _, memory) in prepared.items()]
+    return {"model": workload.name, "sizes": workload.sizes, "parameter_bytes": parameter_bytes,
+            "budgets": budgets, "rows": rows, "target": target_verdict(rows)}
+
+
+def make_row(method: Method, memory: StepMemory | None, seconds: float | None, saved: int | None,
+             bp: StepMemory, bp_seconds: float) -> dict:
+    """One table row: bytes kept, step peak and step time, each also as a ratio to BP's."""
+    row: dict[str, Any] = {"method": method.name, "note": method.note, "ok": method.error is None}
+    if method.error or memory is None or seconds is None:
+        row["error"] = method.error or "not measured"
+        return row
+    row.update(kept_bytes=memory.kept_bytes, peak_bytes=memory.peak_bytes, host_bytes=memory.host_bytes,
+               kept_ratio=memory.kept_bytes / bp.kept_bytes, peak_ratio=memory.peak_bytes / bp.peak_bytes,
+               step_s=seconds, time_ratio=seconds / bp_seconds, saved_hooks_bytes=saved)
+    if method.plan:
+        row["plan"] = method.plan
+    return row
+
+
+# --------------------------------------------------------------------------- the target and the report
+
+def target_verdict(rows: list[dict]) -> dict:
+    """Issue 14's target on one model, from the rows: is the planner at checkpointing's peak faster than
+    checkpointing, and does some planner row at checkpointing's step time or less keep less?"""
+    by_name = {row["method"]: row for row in rows}
+    ckpt = by_name.get(CHECKPOINT)
+    at_peak = by_name.get(f"plan @ {BUDGETS[0]}")
+    plans = [row for row in rows if row["method"].startswith("plan @") and row["ok"]]
+    if not ckpt or not ckpt["ok"]:
+        return {"met": False, "faster": None, "keeps_less": None, "text": "target not measured: checkpointing "
+                "did not run"}
+    if not at_peak or not at_peak["ok"]:
+        why = at_peak["error"] if at_peak else "no planner row"
+        faster, faster_text = False, f"the planner at checkpointing's peak did not run ({why})"
+    else:
+        faster = at_peak["time_ratio"] < ckpt["time_ratio"]
+        faster_text = (f"the planner at checkpointing's peak takes {at_peak['time_ratio']:.2f}x BP vs "
+                       f"checkpointing's {ckpt['time_ratio']:.2f}x: {'faster' if faster else 'NOT faster'}")
+    in_time = [row for row in plans if row["time_ratio"] <= ckpt["time_ratio"]]
+    best = min(in_time, key=lambda row: row["kept_bytes"], default=None)
+    keeps_less = best is not None and best["kept_bytes"] < ckpt["kept_bytes"]
+    if best is None:
+        less_text = (f"no planner row is as fast as checkpointing ({ckpt['time_ratio']:.2f}x): "
+                     "keeps less at its step time NOT shown")
+    else:
+        less_text = (f"within checkpointing's step time the planner keeps {best['kept_ratio']:.3f} of BP "
+                     f"({best['method']}, {best['time_ratio']:.2f}x) vs checkpointing's {ckpt['kept_ratio']:.3f}: "
+                     f"{'less' if keeps_less else 'NOT less'}")
+    met = bool(faster and keeps_less)
+    return {"met": met, "faster": faster, "keeps_less": keeps_less,
+            "text": f"target {'met' if met else 'MISSED'}: {faster_text}; {less_text}"}
+
+
+def mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB"
+
+
+def table(record: dict) -> list[str]:
+    """A markdown table of one model's rows, then its target line."""
+    lines = [f"**{record['model']}** ({record['sizes']}; parameters {mib(record['parameter_bytes'])})", "",
+             "| method | kept for backward | kept / BP | step peak | peak / BP | step time / BP | notes |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for row in record["rows"]:
+        if not row["ok"]:
+            note = f"{row['note']}; " if row["note"] else ""
+            lines.append(f"| {row['method']} | | | | | | {note}did not run: {row['error']} |")
+            continue
+        notes = [row["note"]] if row["note"] else []
+        if row["host_bytes"]:
+            notes.append(f"to host: {mib(row['host_bytes'])}")
+        lines.append(f"| {row['method']} | {mib(row['kept_bytes'])} | {row['kept_ratio']:.3f} | "
+                     f"{mib(row['peak_bytes'])} | {row['peak_ratio']:.3f} | {row['time_ratio']:.2f}x | "
+                     f"{'; '.join(notes)} |")
+    lines += ["", f"*{record['target']['text']}*", ""]
+    return lines
+
+
+def markdown(result: dict) -> str:
+    """The whole report: how it was run and measured, one table and target line per model."""
+    lines = [f"# Peers side by side ({result['date'][:10]}, CPU)", "",
+             f"`{result['command']}`: torch {result['torch']}, {result['machine']}, {result['threads']} thread(s), "
+             f"fp32, median of {result['rounds']} interleaved rounds, {result['seconds'] / 60:.1f} min.", "",
+             "Kept for backward: bytes allocated in the forward + loss and alive when it returns; step peak: "
+             "the most bytes alive above the step's start (activations, gradients, transients; parameters and "
+             "inputs excluded); both from torch.profiler's CPU allocation events. save_on_cpu's copies count as "
+             "\"to host\", not as kept. Planner budgets = parameters + a measured step peak (SGD, no optimizer "
+             "state).", ""]
+    for record in result["records"]:
+        lines += table(record)
+    lines += [f"Plot: `{result.get('plot', 'not drawn')}`.", ""]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> str | None:
+    """Step peak / BP and kept / BP against step time / BP, one panel per model; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    records = result["records"]
+    figure, axes = plt.subplots(2, len(records), figsize=(5 * len(records), 8), squeeze=False)
+    for column, record in enumerate(records):
+        rows = [row for row in record["rows"] if row["ok"]]
+        for line, key, label in ((0, "peak_ratio", "step peak / BP"), (1, "kept_ratio", "kept for backward / BP")):
+            ax = axes[line][column]
+            plans = sorted((row for row in rows if row["method"].startswith("plan @")),
+                           key=lambda row: row["time_ratio"])
+            ax.plot([r["time_ratio"] for r in plans], [r[key] for r in plans], "k--", lw=1, label="planner")
+            for row in rows:
+                marker = "s" if row["method"].startswith("plan @") else "o"
+                ax.scatter(row["time_ratio"], row[key], marker=marker)
+                ax.annotate(row["method"].replace("plan @ ", "plan: "), (row["time_ratio"], row[key]),
+                            fontsize=6, xytext=(3, 3), textcoords="offset points")
+            ax.set_xlabel("step time / BP")
+            ax.set_ylabel(label)
+            ax.set_title(record["model"], fontsize=9)
+            ax.grid(alpha=0.3)
+    figure.suptitle(f"memory vs step time, CPU, torch {result['torch']} ({result['date'][:10]})")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+# --------------------------------------------------------------------------- main
+
+def _reexec_in_zoo_venv(argv: list[str]) -> None:
+    """Re-run under .zoo-venv (torchvision, timm, transformers) when this interpreter lacks them."""
+    import zoo
+
+    python = zoo._venv_python()
+    if "--no-venv" in argv or not python.exists() or Path(sys.prefix).resolve() == zoo.ZOO_VENV.resolve():
+        return
+    print(f"(running in {zoo.ZOO_VENV}; pass --no-venv to use this interpreter)", flush=True)
+    sys.exit(subprocess.call([str(python), str(Path(__file__).resolve()), *argv]))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(WORKLOADS), help=f"comma-separated, of {list(WORKLOADS)}")
+    parser.add_argument("--rounds", type=int, default=5, help="timed steps per method (median; default 5)")
+    parser.add_argument("--quick", action="store_true", help="tiny inputs and 2 rounds: a smoke run")
+    parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out (it compiles for minutes)")
+    parser.add_argument("--out", type=Path, help="write OUT.json, OUT.md, OUT.png (default "
+                        "benchmarks/results/peers_cpu, or /tmp/peers_quick with --quick)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (default 1)")
+    parser.add_argument("--no-venv", action="store_true", help="run in this interpreter, not .zoo-venv")
+    args = parser.parse_args(argv)
+    names = args.models.split(",")
+    unknown = [n for n in names if n not in WORKLOADS]
+    if unknown or args.rounds < 1:
+        parser.error(f"unknown models {unknown} (known: {list(WORKLOADS)}) or --rounds < 1")
+    _reexec_in_zoo_venv(argv)
+    rounds = 2 if args.quick else args.rounds
+    out = args.out or (Path("/tmp/peers_quick") if args.quick else RESULTS / "peers_cpu")
+    torch.set_num_threads(args.threads)
+    methods = [BP, CHECKPOINT, SELECTIVE, *([] if args.no_compile else [COMPILE]), SAVE_ON_CPU, *RULE_SETS]
+    started = time.perf_counter()
+    records = []
+    for name in names:
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            workload = WORKLOADS[name](args.quick)
+        print(f"{workload.name} ({workload.sizes})", file=sys.stderr, flush=True)
+        record = measure_workload(workload, methods, rounds, lambda m: print(
+            f"[{time.perf_counter() - started:5.0f} s] {m}", file=sys.stderr, flush=True))
+        records.append(record)
+        print("\n".join(table(record)), flush=True)
+        del workload
+        gc.collect()
+    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
+              "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "threads": args.threads,
+              "command": "python benchmarks/peers.py" + (" " + " ".join(argv) if argv else ""),
+              "rounds": rounds, "seconds": time.perf_counter() - started, "records": records}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result["plot"] = plot(result, out.with_suffix(".png")) or "not drawn: matplotlib is not installed"
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    out.with_suffix(".md").write_text(markdown(result))
+    print(f"wrote {out.with_suffix('.md')}, .json, .png", file=sys.stderr)
+    return result
+
+
+if __name__ == "__main__":
+    main()
