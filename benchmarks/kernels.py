@@ -3,7 +3,8 @@
 GB/s counts bytes read plus bytes written (GB = 1e9 bytes) per call, the
 minimum time over repeats. 1 bit is ``pack_bits``/``unpack_bits`` (sign
 decoding); 2/4/8 bits are ``quantize``/``dequantize`` (nearest rounding, groups
-of 256, fp16 scales). On CUDA the Triton kernels run; on CPU the torch reference.
+of 256, fp16 scales). On CUDA the Triton kernels run; on CPU the CPU path
+(``aalconvert/kernels/quantize_cpu.py``) for k bits and the torch reference for 1 bit.
 
     python benchmarks/kernels.py --quick                 # a few small sizes, CPU, < 30 s
     python benchmarks/kernels.py --device cuda --json benchmarks/results/kernels_h100.json
@@ -21,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from aalconvert.kernels import dequantize, pack_bits, quantize, quantized_nbytes, unpack_bits
-from aalconvert.kernels.dispatch import use_triton
+from aalconvert.kernels.dispatch import use_cpu_path, use_triton
 
 MIB = 2**20
 DEFAULT_SIZES = "1MB,4MB,16MB,64MB,256MB,1GB"
@@ -129,7 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     dtype = getattr(torch, args.dtype)
     rows = [row for size in sizes for row in measure(size, dtype, device, repeats)]
 
-    backend = "triton" if use_triton(torch.empty(0, device=device), "auto") else "reference"
+    probe = torch.empty(0, device=device)
+    backend = "triton" if use_triton(probe, "auto") else "cpu" if use_cpu_path(probe, "auto") else "reference"
     title = f"aalconvert kernels, {args.dtype} input, {backend} on {device_name(device)}"
     Console().print(render(rows, title))
     if args.json:

@@ -28,21 +28,32 @@ def use_triton(tensor: torch.Tensor, backend: str) -> bool:
     (then every ``auto`` call, i.e. every call the package itself makes, runs the
     torch reference); ``triton`` forces it (CPU tensors then need ``TRITON_INTERPRET=1``).
     """
+    if _chosen(backend) == "triton":
+        return True
+    return _chosen(backend) == "auto" and tensor.is_cuda
+
+
+def use_cpu_path(tensor: torch.Tensor, backend: str) -> bool:
+    """True when this call should run the CPU path: same bytes as the reference, fewer passes.
+
+    ``auto`` picks it for CPU tensors unless ``AALCONVERT_KERNELS=reference``.
+    """
+    return _chosen(backend) == "auto" and tensor.device.type == "cpu"
+
+
+def _chosen(backend: str) -> str:
+    """``backend`` checked, with ``auto`` turned into ``reference`` where the environment asks."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "reference":
-        return False
-    if backend == "triton":
-        return True
+    if backend != "auto":
+        return backend
     setting = os.environ.get(ENVIRONMENT_VARIABLE, "auto")
     if setting not in ENVIRONMENT_VALUES:
         raise ValueError(
             f"the environment variable {ENVIRONMENT_VARIABLE} must be one of "
             f"{ENVIRONMENT_VALUES}, got {setting!r}"
         )
-    if setting == "reference":
-        return False
-    return tensor.is_cuda
+    return setting
 
 
 def triton_module(name: str, kernel: str) -> ModuleType:

@@ -59,7 +59,7 @@ from dataclasses import dataclass
 
 import torch
 
-from aalconvert.kernels.dispatch import triton_module, use_triton
+from aalconvert.kernels.dispatch import triton_module, use_cpu_path, use_triton
 
 SUPPORTED_BITS = (8, 4, 2)
 SUPPORTED_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -237,10 +237,14 @@ def quantize_groups_impl(
     companding: str,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(codes, mins, scales) of ``x``: the Triton kernel or the reference, per ``backend``."""
+    """(codes, mins, scales) of ``x``: the Triton kernel, the CPU path or the reference, per ``backend``."""
     if use_triton(x, backend):
         launcher = triton_module("triton_quantize", "_quantize_kernel").quantize_triton
         return launcher(x, bits, group_size, stochastic, scale_dtype, seed, companding)
+    if use_cpu_path(x, backend):
+        from aalconvert.kernels.quantize_cpu import quantize_cpu  # it imports this module
+
+        return quantize_cpu(x, bits, group_size, stochastic, scale_dtype, seed, companding)
     return quantize_reference(x, bits, group_size, stochastic, scale_dtype, seed, companding)
 
 
@@ -255,10 +259,14 @@ def dequantize_groups_impl(
     companding: str,
     backend: str,
 ) -> torch.Tensor:
-    """Decoded tensor of ``shape`` and ``dtype``: the Triton kernel or the reference."""
+    """Decoded tensor of ``shape`` and ``dtype``: the Triton kernel, the CPU path or the reference."""
     if use_triton(codes, backend):
         launcher = triton_module("triton_quantize", "_dequantize_kernel").dequantize_triton
         return launcher(codes, mins, scales, shape, dtype, bits, group_size, companding)
+    if use_cpu_path(codes, backend):
+        from aalconvert.kernels.quantize_cpu import dequantize_cpu  # it imports this module
+
+        return dequantize_cpu(codes, mins, scales, shape, dtype, bits, group_size, companding)
     return dequantize_reference(codes, mins, scales, shape, dtype, bits, group_size, companding)
 
 
@@ -325,23 +333,7 @@ def quantize_reference(
     high = padded.amax(dim=1)
     finite = padded.isfinite().all(dim=1)
 
-    mins, scales = _min_and_step(low, high, levels, scale_dtype)
-    good = finite & mins.isfinite() & scales.isfinite()
-    min_value, scale_value = mins.float(), scales.float()
-    min_raw, scale_raw = mins.view(torch.int16), scales.view(torch.int16)
-    if scale_dtype == torch.float16:  # wide groups: the bf16 pair, flagged by the scale's sign bit
-        wide_mins, wide_scales = _min_and_step(low, high, levels, torch.bfloat16)
-        wide = finite & ~good & wide_mins.isfinite() & wide_scales.isfinite()
-        min_value = torch.where(wide, wide_mins.float(), min_value)
-        scale_value = torch.where(wide, wide_scales.float(), scale_value)
-        min_raw = torch.where(wide, wide_mins.view(torch.int16), min_raw)
-        flagged = (wide_scales.view(torch.int16).to(torch.int32) - 0x8000).to(torch.int16)
-        scale_raw = torch.where(wide, flagged, scale_raw)
-        good = good | wide
-    nan = torch.tensor(NAN_BITS[scale_dtype], dtype=torch.int16, device=x.device)
-    mins = torch.where(good, min_raw, nan).view(scale_dtype)
-    scales = torch.where(good, scale_raw, nan).view(scale_dtype)
-
+    mins, scales, min_value, scale_value, usable = group_pairs(low, high, finite, levels, scale_dtype)
     if stochastic:
         index = torch.arange(groups * group_size, device=x.device, dtype=torch.int64)
         offset = uniform_from_index(index, *seed_keys(seed)).view(groups, group_size)
@@ -349,9 +341,35 @@ def quantize_reference(
         offset = 0.5
     scaled = (padded - min_value[:, None]) / scale_value[:, None]
     codes = torch.floor(scaled + offset).clamp(0, levels)
-    usable = (good & (scale_value != 0))[:, None]
-    codes = torch.where(usable, codes, 0).to(torch.uint8).reshape(-1)
-    return _pack_codes(codes, numel, bits), mins, scales
+    codes = torch.where(usable[:, None], codes, 0).to(torch.uint8).reshape(-1)
+    return pack_codes(codes, numel, bits), mins, scales
+
+
+def group_pairs(
+    low: torch.Tensor, high: torch.Tensor, finite: torch.Tensor, levels: int, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per group from its fp32 min, max and finiteness: the stored (mins, scales), the fp32
+    (min, step) that encoding divides by, and whether the group gets codes at all (not a
+    NaN group and not a constant one)."""
+    mins, scales = _min_and_step(low, high, levels, scale_dtype)
+    good = finite & mins.isfinite() & scales.isfinite()
+    min_value, scale_value = mins.float(), scales.float()
+    min_raw, scale_raw = mins.view(torch.int16), scales.view(torch.int16)
+    needs_wide = finite & ~good if scale_dtype == torch.float16 else None
+    if needs_wide is not None and needs_wide.any():  # the bf16 pair, flagged by the scale's sign bit
+        wide_mins, wide_scales = _min_and_step(low, high, levels, torch.bfloat16)
+        wide = needs_wide & wide_mins.isfinite() & wide_scales.isfinite()
+        min_value = torch.where(wide, wide_mins.float(), min_value)
+        scale_value = torch.where(wide, wide_scales.float(), scale_value)
+        min_raw = torch.where(wide, wide_mins.view(torch.int16), min_raw)
+        flagged = (wide_scales.view(torch.int16).to(torch.int32) - 0x8000).to(torch.int16)
+        scale_raw = torch.where(wide, flagged, scale_raw)
+        good = good | wide
+    if not good.all():
+        nan = torch.tensor(NAN_BITS[scale_dtype], dtype=torch.int16, device=low.device)
+        min_raw, scale_raw = torch.where(good, min_raw, nan), torch.where(good, scale_raw, nan)
+    mins, scales = min_raw.view(scale_dtype), scale_raw.view(scale_dtype)
+    return mins, scales, min_value, scale_value, good & (scale_value != 0)
 
 
 def dequantize_reference(
@@ -395,9 +413,9 @@ def decoded_min_and_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 (min, step) of each group as decoding uses them (a wide fp16 group's pair read as bf16)."""
     min_value, scale_value = mins.float(), scales.float()
-    if scales.dtype == torch.float16:
+    wide = scales.view(torch.int16) < 0 if scales.dtype == torch.float16 else None
+    if wide is not None and wide.any():
         scale_raw = scales.view(torch.int16)
-        wide = scale_raw < 0
         wide_scale = (scale_raw & 0x7FFF).view(torch.bfloat16).float()
         min_value = torch.where(wide, mins.view(torch.bfloat16).float(), min_value)
         scale_value = torch.where(wide, wide_scale, scale_value)
@@ -414,7 +432,7 @@ def compand(x: torch.Tensor) -> torch.Tensor:
     return root.copysign_(x).add_(0.0)
 
 
-def _pack_codes(codes: torch.Tensor, numel: int, bits: int) -> torch.Tensor:
+def pack_codes(codes: torch.Tensor, numel: int, bits: int) -> torch.Tensor:
     per_byte = 8 // bits
     nbytes = math.ceil(numel * bits / 8)
     codes = torch.nn.functional.pad(codes[:numel], (0, nbytes * per_byte - numel))

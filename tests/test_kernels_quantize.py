@@ -1,7 +1,8 @@
-"""k-bit group quantization: the reference layout, its error bounds, and Triton held to it.
+"""k-bit group quantization: the reference layout, its error bounds, and Triton and the CPU path held to it.
 
 Without CUDA the Triton kernels run in the interpreter (tests/conftest.py), so
-sizes stay small and hypothesis example counts low.
+sizes stay small and hypothesis example counts low. ``backend="auto"`` on a CPU
+tensor runs the CPU path (``aalconvert.kernels.quantize_cpu``).
 """
 
 import math
@@ -26,7 +27,10 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bitwise equality of two tensors of one dtype (NaN payloads included)."""
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    def raw(t: torch.Tensor) -> torch.Tensor:  # a fresh row-major copy: any strides can be viewed
+        return t.new_empty(t.shape).copy_(t).reshape(-1).view(torch.uint8)
+
+    return torch.equal(raw(a), raw(b))
 
 
 def same_values_nan_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -40,13 +44,16 @@ def same_values_nan_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def assert_backends_agree(x: torch.Tensor, **options) -> QuantizedTensor:
-    triton = quantize(x, backend="triton", **options)
+    """Triton and the CPU path give the reference's bytes, and decode them as it does."""
+    before = x.clone()
     reference = quantize(x, backend="reference", **options)
-    for name, a, b in zip(("codes", "mins", "scales"), triton.tensors(), reference.tensors()):
-        assert same_bytes(a, b), f"{name} differ for {tuple(x.shape)} {x.dtype} {options}"
-    decoded_triton = dequantize(reference, backend="triton")
-    decoded_reference = dequantize(reference, backend="reference")
-    assert same_values_nan_equal(decoded_triton, decoded_reference)
+    for backend in ("triton", "auto"):
+        other = quantize(x, backend=backend, **options)
+        for name, a, b in zip(("codes", "mins", "scales"), other.tensors(), reference.tensors()):
+            assert same_bytes(a, b), f"{backend} {name} differ for {tuple(x.shape)} {x.dtype} {options}"
+        decoded = dequantize(reference, backend=backend)
+        assert same_values_nan_equal(decoded, dequantize(reference, backend="reference"))
+    assert same_bytes(x, before), "quantizing changed its input"
     return reference
 
 
@@ -170,7 +177,74 @@ def test_triton_matches_reference_bytes_property(
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+# ------------------------------------------------------------------ CPU path == reference
+
+
+def assert_cpu_path_agrees(x: torch.Tensor, **options) -> None:
+    """The CPU path (``auto`` on CPU) gives the reference's bytes and decoding, input untouched."""
+    before = x.clone()
+    fast, reference = quantize(x, **options), quantize(x, backend="reference", **options)
+    for name, a, b in zip(("codes", "mins", "scales"), fast.tensors(), reference.tensors()):
+        assert same_bytes(a, b), f"{name} differ for {tuple(x.shape)} {x.dtype} {options}"
+    assert same_values_nan_equal(dequantize(reference), dequantize(reference, backend="reference"))
+    assert same_bytes(x, before)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    numel=st.integers(0, 3000),
+    dtype=st.sampled_from(DTYPES),
+    bits=st.sampled_from(BITS),
+    group_size=st.sampled_from([8, 24, 64, 256]),
+    stochastic=st.booleans(),
+    scale_dtype=st.sampled_from(SCALE_DTYPES),
+    seed=st.integers(0, 2**63 - 1),
+    sqrt=st.booleans(),
+    specials=st.lists(
+        st.tuples(st.integers(0, 2999), st.sampled_from(
+            [math.nan, math.inf, -math.inf, 0.0, -0.0, 1e-40, -7e4, 3e38, 1e-7]
+        )),
+        max_size=6,
+    ),  # fmt: skip
+    scale=st.sampled_from([1e-6, 1.0, 1e4]),
+)
+def test_cpu_path_matches_reference_bytes_property(
+    numel, dtype, bits, group_size, stochastic, scale_dtype, seed, sqrt, specials, scale
+):
+    x = (awkward_tensor((numel,), torch.float32, seed=numel) * scale).to(dtype)
+    for index, value in specials:
+        if index < numel:
+            x[index] = value
+    assert_cpu_path_agrees(
+        x, bits=bits, group_size=group_size, stochastic=stochastic, scale_dtype=scale_dtype,
+        seed=seed, companding="sqrt" if sqrt and not stochastic else "none",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("companding", ["none", "sqrt"])
+@pytest.mark.parametrize("bits", BITS)
+def test_cpu_path_matches_reference_on_large_awkward_layouts(bits, companding):
+    base = awkward_tensor((6, 37, 29, 11), torch.float32, seed=bits)
+    for x in (base, base.transpose(1, 3), base[:, ::2], base.to(torch.bfloat16)):
+        assert_cpu_path_agrees(x, bits=bits, group_size=64, companding=companding)
+
+
+def test_the_environment_variable_sends_cpu_calls_to_the_reference(monkeypatch):
+    from aalconvert.kernels import quantize_cpu
+
+    def refuse(*args):
+        raise AssertionError("the CPU path ran although AALCONVERT_KERNELS=reference")
+
+    monkeypatch.setattr(quantize_cpu, "quantize_cpu", refuse)
+    monkeypatch.setattr(quantize_cpu, "dequantize_cpu", refuse)
+    monkeypatch.setenv("AALCONVERT_KERNELS", "reference")
+    dequantize(quantize(torch.randn(300), 4, group_size=64))
+    monkeypatch.setenv("AALCONVERT_KERNELS", "auto")
+    with pytest.raises(AssertionError, match="CPU path ran"):
+        quantize(torch.randn(300), 4, group_size=64)
+
+
+@pytest.mark.parametrize("backend", ["triton", "auto", "reference"])
 def test_channels_last_and_strided_inputs_quantize_in_logical_order(backend):
     x = awkward_tensor((2, 5, 3, 7), torch.float16)
     expected = quantize(x, 4, group_size=16, backend="reference")
@@ -186,7 +260,7 @@ def test_channels_last_and_strided_inputs_quantize_in_logical_order(backend):
 
 
 @pytest.mark.parametrize("companding", ["none", "sqrt"])
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "auto", "reference"])
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_nearest_rounding_errs_by_at_most_half_a_step(backend, bits, dtype, companding):
@@ -227,7 +301,7 @@ def test_half_step_bound_holds_far_from_zero_where_min_rounding_matters():
         assert_within_half_step(x, q, dequantize(q))
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "auto", "reference"])
 def test_stochastic_rounding_is_unbiased(backend):
     # 2-bit groups with min 0 and max 3 (step exactly 1): nearest would be off by
     # 0.25 or 0.3 on the fractional values. Each copy of the group draws its own
@@ -271,7 +345,7 @@ def test_stochastic_codes_are_reproducible_from_the_seed():
 # ------------------------------------------------------------------ special groups
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "auto", "reference"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_constant_groups_decode_exactly(backend, dtype):
     x = torch.cat([torch.zeros(16), torch.full((16,), 1.5), torch.full((5,), -3.0)]).to(dtype)
@@ -280,7 +354,7 @@ def test_constant_groups_decode_exactly(backend, dtype):
     assert torch.equal(dequantize(q, backend=backend), x)
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "auto", "reference"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_companded_constant_groups_decode_exactly_where_the_root_is_representable(backend, dtype):
     x = torch.cat([torch.zeros(16), torch.full((16,), 2.25), torch.full((5,), -4.0)]).to(dtype)
@@ -292,7 +366,7 @@ def test_companded_constant_groups_decode_exactly_where_the_root_is_representabl
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("companding", ["none", "sqrt"])
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "auto", "reference"])
 @pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
 def test_inf_or_nan_decodes_its_group_to_nan_and_spares_the_others(backend, bad, companding):
     x = awkward_tensor((64,), torch.float32)
@@ -309,7 +383,7 @@ def test_inf_or_nan_decodes_its_group_to_nan_and_spares_the_others(backend, bad,
     assert (error <= group_steps(q)[others] / 2 * (1 + 1e-5)).all()
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "auto", "reference"])
 def test_groups_beyond_float16_range_keep_a_flagged_bfloat16_pair(backend):
     # fp16 mins round down, so a min below -65504 overflows; one above +65504 does not.
     x = torch.cat([torch.full((8,), -1e5), torch.full((8,), 1e5), torch.linspace(-1, 1, 8)])

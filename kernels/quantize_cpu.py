@@ -1,0 +1,156 @@
+"""The k-bit group quantizer for CPU tensors: the reference's bytes in fewer passes.
+
+``quantize_reference`` defines the layout one readable step at a time; on CPU,
+where it also ran every training step, that cost more than the step's own
+matmuls (a ViT example spent 45 % of an ``approx4`` step in it). This is the
+same arithmetic, in the same fp32 rounding order, arranged for memory traffic:
+
+- the companding root comes from numpy's float32 sqrt, which is IEEE's
+  correctly rounded one (torch's CPU fp32 sqrt is an ulp off on about 0.7 % of
+  values, so the reference takes it in fp64);
+- a group's finiteness is read off its min and max (``amin``/``amax`` propagate
+  NaN, and an infinity is its group's min or max) instead of a separate pass;
+- full groups are a view, and only the short last group is handled apart,
+  instead of padding a copy of the whole tensor;
+- codes are computed in place on one buffer and truncated to ``uint8``, which
+  equals the reference's floor because every scaled value is at least 0.
+
+Tests hold it to the reference byte for byte (``tests/test_kernels_quantize.py``).
+"""
+
+import math
+
+import numpy as np
+import torch
+
+from aalconvert.kernels.quantize import (
+    decoded_min_and_step,
+    dequantize_reference,
+    group_pairs,
+    quantize_reference,
+    seed_keys,
+    uniform_from_index,
+)
+
+
+def quantize_cpu(
+    x: torch.Tensor,
+    bits: int,
+    group_size: int,
+    stochastic: bool,
+    scale_dtype: torch.dtype,
+    seed: int,
+    companding: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes, mins, scales) of CPU tensor ``x``, byte for byte ``quantize_reference``'s."""
+    if x.numel() == 0:
+        return quantize_reference(x, bits, group_size, stochastic, scale_dtype, seed, companding)
+    flat = x.reshape(-1).to(torch.float32)
+    owned = flat.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+    if companding == "sqrt":
+        flat, owned = _compand(flat), True
+    numel = flat.numel()
+    levels = 2**bits - 1
+    rows = _group_rows(flat, group_size)
+    low = torch.cat([row.amin(dim=1) for row in rows])
+    high = torch.cat([row.amax(dim=1) for row in rows])
+    finite = low.isfinite() & high.isfinite()
+    mins, scales, min_value, scale_value, usable = group_pairs(low, high, finite, levels, scale_dtype)
+
+    codes = torch.empty(math.ceil(numel * bits / 8), dtype=torch.uint8)
+    start_group = start = 0
+    for row in rows:
+        end_group = start_group + row.shape[0]
+        end = start + row.numel()
+        offset = 0.5
+        if stochastic:
+            index = torch.arange(start, end, dtype=torch.int64)
+            offset = uniform_from_index(index, *seed_keys(seed)).view(row.shape)
+        # A buffer of our own (a converted or companded copy) is overwritten in place.
+        scaled = row.sub_(min_value[start_group:end_group, None]) if owned else torch.sub(
+            row, min_value[start_group:end_group, None]
+        )
+        scaled.div_(scale_value[start_group:end_group, None]).add_(offset)
+        unused = ~usable[start_group:end_group]
+        if unused.any():  # NaN and constant groups: codes 0, whatever the division gave
+            scaled[unused] = 0
+        scaled.floor_().clamp_(0, levels)
+        codes[start * bits // 8 : math.ceil(end * bits / 8)] = _bytes_of_codes(scaled, bits)
+        start_group, start = end_group, end
+    return codes, mins, scales
+
+
+def _bytes_of_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Whole-number fp32 codes combined per byte, little-endian, still in fp32 (exact below 256).
+
+    Combining before the one conversion to uint8 halves (4 bits) or quarters (2 bits)
+    the elements converted, the slowest pass on CPU.
+    """
+    per_byte = 8 // bits
+    flat = codes.view(-1)
+    if flat.numel() % per_byte:  # only a short last group: its high bits are 0
+        flat = torch.nn.functional.pad(flat, (0, per_byte - flat.numel() % per_byte))
+    lanes = flat.view(-1, per_byte)
+    if per_byte == 1:
+        return flat
+    combined = torch.add(lanes[:, 0], lanes[:, 1], alpha=2**bits)
+    for lane in range(2, per_byte):
+        combined.add_(lanes[:, lane], alpha=2 ** (lane * bits))
+    return combined
+
+
+def dequantize_cpu(
+    codes: torch.Tensor,
+    mins: torch.Tensor,
+    scales: torch.Tensor,
+    shape: list[int],
+    dtype: torch.dtype,
+    bits: int,
+    group_size: int,
+    companding: str,
+) -> torch.Tensor:
+    """``dequantize_reference`` of CPU tensors: unpack, then scale and shift in place."""
+    numel = math.prod(shape)
+    if numel == 0:
+        return dequantize_reference(codes, mins, scales, shape, dtype, bits, group_size, companding)
+    values = _unpack_codes(codes, bits)[:numel].to(torch.float32)
+    min_value, scale_value = decoded_min_and_step(mins, scales)
+    start_group = 0
+    for row in _group_rows(values, group_size):
+        end_group = start_group + row.shape[0]
+        row.mul_(scale_value[start_group:end_group, None])
+        row.add_(min_value[start_group:end_group, None])
+        start_group = end_group
+    if companding == "sqrt":
+        decoded = values.numpy()  # numpy's abs: several times torch's on CPU
+        with np.errstate(all="ignore"):  # overflow to inf, as torch's product gives, unwarned
+            np.multiply(decoded, np.abs(decoded), out=decoded)
+    return values.to(dtype).reshape(shape)
+
+
+def _group_rows(flat: torch.Tensor, group_size: int) -> list[torch.Tensor]:
+    """Views of ``flat`` as (groups, group_size) rows: the full groups, then the short last one."""
+    full = flat.numel() // group_size * group_size
+    rows = [flat[:full].view(-1, group_size)] if full else []
+    if full < flat.numel():
+        rows.append(flat[full:].view(1, -1))
+    return rows
+
+
+def _compand(flat: torch.Tensor) -> torch.Tensor:
+    """``sign(x) * sqrt(|x|)`` of fp32 ``flat``, correctly rounded, ``-0`` giving ``+0``."""
+    source = flat.detach().numpy()
+    root = np.abs(source)
+    np.sqrt(root, out=root)
+    np.copysign(root, source, out=root)
+    root += 0.0
+    return torch.from_numpy(root)
+
+
+def _unpack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """One uint8 code per element from bytes packed little-endian (``pack_codes``' layout)."""
+    if bits == 8:
+        return codes
+    mask = 2**bits - 1
+    parts = [(codes >> shift) & mask for shift in range(0, 8, bits)]
+    return torch.stack(parts, dim=1).view(-1)
