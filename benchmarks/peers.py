@@ -25,7 +25,8 @@ How each column is measured (CPU, one thread, fp32):
 
 - bytes kept for backward: the bytes allocated during the forward and loss and
   still alive when they return, i.e. what the step holds across the
-  forward/backward boundary, from the allocation events of ``torch.profiler``
+  forward/backward boundary (the inputs, allocated before the step, are not
+  counted), from the allocation events of ``torch.profiler``
   (``profile_memory=True``; the running sum of every CPU allocation and free,
   in time order). This sees what checkpoints, selective checkpointing and
   compiled graphs hold, which saved-tensor hooks (``aalconvert.memory.measure_saved``)
@@ -51,8 +52,6 @@ Needs torchvision, timm and transformers (``python benchmarks/zoo.py --setup``
 builds ``.zoo-venv``) and matplotlib for the plot, installed into that venv
 with ``.zoo-venv/bin/python -m pip install matplotlib`` (no plot without it).
 """
-
-from __future__ import annotations
 
 import argparse
 import contextlib

@@ -1,0 +1,113 @@
+"""benchmarks/peers.py: its measurements, verdict and table, on tiny plain-torch and example models.
+
+The real run needs torchvision, timm and transformers (``.zoo-venv``); here the
+pure parts run on the project's venv: block finding, the replay of allocation
+events, the target verdict, the table, and one small end-to-end measurement.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from benchmark_scripts import load_benchmark
+from examples import EXAMPLES
+
+
+@pytest.fixture(scope="module")
+def peers():
+    return load_benchmark("peers")
+
+
+def tiny_workload(peers):
+    """Four residual-free MLP blocks in an nn.Sequential, a classifier head, batch 16."""
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64)) for _ in range(4)]
+    model = nn.Sequential(*blocks, nn.Linear(64, 10))
+    return peers.vision_workload("tiny", model, (torch.randn(16, 64),))
+
+
+def test_outermost_blocks_are_the_members_of_sequentials_with_children_and_none_nested(peers):
+    assert peers.outermost_blocks(EXAMPLES["vit"].build_model()) == [f"blocks.{i}" for i in range(4)]
+    resnet = peers.outermost_blocks(EXAMPLES["resnet_basic"].build_model())
+    assert resnet[:2] == ["layer1.0", "layer1.1"] and len(resnet) == 8
+    nested = nn.Sequential(nn.Sequential(nn.Sequential(nn.Linear(2, 2)), nn.ReLU()), nn.Linear(2, 2))
+    assert peers.outermost_blocks(nested) == ["0"]  # "0.0" is inside it; the head is a leaf
+    with pytest.raises(ValueError, match="no blocks"):
+        peers.checkpoint_blocks(nn.Linear(2, 2))
+
+
+def test_checkpointed_copy_gives_backprops_gradients_and_leaves_the_model_alone(peers):
+    workload = tiny_workload(peers)
+    copy = peers.checkpoint_blocks(workload.model, peers.save_matmuls_context())
+    assert "forward" not in workload.model[0].__dict__ and "forward" in copy[0].__dict__
+    workload.loss(workload.model).backward()
+    workload.loss(copy).backward()
+    for p, q in zip(workload.model.parameters(), copy.parameters(), strict=True):
+        assert p is not q and torch.allclose(p.grad, q.grad, atol=1e-6)
+
+
+def test_replay_counts_kept_at_the_forward_end_and_the_peak_and_sets_host_copies_apart(peers):
+    A = peers.Allocation
+    events = [A(1, 100, 40), A(2, 200, 10, host=True), A(3, 300, 5), A(4, 300, -5),  # forward
+              A(6, 400, 30), A(7, 100, -40), A(8, 200, -10), A(9, 500, 7), A(10, 400, -30), A(11, 500, -7)]
+    memory = peers.replay(list(reversed(events)), forward_end_ns=5)  # sorted by time inside
+    assert memory == peers.StepMemory(kept_bytes=40, peak_bytes=70, host_bytes=10)
+    # a free at a host copy's address after that copy is gone is an ordinary free
+    again = peers.replay([A(1, 200, 8, host=True), A(2, 200, -8), A(3, 200, 4), A(6, 200, -4)], 5)
+    assert again == peers.StepMemory(kept_bytes=4, peak_bytes=4, host_bytes=8)
+
+
+def row(method, kept, time, ok=True, error=None):
+    if not ok:
+        return {"method": method, "note": "", "ok": False, "error": error}
+    return {"method": method, "note": "", "ok": True, "kept_bytes": kept, "kept_ratio": kept / 100,
+            "time_ratio": time, "peak_bytes": kept, "peak_ratio": kept / 100, "host_bytes": 0}
+
+
+def test_target_is_met_only_when_the_planner_is_faster_at_the_peak_and_keeps_less_in_the_time(peers):
+    at, mid, low = (f"plan @ {label}" for label in peers.BUDGETS)
+    ckpt = row(peers.CHECKPOINT, 20, 1.3)
+    met = peers.target_verdict([row("bp", 100, 1.0), ckpt, row(at, 30, 1.1), row(mid, 60, 1.05),
+                                row(low, 15, 1.25)])
+    assert met["met"] and met["faster"] and met["keeps_less"] and met["text"].startswith("target met")
+    slow = peers.target_verdict([ckpt, row(at, 30, 1.4), row(low, 15, 1.6)])
+    assert not slow["met"] and not slow["faster"] and not slow["keeps_less"]
+    assert "NOT faster" in slow["text"] and "no planner row is as fast" in slow["text"]
+    more = peers.target_verdict([ckpt, row(at, 30, 1.1)])
+    assert more["faster"] and not more["keeps_less"] and "NOT less" in more["text"]
+    refused = peers.target_verdict([ckpt, row(at, 0, 0, ok=False, error="BudgetError: under the floor")])
+    assert not refused["met"] and "under the floor" in refused["text"]
+    assert "did not run" in peers.target_verdict([row(peers.CHECKPOINT, 0, 0, ok=False, error="x")])["text"]
+
+
+def test_planner_budgets_add_the_parameters_to_measured_peaks(peers):
+    budgets = peers.planner_budgets(parameter_bytes=1000, bp_peak=800, checkpoint_peak=200, floor=1100)
+    assert list(budgets.values()) == [1200, 1500, 1150]
+    assert peers.planner_budgets(1000, 800, 200, floor=None)[peers.BUDGETS[2]] == 1150
+
+
+def test_one_small_run_measures_every_peer_and_renders_its_table(peers):
+    workload = tiny_workload(peers)
+    methods = [peers.BP, peers.CHECKPOINT, peers.SELECTIVE, peers.SAVE_ON_CPU, "exact"]
+    record = peers.measure_workload(workload, methods, rounds=1, log=lambda message: None)
+    rows = {r["method"]: r for r in record["rows"]}
+    assert set(methods) <= set(rows) and len(rows) == len(methods) + 3
+    assert all(rows[m]["ok"] for m in methods), rows
+    bp = rows[peers.BP]
+    # BP keeps what saved-tensor hooks see, less the inputs and targets (alive before the step),
+    # plus the loss and its scalar intermediates
+    given = sum(t.nbytes for t in (*workload.inputs, workload.targets))
+    assert 0 <= bp["kept_bytes"] + given - bp["saved_hooks_bytes"] < 1024
+    assert rows[peers.CHECKPOINT]["kept_bytes"] < rows[peers.SELECTIVE]["kept_bytes"] < bp["kept_bytes"]
+    on_cpu = rows[peers.SAVE_ON_CPU]
+    assert on_cpu["kept_bytes"] < 1024 and on_cpu["host_bytes"] >= bp["saved_hooks_bytes"]
+    assert bp["peak_bytes"] >= sum(p.numel() * 4 for p in workload.model.parameters())  # gradients
+    plans = [r for r in record["rows"] if r["method"].startswith("plan @")]
+    assert all(r["ok"] or "BudgetError" in r["error"] for r in plans), plans
+    assert record["target"]["text"].startswith("target ")
+    lines = peers.table(record)
+    assert lines[0].startswith("**tiny**") and lines[-2] == f"*{record['target']['text']}*"
+    assert sum(line.startswith("| ") for line in lines) == 2 + len(rows)
+    result = {"date": "2026-01-01T00:00:00", "command": "python benchmarks/peers.py", "torch": torch.__version__,
+              "machine": "x", "threads": 1, "rounds": 1, "seconds": 1.0, "records": [record]}
+    assert "| save_on_cpu |" in peers.markdown(result) and "to host:" in peers.markdown(result)
