@@ -14,9 +14,10 @@ Unpacking decodes each bit as ``bool`` (False/True), ``binary`` (0/1) or
 import math
 import sys
 
+import numpy as np
 import torch
 
-from aalconvert.kernels.dispatch import triton_module, use_triton
+from aalconvert.kernels.dispatch import call_op, triton_module, use_cpu_path, use_triton
 
 DECODINGS = ("bool", "binary", "sign")
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
@@ -54,10 +55,24 @@ def _unpack_reference(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return table.index_select(0, packed.int()).reshape(-1)[:numel]
 
 
+# The CPU path: numpy's packbits/unpackbits with little-endian bit order are this
+# layout exactly, and run 4-5 times faster than the reference's torch ops.
+
+
+def _pack_cpu(x: torch.Tensor) -> torch.Tensor:
+    bits = _bits_of(x).reshape(-1).detach()
+    return torch.from_numpy(np.packbits(bits.numpy(), bitorder="little"))
+
+
+def _unpack_cpu(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    bits = np.unpackbits(packed.detach().numpy(), count=numel, bitorder="little")
+    return torch.from_numpy(bits).view(torch.bool)
+
+
 def pack_bits(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """Pack ``x > 0`` (or a bool ``x``) into ``ceil(x.numel() / 8)`` uint8 bytes."""
     check_pack_input(x)
-    return torch.ops.aalconvert.pack_bits(x, backend)
+    return call_op(torch.ops.aalconvert.pack_bits, pack_bits_impl, x, backend)
 
 
 def unpack_bits(
@@ -83,7 +98,9 @@ def unpack_bits(
             f"expected {packed_nbytes(numel)}"
         )
     out_dtype = torch.bool if decode == "bool" else dtype
-    return torch.ops.aalconvert.unpack_bits(packed, list(shape), decode, out_dtype, backend)
+    return call_op(
+        torch.ops.aalconvert.unpack_bits, unpack_bits_impl, packed, list(shape), decode, out_dtype, backend
+    )
 
 
 def check_pack_input(x: torch.Tensor) -> None:
@@ -96,20 +113,21 @@ def check_pack_input(x: torch.Tensor) -> None:
 
 
 def pack_bits_impl(x: torch.Tensor, backend: str) -> torch.Tensor:
-    """Packed bits of ``x``: the Triton kernel or the reference, per ``backend``."""
+    """Packed bits of ``x``: the Triton kernel, the CPU path or the reference, per ``backend``."""
     if use_triton(x, backend):
         return triton_module("triton_bitpack", "_pack_bits_kernel").pack_bits_triton(x)
-    return _pack_reference(x)
+    return _pack_cpu(x) if use_cpu_path(x, backend) else _pack_reference(x)
 
 
 def unpack_bits_impl(
     packed: torch.Tensor, shape: list[int], decode: str, dtype: torch.dtype, backend: str
 ) -> torch.Tensor:
-    """Decoded bits of ``packed`` in ``shape`` and ``dtype``: the Triton kernel or the reference."""
+    """Decoded bits of ``packed`` in ``shape`` and ``dtype``: the Triton kernel, the CPU path or the reference."""
     if use_triton(packed, backend):
         launcher = triton_module("triton_bitpack", "_unpack_bits_kernel").unpack_bits_triton
         return launcher(packed, tuple(shape), decode, dtype)
-    bits = _unpack_reference(packed, math.prod(shape)).reshape(shape)
+    unpack = _unpack_cpu if use_cpu_path(packed, backend) else _unpack_reference
+    bits = unpack(packed, math.prod(shape)).reshape(shape)
     if decode == "bool":
         return bits
     if decode == "binary":

@@ -59,7 +59,7 @@ from dataclasses import dataclass
 
 import torch
 
-from aalconvert.kernels.dispatch import triton_module, use_cpu_path, use_triton
+from aalconvert.kernels.dispatch import call_op, triton_module, use_cpu_path, use_triton
 
 SUPPORTED_BITS = (8, 4, 2)
 SUPPORTED_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -142,9 +142,10 @@ def quantize(
         seed = int(torch.randint(0, SEED_LIMIT - 1, ()).item()) if stochastic else 0
     if not (isinstance(seed, int) and 0 <= seed < SEED_LIMIT):
         raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
-    codes, mins, scales = torch.ops.aalconvert.quantize_groups(
-        x, bits, group_size, stochastic, scale_dtype, seed, companding, backend
-    )
+    codes, mins, scales = call_op(
+        torch.ops.aalconvert.quantize_groups, quantize_groups_impl,
+        x, bits, group_size, stochastic, scale_dtype, seed, companding, backend,
+    )  # fmt: skip
     return QuantizedTensor(codes, mins, scales, x.shape, x.dtype, bits, group_size, companding)
 
 
@@ -152,7 +153,8 @@ def dequantize(q: QuantizedTensor, *, backend: str = "auto") -> torch.Tensor:
     """Decode ``q`` into a contiguous tensor of its original shape and dtype."""
     check_quantized_tensors(q.codes, q.mins, q.scales, q.shape, q.bits, q.group_size)
     check_companding(q.companding, stochastic=False)
-    return torch.ops.aalconvert.dequantize_groups(
+    return call_op(
+        torch.ops.aalconvert.dequantize_groups, dequantize_groups_impl,
         q.codes, q.mins, q.scales, list(q.shape), q.dtype, q.bits, q.group_size,
         q.companding, backend,
     )  # fmt: skip

@@ -1,6 +1,7 @@
-"""1-bit packing: the reference layout, exact round trips, and Triton held to it byte for byte.
+"""1-bit packing: the reference layout, exact round trips, and Triton and the CPU path held to it byte for byte.
 
 Without CUDA the Triton kernels run in the interpreter (tests/conftest.py).
+``backend="auto"`` on a CPU tensor runs the CPU path (numpy's packbits).
 """
 
 import math
@@ -29,13 +30,14 @@ def awkward_tensor(shape, dtype, seed=0):
 
 def assert_backends_agree(x: torch.Tensor) -> torch.Tensor:
     packed = pack_bits(x, backend="reference")
-    assert torch.equal(pack_bits(x, backend="triton"), packed)
-    for decode in DECODINGS:
-        for dtype in (torch.float32, torch.bfloat16):
-            options = dict(decode=decode, dtype=dtype)
-            triton = unpack_bits(packed, x.shape, backend="triton", **options)
-            reference = unpack_bits(packed, x.shape, backend="reference", **options)
-            assert triton.dtype == reference.dtype and torch.equal(triton, reference)
+    for backend in ("triton", "auto"):
+        assert torch.equal(pack_bits(x, backend=backend), packed)
+        for decode in DECODINGS:
+            for dtype in (torch.float32, torch.bfloat16):
+                options = dict(decode=decode, dtype=dtype)
+                other = unpack_bits(packed, x.shape, backend=backend, **options)
+                reference = unpack_bits(packed, x.shape, backend="reference", **options)
+                assert other.dtype == reference.dtype and torch.equal(other, reference)
     return packed
 
 
@@ -44,7 +46,7 @@ def test_layout_puts_element_i_at_bit_i_mod_8_of_byte_i_div_8():
     assert pack_bits(x).tolist() == [0b00001001, 0b00000011]
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "auto", "triton"])
 def test_every_byte_value_packs_and_unpacks_bit_by_bit(backend):
     # All 256 patterns of eight elements, against a bit-by-bit definition of the layout.
     patterns = [[(value >> bit) & 1 == 1 for bit in range(8)] for value in range(256)]
@@ -78,7 +80,7 @@ def test_triton_matches_reference_bytes_property(shape, dtype, layout):
     assert_backends_agree(x)
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "auto", "reference"])
 def test_channels_last_and_transposed_inputs_pack_in_logical_order(backend):
     x = awkward_tensor((2, 3, 5, 7), torch.float16)
     expected = pack_bits(x.contiguous(), backend="reference")
@@ -88,7 +90,7 @@ def test_channels_last_and_transposed_inputs_pack_in_logical_order(backend):
     assert torch.equal(pack_bits(transposed, backend=backend), expected)
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "auto", "reference"])
 @pytest.mark.parametrize("dtype", INPUT_DTYPES)
 def test_round_trip_is_exact_for_every_decoding(backend, dtype):
     x = awkward_tensor((3, 7, 11), dtype)
@@ -103,7 +105,7 @@ def test_round_trip_is_exact_for_every_decoding(backend, dtype):
     assert sign.is_contiguous()
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "auto", "reference"])
 def test_unused_high_bits_of_last_byte_are_zero(backend):
     assert pack_bits(torch.ones(11, dtype=torch.bool), backend=backend).tolist() == [255, 7]
 

@@ -514,3 +514,33 @@ def test_companding_sqrt_is_correctly_rounded_like_triton_sqrt_rn():
         torch.tensor([2.984375], dtype=torch.float16), bits=4, group_size=8, stochastic=False,
         scale_dtype=torch.float16, seed=0, companding="sqrt",
     )  # fmt: skip
+
+
+def test_dispatch_modes_and_functorch_still_see_the_custom_ops():
+    # Plain eager calls skip the custom op's Python dispatch (kernels/dispatch.call_op);
+    # anything that intercepts ops must still see the ops themselves.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from aalconvert.kernels import pack_bits, unpack_bits
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(300)
+    with Record() as record:
+        dequantize(quantize(x, 4, group_size=64))
+        unpack_bits(pack_bits(x), x.shape)
+    assert {
+        "aalconvert.quantize_groups", "aalconvert.dequantize_groups",
+        "aalconvert.pack_bits", "aalconvert.unpack_bits",
+    } <= record.names  # fmt: skip
+    plain = quantize(x, 4, group_size=64)
+    batched = torch.func.vmap(lambda row: dequantize(quantize(row, 4, group_size=64)))(x.view(3, 100))
+    assert batched.shape == (3, 100)
+    assert torch.equal(dequantize(plain), dequantize(quantize(x, 4, group_size=64, backend="reference")))

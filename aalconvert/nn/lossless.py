@@ -135,7 +135,9 @@ class MaskReLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         packed, probe = ctx.saved_tensors
-        keep = ctx.layout.unpack(packed, "bool", torch.bool)
+        # 0/1 in the gradient's dtype: torch's op reads it as it reads the output (<= 0
+        # blocks), several times faster on CPU than reading a bool mask.
+        keep = ctx.layout.unpack(packed, "binary", grad_output.dtype)
         # torch's own ReLU backward op, so the gradient's strides are torch's too (they
         # steer later kernels' rounding, e.g. for channels_last (N, C, 1, 1) tensors).
         grad_input = torch.ops.aten.threshold_backward(grad_output, keep, 0)
