@@ -8,12 +8,19 @@ built from small random-init configs in code (``HF_ARCHITECTURES``) with their
 ``pretrained=False``. Default constructor arguments otherwise (dropout and
 drop-path rates as the library sets them), train mode, fp32, CPU.
 
-Inputs are small because CPU time is the constraint: vision batch 2 at 64x64
-(299 for Inception v3, whose auxiliary head needs it; 224 for MaxViT, whose partition sizes
-fix it; torchvision and timm ViT/Mixer-style models are built for the input
-size with their own ``image_size``/``img_size`` argument, widths untouched),
-Hugging Face vision configs at 32x32, text 4 x 128 tokens. Ratios at 224 px
-differ somewhat (the share of the stem and of attention changes with tokens).
+Two input sizes, because CPU time is the constraint:
+- Bytes kept are measured at the size users train at and the issue measured:
+  vision batch 2 at 224x224 (Inception v3 at 299; Hugging Face vision configs
+  at 224 with 16-pixel patches for ViT/DeiT), text 4 x 128 tokens. A separate
+  forward per rule set, converted with these inputs as ``example_inputs``.
+- The training step (gradients, timing) runs smaller: vision batch 2 at 64x64
+  (299 for Inception v3, whose auxiliary head needs it; 224 for MaxViT, whose
+  partition sizes fix it; torchvision and timm ViT/Mixer-style models are built
+  for the input size with their own ``image_size``/``img_size`` argument, widths
+  untouched), Hugging Face vision configs at 32x32, text 4 x 128 tokens. Its
+  bytes kept are recorded too (``ratio_step``): at 64 px many tensors are under
+  ``min_numel`` (4096 elements) and stay exact under ``approx*``, which real
+  sizes never see.
 Language models (``*ForCausalLM``, ``*LMHeadModel``, ``*ForMaskedLM``) train
 as they are trained: ``labels=`` the token ids, and the gradients are those of
 their own loss; every other model's are those of the mean square of its outputs.
@@ -24,7 +31,8 @@ Parameters; the RNG is seeded the same before every forward, so dropout and
 stochastic depth draw the same):
 - whether ``aalconvert.convert(model, rules, example_inputs=...)`` converts (else the error);
 - bytes kept for backward (``aalconvert.memory.measure_saved``: distinct
-  storages saved by autograd, parameters excluded), converted / BP;
+  storages saved by autograd, parameters excluded), converted / BP, at the
+  memory size (``ratio``) and at the step size (``ratio_step``);
 - forward output bit-equal to BP where every rule of the set is forward-exact;
 - gradients bit-identical to BP (``torch.equal`` on every parameter's
   gradient) where every rule of the set is gradient-exact (exact, recompute);
@@ -111,6 +119,8 @@ class Entry:
     family: str
     build: Callable[[], tuple[Any, tuple]]
     quick: bool = False
+    # (model, inputs) at the memory size, where the step runs smaller; None: the step's size is it.
+    build_for_memory: Callable[[], tuple[Any, tuple]] | None = None
 
 
 def _images(size: int, batch: int = 2):
@@ -120,6 +130,7 @@ def _images(size: int, batch: int = 2):
 
 
 TORCHVISION_QUICK = {"resnet18", "mobilenet_v3_small", "vit_b_32"}
+MEMORY_SIZE = 224  # px: the side at which bytes kept are measured (Inception v3: 299)
 
 
 def _torchvision_input(name: str) -> tuple[int, dict]:
@@ -146,7 +157,11 @@ def torchvision_entries() -> list[Entry]:
         def build(builder=builder, size=size, kwargs=kwargs):
             return builder(weights=None, **kwargs), _images(size)
 
-        entries.append(Entry(f"torchvision/{name}", "torchvision", family, build, name in TORCHVISION_QUICK))
+        def build_for_memory(builder=builder):
+            return builder(weights=None), _images(MEMORY_SIZE)
+
+        entries.append(Entry(f"torchvision/{name}", "torchvision", family, build, name in TORCHVISION_QUICK,
+                             None if size >= MEMORY_SIZE else build_for_memory))
     return entries
 
 
@@ -204,7 +219,11 @@ def timm_entries() -> list[Entry]:
         def build(name=name, size=size, kwargs=kwargs):
             return timm.create_model(name, pretrained=False, **kwargs), _images(size)
 
-        entries.append(Entry(f"timm/{name}", "timm", family, build, name in TIMM_QUICK))
+        def build_for_memory(name=name):
+            return timm.create_model(name, pretrained=False), _images(MEMORY_SIZE)
+
+        entries.append(Entry(f"timm/{name}", "timm", family, build, name in TIMM_QUICK,
+                             None if size >= MEMORY_SIZE else build_for_memory))
     return entries
 
 
@@ -258,27 +277,38 @@ HF_QUICK = {"bert", "gpt2", "llama", "vit"}
 TEXT_SHAPE = (4, 128)  # batch, tokens
 
 
-def hf_inputs(kind: str) -> tuple:
+# Config fields for the memory size: 224 px, with the 16-pixel patches real ViT/DeiT configs use.
+HF_MEMORY_FIELDS = {"vit": {"image_size": MEMORY_SIZE, "patch_size": 16},
+                    "deit": {"image_size": MEMORY_SIZE, "patch_size": 16},
+                    "swin": {"image_size": MEMORY_SIZE, "window_size": 7}}
+
+
+def hf_inputs(kind: str, size: int = 32) -> tuple:
     import torch
 
     if kind == "image":
-        return _images(32)
+        return _images(size)
     ids = torch.randint(0, 100, TEXT_SHAPE, generator=torch.Generator().manual_seed(1))
     return (ids, None, ids) if kind == "seq2seq" else (ids,)  # input_ids, attention_mask, decoder_input_ids
 
 
-def hf_build(name: str) -> tuple[Any, tuple]:
-    """A random-init Hugging Face model of ``name`` with its default attention, and its inputs."""
+def hf_build(name: str, for_memory: bool = False) -> tuple[Any, tuple]:
+    """A random-init Hugging Face model of ``name`` with its default attention, and its inputs
+    (vision models at the memory size when ``for_memory``)."""
     import transformers
 
     model_class, config_class, fields, kind = HF_ARCHITECTURES[name]
+    if for_memory:
+        fields = {**fields, **HF_MEMORY_FIELDS.get(name, {})}
     config = getattr(transformers, config_class)(**fields)
-    return getattr(transformers, model_class)(config), hf_inputs(kind)
+    inputs = hf_inputs(kind, MEMORY_SIZE if for_memory else 32)
+    return getattr(transformers, model_class)(config), inputs
 
 
 def hf_entries() -> list[Entry]:
-    return [Entry(f"hf/{name}", "hf", name, lambda name=name: hf_build(name), name in HF_QUICK)
-            for name in HF_ARCHITECTURES]
+    return [Entry(f"hf/{name}", "hf", name, lambda name=name: hf_build(name), name in HF_QUICK,
+                  (lambda name=name: hf_build(name, for_memory=True)) if kind == "image" else None)
+            for name, (_, _, _, kind) in HF_ARCHITECTURES.items()]
 
 
 def zoo() -> tuple[list[Entry], list[str]]:
@@ -438,21 +468,71 @@ def measure_model(entry: Entry, rule_sets: list[str]) -> dict:
             continue
         finally:
             del converted
-        row.update(status="ok", converted_bytes=step.nbytes, ratio=step.nbytes / bp.nbytes if bp.nbytes else math.nan,
+        ratio_step = step.nbytes / bp.nbytes if bp.nbytes else math.nan
+        row.update(status="ok", converted_bytes=step.nbytes, ratio=ratio_step, ratio_step=ratio_step,
                    step_time_ratio=step.seconds / bp.seconds, **compare(bp, step))
         del step
         record["rows"].append(row)
-    record["seconds"] = time.perf_counter() - start
     del model, bp
     gc.collect()
+    if entry.build_for_memory is not None:
+        measure_memory(entry, record)
+    record["seconds"] = time.perf_counter() - start
     return record
+
+
+def measure_memory(entry: Entry, record: dict) -> None:
+    """Bytes kept at the memory size, BP and each rule set that ran: into ``record`` and its rows.
+
+    One seeded forward each (no backward), converted with the memory-size inputs.
+    A rule set that fails here gets ``memory_error`` and keeps its step-size ratio out
+    of the medians (``summary`` lists it as a failure).
+    """
+    import torch
+
+    import aalconvert
+    from aalconvert.memory import measure_saved
+
+    def kept(module: Any, inputs: tuple, params: list) -> int:
+        module.train()
+        torch.manual_seed(1)
+        return measure_saved(lambda: module(*inputs), params).nbytes
+
+    try:
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, inputs = entry.build_for_memory()
+        params = list(model.parameters())
+        bp_bytes = kept(model, inputs, params)
+    except Exception as error:
+        for row in record["rows"]:
+            row["memory_error"] = f"BP at the memory size failed: {type(error).__name__}: {error}"[:500]
+        return
+    record.update(memory_inputs=[list(t.shape) for t in inputs if isinstance(t, torch.Tensor)],
+                  bp_bytes_memory=bp_bytes)
+    for row in record["rows"]:
+        if row["status"] != "ok":
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                converted = aalconvert.convert(model, row["rules"].split("+"), example_inputs=inputs)
+            row["ratio"] = kept(converted, inputs, params) / bp_bytes
+        except Exception as error:
+            row["memory_error"] = f"{type(error).__name__}: {error}"[:500]
+        finally:
+            converted = None
+            gc.collect()
+    del model
+    gc.collect()
 
 
 # --------------------------------------------------------------------------- reporting
 
 def _ok_rows(records: list[dict], rules: str) -> list[dict]:
     return [r for rec in records if rec.get("status") == "ok" for r in rec["rows"]
-            if r["rules"] == rules and r["status"] == "ok"]
+            if r["rules"] == rules and r["status"] == "ok" and "memory_error" not in r]
 
 
 def summary(result: dict) -> dict:
@@ -467,8 +547,12 @@ def summary(result: dict) -> dict:
             if row["status"] != "ok":
                 failures.append(f"{where}: {row['status']}: {row['error']}")
                 continue
-            if row["ratio"] > 1.0:
+            if "memory_error" in row:
+                failures.append(f"{where}: at the memory size: {row['memory_error']}")
+            elif row["ratio"] > 1.0:
                 above_bp.append(f"{where}: {row['ratio']:.4f}")
+            if row.get("ratio_step", 0.0) > 1.0:
+                above_bp.append(f"{where}: {row['ratio_step']:.4f} at the step size")
             if row["gradient_promised"] and not row["grads_equal"]:
                 grad_mismatch.append(f"{where}: gradient cosine {row['grad_cosine']:.6f}")
             if row["forward_promised"] and not row["forward_equal"]:
@@ -487,6 +571,8 @@ def _cell(record: dict, rules: str) -> str:
         return ""
     if row["status"] != "ok":
         return "fails" if row["status"] == "convert_error" else "run fails"
+    if "memory_error" in row:
+        return "fails at memory size"
     marks = ("" if not row["gradient_promised"] or row["grads_equal"] else " ≠grad") + \
             ("" if not row["forward_promised"] or row["forward_equal"] else " ≠fwd") + \
             ("" if row["grads_finite"] else " nan")
@@ -552,10 +638,13 @@ def markdown(result: dict) -> str:
              + ", ".join(f"{k} {v}" for k, v in result["versions"].items() if k != "torch") + ".",
              *([f"aalconvert: {result['library']}."] if result.get("library") else []),
              *result.get("notes", []),
-             "Train mode, fp32, default dropout/drop-path (same seed for BP and each rule set), vision batch 2 at "
-             "64 px (Inception v3 299, MaxViT 224, timm Swin 112, LeViT 128, torchvision ViT-H/14 112), HF vision "
-             f"32 px, text {TEXT_SHAPE[0]} x {TEXT_SHAPE[1]} tokens (language models train on their own loss, "
-             "labels= the tokens). Cells: converted / BP; `fails`: convert() raised; `≠grad`: a gradient-exact "
+             "Train mode, fp32, default dropout/drop-path (same seed for BP and each rule set). Bytes kept "
+             f"(the cells) at vision batch 2 at {MEMORY_SIZE} px (Inception v3 299; HF ViT/DeiT configs with "
+             f"16-px patches), text {TEXT_SHAPE[0]} x {TEXT_SHAPE[1]} tokens (language models train on their own "
+             "loss, labels= the tokens). Gradients and step time from a step at vision batch 2 at 64 px "
+             "(Inception v3 299, MaxViT 224, timm Swin 112, LeViT 128, torchvision ViT-H/14 112), HF vision 32 px; "
+             "the bytes of that step are the `ratio_step` figures in the JSON. "
+             "Cells: converted / BP; `fails`: convert() raised; `≠grad`: a gradient-exact "
              "rule set whose gradients are not bit-identical to BP; `≠fwd`: a forward-exact rule set whose "
              "output differs; `nan`: a non-finite gradient. Medians are over the models where the rule set "
              "converts.", "",
@@ -568,8 +657,10 @@ def markdown(result: dict) -> str:
             lines.append(f"| {rec['model']} | skipped: {rec['error'][:120]} |" + " |" * (len(rule_sets) + 2))
             continue
         last = next((r for r in rec["rows"] if r["rules"] == rule_sets[-1] and r["status"] == "ok"), None)
-        lines.append(f"| {rec['model']} | {'x'.join(map(str, rec['inputs'][0])) if rec['inputs'] else ''} | "
-                     f"{rec['bp_bytes'] / 2**20:.1f} | " + " | ".join(_cell(rec, r) for r in rule_sets)
+        shapes = rec.get("memory_inputs") or rec["inputs"]
+        bp_bytes = rec.get("bp_bytes_memory", rec["bp_bytes"])
+        lines.append(f"| {rec['model']} | {'x'.join(map(str, shapes[0])) if shapes else ''} | "
+                     f"{bp_bytes / 2**20:.1f} | " + " | ".join(_cell(rec, r) for r in rule_sets)
                      + (f" | {last['step_time_ratio']:.2f} |" if last else " | - |"))
     for title, key in (("Conversion or run failures", "failures"), ("Rule sets keeping more than BP", "above_bp"),
                        ("Gradient-exact rule sets whose gradients differ from BP", "gradient_mismatches"),
