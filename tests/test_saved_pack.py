@@ -159,6 +159,49 @@ def test_one_tensor_saved_by_several_ops_is_packed_once():
     assert packer._state().cache == {}  # let go of at the end of the forward
 
 
+def test_views_covering_one_storage_are_packed_once_and_each_comes_back_as_its_own_view():
+    # torch.matmul of 4-D operands saves a 3-D view of them for bmm's backward, while
+    # softmax saves the 4-D tensor itself (HF Swin's eager attention): one storage, one copy.
+    torch.manual_seed(0)
+    options = ApproxOptions(bits=4, min_numel=0)
+    packer = SavedTensorPacker(options)
+    scores = torch.randn(2, 3, 16, 16, requires_grad=True)
+    values = torch.randn(2, 3, 16, 8, requires_grad=True)
+
+    def attention():
+        probs = torch.softmax(scores * 1, dim=-1)
+        return probs @ (values * 1)
+
+    out, seen = _recorded_saves(attention, packer)
+    codes = [shape for shape, dtype in seen if dtype == torch.uint8]
+    assert sorted(codes) == [(2 * 3 * 16 * 8 // 2,), (2 * 3 * 16 * 16 // 2,)]  # probs once, values once
+    out.backward(torch.ones_like(out))
+
+    def decoded(t):
+        return dequantize(quantize(t, 4, group_size=options.group_size, companding=options.companding))
+
+    probs = torch.softmax(scores.detach(), dim=-1)
+    probs_d, values_d = decoded(probs), decoded(values.detach())
+    grad_probs = torch.ones(2, 3, 16, 8) @ values_d.transpose(-1, -2)
+    expected = torch._softmax_backward_data(grad_probs, probs_d, -1, torch.float32)
+    torch.testing.assert_close(scores.grad, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(values.grad, probs_d.transpose(-1, -2) @ torch.ones(2, 3, 16, 8))
+
+
+def test_a_storage_changed_in_place_between_two_saves_is_packed_again():
+    packer = SavedTensorPacker(ApproxOptions(bits=4, min_numel=0))
+    x = torch.randn(32, 32, requires_grad=True)
+
+    def forward():
+        h = x * 1
+        first = h.sin()  # saves h
+        h.view(-1).mul_(2)  # a view of the same storage, changed in place: a new version
+        return first + h.view(32, 32).cos()  # saves the changed storage through another view
+
+    _, seen = _recorded_saves(forward, packer)
+    assert sum(dtype == torch.uint8 for _, dtype in seen) == 2
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "channels_last", "slice"])
 def test_unpacked_tensor_has_the_saved_shape_and_strides_and_the_decoded_values(layout):
     torch.manual_seed(0)

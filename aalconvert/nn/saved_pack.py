@@ -22,8 +22,10 @@ outputs (a loss computed inside the model): their backward exponentiates them,
 so a k-bit error of a step in log space would scale a probability by e^step.
 A functional ReLU's own save of its output keeps 1 bit, exactly what its
 backward reads. One
-tensor saved by several ops is packed once; a small view (under ``min_numel``)
-is kept as a compact copy rather than with its whole storage.
+tensor saved by several ops is packed once, and so is one storage saved through
+several views that each cover it whole (``matmul`` saves a reshaped view of its
+operand); a small view (under ``min_numel``) is kept as a compact copy rather
+than with its whole storage.
 
 The packer sees tensors, not the ops that save them: an activation an op
 divides by or takes the logarithm of is quantized like any other (its relative
@@ -43,7 +45,7 @@ bit-identical.
 import threading
 import weakref
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -171,6 +173,33 @@ def _same(entry: tuple, tensor: torch.Tensor) -> bool:
     return entry[0]() is tensor and entry[1] == tensor._version
 
 
+def _cache_key(tensor: torch.Tensor) -> tuple:
+    """Where the packer's cache files ``tensor``: under its storage when it covers that storage
+    whole and densely (any such view packs to the same bytes in memory order), else under itself."""
+    if tensor.numel() * tensor.element_size() == tensor.untyped_storage().nbytes() and _covers_memory_densely(
+        tensor
+    ):
+        return ("storage", storage_key(tensor.untyped_storage()), tensor.dtype)
+    return ("tensor", id(tensor))
+
+
+def _packed_for(entry: tuple, tensor: torch.Tensor) -> Any:
+    """The cached packing of ``entry`` as ``tensor`` reads it, or None when the entry is stale.
+
+    A storage entry's source tensor must still be alive (so its storage was not freed
+    and reused) and unchanged since (views share one version counter).
+    """
+    source, version, packed = entry
+    source = source()
+    if source is None or version != tensor._version:
+        return None
+    if source is tensor:
+        return packed
+    if storage_key(source.untyped_storage()) != storage_key(tensor.untyped_storage()):
+        return None
+    return replace(packed, shape=tensor.shape, stride=tuple(tensor.stride()))
+
+
 class SavedTensorPacker:
     """Packs what torch's ops save for backward while a forward runs between ``begin`` and ``end``.
 
@@ -249,12 +278,14 @@ class SavedTensorPacker:
             return self._passed_on(tensor, state)
         if self._relu_saving_its_output(tensor, state):
             return self._relu_mask(tensor, state)
-        cached = state.cache.get(id(tensor))
-        if cached is not None and _same(cached, tensor):
-            return cached[2]
+        key = _cache_key(tensor)
+        cached = state.cache.get(key)
+        reused = None if cached is None else _packed_for(cached, tensor)
+        if reused is not None:
+            return reused
         packed = self._packed(tensor, state)
         if isinstance(packed, PackedSave):
-            state.cache[id(tensor)] = (weakref.ref(tensor), tensor._version, packed)
+            state.cache[key] = (weakref.ref(tensor), tensor._version, packed)
         return packed
 
     def _relu_saving_its_output(self, tensor: torch.Tensor, state: threading.local) -> bool:
