@@ -83,6 +83,11 @@ def test_target_is_met_only_when_the_planner_is_faster_at_the_peak_and_keeps_les
     assert "did not run" in peers.target_verdict([row(peers.CHECKPOINT, 0, 0, ok=False, error="x")])["text"]
 
 
+def test_spread_is_the_median_absolute_deviation_over_the_median(peers):
+    assert peers.spread([1.0, 1.1, 0.9, 1.0, 3.0]) == pytest.approx(0.1)
+    assert peers.spread([2.0]) == 0
+
+
 def test_planner_budgets_are_the_measured_checkpoint_peak_and_the_planners_own_figures(peers):
     predicted = {"bp_peak": 3000, "checkpoint_all": 2000, "floor": 1800}
     budgets = peers.planner_budgets(parameter_bytes=1000, checkpoint_peak=200, predicted=predicted)
