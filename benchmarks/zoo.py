@@ -20,7 +20,9 @@ Two input sizes, because CPU time is the constraint:
   untouched), Hugging Face vision configs at 32x32, text 4 x 128 tokens. Its
   bytes kept are recorded too (``ratio_step``): at 64 px many tensors are under
   ``min_numel`` (4096 elements) and stay exact under ``approx*``, which real
-  sizes never see.
+  sizes never see. Models over 100M parameters (RegNetY-32GF/128GF, ViT-L/H)
+  are measured at the step size only (``memory_skipped`` says so): their tensors
+  are far above ``min_numel`` there, and at 224 px they would not fit in memory.
 Language models (``*ForCausalLM``, ``*LMHeadModel``, ``*ForMaskedLM``) train
 as they are trained: ``labels=`` the token ids, and the gradients are those of
 their own loss; every other model's are those of the mean square of its outputs.
@@ -131,6 +133,8 @@ def _images(size: int, batch: int = 2):
 
 TORCHVISION_QUICK = {"resnet18", "mobilenet_v3_small", "vit_b_32"}
 MEMORY_SIZE = 224  # px: the side at which bytes kept are measured (Inception v3: 299)
+# Larger models keep their step-size figures: RegNetY-128GF at 224 px took over 20 GB of a 24 GB machine.
+MEMORY_SIZE_PARAMETER_LIMIT = 100_000_000
 
 
 def _torchvision_input(name: str) -> tuple[int, dict]:
@@ -475,7 +479,10 @@ def measure_model(entry: Entry, rule_sets: list[str]) -> dict:
         record["rows"].append(row)
     del model, bp
     gc.collect()
-    if entry.build_for_memory is not None:
+    if entry.build_for_memory is not None and record["parameters"] > MEMORY_SIZE_PARAMETER_LIMIT:
+        record["memory_skipped"] = (f"{record['parameters'] / 1e6:.0f}M parameters: bytes at the step size "
+                                    f"(a second forward at {MEMORY_SIZE} px would not fit in this machine's memory)")
+    elif entry.build_for_memory is not None:
         measure_memory(entry, record)
     record["seconds"] = time.perf_counter() - start
     return record
@@ -643,7 +650,8 @@ def markdown(result: dict) -> str:
              f"16-px patches), text {TEXT_SHAPE[0]} x {TEXT_SHAPE[1]} tokens (language models train on their own "
              "loss, labels= the tokens). Gradients and step time from a step at vision batch 2 at 64 px "
              "(Inception v3 299, MaxViT 224, timm Swin 112, LeViT 128, torchvision ViT-H/14 112), HF vision 32 px; "
-             "the bytes of that step are the `ratio_step` figures in the JSON. "
+             "the bytes of that step are the `ratio_step` figures in the JSON. Inputs marked * (models over "
+             f"{MEMORY_SIZE_PARAMETER_LIMIT // 10**6}M parameters) are measured at the step size only. "
              "Cells: converted / BP; `fails`: convert() raised; `≠grad`: a gradient-exact "
              "rule set whose gradients are not bit-identical to BP; `≠fwd`: a forward-exact rule set whose "
              "output differs; `nan`: a non-finite gradient. Medians are over the models where the rule set "
@@ -658,6 +666,8 @@ def markdown(result: dict) -> str:
             continue
         last = next((r for r in rec["rows"] if r["rules"] == rule_sets[-1] and r["status"] == "ok"), None)
         shapes = rec.get("memory_inputs") or rec["inputs"]
+        if rec.get("memory_skipped"):
+            shapes = [[*shapes[0][:-1], f"{shapes[0][-1]}*"]] if shapes else shapes
         bp_bytes = rec.get("bp_bytes_memory", rec["bp_bytes"])
         lines.append(f"| {rec['model']} | {'x'.join(map(str, shapes[0])) if shapes else ''} | "
                      f"{bp_bytes / 2**20:.1f} | " + " | ".join(_cell(rec, r) for r in rule_sets)
