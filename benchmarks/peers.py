@@ -49,6 +49,7 @@ How each column is measured (CPU, one thread, fp32):
     python benchmarks/peers.py                 # the README run (~10-15 min on 2 CPU cores); re-runs in .zoo-venv/
     python benchmarks/peers.py --quick         # tiny sizes, 2 rounds: a smoke run written to /tmp
     python benchmarks/peers.py --models vit_small --rounds 3 --no-compile
+    python benchmarks/peers.py --render benchmarks/results/peers_cpu.json   # redraw .md and .png from a run
 
 Needs torchvision, timm and transformers (``python benchmarks/zoo.py --setup``
 builds ``.zoo-venv``) and matplotlib for the plot, installed into that venv
@@ -563,7 +564,8 @@ def target_verdict(rows: list[dict]) -> dict:
     def speed(label: str) -> tuple[bool, str]:
         row = by_name.get(f"plan @ {label}")
         if not row or not row["ok"]:
-            return False, f"at {label} the planner did not run ({row['error'] if row else 'no row'})"
+            why = row["error"].split(" (", 1)[0] if row else "no row"  # a BudgetError's first clause
+            return False, f"at {label} the planner did not run ({why})"
         faster = row["time_ratio"] < ckpt["time_ratio"]
         noise = max(row.get("time_spread", 0.0), ckpt.get("time_spread", 0.0))
         return faster, (f"at {label} the planner takes {row['time_ratio']:.2f}x BP vs checkpointing's "
@@ -627,6 +629,34 @@ def predictions_line(record: dict) -> list[str]:
     return [f"Planner's predicted step peaks, parameters included: {', '.join(said)}{floor}.", ""]
 
 
+def short_name(model: str) -> str:
+    """``timm/vit_small_patch16_224`` -> ``vit_small_patch16_224``; ``hf/llama (LlamaForCausalLM)`` -> ``llama``."""
+    return model.split("/", 1)[-1].split(" ", 1)[0]
+
+
+def summary_cell(row: dict | None) -> str:
+    """kept / BP, peak / BP, time / BP in one cell; why not, when it did not run."""
+    if row is None:
+        return ""
+    if not row["ok"]:
+        return "under the planner's floor" if "BudgetError" in row["error"] else "did not run"
+    return f"{row['kept_ratio']:.3f} / {row['peak_ratio']:.3f} / {row['time_ratio']:.2f}x"
+
+
+def summary_table(result: dict) -> list[str]:
+    """One table over every model: per method, kept / BP, step peak / BP and step time / BP; then the targets."""
+    records = result["records"]
+    methods = list(dict.fromkeys(row["method"] for record in records for row in record["rows"]))
+    lines = ["| method | " + " | ".join(f"{short_name(r['model'])}: kept / peak / time" for r in records) + " |",
+             "| --- |" + " ---: |" * len(records)]
+    for method in methods:
+        cells = [summary_cell(next((row for row in r["rows"] if row["method"] == method), None)) for r in records]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines += [f"- {short_name(r['model'])}: {r['target']['text']}" for r in records]
+    return lines + [""]
+
+
 def markdown(result: dict) -> str:
     """The whole report: how it was run and measured, one table and target line per model."""
     lines = [f"# Peers side by side ({result['date'][:10]}, CPU)", "",
@@ -639,6 +669,7 @@ def markdown(result: dict) -> str:
              "planner's predicted peak with every block checkpointed; halfway from that to its predicted BP peak "
              "(SGD, no optimizer state). The target is read at the first. ± after a step time: how far one round "
              "strays from the median (median absolute deviation).", ""]
+    lines += ["Ratios to BP (kept for backward / step peak / step time):", "", *summary_table(result)]
     for record in result["records"]:
         lines += table(record)
     lines += [f"Plot: `{result.get('plot', 'not drawn')}`.", ""]
@@ -703,12 +734,16 @@ def main(argv: list[str] | None = None) -> dict:
                         "benchmarks/results/peers_cpu, or /tmp/peers_quick with --quick)")
     parser.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (default 1)")
     parser.add_argument("--no-venv", action="store_true", help="run in this interpreter, not .zoo-venv")
+    parser.add_argument("--render", type=Path, metavar="JSON",
+                        help="only write the .md and .png of an earlier run's JSON next to it")
     args = parser.parse_args(argv)
+    _reexec_in_zoo_venv(argv)
+    if args.render:
+        return render(args.render)
     names = args.models.split(",")
     unknown = [n for n in names if n not in WORKLOADS]
     if unknown or args.rounds < 1:
         parser.error(f"unknown models {unknown} (known: {list(WORKLOADS)}) or --rounds < 1")
-    _reexec_in_zoo_venv(argv)
     rounds = 2 if args.quick else args.rounds
     out = args.out or (Path("/tmp/peers_quick") if args.quick else RESULTS / "peers_cpu")
     torch.set_num_threads(args.threads)
@@ -732,10 +767,17 @@ def main(argv: list[str] | None = None) -> dict:
               "command": "python benchmarks/peers.py" + (" " + " ".join(argv) if argv else ""),
               "rounds": rounds, "seconds": time.perf_counter() - started, "records": records}
     out.parent.mkdir(parents=True, exist_ok=True)
-    result["plot"] = plot(result, out.with_suffix(".png")) or "not drawn: matplotlib is not installed"
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    out.with_suffix(".md").write_text(markdown(result))
-    print(f"wrote {out.with_suffix('.md')}, .json, .png", file=sys.stderr)
+    return render(out.with_suffix(".json"))
+
+
+def render(path: Path) -> dict:
+    """The .md and .png of a run from its JSON (written next to it): the report can be redrawn without rerunning."""
+    result = json.loads(path.read_text())
+    result["plot"] = plot(result, path.with_suffix(".png")) or "not drawn: matplotlib is not installed"
+    path.write_text(json.dumps(result, indent=2))
+    path.with_suffix(".md").write_text(markdown(result))
+    print(f"wrote {path.with_suffix('.md')} and {result['plot']}", file=sys.stderr)
     return result
 
 

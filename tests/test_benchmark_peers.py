@@ -5,6 +5,8 @@ pure parts run on the project's venv: block finding, the replay of allocation
 events, the target verdict, the table, and one small end-to-end measurement.
 """
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -95,7 +97,7 @@ def test_planner_budgets_are_the_measured_checkpoint_peak_and_the_planners_own_f
     assert peers.planner_budgets(1000, 200, {"bp_peak": None, "checkpoint_all": None}) == {peers.BUDGETS[0]: 1200}
 
 
-def test_one_small_run_measures_every_peer_and_renders_its_table(peers):
+def test_one_small_run_measures_every_peer_and_renders_its_table(peers, tmp_path):
     workload = tiny_workload(peers)
     methods = [peers.BP, peers.CHECKPOINT, peers.SELECTIVE, peers.SAVE_ON_CPU, "exact"]
     record = peers.measure_workload(workload, methods, rounds=1, log=lambda message: None)
@@ -121,4 +123,9 @@ def test_one_small_run_measures_every_peer_and_renders_its_table(peers):
     assert sum(line.startswith("| ") for line in lines) == 2 + len(rows)
     result = {"date": "2026-01-01T00:00:00", "command": "python benchmarks/peers.py", "torch": torch.__version__,
               "machine": "x", "threads": 1, "rounds": 1, "seconds": 1.0, "records": [record]}
-    assert "| save_on_cpu |" in peers.markdown(result) and "to host:" in peers.markdown(result)
+    text = peers.markdown(result)
+    assert "| save_on_cpu |" in text and "to host:" in text and "| method | tiny: kept / peak / time |" in text
+    path = tmp_path / "peers.json"
+    path.write_text(json.dumps(result))
+    assert peers.render(path)["records"] == json.loads(json.dumps(result["records"]))
+    assert path.with_suffix(".md").read_text().startswith("# Peers side by side (2026-01-01, CPU)")
