@@ -131,3 +131,36 @@ def test_unknown_model_is_refused(zoo_script, capsys):
     with pytest.raises(SystemExit):
         zoo_script.main(["--models", "not_a_model"])
     assert "unknown models ['not_a_model']" in capsys.readouterr().err
+
+
+def test_vision_bytes_are_measured_at_224_px_and_the_step_at_its_own_size(zoo_script):
+    entry = next(e for e in zoo_script.hf_entries() if e.name == "hf/vit")
+    record = zoo_script.measure_model(entry, ["exact", "approx4"])
+    assert record["inputs"] == [[2, 3, 32, 32]] and record["memory_inputs"] == [[2, 3, 224, 224]]
+    rows = {row["rules"]: row for row in record["rows"]}
+    assert all("memory_error" not in row for row in rows.values())
+    assert rows["approx4"]["ratio"] < rows["exact"]["ratio"] <= 1.0
+    torch.manual_seed(0)
+    model, inputs = entry.build_for_memory()
+    params = list(model.parameters())
+
+    def kept(module):
+        module.train()
+        torch.manual_seed(1)
+        return aalconvert.memory.measure_saved(lambda: module(*inputs), params).nbytes
+
+    converted = aalconvert.convert(model, ["approx4"], example_inputs=inputs)
+    assert rows["approx4"]["ratio"] == kept(converted) / kept(model)
+    assert rows["approx4"]["ratio_step"] != rows["approx4"]["ratio"]  # two sizes, two measurements
+
+
+def test_a_failure_at_the_memory_size_and_a_step_above_bp_are_named(zoo_script):
+    result = {"rule_sets": ["exact"], "records": [
+        {"model": "hf/a", "source": "hf", "family": "a", "status": "ok", "bp_bytes": 1,
+         "rows": [_row("exact", 0.5, memory_error="RuntimeError: out of memory")]},
+        {"model": "hf/b", "source": "hf", "family": "b", "status": "ok", "bp_bytes": 1,
+         "rows": [_row("exact", 0.9, ratio_step=1.01)]}]}
+    found = zoo_script.summary(result)
+    assert found["medians"] == {"exact": 0.9}  # the failed row is left out
+    assert found["failures"] == ["hf/a [exact]: at the memory size: RuntimeError: out of memory"]
+    assert found["above_bp"] == ["hf/b [exact]: 1.0100 at the step size"]
