@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import aalconvert  # noqa: E402
 from aalconvert.nn import CONVERTED_TYPES  # noqa: E402
 from aalconvert.nn.indicator import ARA_LAYERS, ASA_LAYERS  # noqa: E402
+from aalconvert.rules.registry import AUTO  # noqa: E402
 from examples import EXAMPLES  # noqa: E402
 from examples.train import BP, TRAIN_CONFIGS, RunResult, rule_list, train  # noqa: E402
 
@@ -64,29 +65,197 @@ def applies(example: str, rules: str, smoke: bool) -> str | None:
     return None
 
 
+CONFIDENCE = 0.95  # two-sided level of the paired t-interval each verdict reads
+REACH_TOLERANCE = (0.5, 0.01)
+"""How close to BP's final level counts as reached: accuracy points below it, relative loss above it."""
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the incomplete beta function (modified Lentz), converging for x < (a+1)/(a+b+2)."""
+    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    result = d
+    for m in range(1, 300):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            result *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return result
+
+
+def _incomplete_beta(a: float, b: float, x: float) -> float:
+    """Regularized I_x(a, b), so the t distribution needs no scipy (the language examples need no sklearn)."""
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1) / (a + b + 2):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def t_cdf(t: float, df: int) -> float:
+    """P(T <= t) for Student's t with ``df`` degrees of freedom."""
+    tail = 0.5 * _incomplete_beta(df / 2, 0.5, df / (df + t * t))
+    return 1.0 - tail if t >= 0 else tail
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The t with P(T <= t) = p, by bisection on ``t_cdf`` (monotone)."""
+    low, high = -1e3, 1e3
+    for _ in range(200):
+        middle = (low + high) / 2
+        low, high = (middle, high) if t_cdf(middle, df) < p else (low, middle)
+    return (low + high) / 2
+
+
+def t_interval(values: list[float], confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+    """(mean, low, high): two-sided t-interval of the mean; infinite with one value (no spread known)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, -math.inf, math.inf
+    half = t_quantile(0.5 + confidence / 2, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def confidence_at_most(values: list[float], threshold: float) -> float | None:
+    """How sure the paired seeds make us that the true mean is <= threshold (one-sided t); None with one seed."""
+    if len(values) < 2:
+        return None
+    mean, spread = statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
+    if spread == 0:
+        return 1.0 if mean <= threshold else 0.0
+    return t_cdf((threshold - mean) / spread, len(values) - 1)
+
+
+def shortfall(value: float, bp_value: float, higher_is_better: bool) -> float:
+    """How much worse than BP on the same seed: accuracy points below it, or % of BP's loss above it."""
+    return bp_value - value if higher_is_better else 100.0 * (value - bp_value) / bp_value
+
+
+def reach_level(bp_final: float, higher_is_better: bool) -> float:
+    """BP's final level less the REACH_TOLERANCE, so noise at the ceiling does not read as never reaching it."""
+    points, relative = REACH_TOLERANCE
+    return bp_final - points if higher_is_better else bp_final * (1 + relative)
+
+
+def steps_to_reach(curve: list[tuple[int, float]], level: float, higher_is_better: bool) -> int | None:
+    """First evaluated step whose held-out metric is at or past ``level``; None if the run never got there."""
+    for step, value in curve:
+        if (value >= level) if higher_is_better else (value <= level):
+            return step
+    return None
+
+
+def plateau_change(curve: list[tuple[int, float]], tail: float = 0.25) -> float:
+    """Change of the metric over the last ``tail`` of the run's steps: small means BP stopped improving."""
+    last_step = curve[-1][0]
+    start = next(value for step, value in curve if step >= (1 - tail) * last_step)
+    return curve[-1][1] - start
+
+
+def gap_verdict(gaps: list[float], target: float, unit: str) -> str:
+    """'met' / 'missed' when the t-interval of the paired gap lies wholly below / above the target, else 'undecided'."""
+    _, low, high = t_interval(gaps)
+    sure = confidence_at_most(gaps, target)
+    if sure is None:
+        return f"undecided (1 seed; target {target:g} {unit})"
+    state = "met" if high <= target else "missed" if low > target else "undecided"
+    return f"{state} (P(gap <= {target:g} {unit}) = {100 * sure:.1f} %)"
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def target_for(example: str, rules: str) -> tuple | str | None:
+    """The issue-6 target a rule set answers to: its own, or for a combination (``auto``) the tightest
+    of the targets of its lossy parts that convert something in ``example``; None where none applies."""
+    if rules in TARGETS:
+        return TARGETS[rules]
+    names = rule_list(rules)
+    if not names:
+        return None
+    approx = any(name.startswith("approx") for name in names)
+    parts = [p for name in names for p in (AUTO if name == "auto" else (name,)) if not (approx and p == "ara")]
+    numeric = [TARGETS[p] for p in dict.fromkeys(parts)
+               if isinstance(TARGETS.get(p), tuple) and applies(example, p, smoke=False) is None]
+    if not numeric:
+        return None
+    relative = [r for _, r in numeric if r is not None]
+    return min(points for points, _ in numeric), (min(relative) if relative else None)
+
+
+def _gap_target(target: tuple, higher_is_better: bool) -> tuple[float | None, str]:
+    """(threshold, unit) a paired gap is held to: points for accuracy, % of BP's loss for a loss."""
+    points, relative = target
+    return (points, "points") if higher_is_better else (None if relative is None else 100 * relative, "% loss")
+
+
+def _reach(group: list[RunResult], bp: dict[int, RunResult]) -> dict:
+    """Steps each seed's run needs to reach its BP's final level (within REACH_TOLERANCE), and BP's own."""
+    own, base = [], []
+    for run in group:
+        level = reach_level(bp[run.seed].final_metric, run.higher_is_better)
+        own.append(steps_to_reach(run.curve, level, run.higher_is_better))
+        base.append(steps_to_reach(bp[run.seed].curve, level, run.higher_is_better))
+    reached = [s for s in own if s is not None]
+    ratios = [s / b for s, b in zip(own, base) if s is not None and b]
+    return {"steps_to_bp_final": own, "bp_steps_to_bp_final": base,
+            "reach_median": statistics.median(reached) if reached else None,
+            "reach_ratio": statistics.fmean(ratios) if ratios else None,
+            "not_reached": sum(s is None for s in own)}
+
+
+def _compare(row: dict, group: list[RunResult], bp: dict[int, RunResult], example: str) -> None:
+    """Add the paired gap to BP (t-interval over seeds), its verdict and the steps to BP's final level."""
+    higher = group[0].higher_is_better
+    gaps = [shortfall(r.final_metric, bp[r.seed].final_metric, higher) for r in group]
+    _, low, high = t_interval(gaps)
+    row.update(gaps=gaps, gap_mean=statistics.fmean(gaps), gap_low=low, gap_high=high,
+               gap_unit="points" if higher else "% loss", **_reach(group, bp))
+    target = target_for(example, row["rules"])
+    row["target_used"] = target
+    if target == "identical":
+        row["verdict"] = "met (losses identical to BP)" if row["identical_to_bp"] else "missed (losses differ)"
+    elif target is None:
+        row["verdict"] = "-"
+    else:
+        threshold, unit = _gap_target(target, higher)
+        row["verdict"] = "-" if threshold is None else gap_verdict(gaps, threshold, unit)
+
+
 def summarise(runs: list[RunResult], skipped: dict[tuple[str, str], str]) -> list[dict]:
-    """One row per (example, rule set): statistics over seeds, ratios to the same seed's BP run."""
+    """One row per (example, rule set): statistics over seeds, ratios and paired gaps to the same seed's BP run."""
     rows = []
     for example in dict.fromkeys(r.example for r in runs):
         bp = {r.seed: r for r in runs if r.example == example and r.rules == BP}
         bp_mean = statistics.fmean(r.final_metric for r in bp.values())
         for rules in dict.fromkeys(r.rules for r in runs if r.example == example):
             group = [r for r in runs if r.example == example and r.rules == rules]
+            missing = sorted({r.seed for r in group} - set(bp))
+            if missing:
+                raise SystemExit(f"{example} {rules}: seeds {missing} have no BP run to pair with")
             mean, std = _mean_std([r.final_metric for r in group])
             indicators = [r.min_indicator for r in group if r.min_indicator is not None]
             row = {
                 "example": example, "rules": rules, "metric": group[0].metric, "seeds": len(group),
-                "mean": mean, "std": std, "delta": mean - bp_mean,
+                "steps": sorted({r.steps for r in group}),
+                "mean": mean, "std": std, "delta": mean - statistics.fmean(bp[r.seed].final_metric for r in group),
                 "kept_ratio": statistics.fmean(r.kept_bytes / bp[r.seed].kept_bytes for r in group),
                 "time_ratio": statistics.fmean(r.step_time_s / bp[r.seed].step_time_s for r in group),
                 "min_indicator": min(indicators) if indicators else None,
                 "identical_to_bp": all(r.losses == bp[r.seed].losses for r in group),
             }
             row["target"] = target_verdict(row, group[0].higher_is_better, bp_mean)
+            if rules == BP:
+                row["plateau_change"] = statistics.fmean(plateau_change(r.curve) for r in group)
+            else:
+                _compare(row, group, bp, example)
             rows.append(row)
         for (skipped_example, rules), reason in skipped.items():
             if skipped_example == example:
@@ -113,18 +282,63 @@ def target_verdict(row: dict, higher_is_better: bool, bp_mean: float) -> str:
     return "met" if excess <= relative else f"missed ({100 * excess:.1f}% above BP)"
 
 
+def _target_text(target: tuple | str | None, unit: str) -> str:
+    if target is None:
+        return "-"
+    if target == "identical":
+        return "identical"
+    points, relative = target
+    return f"<= {points:g} points" if unit == "points" else (
+        "-" if relative is None else f"<= {100 * relative:g} % loss")
+
+
+def _reach_text(row: dict) -> str:
+    """Median steps to BP's final level, BP's own median in brackets, the mean per-seed ratio, misses."""
+    if row["reach_median"] is None:
+        return f"not reached ({row['not_reached']}/{row['seeds']} seeds)"
+    reached = [b for s, b in zip(row["steps_to_bp_final"], row["bp_steps_to_bp_final"]) if s is not None and b]
+    text = f"{row['reach_median']:g} (BP {statistics.median(reached):g})" if reached else f"{row['reach_median']:g}"
+    if row["reach_ratio"] is not None:
+        text += f", x{row['reach_ratio']:.2f}"
+    if row["not_reached"]:
+        text += f"; not reached on {row['not_reached']}/{row['seeds']} seeds"
+    return text
+
+
+def _gap_text(row: dict) -> str:
+    if math.isinf(row["gap_low"]):
+        return f"{row['gap_mean']:+.2f} {row['gap_unit']} (1 seed)"
+    return f"{row['gap_mean']:+.2f} [{row['gap_low']:+.2f}, {row['gap_high']:+.2f}] {row['gap_unit']}"
+
+
 def markdown(rows: list[dict], header: str) -> str:
+    """The table: final metric, paired gap to BP with its t-interval, the verdict, steps to BP's final level."""
     lines = [header, "",
-             "| example | metric | rules | mean ± std | Δ vs BP | kept / BP | step time / BP | min LI | target |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"Gap: how much worse than BP on the same seed at the end (accuracy points below, or % of loss above), "
+             f"mean over seeds [{100 * CONFIDENCE:g} % t-interval]. Verdict: met / missed when the whole interval "
+             f"is on one side of the target, else undecided; P is the one-sided t probability that the true gap is "
+             f"within the target. Steps to BP's final level: first evaluation at or past each seed's BP final metric "
+             f"less {REACH_TOLERANCE[0]:g} points (or {100 * REACH_TOLERANCE[1]:g} % more loss), median over seeds "
+             f"(BP's own), and the mean per-seed ratio to BP's. BP rows: change of BP's metric over the last quarter "
+             f"of its steps (near 0: converged).", "",
+             "| example | metric | rules | seeds | steps | final mean ± std | gap vs BP [CI] | target | verdict | "
+             "steps to BP's final level | kept / BP | step time / BP | min LI |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         if "skipped" in row:
-            lines.append(f"| {row['example']} | | {row['rules']} | n/a ({row['skipped']}) | | | | | |")
+            lines.append(f"| {row['example']} | | {row['rules']} | n/a ({row['skipped']}) | | | | | | | | | |")
             continue
         li = "-" if row["min_indicator"] is None else f"{row['min_indicator']:.4f}"
-        lines.append(
-            f"| {row['example']} | {row['metric']} | {row['rules']} | {row['mean']:.3f} ± {row['std']:.3f} | "
-            f"{row['delta']:+.3f} | {row['kept_ratio']:.3f} | {row['time_ratio']:.2f} | {li} | {row['target']} |")
+        steps = ",".join(str(s) for s in row.get("steps", []))
+        start = (f"| {row['example']} | {row['metric']} | {row['rules']} | {row['seeds']} | {steps} | "
+                 f"{row['mean']:.3f} ± {row['std']:.3f} | ")
+        if row["rules"] == BP:
+            middle = f"plateau {row['plateau_change']:+.3f} | - | - | - | "
+        else:
+            unit = row["gap_unit"]
+            middle = (f"{_gap_text(row)} | {_target_text(row['target_used'], unit)} | {row['verdict']} | "
+                      f"{_reach_text(row)} | ")
+        lines.append(start + middle + f"{row['kept_ratio']:.3f} | {row['time_ratio']:.2f} | {li} |")
     return "\n".join(lines) + "\n"
 
 
@@ -192,17 +406,18 @@ def train_all(args: argparse.Namespace, names: list[str], rule_sets: list[str]
             reason = applies(example, rules, args.quick)
             if reason:
                 skipped[(example, rules)] = reason
-        for seed in range(seeds):
+        for seed in range(args.first_seed, args.first_seed + seeds):
             for rules in (r for r in rule_sets if (example, r) not in skipped):
                 result = train(example, rules, steps=steps, seed=seed, device=args.device, smoke=args.quick,
-                               task=task)
+                               task=task, eval_points=args.eval_points)
                 runs.append(result)
                 print(f"{example:18s} {rules:13s} seed {seed}: {result.metric} {result.final_metric:.3f}, "
                       f"kept {result.kept_bytes} B, step {1e3 * result.step_time_s:.1f} ms", flush=True)
     command = "python benchmarks/fidelity.py " + " ".join(args.argv)
     header = (f"Fidelity: `{command.strip()}` ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
               f"torch {torch.__version__}, Python {platform.python_version()}, {args.device}, "
-              f"{seeds} seed(s), steps {'per example' if steps is None else steps})")
+              f"seeds {args.first_seed}..{args.first_seed + seeds - 1}, steps {'per example' if steps is None else steps}, "
+              f"{args.eval_points} evaluations per run)")
     return runs, skipped, header
 
 
@@ -211,6 +426,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--examples", default=",".join(TRAIN_CONFIGS), help="comma-separated example names")
     parser.add_argument("--rules", default=",".join(RULE_SETS), help="comma-separated rule sets ('+'-joined names)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per rule set (default 3)")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="seeds run are first-seed .. first-seed+N-1 (parts split by seed merge with --merge)")
+    parser.add_argument("--eval-points", type=int, default=10,
+                        help="held-out evaluations per run (the learning curve; steps-to-reach resolution)")
     parser.add_argument("--steps", type=int, help="optimizer steps per run (default: each example's)")
     parser.add_argument("--quick", action="store_true", help="tiny models, 20 steps, 1 seed")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -235,7 +454,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rule_sets.insert(0, BP)  # every ratio is to the same seed's BP run
 
     if args.merge:
-        training_options = ("examples", "rules", "seeds", "steps", "quick", "device", "threads")
+        training_options = ("examples", "rules", "seeds", "first_seed", "eval_points", "steps", "quick", "device",
+                            "threads")
         given = [f"--{name}" for name in training_options if getattr(args, name) != parser.get_default(name)]
         if given:
             parser.error(f"--merge takes the runs as they are in the files; drop {', '.join(given)}")
