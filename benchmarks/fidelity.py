@@ -392,6 +392,17 @@ def load_parts(paths: list[Path]) -> tuple[list[RunResult], dict[tuple[str, str]
     return runs, skipped, "Merged from:\n\n" + "\n".join(f"- {header}" for header in headers)
 
 
+def run_length(example: str, converged: bool) -> int | None:
+    """The example's converged run length with ``--converged`` (None: its short default), or a clear error."""
+    if not converged:
+        return None
+    steps = TRAIN_CONFIGS[example].converged_steps
+    if steps is None:
+        raise SystemExit(f"--converged: no converged run length measured for {example!r} (TrainConfig."
+                         f"converged_steps); give --steps, or measure one and set it in examples/train.py")
+    return steps
+
+
 def train_all(args: argparse.Namespace, names: list[str], rule_sets: list[str]
               ) -> tuple[list[RunResult], dict[tuple[str, str], str], str]:
     """Train every example with every rule set and seed; (runs, skipped rule sets, header)."""
@@ -408,15 +419,16 @@ def train_all(args: argparse.Namespace, names: list[str], rule_sets: list[str]
                 skipped[(example, rules)] = reason
         for seed in range(args.first_seed, args.first_seed + seeds):
             for rules in (r for r in rule_sets if (example, r) not in skipped):
-                result = train(example, rules, steps=steps, seed=seed, device=args.device, smoke=args.quick,
-                               task=task, eval_points=args.eval_points)
+                result = train(example, rules, steps=steps or run_length(example, args.converged), seed=seed,
+                               device=args.device, smoke=args.quick, task=task, eval_points=args.eval_points)
                 runs.append(result)
                 print(f"{example:18s} {rules:13s} seed {seed}: {result.metric} {result.final_metric:.3f}, "
                       f"kept {result.kept_bytes} B, step {1e3 * result.step_time_s:.1f} ms", flush=True)
     command = "python benchmarks/fidelity.py " + " ".join(args.argv)
     header = (f"Fidelity: `{command.strip()}` ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
               f"torch {torch.__version__}, Python {platform.python_version()}, {args.device}, "
-              f"seeds {args.first_seed}..{args.first_seed + seeds - 1}, steps {'per example' if steps is None else steps}, "
+              f"seeds {args.first_seed}..{args.first_seed + seeds - 1}, steps "
+              f"{steps or ('converged per example' if args.converged else 'per example')}, "
               f"{args.eval_points} evaluations per run)")
     return runs, skipped, header
 
@@ -432,6 +444,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="held-out evaluations per run (the learning curve; steps-to-reach resolution)")
     parser.add_argument("--steps", type=int, help="optimizer steps per run (default: each example's)")
     parser.add_argument("--quick", action="store_true", help="tiny models, 20 steps, 1 seed")
+    parser.add_argument("--converged", action="store_true",
+                        help="each example's converged run length (TrainConfig.converged_steps) instead of its short default")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (default 1)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/fidelity"),
@@ -450,12 +464,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rule_list(rules)
         except ValueError as error:
             parser.error(str(error))
+    if args.converged and not args.steps:
+        for name in names:
+            run_length(name, True)  # an example without a measured length fails before any training
     if BP not in rule_sets:
         rule_sets.insert(0, BP)  # every ratio is to the same seed's BP run
 
     if args.merge:
-        training_options = ("examples", "rules", "seeds", "first_seed", "eval_points", "steps", "quick", "device",
-                            "threads")
+        training_options = ("examples", "rules", "seeds", "first_seed", "eval_points", "steps", "quick", "converged",
+                            "device", "threads")
         given = [f"--{name}" for name in training_options if getattr(args, name) != parser.get_default(name)]
         if given:
             parser.error(f"--merge takes the runs as they are in the files; drop {', '.join(given)}")

@@ -155,6 +155,9 @@ class TrainConfig:
     """How one example trains: its task, model config overrides and defaults (full and ``--smoke``).
 
     ``make_task(smoke)`` builds the task (data loaded once per call); ``lr`` is AdamW's peak learning rate.
+    ``converged_steps``: a run length at which BP's held-out metric has stopped improving (checked by
+    ``benchmarks/fidelity.py --converged``, whose BP rows show the change over the last quarter); None
+    where no such length was measured. ``steps`` stays short so a first try takes minutes.
     """
 
     make_task: Callable[[bool], Task]
@@ -165,6 +168,7 @@ class TrainConfig:
     lr: float
     smoke_steps: int = 5
     smoke_batch_size: int = 8
+    converged_steps: int | None = None
 
 
 def _image(image_size: int, smoke_size: int) -> Callable[[bool], ImageClassification]:
@@ -182,7 +186,7 @@ TRAIN_CONFIGS: dict[str, TrainConfig] = {
         steps=300, batch_size=64, lr=2e-3),
     "resnet_bottleneck": TrainConfig(
         _image(32, 16), dict(in_channels=1, image_size=32), dict(in_channels=1, **TINY_RESNET),
-        steps=300, batch_size=64, lr=2e-3),
+        steps=300, batch_size=64, lr=2e-3, converged_steps=800),
     "vit": TrainConfig(
         _image(16, 8), dict(in_channels=1, image_size=16, patch_size=4),
         dict(in_channels=1, image_size=8, patch_size=4, dim=16, depth=1, num_heads=2),
@@ -206,7 +210,7 @@ TRAIN_CONFIGS: dict[str, TrainConfig] = {
         dict(src_vocab_size=datasets.SEQ2SEQ_VOCAB, tgt_vocab_size=datasets.SEQ2SEQ_VOCAB, src_len=12, tgt_len=12),
         dict(src_vocab_size=datasets.SEQ2SEQ_VOCAB, tgt_vocab_size=datasets.SEQ2SEQ_VOCAB, src_len=6, tgt_len=6,
              d_model=16, num_heads=2, d_ff=32, num_encoder_layers=1, num_decoder_layers=1),
-        steps=400, batch_size=64, lr=1e-3),
+        steps=400, batch_size=64, lr=1e-3, converged_steps=1200),
 }
 """Every entry of ``examples.EXAMPLES`` has one; the defaults take a few minutes per run on one CPU core."""
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from examples.train import RunResult
+from examples.train import TRAIN_CONFIGS, RunResult
 from benchmark_scripts import load_benchmark
 
 fidelity = load_benchmark("fidelity")
@@ -94,3 +94,10 @@ def test_summarise_pairs_each_seed_with_its_own_bp_run():
     assert rows["bp"]["plateau_change"] == 0.0  # only the final evaluation lies in the last quarter
     with pytest.raises(SystemExit, match="no BP run to pair with"):
         fidelity.summarise(runs + [_run("ara", 2, 90.0, [(400, 90.0)])], {})
+
+
+def test_converged_mode_uses_each_examples_measured_length_and_refuses_an_unmeasured_one():
+    assert fidelity.run_length("transformer", converged=True) == TRAIN_CONFIGS["transformer"].converged_steps > 400
+    assert fidelity.run_length("transformer", converged=False) is None  # the short default
+    with pytest.raises(SystemExit, match="no converged run length measured for 'gpt'"):
+        fidelity.main(["--converged", "--examples", "gpt", "--out", "/tmp/never-written"])
