@@ -481,9 +481,9 @@ def planner_predictions(workload: Workload) -> dict[str, int | None]:
     ``bp_peak``: BP's predicted step peak; ``floor``: the least predicted peak
     any plan reaches; ``checkpoint_all``: the predicted peak with every block
     checkpointed (the floor with checkpointing as the only rule). None where
-    planning fails.
+    planning fails, and ``error`` says why.
     """
-    found: dict[str, int | None] = {"bp_peak": None, "floor": None, "checkpoint_all": None}
+    found: dict[str, Any] = {"bp_peak": None, "floor": None, "checkpoint_all": None}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -492,8 +492,8 @@ def planner_predictions(workload: Workload) -> dict[str, int | None]:
             only = aalconvert.plan(workload.model, budget=1 << 60, example_inputs=workload.inputs,
                                    optimizer="sgd", rules=["checkpoint"])
             found["checkpoint_all"] = only.floor_bytes
-        except Exception:
-            pass
+        except Exception as error:  # kept in the record: the budgets that need it are left out
+            found["error"] = " ".join(f"{type(error).__name__}: {error}".split())[:300]
     return found
 
 
@@ -623,6 +623,8 @@ def predictions_line(record: dict) -> list[str]:
              (("BP", "bp_peak", BP), ("every block checkpointed", "checkpoint_all", CHECKPOINT))]
     said = [f"{what} {mib(value)} (measured: {mib(record['parameter_bytes'] + row['peak_bytes'])})"
             for what, value, row in pairs if value is not None and row and row["ok"]]
+    if predicted.get("error"):
+        said.append(f"planning failed: {predicted['error']}")
     if not said:
         return []
     floor = f"; its floor {mib(predicted['floor'])}" if predicted.get("floor") else ""
@@ -774,6 +776,8 @@ def main(argv: list[str] | None = None) -> dict:
 def render(path: Path) -> dict:
     """The .md and .png of a run from its JSON (written next to it): the report can be redrawn without rerunning."""
     result = json.loads(path.read_text())
+    for record in result["records"]:  # the verdict as this code reads the rows
+        record["target"] = target_verdict(record["rows"])
     result["plot"] = plot(result, path.with_suffix(".png")) or "not drawn: matplotlib is not installed"
     path.write_text(json.dumps(result, indent=2))
     path.with_suffix(".md").write_text(markdown(result))
