@@ -66,6 +66,7 @@ def applies(example: str, rules: str, smoke: bool) -> str | None:
 
 
 CONFIDENCE = 0.95  # two-sided level of the paired t-interval each verdict reads
+END_TAIL = 0.25  # the end level averages the evaluations of the last quarter of the steps
 REACH_TOLERANCE = (0.5, 0.01)
 """How close to BP's final level counts as reached: accuracy points below it, relative loss above it."""
 
@@ -151,6 +152,13 @@ def steps_to_reach(curve: list[tuple[int, float]], level: float, higher_is_bette
     return None
 
 
+def end_level(curve: list[tuple[int, float]], tail: float = END_TAIL) -> float:
+    """Mean of the evaluations in the last ``tail`` of the steps (0: the final one): where a run ends, with
+    less of the test set's one-image steps and the last iterate's wobble than a single evaluation."""
+    last_step = curve[-1][0]
+    return statistics.fmean(value for step, value in curve if step >= (1 - tail) * last_step)
+
+
 def plateau_change(curve: list[tuple[int, float]], tail: float = 0.25) -> float:
     """Change of the metric over the last ``tail`` of the run's steps: small means BP stopped improving."""
     last_step = curve[-1][0]
@@ -196,11 +204,11 @@ def _gap_target(target: tuple, higher_is_better: bool) -> tuple[float | None, st
     return (points, "points") if higher_is_better else (None if relative is None else 100 * relative, "% loss")
 
 
-def _reach(group: list[RunResult], bp: dict[int, RunResult]) -> dict:
+def _reach(group: list[RunResult], bp: dict[int, RunResult], tail: float) -> dict:
     """Steps each seed's run needs to reach its BP's final level (within REACH_TOLERANCE), and BP's own."""
     own, base = [], []
     for run in group:
-        level = reach_level(bp[run.seed].final_metric, run.higher_is_better)
+        level = reach_level(end_level(bp[run.seed].curve, tail), run.higher_is_better)
         own.append(steps_to_reach(run.curve, level, run.higher_is_better))
         base.append(steps_to_reach(bp[run.seed].curve, level, run.higher_is_better))
     reached = [s for s in own if s is not None]
@@ -211,13 +219,13 @@ def _reach(group: list[RunResult], bp: dict[int, RunResult]) -> dict:
             "not_reached": sum(s is None for s in own)}
 
 
-def _compare(row: dict, group: list[RunResult], bp: dict[int, RunResult], example: str) -> None:
+def _compare(row: dict, group: list[RunResult], bp: dict[int, RunResult], example: str, tail: float) -> None:
     """Add the paired gap to BP (t-interval over seeds), its verdict and the steps to BP's final level."""
     higher = group[0].higher_is_better
-    gaps = [shortfall(r.final_metric, bp[r.seed].final_metric, higher) for r in group]
+    gaps = [shortfall(end_level(r.curve, tail), end_level(bp[r.seed].curve, tail), higher) for r in group]
     _, low, high = t_interval(gaps)
     row.update(gaps=gaps, gap_mean=statistics.fmean(gaps), gap_low=low, gap_high=high,
-               gap_unit="points" if higher else "% loss", **_reach(group, bp))
+               gap_unit="points" if higher else "% loss", **_reach(group, bp, tail))
     target = target_for(example, row["rules"])
     row["target_used"] = target
     if target == "identical":
@@ -229,8 +237,11 @@ def _compare(row: dict, group: list[RunResult], bp: dict[int, RunResult], exampl
         row["verdict"] = "-" if threshold is None else gap_verdict(gaps, threshold, unit)
 
 
-def summarise(runs: list[RunResult], skipped: dict[tuple[str, str], str]) -> list[dict]:
-    """One row per (example, rule set): statistics over seeds, ratios and paired gaps to the same seed's BP run."""
+def summarise(runs: list[RunResult], skipped: dict[tuple[str, str], str], tail: float = END_TAIL) -> list[dict]:
+    """One row per (example, rule set): statistics over seeds, ratios and paired gaps to the same seed's BP run.
+
+    ``mean``/``std``/``delta`` are of the final evaluation (as before); the gap, verdict and steps to BP's
+    level read ``end_level`` (the last ``tail`` of the steps averaged)."""
     rows = []
     for example in dict.fromkeys(r.example for r in runs):
         bp = {r.seed: r for r in runs if r.example == example and r.rules == BP}
@@ -255,7 +266,8 @@ def summarise(runs: list[RunResult], skipped: dict[tuple[str, str], str]) -> lis
             if rules == BP:
                 row["plateau_change"] = statistics.fmean(plateau_change(r.curve) for r in group)
             else:
-                _compare(row, group, bp, example)
+                _compare(row, group, bp, example, tail)
+            row["end_level"], row["end_std"] = _mean_std([end_level(r.curve, tail) for r in group])
             rows.append(row)
         for (skipped_example, rules), reason in skipped.items():
             if skipped_example == example:
@@ -311,17 +323,19 @@ def _gap_text(row: dict) -> str:
     return f"{row['gap_mean']:+.2f} [{row['gap_low']:+.2f}, {row['gap_high']:+.2f}] {row['gap_unit']}"
 
 
-def markdown(rows: list[dict], header: str) -> str:
-    """The table: final metric, paired gap to BP with its t-interval, the verdict, steps to BP's final level."""
+def markdown(rows: list[dict], header: str, tail: float = END_TAIL) -> str:
+    """The table: end level, paired gap to BP with its t-interval, the verdict, steps to BP's final level."""
     lines = [header, "",
-             f"Gap: how much worse than BP on the same seed at the end (accuracy points below, or % of loss above), "
-             f"mean over seeds [{100 * CONFIDENCE:g} % t-interval]. Verdict: met / missed when the whole interval "
+             f"End level: mean of a run's held-out evaluations over the last {100 * tail:g} % of its steps, then "
+             f"mean ± std over seeds. Gap: how much worse than BP's end level on the same seed (accuracy points "
+             f"below, or % of loss above), mean over seeds [{100 * CONFIDENCE:g} % t-interval]. Verdict: met / "
+             f"missed when the whole interval "
              f"is on one side of the target, else undecided; P is the one-sided t probability that the true gap is "
-             f"within the target. Steps to BP's final level: first evaluation at or past each seed's BP final metric "
+             f"within the target. Steps to BP's final level: first evaluation at or past each seed's BP end level "
              f"less {REACH_TOLERANCE[0]:g} points (or {100 * REACH_TOLERANCE[1]:g} % more loss), median over seeds "
              f"(BP's own), and the mean per-seed ratio to BP's. BP rows: change of BP's metric over the last quarter "
              f"of its steps (near 0: converged).", "",
-             "| example | metric | rules | seeds | steps | final mean ± std | gap vs BP [CI] | target | verdict | "
+             "| example | metric | rules | seeds | steps | end level mean ± std | gap vs BP [CI] | target | verdict | "
              "steps to BP's final level | kept / BP | step time / BP | min LI |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
@@ -331,7 +345,7 @@ def markdown(rows: list[dict], header: str) -> str:
         li = "-" if row["min_indicator"] is None else f"{row['min_indicator']:.4f}"
         steps = ",".join(str(s) for s in row.get("steps", []))
         start = (f"| {row['example']} | {row['metric']} | {row['rules']} | {row['seeds']} | {steps} | "
-                 f"{row['mean']:.3f} ± {row['std']:.3f} | ")
+                 f"{row['end_level']:.3f} ± {row['end_std']:.3f} | ")
         if row["rules"] == BP:
             middle = f"plateau {row['plateau_change']:+.3f} | - | - | - | "
         else:
@@ -389,7 +403,10 @@ def load_parts(paths: list[Path]) -> tuple[list[RunResult], dict[tuple[str, str]
     repeated = sorted({key for key in keys if keys.count(key) > 1})
     if repeated:
         raise SystemExit(f"--merge: runs {repeated} appear in more than one file; merge disjoint parts only")
-    return runs, skipped, "Merged from:\n\n" + "\n".join(f"- {header}" for header in headers)
+    prefix = "Merged from:\n\n"
+    parts = [line for header in headers
+             for line in (header.removeprefix(prefix).splitlines() if header.startswith(prefix) else [f"- {header}"])]
+    return runs, skipped, prefix + "\n".join(parts)  # a merged file merged again lists its parts once
 
 
 def run_length(example: str, converged: bool) -> int | None:
@@ -446,6 +463,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--quick", action="store_true", help="tiny models, 20 steps, 1 seed")
     parser.add_argument("--converged", action="store_true",
                         help="each example's converged run length (TrainConfig.converged_steps) instead of its short default")
+    parser.add_argument("--end-tail", type=float, default=END_TAIL,
+                        help="fraction of the last steps whose evaluations make a run's end level (0: the final one)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (default 1)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/fidelity"),
@@ -482,8 +501,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         runs, skipped, header = load_parts(args.merge)
     else:
         runs, skipped, header = train_all(args, names, rule_sets)
-    rows = summarise(runs, skipped)
-    table = markdown(rows, header)
+    rows = summarise(runs, skipped, args.end_tail)
+    table = markdown(rows, header, args.end_tail)
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text(table)

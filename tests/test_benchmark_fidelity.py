@@ -101,3 +101,9 @@ def test_converged_mode_uses_each_examples_measured_length_and_refuses_an_unmeas
     assert fidelity.run_length("transformer", converged=False) is None  # the short default
     with pytest.raises(SystemExit, match="no converged run length measured for 'gpt'"):
         fidelity.main(["--converged", "--examples", "gpt", "--out", "/tmp/never-written"])
+
+
+def test_end_level_averages_the_evaluations_of_the_last_quarter():
+    curve = [(step, value) for step, value in zip(range(100, 900, 100), [10, 50, 80, 90, 94, 95, 93, 95])]
+    assert fidelity.end_level(curve) == pytest.approx((95 + 93 + 95) / 3)  # steps 600..800 of 800
+    assert fidelity.end_level(curve, tail=0.0) == 95  # the final evaluation alone
