@@ -166,6 +166,17 @@ def plateau_change(curve: list[tuple[int, float]], tail: float = 0.25) -> float:
     return curve[-1][1] - start
 
 
+def seeds_for_half_width(spread: float, half_width: float, confidence: float = CONFIDENCE) -> int | None:
+    """Seeds whose t-interval would be +-``half_width`` at this seed-to-seed ``spread`` (std of the paired
+    gaps): how far a run is from telling a gap of that size from noise. None beyond 1000 seeds."""
+    if spread == 0:
+        return 2
+    for n in range(2, 1001):
+        if t_quantile(0.5 + confidence / 2, n - 1) * spread / math.sqrt(n) <= half_width:
+            return n
+    return None
+
+
 def gap_verdict(gaps: list[float], target: float, unit: str) -> str:
     """'met' / 'missed' when the t-interval of the paired gap lies wholly below / above the target, else 'undecided'."""
     _, low, high = t_interval(gaps)
@@ -173,7 +184,11 @@ def gap_verdict(gaps: list[float], target: float, unit: str) -> str:
     if sure is None:
         return f"undecided (1 seed; target {target:g} {unit})"
     state = "met" if high <= target else "missed" if low > target else "undecided"
-    return f"{state} (P(gap <= {target:g} {unit}) = {100 * sure:.1f} %)"
+    text = f"{state} (P(gap <= {target:g} {unit}) = {100 * sure:.1f} %"
+    if state == "undecided":
+        needed = seeds_for_half_width(statistics.stdev(gaps), 1.0)
+        text += f"; about {needed or '>1000'} seeds for a +-1 {unit} interval at this spread"
+    return text + ")"
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

@@ -107,3 +107,10 @@ def test_end_level_averages_the_evaluations_of_the_last_quarter():
     curve = [(step, value) for step, value in zip(range(100, 900, 100), [10, 50, 80, 90, 94, 95, 93, 95])]
     assert fidelity.end_level(curve) == pytest.approx((95 + 93 + 95) / 3)  # steps 600..800 of 800
     assert fidelity.end_level(curve, tail=0.0) == 95  # the final evaluation alone
+
+
+def test_seeds_for_half_width_is_the_smallest_n_whose_t_interval_fits():
+    n = fidelity.seeds_for_half_width(1.5, 1.0)
+    half = lambda k: fidelity.t_quantile(0.975, k - 1) * 1.5 / math.sqrt(k)  # noqa: E731
+    assert half(n) <= 1.0 < half(n - 1)
+    assert fidelity.seeds_for_half_width(0.0, 1.0) == 2
