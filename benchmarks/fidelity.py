@@ -2,17 +2,20 @@
 
 For each example and seed, plain backprop is trained first and then each rule set,
 in the same process and from the same initial weights, batches and dropout draws
-(``examples/train.py``). Writes a markdown table (held-out metric mean +- std over
-seeds, forward bytes kept / BP, step time / BP, smallest ARA/ASA learning indicator,
-the issue's target met or missed), a JSON record of every run, and a PNG of the
-learning curves when matplotlib is installed.
+(``examples/train.py``). Writes a markdown table (each run's end level, the mean of
+its evaluations over the last quarter of its steps, mean +- std over seeds; the gap
+to the same seed's BP with a 95 % t-interval over seeds and the issue's target met,
+missed or undecided; the steps each rule set needs to reach BP's final level;
+forward bytes kept / BP, step time / BP, smallest ARA/ASA learning indicator), a
+JSON record of every run, and a PNG of the learning curves when matplotlib is installed.
 
     python benchmarks/fidelity.py                     # defaults: 3 seeds, every example and rule set
     python benchmarks/fidelity.py --quick             # tiny models, 20 steps, 1 seed (a minute or two)
+    python benchmarks/fidelity.py --converged --examples transformer,resnet_bottleneck --seeds 5
     python benchmarks/fidelity.py --seeds 1 --examples resnet_basic,gpt --out /tmp/fidelity
 
-Parts run in parallel (say, one process per core, each with its own --examples
-and --out) become one table with ``--merge part1.json part2.json --out ...``.
+Parts run apart (one process per core or per seed, each with its own --examples or
+--first-seed and --out) become one table with ``--merge part1.json part2.json --out ...``.
 """
 
 from __future__ import annotations
@@ -477,7 +480,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, help="optimizer steps per run (default: each example's)")
     parser.add_argument("--quick", action="store_true", help="tiny models, 20 steps, 1 seed")
     parser.add_argument("--converged", action="store_true",
-                        help="each example's converged run length (TrainConfig.converged_steps) instead of its short default")
+                        help="each example's converged run length (TrainConfig.converged_steps), "
+                             "not its short default")
     parser.add_argument("--end-tail", type=float, default=END_TAIL,
                         help="fraction of the last steps whose evaluations make a run's end level (0: the final one)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
