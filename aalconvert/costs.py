@@ -56,8 +56,11 @@ class RuleCost:
         return (self.step_time_ratio - 1 + FIDELITY_WEIGHT * self.fidelity_loss) / (1 - self.kept_ratio)
 
 
-_MEMORY = "benchmarks/results/memory_cpu.json (batch 64, median of 7 examples)"
-_FIDELITY = "benchmarks/results/fidelity.json (worst example, mean of 3 seeds)"
+_MEMORY = ("benchmarks/results/memory_cpu.json as of commit d58a2b8 (batch 64, median of 7 examples; "
+           "approx* on the reference quantizer, before the kernels' CPU path made it faster)")
+_FIDELITY = ("benchmarks/results/fidelity.json as of commit 8e0116d (worst example, mean of 3 seeds, "
+             "the short runs; at convergence ara and asa meet their targets: "
+             "benchmarks/results/fidelity_converged.md)")
 
 RULE_COSTS: dict[str, RuleCost] = {cost.rule: cost for cost in (
     RuleCost("exact", True, 1.26, 0.811, 0.0,
