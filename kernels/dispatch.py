@@ -29,9 +29,8 @@ def use_triton(tensor: torch.Tensor, backend: str) -> bool:
     (then every ``auto`` call, i.e. every call the package itself makes, runs the
     torch reference); ``triton`` forces it (CPU tensors then need ``TRITON_INTERPRET=1``).
     """
-    if _chosen(backend) == "triton":
-        return True
-    return _chosen(backend) == "auto" and tensor.is_cuda
+    chosen = _chosen(backend)
+    return chosen == "triton" or (chosen == "auto" and tensor.is_cuda)
 
 
 def use_cpu_path(tensor: torch.Tensor, backend: str) -> bool:

@@ -387,10 +387,7 @@ def dequantize_reference(
     """Pure-torch decoding of (codes, mins, scales) into ``shape`` and ``dtype``."""
     numel = math.prod(shape)
     groups = math.ceil(numel / group_size)
-    code_mask = 2**bits - 1
-    shifts = torch.arange(0, 8, bits, device=codes.device, dtype=torch.uint8)
-    unpacked = (codes.view(-1, 1) >> shifts) & code_mask
-    unpacked = unpacked.reshape(-1)
+    unpacked = unpack_codes(codes, bits)
     # Pad or crop the codes to whole groups so each row meets its (min, scale).
     unpacked = torch.nn.functional.pad(unpacked, (0, groups * group_size - unpacked.numel()))
     unpacked = unpacked.view(groups, group_size).to(torch.float32)
@@ -432,6 +429,14 @@ def compand(x: torch.Tensor) -> torch.Tensor:
     # sqrt_rn is. Adding +0 turns -0 into +0.
     root = x.abs().double().sqrt_().float()
     return root.copysign_(x).add_(0.0)
+
+
+def unpack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """One uint8 code per slot of the packed bytes (``pack_codes``' layout, little-endian)."""
+    if bits == 8:
+        return codes
+    shifts = torch.arange(0, 8, bits, device=codes.device, dtype=torch.uint8)
+    return ((codes.view(-1, 1) >> shifts) & (2**bits - 1)).reshape(-1)
 
 
 def pack_codes(codes: torch.Tensor, numel: int, bits: int) -> torch.Tensor:

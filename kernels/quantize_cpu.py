@@ -30,6 +30,7 @@ from aalconvert.kernels.quantize import (
     quantize_reference,
     seed_keys,
     uniform_from_index,
+    unpack_codes,
 )
 
 
@@ -113,7 +114,7 @@ def dequantize_cpu(
     numel = math.prod(shape)
     if numel == 0:
         return dequantize_reference(codes, mins, scales, shape, dtype, bits, group_size, companding)
-    values = _unpack_codes(codes, bits)[:numel].to(torch.float32)
+    values = unpack_codes(codes, bits)[:numel].to(torch.float32)
     min_value, scale_value = decoded_min_and_step(mins, scales)
     start_group = 0
     for row in _group_rows(values, group_size):
@@ -145,12 +146,3 @@ def _compand(flat: torch.Tensor) -> torch.Tensor:
     np.copysign(root, source, out=root)
     root += 0.0
     return torch.from_numpy(root)
-
-
-def _unpack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """One uint8 code per element from bytes packed little-endian (``pack_codes``' layout)."""
-    if bits == 8:
-        return codes
-    mask = 2**bits - 1
-    parts = [(codes >> shift) & mask for shift in range(0, 8, bits)]
-    return torch.stack(parts, dim=1).view(-1)
