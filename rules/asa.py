@@ -18,7 +18,8 @@ from torch import fx, nn
 from aalconvert.errors import ConversionError
 from aalconvert.facts import ModelFacts, qualified_name
 from aalconvert.nn.asa import ASAConv2d, ASALinear, ASATransposedLinear, pack_sign, validate_options
-from aalconvert.nn.lossless import MaskReLU
+from aalconvert.nn.lossless import MASK_ACTIVATIONS, MaskReLU
+from aalconvert.nn.zoo_pointwise import PointwiseVariant, pointwise_problem
 from aalconvert.nn.zoo_linear import is_transposed_linear, transposed_linear_problem
 from aalconvert.rules.recompute import layer_chains
 from aalconvert.rules.base import Rule, Site, Skip
@@ -87,6 +88,33 @@ def _feeding_relu(facts: ModelFacts, name: str) -> str | None:
     return None
 
 
+# Chain starts that keep their very input under BP and that no rule of higher precedence
+# than recompute converts: next to ``recompute`` (no approx rule) a layer fed by such a chain
+# keeps nothing at all, exactly, where ASA would keep a 1-bit sign.
+_RECOMPUTE_STARTS: tuple[type[nn.Module], ...] = (
+    nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.GELU, nn.SiLU, nn.Hardswish,
+)
+
+
+def _start_keeps_input_for_recompute(facts: ModelFacts, start: str) -> bool:
+    """Whether the recompute rule's layer fed by a chain from ``start`` keeps nothing of its own.
+
+    True for torch's norms and activations that save their input object itself
+    (``_RECOMPUTE_STARTS``, exact types: a subclass may compute otherwise) and for
+    zoo norms and activations (``input_chain`` takes them as starts only when BP
+    keeps their input, and recompute's own variant keeps exactly that). Batch
+    norms are left out: on CNNs the paper's recipe (ASA on the 1x1 convolutions)
+    stays as measured; so are ReLU6 / Hardtanh / LeakyReLU starts, which ``exact``
+    converts to 1-bit masks before recompute could use them.
+    """
+    module = facts.modules[start]
+    if type(module) in _RECOMPUTE_STARTS:
+        return True
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) or type(module) in MASK_ACTIVATIONS:
+        return False
+    return isinstance(module, PointwiseVariant) or pointwise_problem(module) is None
+
+
 class ASARule(Rule):
     name = "asa"
     description = "ASA: linear layers in residual branches keep a 1-bit sign of their input"
@@ -97,8 +125,9 @@ class ASARule(Rule):
         self.options = options or ASAOptions()
         self.shared = SharedPack("packed_sign", pack_sign)
         # A layer whose input its norm/activation chain rebuilds keeps nothing under recompute
-        # (exactly) or approx (sharing the chain start's copy): less than a 1-bit sign, so
-        # next to one of them ASA leaves it (``registry.resolve`` sets this).
+        # (exactly, when the chain start keeps its input itself) or approx (sharing the chain
+        # start's copy): less than a 1-bit sign, so next to one of them ASA leaves it
+        # (``registry.resolve`` sets this to the rule's name).
         self.leave_chains: str | None = None
 
     @classmethod
@@ -111,6 +140,8 @@ class ASARule(Rule):
         if self.leave_chains:
             chains, _ = layer_chains(facts, self.name)
             for name, chain in chains.items():
+                if self.leave_chains == "recompute" and not _start_keeps_input_for_recompute(facts, chain.start):
+                    continue
                 seen.add(name)
                 skips.append(Skip(self.name, name, (
                     f"left to {self.leave_chains}: its input is rebuilt from {' -> '.join(chain.modules)}, "

@@ -8,7 +8,14 @@ layer stopped keeping. ReLU6 / Hardtanh / LeakyReLU keep their input, so they
 could start a chain themselves; a norm before them starts it instead
 (MobileNetV2's BN -> ReLU6 -> conv) and they keep a 1-bit mask, so their input
 (the norm's output) is kept by nobody. Without such a norm the activation
-nearest the chain's far end starts it.
+nearest the chain's far end starts it. A dropout of probability 0 between them
+(torchvision's ``MLPBlock``, timm's ``Mlp``) hands on its input unchanged, so
+chains run through it (as a member that is run again, drawing nothing).
+
+``nn.MultiheadAttention`` called as self-attention on a chain's output
+(torchvision's ViT: ``ln_1`` then ``self_attention(x, x, x)``) keeps no input
+for its functional in-projection: ``aalconvert.nn.recompute_mha`` rebuilds it
+from the chain in backward (exact).
 
 Zoo activations and norms (Hugging Face ``NewGELUActivation``, ``LlamaRMSNorm``)
 whose BP keeps more than their input keep only the input and run their forward
@@ -40,6 +47,7 @@ from aalconvert.nn.recompute import (
 )
 from aalconvert.nn.gated_mlp import RecomputedGatedMLP
 from aalconvert.nn.recompute_attention import RecomputedAttention
+from aalconvert.nn.recompute_mha import RecomputedInputMultiheadAttention
 from aalconvert.nn.zoo_linear import is_transposed_linear
 from aalconvert.trace import is_norm_like
 from aalconvert.nn.zoo_pointwise import (
@@ -88,6 +96,12 @@ def input_chain(facts: ModelFacts, node: fx.Node) -> Chain | str:
     while isinstance(current, fx.Node) and current.op == "call_module":
         name = qualified_name(current)
         module = facts.modules[name]
+        if _passes_on_input(module):
+            # A zero-probability dropout returns its very input (torchvision's MLPBlock,
+            # timm's Mlp): a chain member that never starts the chain.
+            names.insert(0, name)
+            current = current.args[0] if current.args else None
+            continue
         maskable = type(module) in MASK_ACTIVATIONS or isinstance(module, _MASK_VARIANTS)
         zoo = pointwise_problem(module) is None or isinstance(module, PointwiseVariant)
         if type(module) not in CHAIN_MODULE_TYPES and not maskable and not zoo and not is_norm_act(module):
@@ -116,6 +130,13 @@ def input_chain(facts: ModelFacts, node: fx.Node) -> Chain | str:
 
 
 _MASK_VARIANTS = (MaskReLU, MaskHardtanh, MaskReLU6, MaskLeakyReLU)
+
+
+def _passes_on_input(module: nn.Module) -> bool:
+    """A dropout of probability 0: torch returns its input unchanged (in training too, drawing
+    no random numbers), so running it again in backward gives the same tensor. Should ``p``
+    change after conversion, the layer keeps its input as BP does (``recompute.chain_rebuildable``)."""
+    return isinstance(module, nn.Dropout) and module.p == 0
 
 
 class RecomputeRule(Rule):
@@ -166,7 +187,8 @@ class RecomputeRule(Rule):
             "act(gate) * up not kept: only gate and up are, the activation and the product are "
             "rebuilt in backward for the product's and down_proj's gradients (exact)",
         )
-        return sites + core_sites + gated_sites, skips + core_skips + gated_skips
+        mha_sites, mha_skips = multihead_attention_sites(facts, self.name)
+        return sites + core_sites + gated_sites + mha_sites, skips + core_skips + gated_skips + mha_skips
 
     def apply(self, model: nn.Module, site: Site, facts: ModelFacts) -> nn.Module:
         if PAYLOAD_KEY in site.payload:
@@ -174,12 +196,49 @@ class RecomputeRule(Rule):
         module = model.get_submodule(site.module_name)
         if POINTWISE_KEY in site.payload:
             return swap_module(model, site.module_name, PointwiseVariant.from_module(module))
+        if MHA_KEY in site.payload:
+            chain: Chain = site.payload[MHA_KEY]
+            variant = RecomputedInputMultiheadAttention.from_module(
+                module, chain=tuple(model.get_submodule(name) for name in chain.modules))
+            model = swap_module(model, site.module_name, variant)
+            ChainSlot().wire(variant.chain, variant, model)
+            return model
         if CHAIN_KEY not in site.payload:  # a ReLU (ReLU6, Hardtanh, LeakyReLU) of a chain
             return swap_module(model, site.module_name, MASK_ACTIVATIONS[type(module)].from_module(module))
         return apply_chain_site(model, site)
 
 
 CHAIN_KEY = "chain"
+MHA_KEY = "multihead_attention_chain"
+
+
+def multihead_attention_sites(facts: ModelFacts, rule: str) -> tuple[list[Site], list[Skip]]:
+    """``nn.MultiheadAttention`` modules called as self-attention on a chain's output (torchvision's
+    ViT: ``self_attention(x, x, x)`` with ``x = ln_1(input)``): their in-projection's input is
+    rebuilt from the chain in backward (``aalconvert.nn.recompute_mha``)."""
+    sites, skips = [], []
+    for name, nodes in facts.call_nodes.items():
+        if type(facts.modules[name]) is not nn.MultiheadAttention:
+            continue
+        if len(nodes) != 1:
+            skips.append(Skip(rule, name, f"called {len(nodes)} times; recompute needs one call"))
+            continue
+        node = nodes[0]
+        operands = [*node.args[:3], *(node.kwargs[k] for k in ("query", "key", "value") if k in node.kwargs)]
+        if len(operands) != 3 or not all(operand is operands[0] for operand in operands):
+            skips.append(Skip(rule, name, "not self-attention on one tensor (query, key and value differ)"))
+            continue
+        chain = input_chain(facts, node)
+        if isinstance(chain, str):
+            skips.append(Skip(rule, name, chain))
+            continue
+        sites.append(Site(
+            rule, name,
+            f"in-projection's input not kept: rebuilt in backward as {' -> '.join(chain.modules)} of the "
+            f"input {type(facts.modules[chain.start]).__name__} {chain.start} keeps anyway (exact)",
+            payload={MHA_KEY: chain}, requires=(chain.start,),
+        ))
+    return sites, skips
 
 
 def layer_chains(facts: ModelFacts, rule: str) -> tuple[dict[str, Chain], list[Skip]]:

@@ -153,13 +153,17 @@ def _coordinate(chosen: list[Rule]) -> None:
     Next to an approx rule, ``exact`` packs no masks on the root (the approx
     rule's packer does, with its k-bit copies), and ``asa`` leaves the layers
     whose input a chain rebuilds: they share the chain start's k-bit copy
-    there, keeping less than a 1-bit sign. ``recompute`` alone does not get
-    them: its layer keeps ``z`` exactly, which the chain start keeps only when
-    it saves ``z`` itself (a LayerNorm over a permuted input saves a contiguous
-    copy instead, as in ConvNeXt), so ASA's sign can be the smaller.
+    there, keeping less than a 1-bit sign. Next to ``recompute`` alone (``auto``)
+    ASA leaves the layers whose chain starts at a norm or activation that saves
+    ``z`` itself and that no rule before recompute converts (LayerNorm, RMSNorm,
+    GroupNorm, GELU, SiLU, Hardswish, zoo norms and activations; not batch norms,
+    whose 1x1 convolutions keep the paper's ASA): the layer then keeps nothing,
+    exactly, where ASA keeps a 1-bit sign and changes the forward.
     """
     families = [_family(rule) for rule in chosen]
     rebuilding = next((rule.name for rule in chosen if _family(rule) == "approx"), None)
+    if rebuilding is None and "recompute" in families:
+        rebuilding = "recompute"
     for rule in chosen:
         if isinstance(rule, ExactRule) and not isinstance(rule, ApproxRule):
             rule.pack_masks = "approx" not in families

@@ -13,6 +13,7 @@ from aalconvert.nn import (
     loss_head,
     lossless,
     recompute,
+    recompute_mha,
     traced_forward,
     zoo_pointwise,
 )
@@ -36,6 +37,7 @@ CONVERTED_TYPES: tuple[type, ...] = (
     recompute.RecomputedInputConv2d,
     recompute.RecomputedInputConv3d,
     recompute.RecomputedInputTransposedLinear,
+    recompute_mha.RecomputedInputMultiheadAttention,
     approx.ApproxLinear,
     approx.ApproxConv1d,
     approx.ApproxConv2d,

@@ -56,6 +56,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from aalconvert.errors import ConversionError
+from aalconvert.nn.lossless import MaskDropout
 from aalconvert.nn.approx_common import ApproxOptions, SavedLayout, compress, functorch_active, restore
 from aalconvert.nn.function_output import own_output
 from aalconvert.nn.rebuild import rebuild_as
@@ -107,11 +108,19 @@ def is_chain_module(module: nn.Module) -> bool:
     not: a chain rebuilds batch norms by torch's formula, not by their own forward."""
     if isinstance(module, _BatchNorm) and type(module) not in CHAIN_MODULE_TYPES:
         return is_norm_act(module) or type(module).__module__.startswith("aalconvert.")
+    if isinstance(module, nn.Dropout) and type(module) in (nn.Dropout, MaskDropout):
+        return module.p == 0  # hands on its input unchanged, drawing no random numbers
     return (
         isinstance(module, CHAIN_MODULE_TYPES)
         or isinstance(module, zoo_pointwise.PointwiseVariant)
         or zoo_pointwise.pointwise_problem(module) is None
     )
+
+
+def chain_rebuildable(chain: tuple[nn.Module, ...]) -> bool:
+    """Whether running ``chain`` again in backward gives the forward's tensor: not when a
+    dropout in it (probability 0 at conversion) now drops with a probability, in training."""
+    return not any(isinstance(m, nn.Dropout) and m.training and m.p != 0 for m in chain)
 
 
 def _validate_chain(chain: tuple[nn.Module, ...], where: str) -> None:
@@ -122,7 +131,8 @@ def _validate_chain(chain: tuple[nn.Module, ...], where: str) -> None:
             allowed = ", ".join(t.__name__ for t in CHAIN_MODULE_TYPES)
             raise ConversionError(
                 f"{where}: chain module {position} is {type(module).__name__}, which cannot be "
-                f"rebuilt exactly in backward; allowed: {allowed}, and zoo activations and norms"
+                f"rebuilt exactly in backward; allowed: {allowed}, dropouts of probability 0, "
+                "and zoo activations and norms"
             )
     if getattr(chain[0], "inplace", False):
         raise ConversionError(
@@ -507,6 +517,7 @@ class _RecomputedInput:
             return self._plain_forward(input)
         if (
             chain_input is None
+            or not chain_rebuildable(self.chain)
             or not self._uses_rebuild()
             or functorch_active(input, chain_input)
             or not self._chain_on(input.device)
