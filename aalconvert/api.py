@@ -1,7 +1,7 @@
 """convert(), revert() and inspect(): thin orchestration of trace -> facts -> plan -> apply (-> report)."""
 
 import copy
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -17,6 +17,7 @@ from aalconvert.memory import SavedByModule, fake_copy, fake_inputs, saved_by_mo
 from aalconvert.nn import CONVERTED_TYPES
 from aalconvert.plan import Plan, SkipFilter, make_plan, skip_filter
 from aalconvert.report import Report, build_report, optimizer_state_factor
+from aalconvert.step_memory import StepSimulation, backward_of
 from aalconvert.rules.base import SERVES, Rule, Skip
 from aalconvert.rules.loss_head import output_projection
 from aalconvert.rules.registry import PRECEDENCE, resolve
@@ -267,7 +268,7 @@ def inspect(
     kept = _saved_by_module(target, inputs, keywords, fake_mode, notes)
     return build_report(
         facts, plan, bp, kept, optimizer=optimizer,
-        estimated_on="the meta device" if notes else "fake tensors",
+        estimated_on="the meta device" if any("meta device" in note for note in notes) else "fake tensors",
         notes=notes[:1] + ([labels_note] if labels_note else []),
     )
 
@@ -295,13 +296,45 @@ def _forward_labels(
 def _saved_by_module(
     model: nn.Module, inputs: tuple, keywords: dict, fake_mode: FakeTensorMode, notes: list[str]
 ) -> SavedByModule:
-    """What a training forward of ``model`` keeps, on fake tensors, else on the meta device (noted)."""
+    """What a training forward of ``model`` keeps and its step's peak, on fake tensors, else on the
+    meta device (noted)."""
     try:
         with fake_mode:
-            return saved_by_module(model, lambda: model(*inputs, **keywords), model.parameters())
+            return _simulated_step(model, lambda: model(*inputs, **keywords), tuple(model.parameters()),
+                                   (*model.parameters(), *model.buffers(), *_tensors(inputs, keywords)), notes)
     except Exception as error:  # an op without a fake implementation: the meta device may do
         notes.append(f"fake tensors failed ({_one_line(error)}); estimated on the meta device")
-        return _saved_on_meta(model, inputs, keywords, error)
+        return _saved_on_meta(model, inputs, keywords, error, notes)
+
+
+def _simulated_step(model: nn.Module, forward: Callable[[], Any], parameters: tuple[torch.Tensor, ...],
+                    known: tuple[torch.Tensor, ...], notes: list[str]) -> SavedByModule:
+    """``saved_by_module`` of one forward, then its backward under a ``StepSimulation`` for the step's peak.
+
+    A backward that fails on fake tensors leaves ``step_bytes`` None (noted):
+    the report then adds kept, gradients and transients instead.
+    """
+    outputs: list[Any] = []
+
+    def run() -> Any:
+        outputs.append(forward())
+        return outputs[-1]
+
+    with StepSimulation(known) as simulation:
+        saved = saved_by_module(model, run, parameters)
+        try:
+            backward_of(outputs.pop())
+            saved.step_bytes = simulation.peak_bytes
+        except Exception as error:
+            notes.append(f"the step's backward did not run on fake tensors ({_one_line(error)}); its peak "
+                         "adds activations kept, gradients and the largest transient")
+    for parameter in parameters:  # the next estimate on this copy starts without gradients, as a step does
+        parameter.grad = None
+    return saved
+
+
+def _tensors(inputs: tuple, keywords: dict) -> list[torch.Tensor]:
+    return [x for x in (*inputs, *keywords.values()) if isinstance(x, torch.Tensor)]
 
 
 def _estimate_device(model: nn.Module, example_inputs: tuple) -> torch.device:
@@ -313,7 +346,8 @@ def _estimate_device(model: nn.Module, example_inputs: tuple) -> torch.device:
     return torch.device("cpu")
 
 
-def _saved_on_meta(model: nn.Module, inputs: tuple, keywords: dict, fake_error: Exception) -> SavedByModule:
+def _saved_on_meta(model: nn.Module, inputs: tuple, keywords: dict, fake_error: Exception,
+                   notes: list[str]) -> SavedByModule:
     """``saved_by_module`` with every parameter, buffer and input swapped for a meta tensor."""
 
     def meta(tensor: torch.Tensor) -> torch.Tensor:
@@ -326,9 +360,9 @@ def _saved_on_meta(model: nn.Module, inputs: tuple, keywords: dict, fake_error: 
     meta_inputs = tuple(meta(x) if isinstance(x, torch.Tensor) else x for x in inputs)
     meta_keywords = {key: meta(x) for key, x in keywords.items()}
     try:
-        return saved_by_module(
-            model, lambda: functional_call(model, state, meta_inputs, meta_keywords), state.values()
-        )
+        return _simulated_step(model, lambda: functional_call(model, state, meta_inputs, meta_keywords),
+                               tuple(state.values()),
+                               (*state.values(), *_tensors(meta_inputs, meta_keywords)), notes)
     except Exception as error:
         raise ConversionError(
             f"the model ran neither on fake tensors ({_one_line(fake_error)}) nor on the meta "

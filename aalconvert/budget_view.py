@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import IO
 
-from aalconvert.budget import BudgetPlan
+from aalconvert.budget import HEADROOM, BudgetPlan
 from aalconvert.report import display_name, format_bytes
 
 
@@ -65,15 +65,15 @@ def print_budget_plan(plan: BudgetPlan, *, file: IO[str] | None = None, top: int
         ("budget", format_bytes(plan.budget_bytes)),
         ("predicted peak, BP", format_bytes(plan.peak_bp_bytes)),
         ("predicted peak, planned", format_bytes(plan.peak_bytes)),
-        ("floor (least any plan keeps)", format_bytes(plan.floor_bytes)),
-        ("parameters + gradients + optimizer state",
-         format_bytes(t.parameter_bytes + t.gradient_bytes + t.optimizer_state_bytes)),
+        ("floor (least budget any plan fits)", format_bytes(plan.floor_bytes)),
+        ("parameters + gradients + optimizer state", format_bytes(t.fixed_bytes)),
         ("activations kept, BP -> planned",
          f"{format_bytes(t.bp_bytes)} -> {format_bytes(t.converted_bytes)} (ratio {t.ratio:.3f})"),
         ("largest transient", format_bytes(t.largest_transient_bytes)),
-        ("a checkpointed block recomputing", format_bytes(plan.recompute_bytes)),
+        ("the largest checkpointed block recomputing (within the above)", format_bytes(plan.recompute_bytes)),
     ]
-    lines.append(("left under the budget", format_bytes(plan.budget_bytes - plan.peak_bytes)))
+    lines.append((f"left under the budget less {HEADROOM:.0%} headroom",
+                  format_bytes(plan.usable_bytes - plan.peak_bytes)))
     for label, value in lines:
         totals.add_row(label, value)
     console.print(Panel(totals, title="one training step", expand=False))

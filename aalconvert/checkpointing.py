@@ -16,13 +16,15 @@ What it keeps and what it costs, for the estimate: saved-tensor hooks (which
 inspect and ``measure_saved`` count with) do not see what a checkpoint region
 holds, so :func:`checkpoint_inputs` records each checkpointed block's input
 storages during a forward; while a block recomputes in backward, its own
-activations are alive again (``recompute_bytes``).
+activations are alive again, which the simulated step
+(``aalconvert.step_memory``) sees as it runs backward.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import torch
@@ -166,11 +168,14 @@ def held_by_checkpoints(model: nn.Module, forward: Callable[[], Any],
         storage = tensor.untyped_storage()
         saved.add(key(storage))
         alive.append(storage)
-        return tensor
+        return tensor.detach()  # as memory.measure_saved
 
-    with checkpoint_inputs(model, key) as inputs:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            forward()
+    try:
+        with checkpoint_inputs(model, key) as inputs:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                forward()
+    finally:
+        alive.clear()  # as memory.measure_saved
     return {name: sum(b for k, b in storages.items() if k not in saved) for name, storages in inputs.items()}
 
 
@@ -179,7 +184,7 @@ def with_checkpoint_inputs(saved: SavedByModule, held: dict[str, int]) -> SavedB
     counted = dict(saved.bytes_by_module)
     for name, nbytes in held.items():
         counted[name] = counted.get(name, 0) + nbytes
-    return SavedByModule(counted, dict(saved.outputs), dict(saved.counted_at))
+    return replace(saved, bytes_by_module=counted)
 
 
 def recompute_bytes(plan_blocks: list[str], bp: SavedByModule) -> int:

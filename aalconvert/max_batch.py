@@ -111,6 +111,6 @@ def _linear_guess(peak_at: Callable[[int], int], batch: int, memory: int, rules:
     """The batch at which ``memory`` is reached if what grows with the batch grows linearly."""
     peak = peak_at(batch)
     totals = reports[batch].totals
-    fixed = totals.parameter_bytes + totals.gradient_bytes + totals.optimizer_state_bytes
+    fixed = totals.fixed_bytes
     per_sample = (peak - fixed) / batch
     return max(1, int((memory - fixed) // per_sample)) if per_sample > 0 else batch

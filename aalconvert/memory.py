@@ -70,10 +70,15 @@ def measure_saved(
         if key not in excluded and storage.nbytes() > 0 and key not in result.storages:
             result.storages[key] = storage.nbytes()
             alive.append(storage)
-        return tensor
+        # Detached: a saved output handed back with its grad_fn would make a reference cycle that
+        # keeps the graph's tensors alive after backward frees them, until the garbage collector runs.
+        return tensor.detach()
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        result.output = forward()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            result.output = forward()
+    finally:
+        alive.clear()  # every saved tensor keeps the pack hook, and so this list, until backward frees it
     return result
 
 
@@ -92,6 +97,9 @@ class SavedByModule:
     bytes_by_module: dict[str, int] = field(default_factory=dict)
     outputs: dict[str, tuple[tuple[int, ...], torch.dtype]] = field(default_factory=dict)
     counted_at: dict[str, str] = field(default_factory=dict)
+    step_bytes: int | None = None
+    """The most bytes alive at once in a simulated training step (forward, loss, backward), above its
+    start (``aalconvert.step_memory``); None where that step could not be simulated."""
 
     @property
     def nbytes(self) -> int:
@@ -139,20 +147,23 @@ def saved_by_module(
         if tensor is not None and name not in result.outputs:
             result.outputs[name] = (tuple(int(s) for s in tensor.shape), tensor.dtype)
 
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
+    def count(tensor: torch.Tensor) -> None:
         storage = tensor.untyped_storage()
         key = storage._cdata
         if key in excluded or storage.nbytes() == 0:
-            return tensor
+            return
         saver = running[-1] if running else ""
         if key in first_saver:
             if first_saver[key] != saver:
                 result.counted_at.setdefault(saver, first_saver[key])
-            return tensor
+            return
         first_saver[key] = saver
         alive.append(storage)
         result.bytes_by_module[saver] = result.bytes_by_module.get(saver, 0) + storage.nbytes()
-        return tensor
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        count(tensor)
+        return tensor.detach()  # see measure_saved
 
     leave.aalconvert_observer = True  # returns nothing: recompute chains may trust outputs under it
     enter.aalconvert_observer = True  # returns nothing: fused ops may skip a module's call under it
@@ -166,6 +177,7 @@ def saved_by_module(
     finally:
         for handle in handles:
             handle.remove()
+        alive.clear()  # every saved tensor keeps the pack hook, and so this list, until backward frees it
     return result
 
 

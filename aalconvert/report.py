@@ -36,6 +36,20 @@ _SHORT_DTYPES = {
 }
 
 
+def optimizer_step_bytes(optimizer: str | None, trainable: list[torch.Tensor]) -> int:
+    """Temporaries of one optimizer step, as torch's default implementation makes them (bytes).
+
+    Adam and AdamW make a square root of ``exp_avg_sq`` per parameter: for all
+    of them at once on CUDA (the foreach implementation), one parameter at a
+    time elsewhere (with one more temporary of its size). SGD, with or without
+    momentum, works in place.
+    """
+    if optimizer not in ("adam", "adamw") or not trainable:
+        return 0
+    sizes = [p.numel() * p.element_size() for p in trainable]
+    return sum(sizes) if trainable[0].device.type == "cuda" else 2 * max(sizes)
+
+
 def optimizer_state_factor(optimizer: str | None) -> int:
     """Optimizer state bytes per trainable parameter byte; raises on an unknown name."""
     if optimizer not in OPTIMIZER_STATE_PER_PARAMETER:
@@ -93,11 +107,15 @@ class Row:
 class Totals:
     """Whole-model figures for one training step, all in bytes.
 
-    ``peak_*`` = parameters + gradients + optimizer state + activations kept
-    + largest transient, where the largest transient is twice the largest
-    module output (the gradient arriving at that module and the one it sends
-    back, both alive while backward passes it). A model-level estimate: it
-    ignores allocator rounding, fragmentation and workspace buffers.
+    ``peak_*`` = parameters + optimizer state + the most bytes a simulated
+    step allocates above its start (``*_step_bytes``: activations, gradients
+    and every transient of the forward, a stand-in loss and backward, on fake
+    tensors; ``aalconvert.step_memory``), or, when more, the gradients and the
+    optimizer step's temporaries (``optimizer_step_bytes``). Where backward
+    could not be simulated (``*_step_bytes`` None), the step's bytes are taken
+    as activations kept + gradients + the largest transient, twice the
+    largest module output. A model-level estimate: it ignores allocator
+    rounding, fragmentation and workspace buffers.
     """
 
     bp_bytes: int
@@ -107,24 +125,33 @@ class Totals:
     optimizer: str | None
     optimizer_state_bytes: int
     largest_transient_bytes: int
+    bp_step_bytes: int | None = None
+    converted_step_bytes: int | None = None
+    optimizer_step_bytes: int = 0
 
     @property
     def ratio(self) -> float:
         """Converted / BP bytes kept for backward (1.0 for a model that keeps nothing)."""
         return self.converted_bytes / self.bp_bytes if self.bp_bytes else 1.0
 
-    def peak(self, activation_bytes: int) -> int:
-        """Predicted peak bytes of one training step that keeps ``activation_bytes`` for backward."""
-        return (self.parameter_bytes + self.gradient_bytes + self.optimizer_state_bytes
-                + activation_bytes + self.largest_transient_bytes)
+    @property
+    def fixed_bytes(self) -> int:
+        """What the step holds whatever the batch: parameters, gradients, optimizer state."""
+        return self.parameter_bytes + self.gradient_bytes + self.optimizer_state_bytes
+
+    def _peak(self, kept_bytes: int, step_bytes: int | None) -> int:
+        if step_bytes is None:
+            step_bytes = kept_bytes + self.gradient_bytes + self.largest_transient_bytes
+        optimizer_step = self.gradient_bytes + self.optimizer_step_bytes
+        return self.parameter_bytes + self.optimizer_state_bytes + max(step_bytes, optimizer_step)
 
     @property
     def peak_bp_bytes(self) -> int:
-        return self.peak(self.bp_bytes)
+        return self._peak(self.bp_bytes, self.bp_step_bytes)
 
     @property
     def peak_converted_bytes(self) -> int:
-        return self.peak(self.converted_bytes)
+        return self._peak(self.converted_bytes, self.converted_step_bytes)
 
     def to_dict(self) -> dict[str, Any]:
         """Every field and derived figure (ratio, peaks), bytes as exact integers."""
@@ -259,10 +286,18 @@ class Report:
             ("gradients", format_bytes(t.gradient_bytes)),
             (f"optimizer state ({t.optimizer or 'none given'})", format_bytes(t.optimizer_state_bytes)),
             ("largest transient", format_bytes(t.largest_transient_bytes)),
+            ("optimizer step's temporaries", format_bytes(t.optimizer_step_bytes)),
+            ("simulated step (activations, gradients, transients), BP", _step_line(t.bp_step_bytes)),
+            ("simulated step (activations, gradients, transients), converted",
+             _step_line(t.converted_step_bytes)),
             ("predicted peak, BP", format_bytes(t.peak_bp_bytes)),
             ("predicted peak, converted", format_bytes(t.peak_converted_bytes)),
             ("estimated on", self.estimated_on),
         ]
+
+
+def _step_line(step_bytes: int | None) -> str:
+    return "not simulated (see the notes)" if step_bytes is None else format_bytes(step_bytes)
 
 
 def _largest_saving_first(row: Row) -> tuple[int, int, str]:
@@ -350,6 +385,9 @@ def build_report(
         optimizer=optimizer,
         optimizer_state_bytes=factor * trainable,
         largest_transient_bytes=2 * largest_output,
+        optimizer_step_bytes=optimizer_step_bytes(optimizer, [p for p in parameters if p.requires_grad]),
+        bp_step_bytes=bp.step_bytes,
+        converted_step_bytes=converted.step_bytes,
     )
     return Report(
         model=type(modules[""]).__name__,

@@ -18,10 +18,12 @@ decoder trained on its own loss with ``labels=``), one full training step
 - ``plan @ ...``: ``aalconvert.convert(model, budget=..., optimizer="sgd")`` at
   three budgets: checkpointing's measured step peak plus the parameters (which
   the planner's budget counts and the measured peak does not; SGD without
-  momentum keeps no optimizer state); the planner's own predicted peak for
-  every block checkpointed (its model of the step adds all gradients to all
-  kept activations, so it predicts more than is measured); halfway from that
-  to its predicted BP peak. The target line per model is read at the first.
+  momentum keeps no optimizer state); the planner's floor (the least budget
+  any of its plans fits: every block checkpointed and the rest compressed);
+  halfway from the first to BP's measured peak plus the parameters. The
+  target line per model is read at the first (faster) and at every planner
+  row as fast as checkpointing (keeps less). The planner's predicted peaks of
+  BP and of every block checkpointed are printed beside the measured ones.
 
 How each column is measured (CPU, one thread, fp32):
 
@@ -85,13 +87,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # zoo.py's builders
 
 import aalconvert  # noqa: E402
 from aalconvert.memory import measure_saved  # noqa: E402
+from aalconvert.step_memory import FORWARD, HOST_COPY, StepMemory, measure_step  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-FORWARD, HOST_COPY = "peers::forward", "peers::to_host"
 BP, CHECKPOINT, SELECTIVE, COMPILE, SAVE_ON_CPU = (
     "bp", "checkpoint", "selective checkpoint", "torch.compile (budget 0.5)", "save_on_cpu")
 RULE_SETS = ["exact", "auto", "auto+approx4"]
-BUDGETS = ("checkpointing's measured peak", "checkpointing's predicted peak", "halfway to BP's predicted peak")
+BUDGETS = ("checkpointing's measured peak", "the planner's floor", "halfway to BP's measured peak")
 MATMULS = [torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
            torch.ops.aten.baddbmm.default, torch.ops.aten.convolution.default]
 COMPILE_MEMORY_BUDGET = 0.5
@@ -338,76 +340,9 @@ class Runner:
         return time.perf_counter() - start
 
 
-@dataclass(frozen=True)
-class Allocation:
-    """One CPU allocation (+bytes) or free (-bytes) seen by the profiler; ``host``: made by save_on_cpu's pack."""
-
-    time_ns: int
-    ptr: int
-    nbytes: int
-    host: bool = False
-
-
-@dataclass(frozen=True)
-class StepMemory:
-    """Bytes alive at the end of the forward, the step's peak, and bytes packed to the host (all above the start)."""
-
-    kept_bytes: int
-    peak_bytes: int
-    host_bytes: int
-
-
-def allocations(prof: torch.profiler.profile) -> tuple[list[Allocation], int]:
-    """Every allocation event of a profiled step, and when its forward region ended (ns)."""
-    events: list[Allocation] = []
-    forward_end = None
-
-    def walk(nodes: list, host: bool) -> None:
-        nonlocal forward_end
-        for node in nodes:
-            fields = node.extra_fields
-            if isinstance(fields, torch._C._profiler._ExtraFields_Allocation):
-                events.append(Allocation(node.start_time_ns, fields.ptr, fields.alloc_size, host))
-            if node.name == FORWARD:
-                forward_end = node.end_time_ns
-            walk(node.children, host or node.name == HOST_COPY)
-
-    walk(prof.profiler.kineto_results.experimental_event_tree(), False)
-    if forward_end is None:
-        raise RuntimeError(f"the profiler recorded no {FORWARD!r} region: is the step marked?")
-    return events, forward_end
-
-
-def replay(events: list[Allocation], forward_end_ns: int) -> StepMemory:
-    """Running sum of allocations in time order: its level when the forward ends, its peak, host copies apart.
-
-    A host copy's allocation and its later free are left out of the sum (they
-    would live in host memory on a device); their allocated bytes are summed.
-    """
-    level = peak = host = 0
-    kept = None
-    host_live: set[int] = set()
-    for event in sorted(events, key=lambda e: e.time_ns):
-        if kept is None and event.time_ns > forward_end_ns:
-            kept = level
-        if event.host and event.nbytes > 0:
-            host_live.add(event.ptr)
-            host += event.nbytes
-            continue
-        if event.nbytes < 0 and event.ptr in host_live:
-            host_live.discard(event.ptr)
-            continue
-        level += event.nbytes
-        peak = max(peak, level)
-    return StepMemory(level if kept is None else kept, peak, host)
-
-
 def profile_step(runner: Runner) -> StepMemory:
     """One step under the profiler's memory events (after warm-up), replayed."""
-    gc.collect()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        runner.step()
-    return replay(*allocations(prof))
+    return measure_step(runner.step)
 
 
 def saved_hooks_bytes(runner: Runner) -> int:
@@ -458,29 +393,29 @@ def prepare(workload: Workload, method: Method) -> tuple[Method, Runner | None, 
         return failed(method.name, error, method.note), None, None
 
 
-def planner_budgets(parameter_bytes: int, checkpoint_peak: int, predicted: dict[str, int | None]) -> dict[str, int]:
+def planner_budgets(parameter_bytes: int, checkpoint_peak: int, bp_peak: int,
+                    predicted: dict[str, int | None]) -> dict[str, int]:
     """The three planner budgets (bytes, parameters included).
 
     Checkpointing's measured step peak plus the parameters (the memory it
-    needed, as a user would set the budget); the planner's own prediction of
-    checkpointing every block (the same plan in the planner's units, which add
-    every gradient to every kept activation); halfway from that to BP's
-    predicted peak. A prediction the planner could not make leaves its budget out.
+    needed, as a user would set the budget); the planner's floor, when it
+    gave one; halfway from the first to BP's measured step peak plus the
+    parameters.
     """
-    budgets = {BUDGETS[0]: parameter_bytes + checkpoint_peak}
-    if predicted.get("checkpoint_all") is not None:
-        budgets[BUDGETS[1]] = predicted["checkpoint_all"]
-        if predicted.get("bp_peak") is not None:
-            budgets[BUDGETS[2]] = (predicted["bp_peak"] + predicted["checkpoint_all"]) // 2
+    at_checkpoint = parameter_bytes + checkpoint_peak
+    budgets = {BUDGETS[0]: at_checkpoint}
+    if predicted.get("floor") is not None:
+        budgets[BUDGETS[1]] = predicted["floor"]
+    budgets[BUDGETS[2]] = (at_checkpoint + parameter_bytes + bp_peak) // 2
     return budgets
 
 
 def planner_predictions(workload: Workload) -> dict[str, int | None]:
-    """The planner's own figures (bytes, parameters included), to read its budgets against measurements.
+    """The planner's own figures (bytes, parameters included), to hold against the measurements.
 
-    ``bp_peak``: BP's predicted step peak; ``floor``: the least predicted peak
-    any plan reaches; ``checkpoint_all``: the predicted peak with every block
-    checkpointed (the floor with checkpointing as the only rule). None where
+    ``bp_peak``: BP's predicted step peak; ``floor``: the least budget any of
+    its plans fits; ``checkpoint_all``: the predicted peak with every block
+    checkpointed (the plan at the floor of checkpointing alone). None where
     planning fails, and ``error`` says why.
     """
     found: dict[str, Any] = {"bp_peak": None, "floor": None, "checkpoint_all": None}
@@ -491,7 +426,9 @@ def planner_predictions(workload: Workload) -> dict[str, int | None]:
             found.update(bp_peak=plan.peak_bp_bytes, floor=plan.floor_bytes)
             only = aalconvert.plan(workload.model, budget=1 << 60, example_inputs=workload.inputs,
                                    optimizer="sgd", rules=["checkpoint"])
-            found["checkpoint_all"] = only.floor_bytes
+            every_block = aalconvert.plan(workload.model, budget=only.floor_bytes, example_inputs=workload.inputs,
+                                          optimizer="sgd", rules=["checkpoint"])
+            found["checkpoint_all"] = every_block.peak_bytes
         except Exception as error:  # kept in the record: the budgets that need it are left out
             found["error"] = " ".join(f"{type(error).__name__}: {error}".split())[:300]
     return found
@@ -512,7 +449,7 @@ def measure_workload(workload: Workload, methods: list[str], rounds: int, log: C
     if ckpt_memory is not None:
         log(f"  {workload.name}: the planner's predictions")
         predicted = planner_predictions(workload)
-        budgets = planner_budgets(parameter_bytes, ckpt_memory.peak_bytes, predicted)
+        budgets = planner_budgets(parameter_bytes, ckpt_memory.peak_bytes, bp_memory.peak_bytes, predicted)
     for label, budget in budgets.items():
         log(f"  {workload.name}: plan @ {label}")
         method = planner_method(workload, label, budget)
@@ -562,8 +499,8 @@ def target_verdict(rows: list[dict]) -> dict:
 
     Faster means by more than the rounds stray (``noise``); a planner row within
     that noise of checkpointing's time counts as at its step time; keeping less
-    means by at least ``MIN_KEPT_GAIN``. The planner at checkpointing's
-    *predicted* peak is reported beside it, not counted for the target.
+    means by at least ``MIN_KEPT_GAIN``. The planner at its floor is
+    reported beside it (the speed part counts only at checkpointing's peak).
     """
     by_name = {row["method"]: row for row in rows}
     ckpt = by_name.get(CHECKPOINT)
@@ -584,7 +521,7 @@ def target_verdict(rows: list[dict]) -> dict:
                         f"{ckpt['time_ratio']:.2f}x: {verdict} (rounds stray by up to {spread_:.0%})")
 
     faster, faster_text = speed(BUDGETS[0])
-    _, predicted_text = speed(BUDGETS[1])
+    _, floor_text = speed(BUDGETS[1])
     in_time = [row for row in plans if row["time_ratio"] <= ckpt["time_ratio"] * (1 + noise(row, ckpt))]
     best = min(in_time, key=lambda row: row["kept_bytes"], default=None)
     keeps_less = best is not None and best["kept_bytes"] <= ckpt["kept_bytes"] * (1 - MIN_KEPT_GAIN)
@@ -598,7 +535,7 @@ def target_verdict(rows: list[dict]) -> dict:
     met = bool(faster and keeps_less)
     return {"met": met, "faster": faster, "keeps_less": keeps_less,
             "text": f"target {'met' if met else 'MISSED'}: {faster_text}; {less_text} "
-                    f"(beside the target: {predicted_text})"}
+                    f"(beside the target: {floor_text})"}
 
 
 def mib(nbytes: int) -> str:
@@ -632,13 +569,14 @@ def predictions_line(record: dict) -> list[str]:
     predicted, rows = record.get("predicted") or {}, {row["method"]: row for row in record["rows"]}
     pairs = [(what, predicted.get(key), rows.get(method)) for what, key, method in
              (("BP", "bp_peak", BP), ("every block checkpointed", "checkpoint_all", CHECKPOINT))]
-    said = [f"{what} {mib(value)} (measured: {mib(record['parameter_bytes'] + row['peak_bytes'])})"
+    said = [f"{what} {mib(value)} (measured: {mib(record['parameter_bytes'] + row['peak_bytes'])}, "
+            f"{value / (record['parameter_bytes'] + row['peak_bytes']) - 1:+.1%})"
             for what, value, row in pairs if value is not None and row and row["ok"]]
     if predicted.get("error"):
         said.append(f"planning failed: {predicted['error']}")
     if not said:
         return []
-    floor = f"; its floor {mib(predicted['floor'])}" if predicted.get("floor") else ""
+    floor = f"; its floor (least budget) {mib(predicted['floor'])}" if predicted.get("floor") else ""
     return [f"Planner's predicted step peaks, parameters included: {', '.join(said)}{floor}.", ""]
 
 

@@ -61,12 +61,17 @@ def _unpack_reference(packed: torch.Tensor, numel: int) -> torch.Tensor:
 
 def _pack_cpu(x: torch.Tensor) -> torch.Tensor:
     bits = _bits_of(x).reshape(-1).detach()
-    return torch.from_numpy(np.packbits(bits.numpy(), bitorder="little"))
+    return _owned_by_torch(np.packbits(bits.numpy(), bitorder="little"))
 
 
 def _unpack_cpu(packed: torch.Tensor, numel: int) -> torch.Tensor:
     bits = np.unpackbits(packed.detach().numpy(), count=numel, bitorder="little")
-    return torch.from_numpy(bits).view(torch.bool)
+    return _owned_by_torch(bits).view(torch.bool)
+
+
+def _owned_by_torch(array: np.ndarray) -> torch.Tensor:
+    """``array`` copied into torch's allocator, where memory accounting (the profiler, inspect) sees it."""
+    return torch.empty(array.shape, dtype=torch.uint8).copy_(torch.from_numpy(array))
 
 
 def pack_bits(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:

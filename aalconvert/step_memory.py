@@ -1,0 +1,202 @@
+"""The bytes one training step allocates: measured on real tensors, simulated on fake ones.
+
+Measured (``measure_step``): ``torch.profiler``'s memory events of one real
+step, replayed as a running sum of allocations and frees. It sees what
+saved-tensor hooks cannot (checkpoint regions, compiled graphs, gradients,
+transients). The step marks its forward with
+``torch.profiler.record_function(FORWARD)``; bytes allocated inside a
+``HOST_COPY`` region (a ``save_on_cpu`` pack hook) count as moved to the host,
+not as kept.
+
+Simulated (``StepSimulation``): the same running sum on fake tensors, the
+estimate behind every predicted peak (``Report.totals``). A dispatch mode sees
+every op of the forward, the loss and backward (checkpointed blocks
+recomputing and k-bit copies decoded included), counts each new storage when
+an op makes it and drops it when torch frees it.
+
+Both count above the step's start: parameters, optimizer state and inputs
+made before it do not count; gradients start as None
+(``zero_grad(set_to_none=True)``, torch's default).
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.weak import WeakIdKeyDictionary
+
+FORWARD, HOST_COPY = "aalconvert::forward", "aalconvert::to_host"
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """One CPU allocation (+bytes) or free (-bytes) seen by the profiler; ``host``: made by save_on_cpu's pack."""
+
+    time_ns: int
+    ptr: int
+    nbytes: int
+    host: bool = False
+
+
+@dataclass(frozen=True)
+class StepMemory:
+    """Bytes alive at the end of the forward, the step's peak, and bytes packed to the host (all above the start)."""
+
+    kept_bytes: int
+    peak_bytes: int
+    host_bytes: int
+
+
+def allocations(prof: torch.profiler.profile) -> tuple[list[Allocation], int]:
+    """Every allocation event of a profiled step, and when its forward region ended (ns)."""
+    events: list[Allocation] = []
+    forward_end = None
+
+    def walk(nodes: list, host: bool) -> None:
+        nonlocal forward_end
+        for node in nodes:
+            fields = node.extra_fields
+            if isinstance(fields, torch._C._profiler._ExtraFields_Allocation):
+                events.append(Allocation(node.start_time_ns, fields.ptr, fields.alloc_size, host))
+            if node.name == FORWARD:
+                forward_end = node.end_time_ns
+            walk(node.children, host or node.name == HOST_COPY)
+
+    walk(prof.profiler.kineto_results.experimental_event_tree(), False)
+    if forward_end is None:
+        raise RuntimeError(f"the profiler recorded no {FORWARD!r} region: mark the step's forward with "
+                           f"torch.profiler.record_function(aalconvert.step_memory.FORWARD)")
+    return events, forward_end
+
+
+def replay(events: list[Allocation], forward_end_ns: int) -> StepMemory:
+    """Running sum of allocations in time order: its level when the forward ends, its peak, host copies apart.
+
+    A host copy's allocation and its later free are left out of the sum (they
+    would live in host memory on a device); their allocated bytes are summed.
+    """
+    level = peak = host = 0
+    kept = None
+    host_live: set[int] = set()
+    for event in sorted(events, key=lambda e: e.time_ns):
+        if kept is None and event.time_ns > forward_end_ns:
+            kept = level
+        if event.host and event.nbytes > 0:
+            host_live.add(event.ptr)
+            host += event.nbytes
+            continue
+        if event.nbytes < 0 and event.ptr in host_live:
+            host_live.discard(event.ptr)
+            continue
+        level += event.nbytes
+        peak = max(peak, level)
+    return StepMemory(level if kept is None else kept, peak, host)
+
+
+def measure_step(step: Callable[[], None]) -> StepMemory:
+    """Run ``step()`` (one training step, its forward marked) under the profiler's memory events, replayed."""
+    gc.collect()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    return replay(*allocations(prof))
+
+
+class StepSimulation(TorchDispatchMode):
+    """Counts the bytes of storages that ops make while it is active, until torch frees them.
+
+    ``known`` tensors (parameters, buffers, inputs) existed before: ops that
+    write into them or view them make nothing new. ``peak_bytes`` is the
+    most alive at once.
+    """
+
+    def __init__(self, known: Iterable[torch.Tensor]) -> None:
+        super().__init__()
+        self.seen: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        for tensor in known:
+            self.seen[tensor.untyped_storage()] = True
+        self.level = self.peak_bytes = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        output = func(*args, **(kwargs or {}))
+        for tensor in pytree.tree_leaves(output):
+            if isinstance(tensor, torch.Tensor):
+                self._count(tensor.untyped_storage())
+        return output
+
+    def _count(self, storage: torch.UntypedStorage) -> None:
+        if storage in self.seen:
+            return
+        self.seen[storage] = True
+        nbytes = storage.nbytes()
+        if nbytes:
+            self.level += nbytes
+            self.peak_bytes = max(self.peak_bytes, self.level)
+            weakref.finalize(storage, self._freed, nbytes)
+
+    def _freed(self, nbytes: int) -> None:
+        self.level -= nbytes
+
+
+def training_loss(output: Any) -> torch.Tensor | None:
+    """The loss a training step takes from a model's output (None when nothing needs a gradient).
+
+    A scalar that needs a gradient (a loss the model computed itself, first
+    in its output) is the loss. Otherwise the first tensor that needs a
+    gradient goes through ``logsumexp`` over its last dimension, a stand-in
+    for cross-entropy with the same cost: it keeps its input and sends back a
+    gradient of the same size.
+    """
+    tensors = [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not tensors:
+        return None
+    first = tensors[0]
+    return first if first.dim() == 0 else first.float().logsumexp(-1).mean()
+
+
+def backward_of(output: Any) -> None:
+    """Backward from a model's output as training runs it (``training_loss``); nothing needs a gradient: no-op."""
+    loss = training_loss(output)
+    del output  # the caller hands its reference over: the output is freed as backward passes it
+    if loss is not None:
+        loss.backward()
+
+
+OPTIMIZERS: dict[str, Callable[[Iterable[torch.Tensor]], torch.optim.Optimizer]] = {
+    "sgd": lambda parameters: torch.optim.SGD(parameters, lr=1e-4),
+    "sgd_momentum": lambda parameters: torch.optim.SGD(parameters, lr=1e-4, momentum=0.9),
+    "adam": lambda parameters: torch.optim.Adam(parameters, lr=1e-4),
+    "adamw": lambda parameters: torch.optim.AdamW(parameters, lr=1e-4),
+}
+"""The optimizers ``inspect(optimizer=...)`` counts, with torch's default implementation for the device."""
+
+
+def measure_training_step(model: torch.nn.Module, loss_of: Callable[[], torch.Tensor],
+                          optimizer: str = "sgd") -> StepMemory:
+    """The measured bytes of one training step of ``model``: forward (``loss_of()``), backward, optimizer step.
+
+    One warm-up step first makes the optimizer state, which the measured step
+    finds in place as training would (inspect counts it apart, as optimizer
+    state). Compare ``peak_bytes`` with a report's predicted peak less its
+    parameters and optimizer state. The model takes one small optimizer step
+    (learning rate 1e-4) per call.
+    """
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+    step_optimizer = OPTIMIZERS[optimizer](model.parameters())
+
+    def step() -> None:
+        with torch.profiler.record_function(FORWARD):
+            loss = loss_of()
+        loss.backward()
+        step_optimizer.step()
+        step_optimizer.zero_grad(set_to_none=True)
+
+    step()
+    return measure_step(step)
