@@ -1,16 +1,19 @@
 """What each rule costs, from measured figures: the order in which the budget planner tries them.
 
-One table, one row per rule, every figure with the file it was read from. A
-rule's cost per byte saved is
+One table, one row per rule, every figure with the file it was read from
+(``python benchmarks/costs.py`` reads them again; ``tests/test_costs.py``
+holds this table to it). A rule's cost per byte saved is
 
     (step time ratio - 1 + FIDELITY_WEIGHT * fidelity loss) / (1 - kept ratio)
 
 where the step time ratio and the kept ratio are the medians over the seven
 examples at batch 64 (``python benchmarks/memory.py``,
-``benchmarks/results/memory_cpu.json``), and the fidelity loss is the worst mean
-gap to BP over the examples where the rule converts something, in accuracy
-points or percent of validation loss (``python benchmarks/fidelity.py``,
-``benchmarks/results/fidelity.json``, 3 seeds). Our lossless rules (exact,
+``benchmarks/results/memory_cpu.json``; checkpointing: over the three real
+models of ``benchmarks/results/peers_cpu.json``), and the fidelity loss is
+the worst shortfall to BP over the examples where the rule converts
+something, in accuracy points or percent of validation loss, from the runs
+trained to convergence where they exist (``fidelity_converged.json``), else
+from the short runs (``fidelity.json``). Our lossless rules (exact,
 recompute) come first whatever their time: they change no number and cost
 little extra work per byte on a GPU (their CPU times carry Python overhead).
 Checkpointing also gives the same gradients but costs one more forward of
@@ -20,9 +23,9 @@ of each other are a tie (the CPU step times were taken with other work on the
 machine), settled for the rule with more bits (finer copies, smaller gradient
 error), then by name.
 
-The CPU figures are what exists: ``approx*`` there runs the torch reference
-quantizer (about 1 GB/s), not the Triton kernels, so on a GPU its time cost
-is likely far lower. Regenerate the benchmarks and update the rows together.
+The CPU figures are what exists: ``approx*`` there runs the kernels' CPU
+path, not the Triton kernels, so on a GPU its time cost is likely far lower.
+Regenerate the benchmarks, then this table from ``benchmarks/costs.py``.
 """
 
 from dataclasses import dataclass
@@ -30,7 +33,7 @@ from dataclasses import dataclass
 FIDELITY_WEIGHT = 0.2
 """Step-time ratio one accuracy point (or one percent of loss) is worth: a policy, not a measurement.
 
-At 0.2, ARA's measured 1.39-point worst gap costs as much as 0.28x of step time."""
+At 0.2, ASA's 2.4 % worst loss gap costs as much as 0.48x of step time."""
 
 TIE = 0.05  # relative difference under which two costs count as equal (timing noise)
 
@@ -56,36 +59,35 @@ class RuleCost:
         return (self.step_time_ratio - 1 + FIDELITY_WEIGHT * self.fidelity_loss) / (1 - self.kept_ratio)
 
 
-_MEMORY = ("benchmarks/results/memory_cpu.json as of commit d58a2b8 (batch 64, median of 7 examples; "
-           "approx* on the reference quantizer, before the kernels' CPU path made it faster)")
-_FIDELITY = ("benchmarks/results/fidelity.json as of commit 8e0116d (worst example, mean of 3 seeds, "
-             "the short runs; at convergence ara and asa meet their targets: "
-             "benchmarks/results/fidelity_converged.md)")
+_MEMORY = "benchmarks/results/memory_cpu.json as of commit 9de5ad6 (batch 64, median of 7 examples)"
+_SHORT = "benchmarks/results/fidelity.json (3 seeds, short runs)"
+_CONVERGED = "benchmarks/results/fidelity_converged.json (trained to convergence)"
 
 RULE_COSTS: dict[str, RuleCost] = {cost.rule: cost for cost in (
-    RuleCost("exact", True, 1.26, 0.811, 0.0,
+    RuleCost("exact", True, 1.25, 0.811, 0.0,
              source=f"time, kept: {_MEMORY}; fidelity: bit-identical gradients "
                     "(tests/test_lossless_guarantees.py)"),
-    RuleCost("recompute", True, 1.29, 0.530, 0.0,
+    RuleCost("recompute", True, 1.3, 0.53, 0.0,
              source=f"time, kept: {_MEMORY} (recompute + exact); fidelity: bit-identical gradients "
                     "(tests/test_lossless_guarantees.py)"),
-    RuleCost("loss_head", False, 1.02, 0.409, 0.0,
+    RuleCost("loss_head", False, 1.021, 0.409, 0.0,
              source="time, kept: benchmarks/results/loss_head_cpu.json (Llama, vocabulary 32k); "
                     "fidelity: equal to the plain head up to fp32 rounding (tests)"),
-    RuleCost("checkpoint", False, 1.385, 0.2155, 0.0,
-             source="issue 14 / methods.md section 7, CPU, one thread, batch 8: torch.utils.checkpoint per "
-                    "block on timm ViT-S 1.24x keeping 0.073, torchvision ResNet-50 1.53x keeping 0.358; "
-                    "the mean of the two; fidelity: the same gradients (the forward runs again with the "
-                    "same RNG state)"),
-    RuleCost("ara", False, 1.24, 0.783, 1.389,
-             source=f"time, kept: {_MEMORY}; fidelity: {_FIDELITY}: resnet_bottleneck -1.39 points"),
-    RuleCost("asa", False, 1.56, 0.565, 7.682,
-             source=f"time, kept: {_MEMORY}; fidelity: {_FIDELITY}: transformer -7.68 points"),
-    RuleCost("approx8", False, 3.58, 0.198, 0.093, bits=8,
-             source=f"time, kept: {_MEMORY}; fidelity: not measured at 8 bits, approx4's worst "
-                    "(resnet_basic -0.09 points) taken as its bound: 8-bit copies are finer"),
-    RuleCost("approx4", False, 3.85, 0.114, 0.093, bits=4,
-             source=f"time, kept: {_MEMORY}; fidelity: {_FIDELITY}: resnet_basic -0.09 points"),
+    RuleCost("checkpoint", False, 1.309, 0.235, 0.0,
+             source="time, kept: benchmarks/results/peers_cpu.json as of commit 20ebfcc (torch.utils.checkpoint "
+                    "per block, median of torchvision ResNet-50, timm ViT-S, Hugging Face Llama); fidelity: the "
+                    "same gradients (the forward runs again with the same RNG state)"),
+    RuleCost("ara", False, 1.201, 0.783, 0.37,
+             source=f"time, kept: {_MEMORY}; fidelity: resnet_basic 0.37 points below BP ({_SHORT}); "
+                    f"resnet_bottleneck 0.21 above ({_CONVERGED})"),
+    RuleCost("asa", False, 1.522, 0.565, 2.416,
+             source=f"time, kept: {_MEMORY}; fidelity: gpt validation loss 2.4 % above BP ({_SHORT}); "
+                    f"transformer 0.09 points below ({_CONVERGED})"),
+    RuleCost("approx8", False, 2.131, 0.143, 0.093, bits=8,
+             source=f"time, kept: {_MEMORY}; fidelity: not trained at 8 bits, approx4's worst "
+                    "(resnet_basic 0.09 points below BP) taken as its bound: 8-bit copies are finer"),
+    RuleCost("approx4", False, 2.393, 0.084, 0.093, bits=4,
+             source=f"time, kept: {_MEMORY}; fidelity: resnet_basic 0.09 points below BP ({_SHORT})"),
     RuleCost("approx2", False, None, None, None, bits=2,
              source="not measured (no memory or fidelity run at 2 bits): tried last"),
 )}
