@@ -29,8 +29,11 @@ How the plan is chosen:
    first blocks' activations are the ones still alive when backward has made
    nearly every gradient, so checkpointing them lowers the peak first.
 4. Search. The smallest prefix whose plan, estimated on fake tensors, fits the
-   budget; found by bisection inside the first tier whose full plan fits. The
-   plan's peak is therefore an estimate of the very plan returned, not a sum.
+   budget; found by bisection inside the first tier whose full plan fits.
+   Then the checkpointed blocks the plan fits without are left out, last
+   block first (``_Ladder.without_needless_checkpoints``): backward reaches
+   them while few gradients exist. The plan's peak is an estimate of the very
+   plan returned, not a sum.
 5. Without checkpointing. Checkpointing every block keeps each block's input
    in full and has one block recompute, which can keep more than our rules
    inside the blocks would; so the same is done for the tier order without
@@ -49,7 +52,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -65,17 +68,19 @@ from aalconvert.facts import ModelFacts, gather_facts
 from aalconvert.memory import SavedByModule, fake_copy, fake_inputs
 from aalconvert.plan import Plan, SkipFilter, make_plan, skip_filter
 from aalconvert.report import Report, build_report, format_bytes, optimizer_state_factor
-from aalconvert.rules.base import SERVES, Rule, Site, Skip
-from aalconvert.rules.registry import AUTO, PRECEDENCE, build_rule, resolve
+from aalconvert.rules.base import COVERS, SERVES, SKIPPED, Rule, Site, Skip
+from aalconvert.rules.registry import AUTO, PRECEDENCE, build_rule, coordinate, resolve
 from aalconvert.sizes import parse_size
 
 
-HEADROOM = 0.01
-"""Fraction of the budget the planner leaves free for what its estimate cannot see (tensors made outside
-torch's dispatcher, optimizer bookkeeping). On CPU the predicted step peaks are within 1.4 % of the
-profiler's measurement above the step's start (tests/test_step_memory.py), under 1 % of a budget that also
-holds the parameters. A GPU's caching allocator rounds and fragments on top of that: leave it room below
-the device's memory when choosing the budget."""
+HEADROOM = 0.02
+"""Fraction of the budget the planner leaves free for what its estimate cannot see: tensors made
+outside torch's dispatcher (checkpointing's saved RNG states), workspaces (our kernels' CPU path),
+optimizer bookkeeping. Predicted step peaks are within 1.4 % of the profiler's measurement on the
+examples, except checkpointed convolutional nets (up to 4.4 % under on resnet_bottleneck, about 1.5 % of a
+budget that also holds parameters and optimizer state): tests/test_step_memory.py, tests/test_budget.py.
+A GPU's caching allocator rounds and fragments on top of that: leave it room below the device's memory
+when choosing the budget."""
 
 
 def usable_bytes(budget_bytes: int) -> int:
@@ -164,6 +169,8 @@ class BudgetPlan:
     facts: ModelFacts = field(repr=False)
     site_tiers: dict[str, int] = field(default_factory=dict, repr=False)
     """Module name -> index into ``tiers`` of the tier plan whose site it takes."""
+    plain_blocks: tuple[str, ...] = ()
+    """Blocks the planner found it need not checkpoint: the whole-model packer leaves them alone."""
     recompute_bytes: int = 0
     """What the largest checkpointed block keeps under BP: alive again while it recomputes (bytes).
 
@@ -197,6 +204,7 @@ class BudgetPlan:
             "peak_bytes": self.peak_bytes,
             "floor_bytes": self.floor_bytes,
             "recompute_bytes": self.recompute_bytes,
+            "plain_blocks": list(self.plain_blocks),
             "batch_size": self.batch_size,
             "tiers": [vars(step) for step in self.tiers],
             "choices": [{"rule": c.rule, "modules": list(c.modules), "saving_bytes": c.saving,
@@ -273,8 +281,25 @@ def tier_rules(tiers: list[str], rule_options: dict[str, Any]) -> list[Rule]:
     registered = [name for name in tiers if name != CheckpointRule.name]
     approx = [name for name in registered if name.startswith("approx")]
     resolve([name for name in registered if name not in approx] + approx[:1] or ["exact"], rule_options)
-    return [CheckpointRule() if name == CheckpointRule.name else build_rule(name, rule_options)
-            for name in tiers]
+    compressing = any(name.startswith("approx") for name in tiers)  # then the first block is better compressed
+    return [CheckpointRule(first_block=not compressing) if name == CheckpointRule.name
+            else build_rule(name, rule_options) for name in tiers]
+
+
+def leave_plain(plan: Plan, blocks: Sequence[str]) -> Plan:
+    """``plan`` with the whole-model sites (the saved-tensor packer) leaving ``blocks`` alone.
+
+    A block the planner chose not to checkpoint after all runs as its own
+    sites say (lossless ones, taken before checkpointing), not through the
+    k-bit packer: that would cost the time checkpointing was dropped to save.
+    """
+    if not blocks:
+        return plan
+    for name, site in list(plan.sites.items()):
+        if COVERS in site.payload:
+            skipped = tuple(dict.fromkeys((*site.payload.get(SKIPPED, ()), *blocks)))
+            plan.sites[name] = replace(site, payload={**site.payload, SKIPPED: skipped})
+    return plan
 
 
 def checkpointed(plan: Plan) -> list[str]:
@@ -306,6 +331,7 @@ def cumulative_plans(facts: ModelFacts, rules: list[Rule], skip: SkipFilter,
         for rule in rules[:k]:
             chosen[_family(rule.name)] = rule
         ordered = sorted(chosen.values(), key=lambda r: _precedence(r.name))
+        coordinate([rule for rule in ordered if rule.name != CheckpointRule.name])  # as convert() would
         plan = make_plan(facts, ordered, skip)
         drop_inside_checkpoints(plan)
         _drop_failing(plan, facts, model)
@@ -460,19 +486,20 @@ def plan_budget(
     if ladder is None:
         lowest = min(ladders, key=lambda ladder: ladder.floor)
         raise _under_floor(budget_bytes, floor_peak, lowest.evaluate(lowest.floor_units)[1], batch)
-    taken = _smallest_fitting_prefix(lambda n: ladder.evaluate(n)[2], usable, ladder.tier_ends, bp_peak)
-    plan, report, _ = ladder.evaluate(taken) if taken else (Plan(rules=[]), bp_report, 0)
+    prefix = _smallest_fitting_prefix(lambda n: ladder.evaluate(n)[2], usable, ladder.tier_ends, bp_peak)
+    taken, plain = ladder.without_needless_checkpoints(prefix, usable) if prefix else ((), ())
+    plan, report, _ = ladder.evaluate_units(taken, plain) if taken else (Plan(rules=[]), bp_report, 0)
     peaks = [bp_peak] + ladder.peaks_by_tier
     steps, choices, used = [], [], []
     start = 0
     for k, (tier, end) in enumerate(zip(ladder.tiers, ladder.tier_ends)):
         cost = RULE_COSTS[tier]
-        steps.append(TierStep(tier, end - start, max(0, min(taken, end) - start), peaks[k + 1],
-                              cost.cost_per_saved, cost.source))
+        chosen = [i for i in taken if start <= i < end]
+        steps.append(TierStep(tier, end - start, len(chosen), peaks[k + 1], cost.cost_per_saved, cost.source))
         before = "after " + " + ".join(used) if used else "under BP"
         used += [tier] if end > start else []
         why = f"needed to fit: {format_bytes(peaks[k] - usable)} over {before}"
-        for unit in ladder.order[start:min(taken, end)]:
+        for unit in (ladder.order[i] for i in chosen):
             choices.append(Choice(unit.tier, unit.modules, unit.saving, why,
                                   tuple(site.reason for site in unit.sites)))
         start = end
@@ -481,7 +508,7 @@ def plan_budget(
         decisions={name: site.rule for name, site in plan.sites.items()},
         choices=choices, tiers=steps, floor_bytes=smallest_budget(floor_peak), batch_size=batch,
         facts=estimator.facts,
-        site_tiers=site_tiers(ladder.order[:taken], ladder.tiers),
+        site_tiers=site_tiers([ladder.order[i] for i in taken], ladder.tiers), plain_blocks=plain,
         recompute_bytes=recompute_bytes(checkpointed(plan), estimator.bp),
     )
 
@@ -508,7 +535,7 @@ class _Ladder:
             self.order += sorted(units, key=self._unit_order(tier))
             self.tier_ends.append(len(self.order))
             previous, previous_kept = plan, kept
-        self.cache: dict[int, tuple[Plan, Report, int]] = {}
+        self.cache: dict[tuple[int, ...], tuple[Plan, Report, int]] = {}
         # The lowest peak among the tiers taken whole (peaks need not fall tier by tier).
         lowest_tier = min(range(len(tiers)), key=self.peaks_by_tier.__getitem__, default=None)
         self.floor_units = 0 if lowest_tier is None else self.tier_ends[lowest_tier]
@@ -523,11 +550,34 @@ class _Ladder:
 
     def evaluate(self, n: int) -> tuple[Plan, Report, int]:
         """The plan of the first ``n`` units, its report and its predicted peak (bytes)."""
-        if n not in self.cache:
-            merged = merge(site_tiers(self.order[:n], self.tiers), self.plans, self.rules)
+        return self.evaluate_units(tuple(range(n)))
+
+    def evaluate_units(self, taken: tuple[int, ...], plain: tuple[str, ...] = ()) -> tuple[Plan, Report, int]:
+        """The plan of the units at positions ``taken`` of the order, with ``plain`` blocks left to their
+        own sites (``leave_plain``): the plan, its report and its predicted peak."""
+        if (taken, plain) not in self.cache:
+            units = [self.order[i] for i in taken]
+            merged = leave_plain(merge(site_tiers(units, self.tiers), self.plans, self.rules), plain)
             report = self.estimator.report(merged, self.estimator.kept(merged))
-            self.cache[n] = merged, report, report.totals.peak_converted_bytes
-        return self.cache[n]
+            self.cache[taken, plain] = merged, report, report.totals.peak_converted_bytes
+        return self.cache[taken, plain]
+
+    def without_needless_checkpoints(self, n: int, usable: int) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        """The first ``n`` units less the checkpointed blocks the plan fits without, last block first,
+        and those blocks (left plain).
+
+        Backward reaches the last blocks first, while few gradients exist: their
+        activations often fit beside them, and each block left out saves its
+        second forward. Stops at the first block the plan needs.
+        """
+        taken, plain = tuple(range(n)), ()
+        blocks = [i for i in taken if self.order[i].tier == CheckpointRule.name]
+        for block in reversed(blocks):
+            trial = tuple(i for i in taken if i != block), (*plain, self.order[block].modules[0])
+            if self.evaluate_units(*trial)[2] > usable:
+                break
+            taken, plain = trial
+        return taken, plain
 
 
 def convert_to_budget(
@@ -574,7 +624,7 @@ def convert_to_budget(
         raise ConversionError(
             f"the plan chosen on fake tensors names modules the real model's trace does not convert "
             f"({missing[:3]}); inspect the model with aalconvert.inspect and report it")
-    plan = merge(chosen.site_tiers, plans, rule_objects)
+    plan = leave_plain(merge(chosen.site_tiers, plans, rule_objects), chosen.plain_blocks)
     target = apply_plan(target, plan, facts)
     if plan.sites:
         applied = sorted({rule.name for rule in plan.rules}, key=api._precedence)

@@ -93,11 +93,26 @@ class CheckpointRule(Rule):
     gradient_exact: ClassVar[bool] = True
     options = None
 
+    def __init__(self, first_block: bool = True) -> None:
+        self.first_block = first_block
+
     def find(self, facts: ModelFacts) -> tuple[list[Site], list[Skip]]:
+        """Every block; without ``first_block``, all but the first, which is left to compression.
+
+        With every block checkpointed, the step peaks when the first block
+        recomputes: its activations are alive again beside nearly every
+        gradient. Compressed instead, it keeps a fraction of them from the
+        forward on, and the peak moves to the second block with one block's
+        gradients fewer.
+        """
+        names = block_names(facts)
+        skips = [] if self.first_block or not names else [Skip(
+            self.name, names[0], "the first block is compressed rather than checkpointed: recomputing it "
+                                 "would make the step's peak, beside nearly every gradient")]
         sites = [Site(self.name, name, "keeps only its inputs; its forward runs again in backward "
                                        "(one more forward of the block)")
-                 for name in block_names(facts)]
-        return sites, []
+                 for name in (names if self.first_block else names[1:])]
+        return sites, skips
 
     def apply(self, model: nn.Module, site: Site, facts: ModelFacts) -> nn.Module:
         module = model.get_submodule(site.module_name)

@@ -12,7 +12,8 @@ Simulated (``StepSimulation``): the same running sum on fake tensors, the
 estimate behind every predicted peak (``Report.totals``). A dispatch mode sees
 every op of the forward, the loss and backward (checkpointed blocks
 recomputing and k-bit copies decoded included), counts each new storage when
-an op makes it and drops it when torch frees it.
+an op makes it and drops it when torch frees it, and adds the workspace of
+CPU convolutions' backward (``workspace_bytes``).
 
 Both count above the step's start: parameters, optimizer state and inputs
 made before it do not count; gradients start as None
@@ -31,6 +32,7 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
+
 
 FORWARD, HOST_COPY = "aalconvert::forward", "aalconvert::to_host"
 
@@ -128,6 +130,8 @@ class StepSimulation(TorchDispatchMode):
         for tensor in pytree.tree_leaves(output):
             if isinstance(tensor, torch.Tensor):
                 self._count(tensor.untyped_storage())
+        # What ops hold beyond their outputs while they run (fakes make outputs only).
+        self.peak_bytes = max(self.peak_bytes, self.level + workspace_bytes(func, args))
         return output
 
     def _count(self, storage: torch.UntypedStorage) -> None:
@@ -142,6 +146,21 @@ class StepSimulation(TorchDispatchMode):
 
     def _freed(self, nbytes: int) -> None:
         self.level -= nbytes
+
+
+def workspace_bytes(func: Any, args: tuple) -> int:
+    """Bytes an op holds beyond its outputs while it runs, where that is known and large.
+
+    The backward of a convolution with a kernel wider than 1 on CPU: oneDNN
+    keeps about two copies of the input (measured for 3x3 convolutions, stride
+    1 and 2). Not modelled: GPU libraries' workspaces, and the temporaries of
+    our kernels' CPU path (the Triton kernels make none).
+    """
+    if func is torch.ops.aten.convolution_backward.default:
+        source, weight = args[1], args[2]
+        wide = any(size > 1 for size in weight.shape[2:])
+        return 2 * source.numel() * source.element_size() if wide and source.device.type == "cpu" else 0
+    return 0
 
 
 def training_loss(output: Any) -> torch.Tensor | None:

@@ -137,4 +137,4 @@ def unpack_bits_impl(
         return bits
     if decode == "binary":
         return bits.to(dtype)
-    return bits.to(dtype) * 2 - 1
+    return bits.to(dtype).mul_(2).sub_(1)

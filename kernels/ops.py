@@ -69,3 +69,4 @@ def _(
     backend: str,
 ) -> torch.Tensor:
     return codes.new_empty(shape, dtype=dtype)
+

@@ -143,11 +143,11 @@ def resolve(rules: str | Rule | Sequence[str | Rule], options: dict[str, Any]) -
                 )
             raise ConversionError(f"unknown option {option}=; allowed options: {', '.join(known)}")
     chosen.sort(key=lambda rule: PRECEDENCE.index(_family(rule)))
-    _coordinate(chosen)
+    coordinate(chosen)
     return chosen
 
 
-def _coordinate(chosen: list[Rule]) -> None:
+def coordinate(chosen: list[Rule]) -> None:
     """Settle what one rule leaves to another of the same set.
 
     Next to an approx rule, ``exact`` packs no masks on the root (the approx
