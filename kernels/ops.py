@@ -69,4 +69,3 @@ def _(
     backend: str,
 ) -> torch.Tensor:
     return codes.new_empty(shape, dtype=dtype)
-
