@@ -617,8 +617,9 @@ def markdown(result: dict) -> str:
              "the most bytes alive above the step's start (activations, gradients, transients; parameters and "
              "inputs excluded); both from torch.profiler's CPU allocation events. save_on_cpu's copies count as "
              "\"to host\", not as kept. Planner budgets: parameters + checkpointing's measured step peak; the "
-             "planner's predicted peak with every block checkpointed; halfway from that to its predicted BP peak "
-             "(SGD, no optimizer state). The target is read at the first. ± after a step time: how far one round "
+             "planner's floor (the least budget any of its plans fits); halfway from the first to parameters + BP's "
+             "measured step peak (SGD, no optimizer state). The target's speed part is read at the first. ± after a "
+             "step time: how far one round "
              "strays from the median (median absolute deviation).", ""]
     lines += ["Ratios to BP (kept for backward / step peak / step time):", "", *summary_table(result)]
     for record in result["records"]:
