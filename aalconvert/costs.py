@@ -73,8 +73,8 @@ RULE_COSTS: dict[str, RuleCost] = {cost.rule: cost for cost in (
     RuleCost("loss_head", False, 1.021, 0.409, 0.0,
              source="time, kept: benchmarks/results/loss_head_cpu.json (Llama, vocabulary 32k); "
                     "fidelity: equal to the plain head up to fp32 rounding (tests)"),
-    RuleCost("checkpoint", False, 1.309, 0.235, 0.0,
-             source="time, kept: benchmarks/results/peers_cpu.json as of commit 20ebfcc (torch.utils.checkpoint "
+    RuleCost("checkpoint", False, 1.278, 0.235, 0.0,
+             source="time, kept: benchmarks/results/peers_cpu.json as of commit f7a335d (torch.utils.checkpoint "
                     "per block, median of torchvision ResNet-50, timm ViT-S, Hugging Face Llama); fidelity: the "
                     "same gradients (the forward runs again with the same RNG state)"),
     RuleCost("ara", False, 1.201, 0.783, 0.37,
