@@ -13,7 +13,7 @@ from aalconvert.checkpointing import remove_checkpoints
 from aalconvert.errors import ConversionError
 from aalconvert.example_inputs import self_described_inputs
 from aalconvert.facts import ModelFacts, gather_facts
-from aalconvert.memory import SavedByModule, fake_copy, fake_inputs, saved_by_module
+from aalconvert.memory import SavedByModule, fake_copy, fake_inputs, saved_by_module, tensors_in
 from aalconvert.nn import CONVERTED_TYPES
 from aalconvert.plan import Plan, SkipFilter, make_plan, skip_filter
 from aalconvert.report import Report, build_report, optimizer_state_factor
@@ -268,9 +268,14 @@ def inspect(
     kept = _saved_by_module(target, inputs, keywords, fake_mode, notes)
     return build_report(
         facts, plan, bp, kept, optimizer=optimizer,
-        estimated_on="the meta device" if any("meta device" in note for note in notes) else "fake tensors",
+        estimated_on=_estimated_on(notes),
         notes=notes[:1] + ([labels_note] if labels_note else []),
     )
+
+
+def _estimated_on(notes: list[str]) -> str:
+    """Where the estimate ran, for the report: the meta device when fake tensors failed (noted), else fake tensors."""
+    return "the meta device" if any("meta device" in note for note in notes) else "fake tensors"
 
 
 def _forward_labels(
@@ -301,7 +306,7 @@ def _saved_by_module(
     try:
         with fake_mode:
             return _simulated_step(model, lambda: model(*inputs, **keywords), tuple(model.parameters()),
-                                   (*model.parameters(), *model.buffers(), *_tensors(inputs, keywords)), notes)
+                                   (*model.parameters(), *model.buffers(), *tensors_in((inputs, keywords))), notes)
     except Exception as error:  # an op without a fake implementation: the meta device may do
         notes.append(f"fake tensors failed ({_one_line(error)}); estimated on the meta device")
         return _saved_on_meta(model, inputs, keywords, error, notes)
@@ -333,10 +338,6 @@ def _simulated_step(model: nn.Module, forward: Callable[[], Any], parameters: tu
     return saved
 
 
-def _tensors(inputs: tuple, keywords: dict) -> list[torch.Tensor]:
-    return [x for x in (*inputs, *keywords.values()) if isinstance(x, torch.Tensor)]
-
-
 def _estimate_device(model: nn.Module, example_inputs: tuple) -> torch.device:
     """The device the fake tensors claim: the inputs', else the parameters', else CPU (never meta)."""
     tensors = [x for x in example_inputs if isinstance(x, torch.Tensor)]
@@ -362,7 +363,7 @@ def _saved_on_meta(model: nn.Module, inputs: tuple, keywords: dict, fake_error: 
     try:
         return _simulated_step(model, lambda: functional_call(model, state, meta_inputs, meta_keywords),
                                tuple(state.values()),
-                               (*state.values(), *_tensors(meta_inputs, meta_keywords)), notes)
+                               (*state.values(), *tensors_in((meta_inputs, meta_keywords))), notes)
     except Exception as error:
         raise ConversionError(
             f"the model ran neither on fake tensors ({_one_line(fake_error)}) nor on the meta "

@@ -97,7 +97,7 @@ def smallest_budget(peak_bytes: int) -> int:
 
 
 class BudgetError(ConversionError):
-    """The budget is under the floor: even the plan that keeps least does not fit.
+    """The budget is under the floor: even the plan that peaks least does not fit.
 
     ``floor_bytes``: the least budget that plan fits (its predicted peak and
     the headroom); ``largest_batch``: the largest batch it would fit at the
@@ -261,7 +261,7 @@ class _Estimator:
         return with_checkpoint_inputs(saved, held)
 
     def report(self, plan: Plan, kept: SavedByModule) -> Report:
-        estimated_on = "the meta device" if any("meta device" in n for n in self.notes) else "fake tensors"
+        estimated_on = self.api._estimated_on(self.notes)
         return build_report(self.facts, plan, self.bp, kept, optimizer=self.optimizer,
                             estimated_on=estimated_on, notes=list(dict.fromkeys(self.notes)))
 

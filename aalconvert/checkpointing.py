@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from aalconvert.facts import ModelFacts
-from aalconvert.memory import SavedByModule
+from aalconvert.memory import SavedByModule, tensors_in
 from aalconvert.rules.base import Rule, Site, Skip
 
 NAME = "checkpoint"
@@ -120,17 +120,6 @@ class CheckpointRule(Rule):
         return model
 
 
-def _tensors(value: Any) -> Iterator[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for item in value:
-            yield from _tensors(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors(item)
-
-
 @contextmanager
 def checkpoint_inputs(model: nn.Module, key: Callable[[torch.UntypedStorage], int]
                       ) -> Iterator[dict[str, dict[int, int]]]:
@@ -150,7 +139,7 @@ def checkpoint_inputs(model: nn.Module, key: Callable[[torch.UntypedStorage], in
         if id(module) not in names or not torch.is_grad_enabled():
             return
         storages = recorded.setdefault(names[id(module)], {})
-        for tensor in _tensors((args, kwargs)):
+        for tensor in tensors_in((args, kwargs)):
             storage = tensor.untyped_storage()
             storage_id = key(storage)
             if storage_id in own or storage_id in seen or storage.nbytes() == 0:

@@ -10,7 +10,7 @@ be studied; ``saved_by_module`` also says which module kept each storage.
 """
 
 import copy
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,14 +107,20 @@ class SavedByModule:
         return sum(self.bytes_by_module.values())
 
 
-def _first_tensor(value: Any) -> torch.Tensor | None:
+def tensors_in(value: Any) -> Iterator[torch.Tensor]:
+    """The tensors in ``value`` (a tensor, or tuples, lists and dicts of them, nested), in order."""
     if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (tuple, list)):
-        return next((t for t in map(_first_tensor, value) if t is not None), None)
-    if isinstance(value, dict):
-        return next((t for t in map(_first_tensor, value.values()) if t is not None), None)
-    return None
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from tensors_in(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from tensors_in(item)
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    return next(tensors_in(value), None)
 
 
 def saved_by_module(

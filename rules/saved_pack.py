@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from aalconvert.facts import ModelFacts
+from aalconvert.memory import tensors_in
 from aalconvert.nn import CONVERTED_TYPES
 from aalconvert.nn.approx_common import ApproxOptions, functorch_active
 from aalconvert.nn.lossless import MASK_ACTIVATIONS, CompactMaxPool2d, MaskDropout
@@ -35,17 +36,6 @@ PAYLOAD_KEY = "saved_pack"
 # what they decide, the rest is packed), and mask variants save bits only. No hook of the packer
 # then sits on a dropout that a fused attention core must find hook-free.
 _NOTHING_TO_KEEP = (TracedForwardVariant, *MASK_ACTIVATIONS.values(), MaskDropout, CompactMaxPool2d)
-
-
-def _tensors(value: object) -> list[torch.Tensor]:
-    """The tensors in a forward's arguments (nested tuples, lists and dicts)."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for item in value for t in _tensors(item)]
-    if isinstance(value, dict):
-        return [t for item in value.values() for t in _tensors(item)]
-    return []
 
 
 class SavedPackScope(_Wiring):
@@ -76,7 +66,7 @@ class SavedPackScope(_Wiring):
         if packing:
             self._arm(module)
             self.packer.begin(itertools.chain(
-                module.parameters(), module.buffers(), _tensors(args), _tensors(kwargs)))
+                module.parameters(), module.buffers(), tensors_in(args), tensors_in(kwargs)))
 
     def _end(self, module: nn.Module, args: tuple, output: object) -> None:
         if torch.compiler.is_compiling():
