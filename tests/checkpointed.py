@@ -5,11 +5,12 @@ from torch.utils.checkpoint import checkpoint
 
 
 class Checkpointed(nn.Module):
-    """Runs ``inner`` under ``torch.utils.checkpoint`` (non-reentrant), as users wrap blocks."""
+    """Runs ``inner`` under ``torch.utils.checkpoint`` (non-reentrant unless asked), as users wrap blocks."""
 
-    def __init__(self, inner: nn.Module) -> None:
+    def __init__(self, inner: nn.Module, reentrant: bool = False) -> None:
         super().__init__()
         self.inner = inner
+        self.reentrant = reentrant
 
     def forward(self, *args):
-        return checkpoint(self.inner, *args, use_reentrant=False)
+        return checkpoint(self.inner, *args, use_reentrant=self.reentrant)

@@ -190,6 +190,23 @@ def test_checkpointed_converted_blocks_give_unchecked_gradients_and_keep_no_more
     assert [s.tensor for s in slots] == [None] * len(slots)
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointed_approx_blocks_recompute_from_exact_inputs(reentrant):
+    # Block inputs large enough for the k-bit packer (at MODELS' sizes they are under min_numel):
+    # checkpoint keeps them to run the block again, and a k-bit copy there would make the whole
+    # recomputed block approximate (the gradient's cosine to BP fell to 0.80 on the ResNet example).
+    torch.manual_seed(0)
+    sizes = dict(width=16, image_size=32)
+    example = EXAMPLES["resnet_basic"]
+    inputs = example.example_inputs(batch_size=16, **sizes)
+    model = aalconvert.convert(example.build_model(**sizes), "approx4", example_inputs=inputs)
+    assert model.layer1[0](model.maxpool(model.relu(model.bn1(model.conv1(*inputs))))).numel() >= 4096
+    unchecked = _gradients(model, inputs)
+    for index, block in enumerate(model.layer1):
+        model.layer1[index] = Checkpointed(block, reentrant=reentrant)
+    assert _all_equal(_gradients(model, inputs), unchecked)
+
+
 def test_checkpoint_splitting_an_ara_group_fails_loudly_instead_of_giving_bp_gradients():
     # Recomputing one block of a group in backward has no anchor (the group's first block is
     # in another region): a silent fallback would give BP's weight gradient. It must raise.
