@@ -19,7 +19,8 @@ from the chain in backward (exact).
 
 Zoo activations and norms (Hugging Face ``NewGELUActivation``, ``LlamaRMSNorm``)
 whose BP keeps more than their input keep only the input and run their forward
-again in backward (``aalconvert.nn.zoo_pointwise``; exact).
+again in backward (``aalconvert.nn.zoo_pointwise``; exact); those whose input also
+feeds a residual keep autograd's own graph (``aalconvert.nn.zoo_pointwise_graph``).
 
 Attention cores too (``aalconvert.rules.attention``): a module whose own forward
 computes ``matmul(dropout(softmax(s)), v)`` becomes a ``RecomputedAttention``
@@ -56,6 +57,7 @@ from aalconvert.nn.zoo_pointwise import (
     bp_keeps_more_than_input,
     pointwise_problem,
 )
+from aalconvert.nn.zoo_pointwise_graph import GraphPointwiseVariant
 from aalconvert.rules.attention import PAYLOAD_KEY, apply_attention_site, attention_sites
 from aalconvert.rules.gated_mlp import gated_mlp_sites
 from aalconvert.rules.base import SERVES, Rule, Site, Skip
@@ -195,7 +197,8 @@ class RecomputeRule(Rule):
             return apply_attention_site(model, site, {})
         module = model.get_submodule(site.module_name)
         if POINTWISE_KEY in site.payload:
-            return swap_module(model, site.module_name, PointwiseVariant.from_module(module))
+            variant = GraphPointwiseVariant if site.payload[POINTWISE_KEY] == GRAPH else PointwiseVariant
+            return swap_module(model, site.module_name, variant.from_module(module))
         if MHA_KEY in site.payload:
             chain: Chain = site.payload[MHA_KEY]
             variant = RecomputedInputMultiheadAttention.from_module(
@@ -272,38 +275,30 @@ def apply_chain_site(model: nn.Module, site: Site, kept_copy: ApproxOptions | No
 
 
 POINTWISE_KEY = "pointwise"
+GRAPH = "graph"  # POINTWISE_KEY's value for a site whose variant keeps BP's autograd graph
 
 
-def _input_shared(facts: ModelFacts, name: str) -> str | None:
-    """Why recomputing zoo module ``name`` could change its input's gradient in the last bit.
+def _input_shared(facts: ModelFacts, name: str) -> bool:
+    """Whether zoo module ``name``'s input may also feed other ops (a pre-norm block's residual).
 
-    When the input also feeds other ops (a pre-norm block's residual), autograd
-    adds the gradient contributions at the input in the order they arrive; one
-    recomputing node sums the module's own contributions first, so the rounding
-    can differ from BP's. A norm's input is usually such a residual stream, so a
-    norm not seen as one traced call is left too; an activation's input (a
-    layer's output) is not.
+    Autograd adds the gradient contributions at such an input in the order they
+    arrive; one recomputing node (``PointwiseVariant``) sums the module's own
+    contributions first, so the rounding can differ from BP's. A norm's input is
+    usually such a residual stream, so a norm not seen as one traced call counts
+    as shared; an activation's input (a layer's output) does not.
     """
     nodes = facts.call_nodes.get(name, ())
     if len(nodes) != 1:
-        if not is_norm_like(facts.modules[name]):
-            return None
-        return (
-            f"a norm called {len(nodes)} times in the traced graphs: whether its input also feeds "
-            "a residual (whose gradient would be summed in another order than BP's) is unknown"
-        )
+        return is_norm_like(facts.modules[name])
     source = nodes[0].args[0] if nodes[0].args else None
-    if isinstance(source, fx.Node) and len(source.users) > 1:
-        readers = ", ".join(user.name for user in source.users if user is not nodes[0])
-        return (
-            f"its input is also read by {readers}: gradients summed there would round differently "
-            "from BP's, so the exact rule leaves it (approx* still takes it)"
-        )
-    return None
+    return isinstance(source, fx.Node) and len(source.users) > 1
 
 
 def pointwise_sites(rule: str, facts: ModelFacts, bits: int | None) -> tuple[list[Site], list[Skip]]:
-    """Sites for zoo activations/norms: keep the exact input (``bits`` None) or a k-bit copy of it."""
+    """Sites for zoo activations/norms: keep the exact input (``bits`` None) or a k-bit copy of it.
+
+    An exact site whose input also feeds other ops (``_input_shared``) keeps autograd's own
+    graph (``GraphPointwiseVariant``), so the input's gradient is summed in BP's order."""
     sites, skips = [], []
     for name, module in facts.modules.items():
         if pointwise_problem(module) is not None:
@@ -311,11 +306,12 @@ def pointwise_sites(rule: str, facts: ModelFacts, bits: int | None) -> tuple[lis
         if bits is None and not bp_keeps_more_than_input(module):
             skips.append(Skip(rule, name, f"{type(module).__name__} keeps only its input under BP already"))
             continue
-        if bits is None and (shared := _input_shared(facts, name)) is not None:
-            skips.append(Skip(rule, name, shared))
-            continue
         kept = "only its input" if bits is None else f"a {bits}-bit copy of its input"
-        exact = " (exact)" if bits is None else ""
-        reason = f"keeps {kept}; its forward runs again in backward{exact}"
+        reason = f"keeps {kept}; its forward runs again in backward"
+        if bits is None and _input_shared(facts, name):
+            reason += " to rebuild the other tensors its ops save, autograd's graph as BP's (exact)"
+            sites.append(Site(rule, name, reason, payload={POINTWISE_KEY: GRAPH}))
+            continue
+        reason += " (exact)" if bits is None else ""
         sites.append(Site(rule, name, reason, payload={POINTWISE_KEY: True}))
     return sites, skips

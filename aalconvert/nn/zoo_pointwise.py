@@ -178,13 +178,14 @@ class PointwiseVariant(nn.Module):
     k-bit copy. Built with ``from_module``; ``to_module`` gives the zoo module back.
     """
 
+    NAME: ClassVar[str] = "KeepInput"
     zoo_class: ClassVar[type[nn.Module]]
     _variant_classes: ClassVar[dict[tuple[type, type], type]] = {}
 
     @classmethod
     def variant_class(cls, zoo_class: type[nn.Module]) -> type:
         """The subclass of this mixin and ``zoo_class`` (one per zoo class, reused)."""
-        name = f"KeepInput[{zoo_class.__name__}]"
+        name = f"{cls.NAME}[{zoo_class.__name__}]"
         return mixed_class(cls, zoo_class, name, cls._variant_classes, zoo_class=zoo_class)
 
     @classmethod
@@ -194,7 +195,7 @@ class PointwiseVariant(nn.Module):
         if problem is not None:
             raise ConversionError(f"{cls.__name__}.from_module cannot convert {type(module).__name__}: {problem}")
         pointwise_options = make_options(cls.__name__, options) if options else None
-        return _rebuild_variant(module, pointwise_options)
+        return _rebuild_variant(module, pointwise_options, cls)
 
     def to_module(self) -> nn.Module:
         """An instance of the zoo class holding this variant's Parameters, buffers and hooks."""
@@ -203,7 +204,8 @@ class PointwiseVariant(nn.Module):
     def __reduce_ex__(self, protocol: int) -> tuple:
         # The variant class is made at run time and cannot be pickled by name: pickle the
         # zoo module and rebuild the variant from it when loading.
-        return (_rebuild_variant, (self.to_module(), getattr(self, OPTIONS_ATTRIBUTE)))
+        mixin = type(self).__bases__[0]  # this class's mixin: PointwiseVariant or a subclass of it
+        return (_rebuild_variant, (self.to_module(), getattr(self, OPTIONS_ATTRIBUTE), mixin))
 
     def zoo_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.zoo_class.forward(self, x)
@@ -224,9 +226,10 @@ class PointwiseVariant(nn.Module):
         return f"{base}, {kept}" if base else kept
 
 
-def _rebuild_variant(module: nn.Module, options: ApproxOptions | None) -> PointwiseVariant:
-    """The variant of a checked zoo ``module`` (from_module, and unpickling)."""
-    new = rebuild_as(PointwiseVariant.variant_class(type(module)), module)
+def _rebuild_variant(module: nn.Module, options: ApproxOptions | None,
+                     mixin: type[PointwiseVariant] = PointwiseVariant) -> PointwiseVariant:
+    """The ``mixin`` variant of a checked zoo ``module`` (from_module, and unpickling)."""
+    new = rebuild_as(mixin.variant_class(type(module)), module)
     setattr(new, OPTIONS_ATTRIBUTE, options)
     new.__dict__[HOOKLESS_ATTRIBUTE] = _HooklessCall(new)  # not registered: no cycle in the tree
     return new
