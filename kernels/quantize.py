@@ -9,12 +9,19 @@ Layout (this torch reference defines it; the Triton kernel matches it byte for b
 - Per group, ``mins`` holds the group minimum rounded *down* to ``scale_dtype``
   and ``scales`` the step ``(max - min) / (2**bits - 1)`` (fp32) rounded *up* to
   ``scale_dtype``. Encoding uses these stored values, so every code lies in
-  ``[0, 2**bits - 1]`` and nearest rounding decodes within half a step.
+  ``[0, 2**bits - 1]`` and nearest rounding decodes within half a step (but for
+  the sign-preserving rule below).
 - ``code = floor((x - min) / scale + u)`` clamped to ``[0, 2**bits - 1]``, with
   ``u = 0.5`` (nearest) or ``u`` uniform in ``[0, 1)`` (stochastic, unbiased).
   ``u`` is ``(hash(seed, i) >> 8) * 2**-24``: a counter-based 32-bit integer hash
   of the seed and the element index ``i``, computed in int64 masked to 32 bits, so
   the Triton kernel reproduces it exactly.
+- Sign preserving (nearest rounding only): in a group whose stored min is 0 (+-0),
+  an element ``x > 0`` gets code at least 1. Zero then decodes to exactly zero and
+  nothing positive to zero, so the copy of a tensor ``>= 0`` (a ReLU's output)
+  holds its exact mask ``x > 0``, and a ReLU can read its backward from the copy
+  the next layer keeps (``aalconvert.nn.approx_shared_relu``). Such an element
+  errs by less than one step (not half); stochastic rounding is left unbiased.
 - Codes are packed densely over the whole tensor, little-endian within a byte:
   code ``i`` sits at bits ``(i % (8 // bits)) * bits`` of byte ``i // (8 // bits)``;
   unused high bits of the last byte are 0. ``codes`` has ``ceil(N * bits / 8)``
@@ -343,6 +350,8 @@ def quantize_reference(
         offset = 0.5
     scaled = (padded - min_value[:, None]) / scale_value[:, None]
     codes = torch.floor(scaled + offset).clamp(0, levels)
+    if not stochastic:  # sign preserving (module docstring)
+        codes = torch.where((min_value[:, None] == 0) & (padded > 0), codes.clamp_min(1), codes)
     codes = torch.where(usable[:, None], codes, 0).to(torch.uint8).reshape(-1)
     return pack_codes(codes, numel, bits), mins, scales
 

@@ -67,18 +67,35 @@ def quantize_cpu(
         if stochastic:
             index = torch.arange(start, end, dtype=torch.int64)
             offset = uniform_from_index(index, *seed_keys(seed)).view(row.shape)
+        unused = ~usable[start_group:end_group]
+        lifted = None if stochastic else _sign_preserving_lift(row, min_value[start_group:end_group], unused)
         # A buffer of our own (a converted or companded copy) is overwritten in place.
         scaled = row.sub_(min_value[start_group:end_group, None]) if owned else torch.sub(
             row, min_value[start_group:end_group, None]
         )
         scaled.div_(scale_value[start_group:end_group, None]).add_(offset)
-        unused = ~usable[start_group:end_group]
+        if lifted is not None:  # max(floor(s), 1) = floor(max(s, 1))
+            torch.maximum(scaled, lifted, out=scaled)
         if unused.any():  # NaN and constant groups: codes 0, whatever the division gave
             scaled[unused] = 0
         scaled.floor_().clamp_(0, levels)
         codes[start * bits // 8 : math.ceil(end * bits / 8)] = _bytes_of_codes(scaled, bits)
         start_group, start = end_group, end
     return codes, mins, scales
+
+
+def _sign_preserving_lift(row: torch.Tensor, min_value: torch.Tensor, unused: torch.Tensor) -> torch.Tensor | None:
+    """1 where nearest rounding must give at least code 1 (``x > 0`` in a usable group whose
+    stored min is 0: ``quantize.py``'s sign-preserving rule), else 0 or -1 (NaN only in unused
+    groups, whose codes are zeroed); None when no group has min 0.
+
+    ``sign(x - t)`` with ``t`` 0 or inf per group: two passes, half the cost of a bool mask
+    combined per group and converted."""
+    zero_min = (min_value == 0) & ~unused
+    if not zero_min.any():
+        return None
+    threshold = torch.where(zero_min, 0.0, float("inf"))
+    return torch.sub(row, threshold[:, None]).sign_()
 
 
 def _bytes_of_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:

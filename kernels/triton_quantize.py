@@ -105,7 +105,11 @@ def _quantize_kernel(
         group[:, None, None] * GROUP_SIZE + byte[None, :, None] * PER_BYTE + slot[None, None, :]
     )
     valid = (byte[None, :, None] < BYTES_PER_GROUP) & (element < numel)
-    x = tl.load(x_ptr + element, mask=valid, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + element, mask=valid, other=0.0)
+    if x_ptr.dtype.element_ty == tl.bfloat16:  # widened by its bits: subnormals kept on every backend
+        x = (x.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        x = x.to(tl.float32)
     if SQRT:
         root = tl.sqrt_rn(tl.abs(x))
         x = tl.where(x < 0, -root, root)
@@ -147,6 +151,9 @@ def _quantize_kernel(
     safe_scale = tl.where(usable, scale_value[:, None, None], 1.0)
     scaled = tl.div_rn(x - min_value[:, None, None], safe_scale)
     code = tl.minimum(tl.maximum(tl.floor(scaled + offset), 0.0), LEVELS * 1.0)
+    if not STOCHASTIC:  # sign preserving: x > 0 above a min of 0 never gets code 0
+        lift = (min_value[:, None, None] == 0) & (x > 0)
+        code = tl.where(lift, tl.maximum(code, 1.0), code)
     code = tl.where(valid & usable, code, 0.0).to(tl.int32)
     packed = tl.sum(code << (slot[None, None, :] * BITS), axis=2)
 

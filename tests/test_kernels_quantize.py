@@ -342,6 +342,42 @@ def test_stochastic_codes_are_reproducible_from_the_seed():
     assert torch.equal(quantize(x, 2, stochastic=True).codes, drawn.codes)
 
 
+def nonnegative_tensor(dtype: torch.dtype) -> torch.Tensor:
+    """A ReLU output with positives far below half a step of their group (down to subnormals),
+    a group of one constant, groups holding inf and NaN, and a group with negatives."""
+    x = torch.randn(3, 1000, generator=torch.Generator().manual_seed(0)).relu()
+    x[0, :50] *= 1e-6
+    x[1, 5] = 1e-40 if dtype != torch.float16 else 1e-7  # subnormal in the input's dtype
+    x[2, 7] = 3e-9
+    x[2, 128:192] = 2.0
+    x[2, 200], x[2, 300] = float("nan"), float("inf")
+    x[1, 500:520] -= 3.0
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("companding", ["none", "sqrt"])
+@pytest.mark.parametrize("scale_dtype", SCALE_DTYPES)
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nearest_rounding_keeps_the_sign_of_groups_with_min_zero(dtype, bits, scale_dtype, companding):
+    x = nonnegative_tensor(dtype)
+    q = assert_backends_agree(x, bits=bits, group_size=64, scale_dtype=scale_dtype, companding=companding)
+    # In the quantized domain and fp32: squaring, or the cast to fp16, may flush tiny values.
+    decoded = dequantize(QuantizedTensor.from_tensors(q.tensors(), q.shape, torch.float32, bits, 64))
+    groups = x.float().reshape(-1)
+    groups = torch.nn.functional.pad(groups, (0, -groups.numel() % 64), value=1.0).view(-1, 64)
+    signed = ((groups.isfinite().all(1)) & (groups.amin(1) >= 0)).repeat_interleave(64)[: x.numel()]
+    assert torch.equal((decoded.reshape(-1) > 0)[signed], (x.reshape(-1) > 0)[signed])
+    assert signed.sum() >= x.numel() - 3 * 64  # only the NaN, inf and negative groups are left out
+
+
+def test_stochastic_rounding_is_not_lifted():
+    # Unbiased stays unbiased: a tiny positive may still round to code 0.
+    x = torch.tensor([0.0, 1.0] + [1e-4] * 62).repeat(64)
+    q = quantize(x, 2, group_size=64, stochastic=True, seed=3)
+    assert (dequantize(q) == 0).sum() > 64
+
+
 # ------------------------------------------------------------------ special groups
 
 
