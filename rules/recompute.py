@@ -95,14 +95,21 @@ def input_chain(facts: ModelFacts, node: fx.Node) -> Chain | str:
     names: list[str] = []
     fallback: Chain | None = None  # a chain starting at a maskable activation that keeps its input
     current = node.args[0] if node.args else None
-    while isinstance(current, fx.Node) and current.op == "call_module":
-        name = qualified_name(current)
+    while isinstance(current, fx.Node):
+        inlined = _inlined_call(facts, current)
+        if inlined is not None:
+            name, source, calls = inlined
+        elif current.op == "call_module":
+            name = qualified_name(current)
+            source, calls = (current.args[0] if current.args else None), facts.call_count(name)
+        else:
+            break
         module = facts.modules[name]
         if _passes_on_input(module):
             # A zero-probability dropout returns its very input (torchvision's MLPBlock,
             # timm's Mlp): a chain member that never starts the chain.
             names.insert(0, name)
-            current = current.args[0] if current.args else None
+            current = source
             continue
         maskable = type(module) in MASK_ACTIVATIONS or isinstance(module, _MASK_VARIANTS)
         zoo = pointwise_problem(module) is None or isinstance(module, PointwiseVariant)
@@ -113,17 +120,15 @@ def input_chain(facts: ModelFacts, node: fx.Node) -> Chain | str:
         if maskable and type(module) is not nn.ReLU:
             # Keeps its input, so it could start the chain; a norm further back is better
             # (this one then keeps a 1-bit mask, and its input is kept by nobody).
-            if not inplace and type(module) in MASK_ACTIVATIONS and facts.call_count(name) == 1:
+            if not inplace and type(module) in MASK_ACTIVATIONS and calls == 1:
                 fallback = Chain(start=name, modules=tuple(names))
         # An in-place activation overwrites its input, so it cannot start the chain: the module
         # before it (a norm keeping its own input) can.
         elif (keeps_input(module) or (zoo and bp_keeps_input(module))) and not inplace:
-            if facts.call_count(name) != 1:
-                return fallback or (
-                    f"{name} starts the input chain but is called {facts.call_count(name)} times"
-                )
+            if calls != 1:
+                return fallback or f"{name} starts the input chain but is called {calls} times"
             return Chain(start=name, modules=tuple(names))
-        current = current.args[0] if current.args else None
+        current = source
     if fallback is not None:
         return fallback
     if not names:
@@ -132,6 +137,33 @@ def input_chain(facts: ModelFacts, node: fx.Node) -> Chain | str:
 
 
 _MASK_VARIANTS = (MaskReLU, MaskHardtanh, MaskReLU6, MaskLeakyReLU)
+
+
+def _inlined_call(facts: ModelFacts, node: fx.Node) -> tuple[str, fx.Node, int] | None:
+    """``(name, input, calls)`` when ``node`` returns a call of zoo activation ``name`` that fx
+    traced through (Hugging Face's ``NewGELUActivation`` and ``GELUActivation`` are no graph
+    leaves: GPT-2's ``c_proj`` reads ``mul_3`` of ``act``), ``input`` being the one node from
+    outside that call it reads and ``calls`` how many calls of ``name`` the graph inlines;
+    None otherwise."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if node.op not in ("call_function", "call_method") or not stack:
+        return None
+    key = next(reversed(stack))  # one call: "act", its next call "act@1"
+    path = stack[key][0]
+    region = next((r.name for r in facts.trace.regions if r.graph_module.graph is node.graph), None)
+    name = ".".join(part for part in (region, path) if part)
+    module = facts.modules.get(name)
+    if region is None or module is None or (pointwise_problem(module) is not None
+                                            and not isinstance(module, PointwiseVariant)):
+        return None
+    stacks = [n.meta.get("nn_module_stack") or {} for n in node.graph.nodes]
+    inside = {n for n, s in zip(node.graph.nodes, stacks) if key in s}
+    outside_inputs = {a for n in inside for a in n.all_input_nodes if a not in inside}
+    outputs = {n for n in inside if any(user not in inside for user in n.users)}
+    if outputs != {node} or len(outside_inputs) != 1:
+        return None
+    calls = len({k for s in stacks for k, value in s.items() if value[0] == path})
+    return name, outside_inputs.pop(), calls
 
 
 def _passes_on_input(module: nn.Module) -> bool:

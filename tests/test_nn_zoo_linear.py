@@ -287,10 +287,11 @@ def test_gpt2_conv1d_layers_are_converted_by_asa_auto_approx4_and_recompute():
     for rule, variant_cls in (("asa", ASATransposedLinear), ("auto", ASATransposedLinear),
                               ("approx4", ApproxTransposedLinear)):
         model = aalconvert.convert(build(), rule, example_inputs=(ids,))
-        # under approx4, the layers after a LayerNorm share its k-bit copy (a recompute variant);
-        # under auto, the layers after a LayerNorm keep nothing (recompute, exact) rather than
-        # ASA's 1-bit sign; the two c_proj layers stay ASA's
-        chained = [n for n in conv_names if rule in ("approx4", "auto") and n.endswith(("c_attn", "c_fc"))]
+        # under approx4, the layers after a LayerNorm or NewGELUActivation share its k-bit copy (a
+        # recompute variant); under auto, they keep nothing (recompute, exact) rather than ASA's
+        # 1-bit sign; attn.c_proj (after the attention's matmul) stays ASA's
+        chained = [n for n in conv_names
+                   if rule in ("approx4", "auto") and n.endswith(("c_attn", "c_fc", "mlp.c_proj"))]
         assert all(type(model.get_submodule(name)) is RecomputedInputTransposedLinear for name in chained)
         assert all(type(model.get_submodule(name)) is variant_cls
                    for name in conv_names if name not in chained), rule
@@ -310,19 +311,21 @@ def test_gpt2_conv1d_layers_are_converted_by_asa_auto_approx4_and_recompute():
 
     bp.output.pow(2).mean().backward()
     model = aalconvert.convert(build(), "recompute", example_inputs=(ids,))
-    after_norm = [name for name in conv_names if name.endswith(("c_attn", "c_fc"))]
-    assert all(type(model.get_submodule(name)) is RecomputedInputTransposedLinear for name in after_norm)
+    # mlp.c_proj reads NewGELUActivation's output, traced through (no graph leaf): it rebuilds it too
+    chained = [name for name in conv_names if name.endswith(("c_attn", "c_fc", "mlp.c_proj"))]
+    assert all(type(model.get_submodule(name)) is RecomputedInputTransposedLinear for name in chained)
     saved = run(model)
     saved.output.pow(2).mean().backward()
     assert torch.equal(saved.output.detach(), bp.output.detach())
     for (name, p), (_, p_bp) in zip(model.named_parameters(), bp_model.named_parameters()):
         assert torch.equal(p.grad, p_bp.grad), name
-    # Not kept any more, per layer: two layer-norm outputs, and what NewGELUActivation's
-    # ops keep beyond their input (its variant keeps the input only, aalconvert.nn.zoo_pointwise).
+    # Not kept any more, per layer: two layer-norm outputs, the GELU output, and what
+    # NewGELUActivation's ops keep beyond their input (its variant keeps the input only,
+    # aalconvert.nn.zoo_pointwise).
     gelu_input = torch.randn(4, 32, 128, requires_grad=True)
     gelu_extra = measure_saved(lambda: NewGELUActivation()(gelu_input)).nbytes - gelu_input.numel() * 4
     assert gelu_extra > 0
-    assert saved.nbytes == exact.nbytes - 2 * (2 * 4 * 32 * 32 * 4 + gelu_extra)
+    assert saved.nbytes == exact.nbytes - 2 * (2 * 4 * 32 * 32 * 4 + 4 * 32 * 128 * 4 + gelu_extra)
 
 
 # ------------------------------------------------------------------ recompute

@@ -197,3 +197,69 @@ def test_cross_attention_and_a_direct_call_stay_plain_and_exact():
     got = torch.autograd.grad(converted[0].self_attention(y, y, y)[0].sum(), [y, *converted[0].self_attention.parameters()])
     want = torch.autograd.grad(block[0].self_attention(y, y, y)[0].sum(), [y, *block[0].self_attention.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+class TwiceActivation(nn.Module):
+    """A zoo-style activation (a ``...Activation`` that fx traces through, as Hugging Face's are)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)  # keeps x (the product saves it)
+
+
+class ActivationCalledTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.act, self.down = nn.Linear(16, 16), TwiceActivation(), nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.act(self.up(x))))
+
+
+def _bert(**fields):
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, **fields)
+    return transformers.BertModel(config, add_pooling_layer=False).train()
+
+
+def test_layer_after_an_inlined_hf_activation_rebuilds_its_input_bit_identical():
+    """Hugging Face's GELUActivation is traced through (no graph leaf): BertOutput.dense reads
+    its internal op; the chain starts at the activation module all the same."""
+    model = _bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    ids = torch.randint(0, 60, (2, 11), generator=torch.Generator().manual_seed(1))
+
+    def step(m):
+        saved = measure_saved(lambda: m(ids).last_hidden_state, m.parameters())
+        return saved.nbytes, torch.autograd.grad(saved.output.square().sum(), list(m.parameters()))
+
+    bp_bytes, expected = step(model)
+    converted = aalconvert.convert(model, "recompute", example_inputs=(ids,))
+    dense = converted.encoder.layer[0].output.dense
+    assert type(dense) is RecomputedInputLinear
+    assert dense.chain == (converted.encoder.layer[0].intermediate.intermediate_act_fn,)
+    kept_bytes, actual = step(converted)
+    for e, a in zip(expected, actual, strict=True):
+        assert torch.equal(e, a)
+    assert kept_bytes < bp_bytes
+    auto = aalconvert.convert(model, "auto", example_inputs=(ids,))
+    assert type(auto.encoder.layer[0].output.dense) is RecomputedInputLinear  # not ASA's 1-bit sign
+
+
+def test_a_hook_changing_the_inlined_activation_output_leaves_the_layer_exact():
+    model = _bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    ids = torch.randint(0, 60, (2, 11), generator=torch.Generator().manual_seed(1))
+    converted = aalconvert.convert(model, "recompute", example_inputs=(ids,), inplace=False)
+    for m in (model, converted):
+        m.encoder.layer[0].intermediate.intermediate_act_fn.register_forward_hook(lambda mod, a, out: out * 3)
+    results = [torch.autograd.grad(m(ids).last_hidden_state.square().sum(), list(m.parameters()))
+               for m in (model, converted)]
+    for e, a in zip(*results, strict=True):
+        assert torch.equal(e, a)
+
+
+def test_an_inlined_activation_called_twice_starts_no_chain():
+    plan, _ = plan_conversion(ActivationCalledTwice(), "recompute", example_inputs=(torch.randn(3, 16),))
+    assert "down" not in plan.sites
+    assert any(skip.module_name == "down" and "called 2 times" in skip.reason for skip in plan.skips)
