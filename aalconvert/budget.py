@@ -28,10 +28,12 @@ How the plan is chosen:
    saving was estimated under. Checkpointed blocks go in forward order: the
    first blocks' activations are the ones still alive when backward has made
    nearly every gradient, so checkpointing them lowers the peak first.
+   ``checkpoint4`` refines ``checkpoint`` on the same blocks (4-bit copies of
+   their inputs) and comes right after it (``costs.RuleCost.follows``).
 4. Search. The smallest prefix whose plan, estimated on fake tensors, fits the
    budget; found by bisection inside the first tier whose full plan fits.
-   Then the checkpointed blocks the plan fits without are left out, last
-   block first (``_Ladder.without_needless_checkpoints``): backward reaches
+   Then the checkpointed blocks the plan fits without are left out (both
+   their units), last block first (``_Ladder.without_needless_checkpoints``): backward reaches
    them while few gradients exist. The plan's peak is an estimate of the very
    plan returned, not a sum.
 5. Without checkpointing. Checkpointing every block keeps each block's input
@@ -43,7 +45,7 @@ How the plan is chosen:
    backward), a plan that keeps less can peak higher (decoded copies, a
    block recomputing), so the floor is not always the plan that keeps least.
 
-A checkpointed block counts its inputs as kept; the simulated step runs its
+A checkpointed block counts its inputs (or their copies) as kept; the simulated step runs its
 recomputation in backward, so the peak counts what it keeps under BP alive
 again, with the gradients of everything after it.
 """
@@ -61,7 +63,8 @@ from torch._subclasses import FakeTensorMode
 
 from aalconvert.bisection import first_true
 from aalconvert.checkpointing import (
-    CheckpointRule, held_by_checkpoints, inside, recompute_bytes, with_checkpoint_inputs)
+    CHECKPOINT_RULES, CheckpointRule, CopiedBoundaryRule, held_by_checkpoints, inside, recompute_bytes,
+    with_checkpoint_inputs)
 from aalconvert.costs import RULE_COSTS, tier_order
 from aalconvert.errors import ConversionError
 from aalconvert.facts import ModelFacts, gather_facts
@@ -278,11 +281,12 @@ def tier_rules(tiers: list[str], rule_options: dict[str, Any]) -> list[Rule]:
     """One Rule object per tier name, built from convert()'s options (checked first)."""
     if "bits" in rule_options:
         raise ConversionError("bits= does not apply with a budget: the planner chooses the bit widths")
-    registered = [name for name in tiers if name != CheckpointRule.name]
+    registered = [name for name in tiers if name not in CHECKPOINT_RULES]
     approx = [name for name in registered if name.startswith("approx")]
     resolve([name for name in registered if name not in approx] + approx[:1] or ["exact"], rule_options)
     compressing = any(name.startswith("approx") for name in tiers)  # then the first block is better compressed
-    return [CheckpointRule(first_block=not compressing) if name == CheckpointRule.name
+    checkpoints = {rule.name: rule for rule in (CheckpointRule, CopiedBoundaryRule)}
+    return [checkpoints[name](first_block=not compressing) if name in checkpoints
             else build_rule(name, rule_options) for name in tiers]
 
 
@@ -304,18 +308,21 @@ def leave_plain(plan: Plan, blocks: Sequence[str]) -> Plan:
 
 def checkpointed(plan: Plan) -> list[str]:
     """The blocks ``plan`` checkpoints."""
-    return [name for name, site in plan.sites.items() if site.rule == CheckpointRule.name]
+    return [name for name, site in plan.sites.items() if site.rule in CHECKPOINT_RULES]
 
 
 def _precedence(rule_name: str) -> int:
-    """Checkpointing first (it takes whole blocks), then the registry's precedence."""
-    return -1 if rule_name == CheckpointRule.name else PRECEDENCE.index(_family(rule_name))
+    """Checkpointing first (it takes whole blocks; from k-bit copies over from full inputs), then the
+    registry's precedence."""
+    if rule_name in CHECKPOINT_RULES:
+        return -1 - CHECKPOINT_RULES.index(rule_name)
+    return PRECEDENCE.index(_family(rule_name))
 
 
 def drop_inside_checkpoints(plan: Plan) -> None:
     """Remove the sites inside checkpointed blocks: checkpointing drops what they keep anyway."""
     blocks = checkpointed(plan)
-    for name in [name for name in plan.sites if plan.sites[name].rule != CheckpointRule.name]:
+    for name in [name for name in plan.sites if plan.sites[name].rule not in CHECKPOINT_RULES]:
         block = next((b for b in blocks if inside(name, b)), None)
         if block is not None:
             site = plan.sites.pop(name)
@@ -331,7 +338,7 @@ def cumulative_plans(facts: ModelFacts, rules: list[Rule], skip: SkipFilter,
         for rule in rules[:k]:
             chosen[_family(rule.name)] = rule
         ordered = sorted(chosen.values(), key=lambda r: _precedence(r.name))
-        coordinate([rule for rule in ordered if rule.name != CheckpointRule.name])  # as convert() would
+        coordinate([rule for rule in ordered if rule.name not in CHECKPOINT_RULES])  # as convert() would
         plan = make_plan(facts, ordered, skip)
         drop_inside_checkpoints(plan)
         _drop_failing(plan, facts, model)
@@ -476,8 +483,8 @@ def plan_budget(
     batch = _batch_size(example_inputs)
     # Checkpointing every block keeps each block's input and recomputes the largest one: where the
     # budget is tighter than that allows, the rules alone (inside the blocks too) may still fit.
-    orders = [tiers] + ([[t for t in tiers if t != CheckpointRule.name]]
-                        if CheckpointRule.name in tiers and len(tiers) > 1 else [])
+    without = [t for t in tiers if t not in CHECKPOINT_RULES]
+    orders = [tiers] + ([without] if without and len(without) < len(tiers) else [])
     ladders = [_Ladder(estimator, order, rule_options) for order in orders]
     bp_peak = bp_report.totals.peak_bp_bytes
     usable = usable_bytes(budget_bytes)
@@ -543,7 +550,7 @@ class _Ladder:
 
     def _unit_order(self, tier: str) -> Callable[[Unit], tuple]:
         """Within a tier: checkpointed blocks in forward order, other units the largest saving first."""
-        if tier == CheckpointRule.name:
+        if tier in CHECKPOINT_RULES:
             position = {name: i for i, name in enumerate(self.estimator.facts.modules)}
             return lambda unit: (position.get(unit.modules[0], 0), unit.modules)
         return lambda unit: (unit.sensitive, -unit.saving, unit.modules)
@@ -563,17 +570,19 @@ class _Ladder:
         return self.cache[taken, plain]
 
     def without_needless_checkpoints(self, n: int, usable: int) -> tuple[tuple[int, ...], tuple[str, ...]]:
-        """The first ``n`` units less the checkpointed blocks the plan fits without, last block first,
-        and those blocks (left plain).
+        """The first ``n`` units less the checkpointed blocks the plan fits without (each block's
+        ``checkpoint`` and ``checkpoint4`` units together), last block first, and those blocks (left plain).
 
         Backward reaches the last blocks first, while few gradients exist: their
         activations often fit beside them, and each block left out saves its
         second forward. Stops at the first block the plan needs.
         """
         taken, plain = tuple(range(n)), ()
-        blocks = [i for i in taken if self.order[i].tier == CheckpointRule.name]
-        for block in reversed(blocks):
-            trial = tuple(i for i in taken if i != block), (*plain, self.order[block].modules[0])
+        blocks = {self.order[i].modules[0]: None for i in taken if self.order[i].tier in CHECKPOINT_RULES}
+        position = {name: i for i, name in enumerate(self.estimator.facts.modules)}
+        for block in sorted(blocks, key=position.__getitem__, reverse=True):
+            trial = tuple(i for i in taken if not (self.order[i].tier in CHECKPOINT_RULES
+                                                   and self.order[i].modules[0] == block)), (*plain, block)
             if self.evaluate_units(*trial)[2] > usable:
                 break
             taken, plain = trial

@@ -50,6 +50,8 @@ class RuleCost:
     fidelity_loss: float | None
     bits: int = 32
     source: str = ""
+    follows: str | None = None
+    """A rule this one refines on the same sites: it is tried right after it, whatever its cost."""
 
     @property
     def cost_per_saved(self) -> float | None:
@@ -77,6 +79,10 @@ RULE_COSTS: dict[str, RuleCost] = {cost.rule: cost for cost in (
              source="time, kept: benchmarks/results/peers_cpu.json as of commit f7a335d (torch.utils.checkpoint "
                     "per block, median of torchvision ResNet-50, timm ViT-S, Hugging Face Llama); fidelity: the "
                     "same gradients (the forward runs again with the same RNG state)"),
+    RuleCost("checkpoint4", False, None, None, None, bits=4, follows="checkpoint",
+             source="time, kept: not yet measured; fidelity: not trained (gradient cosine to BP 0.9996 or more "
+                    "on the examples it takes, python benchmarks/boundary.py); tried right after checkpointing, "
+                    "whose blocks it keeps in 4-bit copies"),
     RuleCost("ara", False, 1.201, 0.783, 0.37,
              source=f"time, kept: {_MEMORY}; fidelity: resnet_basic 0.37 points below BP ({_SHORT}); "
                     f"resnet_bottleneck 0.21 above ({_CONVERGED})"),
@@ -111,6 +117,11 @@ def tier_order(rules: list[str] | None = None) -> list[str]:
                     and second.bits > first.bits):
                 ordered[i], ordered[i + 1] = second, first
                 moved = True
+    for cost in [cost for cost in ordered if cost.follows is not None]:
+        base = next((other for other in ordered if other.rule == cost.follows), None)
+        if base is not None:
+            ordered.remove(cost)
+            ordered.insert(ordered.index(base) + 1, cost)
     return [cost.rule for cost in ordered]
 
 

@@ -8,6 +8,10 @@ decoder trained on its own loss with ``labels=``), one full training step
 - ``checkpoint``: ``torch.utils.checkpoint(..., use_reentrant=False)`` around
   every block (the outermost members with children of an ``nn.Sequential`` /
   ``nn.ModuleList``: ResNet bottlenecks, ViT blocks, decoder layers);
+- ``checkpoint, 4-bit inputs``: aalconvert's checkpoint of the same blocks
+  as the budget planner's ``checkpoint4`` sets it (``CheckpointedForward``):
+  each block keeps 4-bit copies of its inputs and backward runs it again on
+  the decoded copies; blocks with batch norm keep their inputs in full;
 - ``selective checkpoint``: the same blocks with
   ``create_selective_checkpoint_contexts`` saving the outputs of the matmuls
   (``mm``, ``addmm``, ``bmm``, ``baddbmm``, and ``convolution``, the ResNet's
@@ -86,12 +90,14 @@ sys.path.insert(0, str(ROOT))  # examples/ and aalconvert at the repo root
 sys.path.insert(0, str(ROOT / "benchmarks"))  # zoo.py's builders
 
 import aalconvert  # noqa: E402
+from aalconvert.checkpointing import CheckpointedForward, CopiedBoundaryRule  # noqa: E402
 from aalconvert.memory import measure_saved  # noqa: E402
 from aalconvert.step_memory import FORWARD, HOST_COPY, StepMemory, measure_step  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-BP, CHECKPOINT, SELECTIVE, COMPILE, SAVE_ON_CPU = (
-    "bp", "checkpoint", "selective checkpoint", "torch.compile (budget 0.5)", "save_on_cpu")
+BP, CHECKPOINT, CHECKPOINT4, SELECTIVE, COMPILE, SAVE_ON_CPU = (
+    "bp", "checkpoint", "checkpoint, 4-bit inputs", "selective checkpoint", "torch.compile (budget 0.5)",
+    "save_on_cpu")
 RULE_SETS = ["exact", "auto", "auto+approx4"]
 BUDGETS = ("checkpointing's measured peak", "the planner's floor", "halfway to BP's measured peak")
 MATMULS = [torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
@@ -222,6 +228,20 @@ def checkpoint_blocks(model: nn.Module, context_fn: Callable | None = None) -> n
     return model
 
 
+def copied_boundary_blocks(model: nn.Module) -> tuple[nn.Module, int]:
+    """A deep copy of ``model`` with every outermost block checkpointed as the planner's ``checkpoint4``
+    does: inputs kept as 4-bit copies, except in blocks with batch norm (kept in full); and how many
+    blocks keep copies."""
+    model = copy.deepcopy(model)
+    copied = 0
+    for name in outermost_blocks(model):
+        block = model.get_submodule(name)
+        batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in block.modules())
+        block.forward = CheckpointedForward(block, None if batch_norm else CopiedBoundaryRule.boundary)
+        copied += not batch_norm
+    return model, copied
+
+
 def save_matmuls_context() -> Callable:
     """``context_fn`` for selective checkpointing: save matmul and convolution outputs, recompute the rest."""
     return functools.partial(create_selective_checkpoint_contexts, MATMULS)
@@ -280,6 +300,10 @@ def build_method(name: str, workload: Workload) -> Method:
             return Method(name, model, hooks_see_all=True)
         if name == CHECKPOINT:
             return Method(name, checkpoint_blocks(model), note=f"{len(outermost_blocks(model))} blocks")
+        if name == CHECKPOINT4:
+            checkpointed, copied = copied_boundary_blocks(model)
+            return Method(name, checkpointed, note=f"{len(outermost_blocks(model))} blocks, {copied} of them "
+                                                   "keep 4-bit copies of their inputs (none with batch norm)")
         if name == SELECTIVE:
             return Method(name, checkpoint_blocks(model, save_matmuls_context()),
                           note=f"{len(outermost_blocks(model))} blocks, saves mm/addmm/bmm/conv outputs")
@@ -699,7 +723,7 @@ def main(argv: list[str] | None = None) -> dict:
     rounds = 2 if args.quick else args.rounds
     out = args.out or (Path("/tmp/peers_quick") if args.quick else RESULTS / "peers_cpu")
     torch.set_num_threads(args.threads)
-    methods = [BP, CHECKPOINT, SELECTIVE, *([] if args.no_compile else [COMPILE]), SAVE_ON_CPU, *RULE_SETS]
+    methods = [BP, CHECKPOINT, CHECKPOINT4, SELECTIVE, *([] if args.no_compile else [COMPILE]), SAVE_ON_CPU, *RULE_SETS]
     started = time.perf_counter()
     records = []
     for name in names:

@@ -21,11 +21,12 @@ def peers():
 
 
 def tiny_workload(peers):
-    """Four residual-free MLP blocks in an nn.Sequential, a classifier head, batch 16."""
+    """Four residual-free MLP blocks in an nn.Sequential, a classifier head, batch 64 (block inputs
+    of 4096 elements: large enough for 4-bit copies)."""
     torch.manual_seed(0)
     blocks = [nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64)) for _ in range(4)]
     model = nn.Sequential(*blocks, nn.Linear(64, 10))
-    return peers.vision_workload("tiny", model, (torch.randn(16, 64),))
+    return peers.vision_workload("tiny", model, (torch.randn(64, 64),))
 
 
 def test_outermost_blocks_are_the_members_of_sequentials_with_children_and_none_nested(peers):
@@ -101,7 +102,7 @@ def test_planner_budgets_are_checkpointings_measured_peak_the_floor_and_halfway_
 
 def test_one_small_run_measures_every_peer_and_renders_its_table(peers, tmp_path):
     workload = tiny_workload(peers)
-    methods = [peers.BP, peers.CHECKPOINT, peers.SELECTIVE, peers.SAVE_ON_CPU, "exact"]
+    methods = [peers.BP, peers.CHECKPOINT, peers.CHECKPOINT4, peers.SELECTIVE, peers.SAVE_ON_CPU, "exact"]
     record = peers.measure_workload(workload, methods, rounds=1, log=lambda message: None)
     rows = {r["method"]: r for r in record["rows"]}
     assert set(methods) <= set(rows) and len(rows) == len(methods) + 3
@@ -112,6 +113,7 @@ def test_one_small_run_measures_every_peer_and_renders_its_table(peers, tmp_path
     given = sum(t.nbytes for t in (*workload.inputs, workload.targets))
     assert 0 <= bp["kept_bytes"] + given - bp["saved_hooks_bytes"] < 1024
     assert rows[peers.CHECKPOINT]["kept_bytes"] < rows[peers.SELECTIVE]["kept_bytes"] < bp["kept_bytes"]
+    assert rows[peers.CHECKPOINT4]["kept_bytes"] < rows[peers.CHECKPOINT]["kept_bytes"]  # three inputs in 4 bits
     on_cpu = rows[peers.SAVE_ON_CPU]
     assert on_cpu["kept_bytes"] < 1024 and on_cpu["host_bytes"] >= bp["saved_hooks_bytes"]
     assert bp["peak_bytes"] >= sum(p.numel() * 4 for p in workload.model.parameters())  # gradients

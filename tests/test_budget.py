@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import aalconvert
-from aalconvert.budget import HEADROOM, BudgetError, plan_budget, smallest_budget
-from aalconvert.checkpointing import checkpoint_inputs, inside, is_checkpointed
+from aalconvert.budget import HEADROOM, BudgetError, plan_budget, smallest_budget, usable_bytes
+from aalconvert.checkpointing import CHECKPOINT_RULES, checkpoint_inputs, inside, is_checkpointed
 from aalconvert.costs import RULE_COSTS, tier_order
 from aalconvert.errors import ConversionError
 from aalconvert.max_batch import RULE_SETS, fit_batches, largest_batch
@@ -23,7 +23,7 @@ from aalconvert.step_memory import measure_training_step, training_loss
 from examples import EXAMPLES
 
 LOSSLESS = {"exact", "recompute"}
-RULES = [name for name in tier_order() if name != "checkpoint"]  # the rules alone: one tier order
+RULES = [name for name in tier_order() if name not in CHECKPOINT_RULES]  # the rules alone: one tier order
 
 
 class Block(nn.Module):
@@ -105,13 +105,14 @@ def test_a_bad_budget_raises_before_the_model_changes():
 def test_tiers_put_lossless_rules_first_then_measured_costs_in_order_then_unmeasured():
     order = tier_order()
     assert set(order[:2]) == LOSSLESS
-    learning = [RULE_COSTS[name] for name in order[2:]]
+    learning = [RULE_COSTS[name] for name in order[2:] if RULE_COSTS[name].follows is None]
     measured = [cost.cost_per_saved for cost in learning if cost.cost_per_saved is not None]
     assert all(later >= 0.95 * earlier for earlier, later in zip(measured, measured[1:]))
     assert [cost.cost_per_saved is None for cost in learning] == sorted(
         cost.cost_per_saved is None for cost in learning)
     assert order.index("approx8") < order.index("approx4") < order.index("approx2")
     assert all(cost.source for cost in RULE_COSTS.values())
+    assert order.index("checkpoint4") == order.index("checkpoint") + 1  # it refines checkpointing's blocks
 
 
 def test_tier_order_of_a_subset_keeps_the_full_order():
@@ -283,6 +284,23 @@ def test_lossless_rules_and_checkpoints_give_bp_gradients_bit_for_bit():
         grads.append([p.grad.clone() for p in network.parameters()])
         network.zero_grad()
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_under_full_checkpointing_blocks_keep_4_bit_inputs_measured_under_the_budget():
+    torch.manual_seed(0)
+    example = EXAMPLES["vit"]
+    model = example.build_model().train()
+    inputs = example.example_inputs(batch_size=32)
+    full = ["exact", "recompute", "checkpoint"]
+    floor = plan_budget(model, 1 << 40, inputs, rules=full).floor_bytes
+    rules = [*full, "checkpoint4"]
+    plan = plan_budget(model, floor - 1, inputs, rules=rules)  # under what full inputs can reach
+    assert "checkpoint4" in plan.decisions.values() and plan.peak_bytes <= usable_bytes(floor - 1)
+    assert plan.floor_bytes < floor
+    converted = aalconvert.budget.convert_to_budget(model, floor - 1, inputs, rules=rules)
+    assert sum(is_checkpointed(m) for m in converted.modules()) == sum(
+        rule in CHECKPOINT_RULES for rule in plan.decisions.values())
+    assert_measured_as_predicted(plan, converted, lambda: training_loss(converted(*inputs)), "sgd")
 
 
 def test_revert_removes_checkpoints_and_keeps_the_state_dict_keys():
