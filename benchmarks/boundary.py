@@ -5,8 +5,8 @@ Every block (the planner's: members with children and parameters of an
 its inputs kept as 8- or 4-bit copies (``aalconvert.checkpointing``); backward
 runs each block again on the decoded copies. Per model: the cosine between
 that gradient (all parameters, float64) and BP's on the same batch and dropout
-draws, train mode, fp32, and whether the block has batch norm (the planner's
-``checkpoint4`` leaves those blocks' inputs in full). The seven examples at
+draws, train mode, fp32, and how many blocks the planner's ``checkpoint4``
+leaves with full inputs (batch norm or ReLU inside: ``why_not_copied``). The seven examples at
 batch 16 always; with torchvision, timm and transformers importable
 (``.zoo-venv``) also real models: timm ViT-S/16 at 160 px, torchvision
 ResNet-50 and timm ConvNeXt-atto at 128 px, timm Swin-T at 224 px (batch 4, 4,
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aalconvert.checkpointing import CheckpointedForward, block_names  # noqa: E402
+from aalconvert.checkpointing import CheckpointedForward, block_names, why_not_copied  # noqa: E402
 from aalconvert.facts import gather_facts  # noqa: E402
 from aalconvert.nn.approx_common import ApproxOptions  # noqa: E402
 
@@ -57,17 +57,16 @@ def measure(name: str, model: torch.nn.Module, inputs: tuple, labels: torch.Tens
     """Gradient cosine to BP with every block checkpointed from k-bit copies, per width."""
     model.train()
     blocks = block_names(gather_facts(model, inputs))
-    with_batch_norm = sum(any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-                              for m in model.get_submodule(b).modules()) for b in blocks)
+    kept_in_full = sum(why_not_copied(model.get_submodule(block)) is not None for block in blocks)
     reference = gradient(model, inputs, labels)
-    row = {"model": name, "blocks": len(blocks), "blocks_with_batch_norm": with_batch_norm}
+    row = {"model": name, "blocks": len(blocks), "blocks_checkpoint4_keeps_in_full": kept_in_full}
     for bits in BITS:
         variant = copy.deepcopy(model)
         for block in blocks:
             module = variant.get_submodule(block)
             module.forward = CheckpointedForward(module, ApproxOptions(bits=bits))
         row[f"cosine_{bits}bit"] = float(F.cosine_similarity(reference, gradient(variant, inputs, labels), dim=0))
-    print(f"{name}: {len(blocks)} blocks ({with_batch_norm} with batch norm), "
+    print(f"{name}: {len(blocks)} blocks ({kept_in_full} that checkpoint4 keeps in full), "
           + ", ".join(f"{bits}-bit cosine {row[f'cosine_{bits}bit']:.5f}" for bits in BITS), flush=True)
     return row
 

@@ -11,7 +11,7 @@ decoder trained on its own loss with ``labels=``), one full training step
 - ``checkpoint, 4-bit inputs``: aalconvert's checkpoint of the same blocks
   as the budget planner's ``checkpoint4`` sets it (``CheckpointedForward``):
   each block keeps 4-bit copies of its inputs and backward runs it again on
-  the decoded copies; blocks with batch norm keep their inputs in full;
+  the decoded copies; blocks with batch norm or ReLU keep their inputs in full;
 - ``selective checkpoint``: the same blocks with
   ``create_selective_checkpoint_contexts`` saving the outputs of the matmuls
   (``mm``, ``addmm``, ``bmm``, ``baddbmm``, and ``convolution``, the ResNet's
@@ -90,7 +90,7 @@ sys.path.insert(0, str(ROOT))  # examples/ and aalconvert at the repo root
 sys.path.insert(0, str(ROOT / "benchmarks"))  # zoo.py's builders
 
 import aalconvert  # noqa: E402
-from aalconvert.checkpointing import CheckpointedForward, CopiedBoundaryRule  # noqa: E402
+from aalconvert.checkpointing import CheckpointedForward, CopiedBoundaryRule, why_not_copied  # noqa: E402
 from aalconvert.memory import measure_saved  # noqa: E402
 from aalconvert.step_memory import FORWARD, HOST_COPY, StepMemory, measure_step  # noqa: E402
 
@@ -230,15 +230,15 @@ def checkpoint_blocks(model: nn.Module, context_fn: Callable | None = None) -> n
 
 def copied_boundary_blocks(model: nn.Module) -> tuple[nn.Module, int]:
     """A deep copy of ``model`` with every outermost block checkpointed as the planner's ``checkpoint4``
-    does: inputs kept as 4-bit copies, except in blocks with batch norm (kept in full); and how many
-    blocks keep copies."""
+    does: inputs kept as 4-bit copies, except in blocks with batch norm or ReLU (kept in full); and how
+    many blocks keep copies."""
     model = copy.deepcopy(model)
     copied = 0
     for name in outermost_blocks(model):
         block = model.get_submodule(name)
-        batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in block.modules())
-        block.forward = CheckpointedForward(block, None if batch_norm else CopiedBoundaryRule.boundary)
-        copied += not batch_norm
+        full = why_not_copied(block) is not None
+        block.forward = CheckpointedForward(block, None if full else CopiedBoundaryRule.boundary)
+        copied += not full
     return model, copied
 
 
@@ -303,7 +303,7 @@ def build_method(name: str, workload: Workload) -> Method:
         if name == CHECKPOINT4:
             checkpointed, copied = copied_boundary_blocks(model)
             return Method(name, checkpointed, note=f"{len(outermost_blocks(model))} blocks, {copied} of them "
-                                                   "keep 4-bit copies of their inputs (none with batch norm)")
+                                                   "keep 4-bit copies of their inputs")
         if name == SELECTIVE:
             return Method(name, checkpoint_blocks(model, save_matmuls_context()),
                           note=f"{len(outermost_blocks(model))} blocks, saves mm/addmm/bmm/conv outputs")

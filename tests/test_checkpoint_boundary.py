@@ -115,7 +115,7 @@ def test_forward_hooks_see_one_call_per_forward_and_eval_runs_the_plain_forward(
     assert len(calls) == 2
 
 
-def test_the_rule_takes_blocks_without_batch_norm_and_says_why_it_leaves_the_others():
+def test_the_rule_takes_blocks_without_batch_norm_or_relu_and_says_why_it_leaves_the_others():
     vit_model, vit_inputs = vit(batch=2)
     sites, skips = CopiedBoundaryRule().find(gather_facts(vit_model, vit_inputs))
     assert [site.module_name for site in sites] == [f"blocks.{i}" for i in range(len(vit_model.blocks))]
@@ -125,6 +125,10 @@ def test_the_rule_takes_blocks_without_batch_norm_and_says_why_it_leaves_the_oth
     sites, skips = CopiedBoundaryRule().find(gather_facts(resnet, example.example_inputs(
         batch_size=2, width=4, image_size=16)))
     assert not sites and skips and all("batch norm" in skip.reason for skip in skips)
+    transformer = EXAMPLES["transformer"]  # its blocks have a ReLU feed-forward network
+    model = transformer.build_model()
+    sites, skips = CopiedBoundaryRule().find(gather_facts(model, transformer.example_inputs(batch_size=2)))
+    assert not sites and skips and all("has ReLU" in skip.reason for skip in skips)
 
 
 @pytest.mark.parametrize("reentrant_outside", [False, True])
