@@ -17,6 +17,12 @@ belong to the approx family rather than a rule of their own because they
 quantize the same kind of tensors with the same options. Gated MLPs
 (``down(act(gate) * up)``, ``aalconvert.rules.gated_mlp``) keep k-bit gate and up only.
 
+A ReLU whose output a converted layer keeps a k-bit copy of (RepVGG's branch
+convolutions, VGG's next convolution) keeps no mask of its own: it reads its exact
+mask from that very copy (``aalconvert.nn.approx_shared_relu``). Its site needs
+the reader left to this rule; when a rule before it takes the reader, the plan
+falls back to the ReLU's mask site listed next.
+
 A language model's output projection takes the loss head
 (``aalconvert.rules.loss_head``): like the masks, it is lossless and keeps less
 than any k-bit copy of the logits' log-softmax would.
@@ -32,10 +38,11 @@ from typing import Any
 from torch import nn
 
 from aalconvert.errors import ConversionError
-from aalconvert.facts import ModelFacts
+from aalconvert.facts import ModelFacts, qualified_name
 from aalconvert.nn import approx
 from aalconvert.nn.approx_attention import ApproxAttention
 from aalconvert.nn.approx_common import ApproxOptions
+from aalconvert.nn.approx_shared_relu import SharedCopyReLU
 from aalconvert.nn.gated_mlp import ApproxGatedMLP
 from aalconvert.nn.approx_weighted import ApproxTransposedLinear
 from aalconvert.nn.zoo_linear import is_transposed_linear, transposed_linear_problem
@@ -65,6 +72,9 @@ _APPROX_VARIANTS: dict[type[nn.Module], type[nn.Module]] = {
 
 
 LOSS_HEAD_KEY = "loss_head"
+SHARED_RELU_KEY = "shared_relu"
+# Torch types whose variant under this rule keeps a k-bit copy of its input (not softmax: its output).
+_INPUT_COPYING = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GELU, nn.SiLU)
 
 
 class ApproxRule(ExactRule):
@@ -110,9 +120,37 @@ class ApproxRule(ExactRule):
         chain_sites = self._chain_sites(facts) + self._loss_head_sites(facts)
         rebuilt = {site.module_name for site in chain_sites}
         sites = [site for site in sites if site.module_name not in rebuilt] + chain_sites
+        sites = self._with_shared_copy_relus(facts, sites)
         root_sites, root_skips = saved_pack_site(
             facts, self.name, self.options.bits, {site.module_name for site in sites})
         return sites + root_sites, skips + root_skips
+
+    def _with_shared_copy_relus(self, facts: ModelFacts, sites: list[Site]) -> list[Site]:
+        """``sites`` with a ``SharedCopyReLU`` site for each ReLU whose output a plain variant
+        site of this rule reads directly (and so keeps a k-bit copy of that very tensor).
+
+        Listed last, so the readers' own sites are accepted first (their claims satisfy
+        ``requires``); each ReLU's mask site stays in the list after it as the fallback.
+        Stochastic rounding is not sign preserving: its ReLUs keep their masks.
+        """
+        if self.options.stochastic:
+            return sites
+        copying = {site.module_name for site in sites
+                   if not site.payload and type(facts.modules[site.module_name]) in _INPUT_COPYING}
+        shared = []
+        for site in sites:
+            if site.payload or type(facts.modules[site.module_name]) is not nn.ReLU:
+                continue
+            reader = _copying_reader(facts, site.module_name, copying)
+            if reader is not None:
+                shared.append(Site(
+                    self.name, site.module_name,
+                    f"keeps no mask: reads its exact mask from the {self.options.bits}-bit copy of its "
+                    f"output that {reader} keeps (sign-preserving rounding)",
+                    payload={SHARED_RELU_KEY: True}, requires=(reader,)))
+        fallbacks = {site.module_name for site in shared}
+        return ([site for site in sites if site.module_name not in fallbacks] + shared
+                + [site for site in sites if site.module_name in fallbacks])
 
     def _chain_sites(self, facts: ModelFacts) -> list[Site]:
         """Layers whose input a norm/activation chain rebuilds from the chain start's k-bit copy.
@@ -156,6 +194,9 @@ class ApproxRule(ExactRule):
             return apply_chain_site(model, site, self.options)
         if LOSS_HEAD_KEY in site.payload:
             return LossHeadRule().apply(model, site, facts)
+        if SHARED_RELU_KEY in site.payload:
+            module = model.get_submodule(site.module_name)
+            return swap_module(model, site.module_name, SharedCopyReLU.from_module(module, **self.option_values()))
         if PAYLOAD_KEY in site.payload:
             return apply_attention_site(model, site, self.option_values())
         module = model.get_submodule(site.module_name)
@@ -180,3 +221,19 @@ class ApproxRule(ExactRule):
         if type(module) in _APPROX_VARIANTS:
             return f"keeps a {self.options.bits}-bit copy of what {type(module).__name__} saves"
         return super().site_reason(module, variant)
+
+
+def _copying_reader(facts: ModelFacts, relu: str, copying: set[str]) -> str | None:
+    """The first module in ``copying`` that reads ``relu``'s output tensor itself (its first
+    argument, no view between: ``compress`` shares a copy of the same tensor object only),
+    with a weight that needs a gradient if it has one; None when there is none."""
+    readers = facts.output_readers(relu)
+    node = facts.call_nodes[relu][0] if readers is not None else None
+    for reader in readers or ():
+        if reader.op != "call_module" or not reader.args or reader.args[0] is not node:
+            continue
+        name = qualified_name(reader)
+        weight = getattr(facts.modules[name], "weight", None)
+        if name in copying and (weight is None or weight.requires_grad):
+            return name
+    return None

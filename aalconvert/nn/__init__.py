@@ -6,6 +6,7 @@ so that ``revert`` and the rules can recognise converted modules.
 
 from aalconvert.nn import (
     approx,
+    approx_shared_relu,
     approx_weighted,
     ara,
     asa,
@@ -49,6 +50,7 @@ CONVERTED_TYPES: tuple[type, ...] = (
     approx.ApproxSiLU,
     approx.ApproxSoftmax,
     approx.ApproxReLU,
+    approx_shared_relu.SharedCopyReLU,
     traced_forward.TracedForwardVariant,
     zoo_pointwise.PointwiseVariant,
     loss_head.LossHeadLinear,

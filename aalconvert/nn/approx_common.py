@@ -218,6 +218,21 @@ def compress(x: torch.Tensor, options: ApproxOptions) -> tuple[tuple[torch.Tenso
     return q.tensors(), layout
 
 
+def redate_copy(x: torch.Tensor, options: ApproxOptions) -> None:
+    """Let layers reading ``x`` share the copy its own in-place Function just made of it.
+
+    A Function that modifies its input in place (``ctx.mark_dirty``) makes the
+    copy in its forward, and autograd bumps the version once more as the Function
+    returns; the values are those the copy was made of, so the entry takes the
+    new version. Call it right after the Function returns, before anything else
+    can touch ``x``.
+    """
+    key = (id(x), options)
+    entry = _packs.entries.get(key)
+    if entry is not None and entry[0]() is x:
+        _packs.entries[key] = (entry[0], x._version, *entry[2:])
+
+
 def compact(x: torch.Tensor) -> torch.Tensor:
     """``x``, or a copy of it when ``x`` is a small view of a much larger storage.
 
