@@ -77,7 +77,7 @@ class _Rerun:
 
         def capture(t: torch.Tensor) -> torch.Tensor:
             saves.append(t)
-            return t.detach()  # the rerun's own graph never runs backward past these
+            return t.detach()  # values: enough for second-order gradients through the rerun's graph
 
         enabled, dtype = self.autocast
         with torch.enable_grad(), torch.autocast(self.device_type, dtype=dtype, enabled=enabled), \
