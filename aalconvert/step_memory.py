@@ -154,8 +154,13 @@ def workspace_bytes(func: Any, args: tuple) -> int:
     Measured on CPU with the profiler: the backward of a convolution copies
     the output's gradient into its memory format when it arrives in another
     (behind batch norm's backward in ResNets), and with a kernel wider than 1
-    also keeps a copy of the input (exact for 3x3 stride 1, 5 % under for a
-    7x7 stride-2 stem, 19 % under for 3x3 stride 2); batch norm's backward
+    also keeps a copy of the input (exact for 3x3 stride 1, 4 % over for a
+    7x7 stride-2 stem); a strided one holds two input-sized buffers less the
+    weight's size, if more (exact for 1x1 and 3x3 stride 2, 8x8 to 56x56
+    maps); and where the weight is larger than all of that (small feature
+    maps: the last stages of a ResNet, where checkpointed nets peak), one
+    weight-sized temporary instead (exact for 1x1 and 3x3 on 1x1 and 2x2
+    maps, 128 to 2048 channels); batch norm's backward
     keeps one tensor of its input's size. Not modelled: GPU
     libraries' workspaces, and the temporaries of our kernels' CPU path (the
     Triton kernels make none).
@@ -164,8 +169,12 @@ def workspace_bytes(func: Any, args: tuple) -> int:
         grad_output, source, weight = args[:3]
         if source.device.type != "cpu":
             return 0
+        source_bytes, weight_bytes = (t.numel() * t.element_size() for t in (source, weight))
         wide = any(size > 1 for size in weight.shape[2:])
-        return sum(t.numel() * t.element_size() for t in ((source, grad_output) if wide else (grad_output,)))
+        held = grad_output.numel() * grad_output.element_size() + (source_bytes if wide else 0)
+        if any(step > 1 for step in args[4]):  # strided: two input-sized buffers before the weight's gradient
+            held = max(held, 2 * source_bytes - weight_bytes)
+        return max(held, weight_bytes if args[10][1] else 0)
     if func is torch.ops.aten.native_batch_norm_backward.default:
         source = args[1]
         return source.numel() * source.element_size() if source.device.type == "cpu" else 0

@@ -12,6 +12,8 @@ from torch._subclasses import FakeTensorMode
 
 import aalconvert
 from aalconvert.budget import convert_to_budget, plan_budget
+from aalconvert.checkpointing import CheckpointedForward, block_names
+from aalconvert.facts import gather_facts
 from aalconvert.memory import measure_saved
 from aalconvert.step_memory import (
     OPTIMIZERS, Allocation, StepMemory, StepSimulation, backward_of, measure_training_step, replay, training_loss)
@@ -66,6 +68,18 @@ def test_checkpointed_blocks_recomputing_are_in_the_predicted_peak():
     predicted = plan.peak_bytes - plan.report.totals.parameter_bytes
     assert abs(predicted - measured) <= 0.05 * measured, (predicted, measured)
     assert measured <= plan.budget_bytes - plan.report.totals.parameter_bytes
+
+
+def test_a_checkpointed_conv_net_peaks_as_predicted_where_late_stages_hold_weight_sized_temporaries():
+    # Every block recomputes: the peak comes late in backward, in convolutions on small feature maps
+    # (weight-sized temporaries) and strided ones (two input-sized buffers), 4.4 % under before both.
+    model, inputs = example("resnet_bottleneck", batch_size=16)
+    for name in block_names(gather_facts(model, inputs)):
+        block = model.get_submodule(name)
+        block.forward = CheckpointedForward(block)
+    predicted = predicted_step_bytes(aalconvert.inspect(model, inputs, "exact", optimizer="sgd").totals, False)
+    measured = measure_training_step(model, lambda: training_loss(model(*inputs))).peak_bytes
+    assert abs(predicted - measured) <= 0.01 * measured, (predicted, measured)
 
 
 def test_a_hugging_face_model_with_its_own_loss_is_predicted_within_5_percent():
