@@ -7,6 +7,8 @@ must give BP's output and the gradients autograd computes at the decoded input.
 
 import copy
 import io
+import threading
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -104,6 +106,57 @@ def test_in_place_changes_after_forward_raise_instead_of_a_wrong_gradient():
         variant.weight.mul_(2)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
+
+
+class PausingRMSNorm(LlamaRMSNorm):
+    """A zoo norm whose next call in ``pause.thread`` waits until ``pause.resume`` is set."""
+
+    def __init__(self, size):
+        super().__init__(size)
+        self.pause = SimpleNamespace(thread=None, paused=threading.Event(), resume=threading.Event())
+
+    def forward(self, hidden_states):
+        if self.pause.thread is threading.current_thread():
+            self.pause.thread = None
+            self.pause.paused.set()
+            assert self.pause.resume.wait(30)
+        return super().forward(hidden_states)
+
+
+def test_another_threads_forward_during_the_backward_rerun_sees_the_modules_own_parameters():
+    # Once, the rerun swapped the shared module's Parameters (torch.func.functional_call): a
+    # forward in another thread meanwhile used the rerun's tensors and lost the weight's gradient.
+    torch.manual_seed(0)
+    module = PausingRMSNorm(33)
+    with torch.no_grad():
+        module.weight.add_(0.5 * torch.randn(33))
+    variant = PointwiseVariant.from_module(module)
+    inputs = [(torch.randn(4, 33, requires_grad=True), torch.randn(4, 33)) for _ in range(2)]
+    expected = [grads(module, x, g) for x, g in inputs]
+    results, errors = {}, []
+
+    def first():  # pauses inside its backward's rerun of the forward
+        try:
+            y = variant(inputs[0][0])
+            module.pause.thread = threading.current_thread()
+            results[0] = torch.autograd.grad(y, [inputs[0][0], variant.weight], inputs[0][1])
+        except BaseException as error:
+            errors.append(error)
+        finally:
+            module.pause.paused.set()
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    try:
+        assert module.pause.paused.wait(30) and thread.is_alive(), errors
+        results[1] = grads(variant, *inputs[1])  # forward and backward while the rerun is paused
+    finally:
+        module.pause.resume.set()
+        thread.join()
+    assert not errors, errors
+    for index in range(2):
+        for e, a in zip(expected[index], results[index], strict=True):
+            assert torch.equal(e, a)
 
 
 def test_state_dict_pickling_and_to_module_keep_the_zoo_module():

@@ -44,7 +44,6 @@ from aalconvert.nn.rebuild import mixed_class, rebuild_as
 from aalconvert.trace import is_norm_like
 
 OPTIONS_ATTRIBUTE = "pointwise_options"
-HOOKLESS_ATTRIBUTE = "_aalconvert_hookless"  # the variant's _HooklessCall (not a registered child)
 TIMM_ACTIVATIONS = "timm.layers.activations"
 
 
@@ -119,11 +118,26 @@ def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
     return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
 
 
+def _rerun(module: "PointwiseVariant", names: tuple[str, ...], x: torch.Tensor,
+           *parameters: torch.Tensor) -> torch.Tensor:
+    """``module``'s zoo forward on ``x`` with ``parameters`` for its Parameters named ``names``.
+
+    Runs on a per-call shallow copy holding ``parameters``: the shared module is
+    never modified, so another thread's forward running meanwhile sees its own
+    Parameters (``functional_call`` would swap them on the shared module). Calls
+    the zoo forward directly, so none of the user's hooks runs again in backward
+    (an output-changing hook would change the gradient).
+    """
+    view = rebuild_as(type(module), module)  # own registries, same tensors
+    view._parameters.update(zip(names, parameters))  # on the copy only (a leaf: plain names)
+    return view.zoo_forward(x)
+
+
 class _KeepInputOnly(torch.autograd.Function):
     """Forward of the zoo module; keeps its input (exact or k-bit) and recomputes in backward.
 
-    Backward differentiates the recomputed forward with ``torch.func.vjp`` over
-    ``functional_call`` (not ``torch.autograd.grad``, which torch.compile cannot
+    Backward differentiates the recomputed forward (``_rerun``) with
+    ``torch.func.vjp`` (not ``torch.autograd.grad``, which torch.compile cannot
     trace inside a backward), so a converted model still compiles into one graph.
     """
 
@@ -141,10 +155,10 @@ class _KeepInputOnly(torch.autograd.Function):
         count = 1 if ctx.layout is None else ctx.layout.count
         saved = ctx.saved_tensors  # raises if x or a Parameter was modified in place since forward
         x = saved[0] if ctx.layout is None else restore(saved[:count], ctx.layout)
-        hookless, names = getattr(ctx.module, HOOKLESS_ATTRIBUTE), ctx.names
+        module, names = ctx.module, ctx.names
 
         def recompute(x: torch.Tensor, *parameters: torch.Tensor) -> torch.Tensor:
-            return torch.func.functional_call(hookless, dict(zip(names, parameters)), (x,))
+            return _rerun(module, names, x, *parameters)
 
         enabled, dtype = ctx.autocast
         with torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled):
@@ -152,23 +166,6 @@ class _KeepInputOnly(torch.autograd.Function):
             grads = vjp(grad)
         wanted = ctx.needs_input_grad[3:]
         return (None, None, None, *(g if need else None for g, need in zip(grads, wanted, strict=True)))
-
-
-class _HooklessCall(nn.Module):
-    """Calls a variant's zoo forward without the variant's hooks, for backward's recomputation.
-
-    The user's hooks ran around the real forward; run again in backward, an
-    output-changing hook would change the gradient. ``functional_call`` on this
-    holder swaps the variant's Parameters (prefixed ``inner.``) and calls
-    ``zoo_forward`` directly, so no hook of the variant fires.
-    """
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner.zoo_forward(x)
 
 
 class PointwiseVariant(nn.Module):
@@ -199,7 +196,7 @@ class PointwiseVariant(nn.Module):
 
     def to_module(self) -> nn.Module:
         """An instance of the zoo class holding this variant's Parameters, buffers and hooks."""
-        return rebuild_as(self.zoo_class, self, drop=(OPTIONS_ATTRIBUTE, HOOKLESS_ATTRIBUTE))
+        return rebuild_as(self.zoo_class, self, drop=(OPTIONS_ATTRIBUTE,))
 
     def __reduce_ex__(self, protocol: int) -> tuple:
         # The variant class is made at run time and cannot be pickled by name: pickle the
@@ -216,8 +213,8 @@ class PointwiseVariant(nn.Module):
         parameters = tuple(p for _, p in named)
         if not needs_graph(x, *parameters) or functorch_active(x, *parameters):
             return self.zoo_forward(x)
-        names = tuple(f"inner.{name}" for name, _ in named)
-        return _KeepInputOnly.apply(self, getattr(self, OPTIONS_ATTRIBUTE), names, x, *(p for _, p in named))
+        names = tuple(name for name, _ in named)
+        return _KeepInputOnly.apply(self, getattr(self, OPTIONS_ATTRIBUTE), names, x, *parameters)
 
     def extra_repr(self) -> str:
         options = getattr(self, OPTIONS_ATTRIBUTE)
@@ -231,5 +228,4 @@ def _rebuild_variant(module: nn.Module, options: ApproxOptions | None,
     """The ``mixin`` variant of a checked zoo ``module`` (from_module, and unpickling)."""
     new = rebuild_as(mixin.variant_class(type(module)), module)
     setattr(new, OPTIONS_ATTRIBUTE, options)
-    new.__dict__[HOOKLESS_ATTRIBUTE] = _HooklessCall(new)  # not registered: no cycle in the tree
     return new
