@@ -6,7 +6,8 @@ Parameters; ``to_module()`` gives the torch module back. Parameters are never
 quantized, and activations with fewer than ``min_numel`` elements are kept exact.
 The pieces live in ``approx_common`` (options, saving), ``approx_weighted``
 (linear, conv), ``approx_norm`` (batch norm, layer norm), ``approx_activation``
-(GELU, SiLU, softmax) and ``approx_relu`` (sign-preserving ReLU).
+(GELU, SiLU, softmax), ``approx_relu`` (sign-preserving ReLU) and
+``approx_shared_relu`` (a ReLU reading its exact mask from the copy its readers keep).
 """
 
 from aalconvert.nn.approx_activation import (
@@ -32,6 +33,7 @@ from aalconvert.nn.approx_relu import (
     decode_relu_output,
     quantize_relu_output,
 )
+from aalconvert.nn.approx_shared_relu import SharedCopyReLU, SharedCopyReLUFunction
 from aalconvert.nn.approx_weighted import (
     ApproxConv1d,
     ApproxConv2d,
@@ -52,6 +54,7 @@ __all__ = [
     "ApproxSiLU",
     "ApproxSoftmax",
     "ApproxReLU",
+    "SharedCopyReLU",
     "approx_softmax",
     "quantize_relu_output",
     "decode_relu_output",
@@ -63,4 +66,5 @@ __all__ = [
     "ApproxSiLUFunction",
     "ApproxSoftmaxFunction",
     "ApproxReLUFunction",
+    "SharedCopyReLUFunction",
 ]
