@@ -8,7 +8,8 @@ checkpoints hold) and the peak of one real training step (the profiler:
 ``aalconvert.step_memory.measure_training_step``), parameters and optimizer
 state added. Prints a markdown table.
 
-    python benchmarks/budget.py
+    python benchmarks/budget.py                 # every example
+    python benchmarks/budget.py --header-off bert vit   # these examples' rows only (to finish a run)
 """
 
 import sys
@@ -35,12 +36,18 @@ def measured(model, inputs) -> int:
     return kept.nbytes + sum(b for s in held.values() for k, b in s.items() if k not in kept.storages)
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
     torch.set_num_threads(1)
-    print("| example | budget (floor -> BP) | budget B | predicted peak B | measured peak B | rel "
-          "| predicted kept B | measured kept B | rel | rules |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
-    for name, example in EXAMPLES.items():
+    names = [name for name in argv if name != "--header-off"] or list(EXAMPLES)
+    unknown = sorted(set(names) - set(EXAMPLES))
+    if unknown:
+        raise SystemExit(f"unknown example(s) {unknown}; choose from {', '.join(EXAMPLES)}")
+    if "--header-off" not in argv:
+        print("| example | budget (floor -> BP) | budget B | predicted peak B | measured peak B | rel "
+              "| predicted kept B | measured kept B | rel | rules |")
+        print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    for name in names:
+        example = EXAMPLES[name]
         torch.manual_seed(0)
         model = example.build_model().train()
         inputs = example.example_inputs(batch_size=16)
@@ -62,4 +69,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
