@@ -90,7 +90,8 @@ sys.path.insert(0, str(ROOT))  # examples/ and aalconvert at the repo root
 sys.path.insert(0, str(ROOT / "benchmarks"))  # zoo.py's builders
 
 import aalconvert  # noqa: E402
-from aalconvert.checkpointing import CheckpointedForward, CopiedBoundaryRule, why_not_copied  # noqa: E402
+from aalconvert.checkpointing import (  # noqa: E402
+    CHECKPOINT_RULES, CheckpointedForward, CopiedBoundaryRule, why_not_copied)
 from aalconvert.memory import measure_saved  # noqa: E402
 from aalconvert.step_memory import FORWARD, HOST_COPY, StepMemory, measure_step  # noqa: E402
 
@@ -333,7 +334,7 @@ def planner_method(workload: Workload, label: str, budget: int) -> Method:
     except Exception as error:  # BudgetError (under the floor) included: the row says so
         return failed(name, error, f"budget {mib(budget)}")
     rules = sorted(set(chosen.decisions.values()))
-    blocks = sum(1 for rule in chosen.decisions.values() if rule == "checkpoint")
+    blocks = sum(1 for rule in chosen.decisions.values() if rule in CHECKPOINT_RULES)
     note = f"budget {mib(budget)}; " + (", ".join(rules) if rules else "no change")
     note += f" ({blocks} blocks checkpointed)" if blocks else ""
     return Method(name, converted, note=note, hooks_see_all=not blocks,
