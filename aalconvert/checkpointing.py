@@ -10,7 +10,8 @@ the user's; ``revert`` removes it.
 ``checkpoint4`` (``CopiedBoundaryRule``) checkpoints the same way but keeps
 4-bit copies of a block's inputs, and backward runs the block on the decoded
 copies: less kept for the same second forward, at approx's gradient error,
-offered only for blocks without batch norm (``python benchmarks/boundary.py``).
+offered only for blocks without batch norm or ReLU-like activations
+(``why_not_copied``; ``python benchmarks/boundary.py``).
 
 Blocks are the non-leaf members of an ``nn.Sequential`` or ``nn.ModuleList``
 that own parameters (ResNet's ``layer1.0``, a transformer's ``blocks.3``). The
@@ -89,7 +90,7 @@ def checkpoint_from_copies(function: Callable[..., Any], args: tuple, kwargs: di
     graph reaches them. Backward runs the function again on the decoded copies:
     every tensor it recomputes is then approximate, and so are the block's
     gradients, like those of the approx rules. The budget planner offers it
-    only for blocks where the gradient stays close (``boundary_copies_fit``).
+    only for blocks where the gradient stays close (``why_not_copied``).
     Other inputs are kept as torch's checkpoint keeps them.
     """
     values, spec = tree_flatten((args, kwargs))
@@ -187,7 +188,8 @@ class CheckpointRule(Rule):
 
 
 PIECEWISE_LINEAR = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.PReLU, nn.RReLU)
-"""Activations whose backward is a mask of the input's sign: recomputed from a k-bit input, masks flip."""
+"""Activations whose backward depends only on which piece the input falls in: recomputed from a k-bit
+input, inputs near a kink change piece and their gradients flip."""
 
 
 class CopiedBoundaryRule(CheckpointRule):
@@ -197,7 +199,7 @@ class CopiedBoundaryRule(CheckpointRule):
     blocks where that stays close to BP qualify: those without batch norm and
     without ReLU-like activation modules. Gradient cosine to BP with every
     block taken (``python benchmarks/boundary.py``): at 4 bits 0.9996 or more
-    on the transformer, BERT, ViT, Mixer and GPT examples, 0.996-0.9997 on timm
+    on the BERT, ViT, Mixer and GPT examples, 0.996-0.9997 on timm
     ViT-S, ConvNeXt-atto, Swin-T and Hugging Face Llama, GPT-2 and BERT. Left
     out: the ResNets (0.82 and 0.44 on the examples, 0.45 on torchvision
     ResNet-50; 0.95 even at 8 bits: batch statistics of a perturbed input move
