@@ -51,6 +51,7 @@ from aalconvert.nn.approx import (
     ApproxSiLU,
     ApproxSoftmax,
 )
+from aalconvert.nn.approx_shared_relu import SharedCopyReLU
 from aalconvert.nn.approx_weighted import ApproxTransposedLinear
 from aalconvert.nn.ara import ARAConv1d, ARAConv2d, ARALinear
 from aalconvert.nn.asa import ASAConv1d, ASAConv2d, ASALinear, ASATransposedLinear
@@ -237,7 +238,7 @@ def resnet50_layers(s: Sizes) -> list[Layer]:
     ]
     layers += [
         Layer("ResNet-50", f"ReLU {c}ch {side}x{side}", nn.ReLU, (b, c, side, side),
-              (_exact(MaskReLU), _approx(ApproxReLU)))
+              (_exact(MaskReLU), _approx(ApproxReLU), _approx(SharedCopyReLU)))
         for c, side in s.stages
     ]
     c, side = s.stages[0]  # the piecewise-linear activations of MobileNet-style nets, at a stage shape
