@@ -58,6 +58,12 @@ def grads(model: nn.Module, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Ten
     return torch.autograd.grad(y, [x, *model.parameters()], g)
 
 
+def assert_bit_identical(expected, actual) -> None:
+    """Each gradient of ``actual`` equals ``expected``'s bit for bit, and there are as many."""
+    for e, a in zip(expected, actual, strict=True):
+        assert torch.equal(e, a)
+
+
 def inputs(dtype: torch.dtype, seed: int = 0, shape: tuple[int, ...] = (3, 5, WIDTH)):
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=generator).to(dtype).requires_grad_()
@@ -117,8 +123,7 @@ def test_hf_llama_converted_by_recompute_is_bit_identical_and_keeps_less():
         assert isinstance(layer.input_layernorm, GraphPointwiseVariant)
         assert isinstance(layer.post_attention_layernorm, GraphPointwiseVariant)
     kept_bytes, actual = step(converted_model)
-    for e, a in zip(expected, actual, strict=True):
-        assert torch.equal(e, a)
+    assert_bit_identical(expected, actual)
     assert kept_bytes < bp_bytes
 
 
@@ -137,8 +142,7 @@ def test_user_hooks_fire_once_and_a_changed_output_is_differentiated_as_returned
     calls.clear()
     actual = grads(conv, x, g)
     assert calls == [1]  # not run again in backward
-    for e, a in zip(expected, actual, strict=True):
-        assert torch.equal(e, a)
+    assert_bit_identical(expected, actual)
 
 
 def test_retain_graph_backward_twice_accumulates_as_bp():
@@ -151,8 +155,7 @@ def test_retain_graph_backward_twice_accumulates_as_bp():
         y.backward(g, retain_graph=True)
         y.backward(g)  # the rerun's saves are handed out again
         results.append([p.grad.clone() for p in m.parameters()])
-    for e, a in zip(*results, strict=True):
-        assert torch.equal(e, a)
+    assert_bit_identical(*results)
 
 
 def test_double_backward_matches_bp():
@@ -189,8 +192,7 @@ def test_autocast_forward_gives_bp_gradients():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = m(x * 1)
         results.append(torch.autograd.grad(y, [x, *m.parameters()], g.to(y.dtype)))
-    for e, a in zip(*results, strict=True):
-        assert torch.equal(e, a)
+    assert_bit_identical(*results)
 
 
 def test_checkpointed_block_is_bit_identical():
@@ -201,8 +203,7 @@ def test_checkpointed_block_is_bit_identical():
         y = torch.utils.checkpoint.checkpoint(m, x * 1, use_reentrant=False)
         return torch.autograd.grad(y, [x, *m.parameters()], g)
 
-    for e, a in zip(checkpointed(model), checkpointed(converted(model)), strict=True):
-        assert torch.equal(e, a)
+    assert_bit_identical(checkpointed(model), checkpointed(converted(model)))
 
 
 def test_round_trips_through_pickle_and_to_module():
@@ -225,5 +226,4 @@ def test_under_torch_compile_runs_the_plain_forward_with_bp_gradients():
     for m in (model, converted(model)):
         y = torch.compile(m)(x * 1)
         results.append(torch.autograd.grad(y, [x, *m.parameters()], g))
-    for e, a in zip(*results, strict=True):
-        assert torch.equal(e, a)
+    assert_bit_identical(*results)
