@@ -13,7 +13,14 @@ from aalconvert.checkpointing import remove_checkpoints
 from aalconvert.errors import ConversionError
 from aalconvert.example_inputs import self_described_inputs
 from aalconvert.facts import ModelFacts, gather_facts
-from aalconvert.memory import SavedByModule, fake_copy, fake_inputs, saved_by_module, tensors_in
+from aalconvert.memory import (
+    SavedByModule,
+    TwoValuedStorages,
+    fake_copy,
+    fake_inputs,
+    saved_by_module,
+    tensors_in,
+)
 from aalconvert.nn import CONVERTED_TYPES
 from aalconvert.plan import Plan, SkipFilter, make_plan, skip_filter
 from aalconvert.report import Report, build_report, optimizer_state_factor
@@ -325,7 +332,9 @@ def _simulated_step(model: nn.Module, forward: Callable[[], Any], parameters: tu
         outputs.append(forward())
         return outputs[-1]
 
-    with StepSimulation(known) as simulation:
+    # TwoValuedStorages: the packer of the lossless rules keeps CPU dropout's float mask in 1 bit
+    # by reading its values, which fake tensors do not have; the mode tells it how the mask was made.
+    with StepSimulation(known) as simulation, TwoValuedStorages():
         saved = saved_by_module(model, run, parameters)
         try:
             backward_of(outputs.pop())

@@ -10,6 +10,7 @@ be studied; ``saved_by_module`` also says which module kept each storage.
 """
 
 import copy
+import numbers
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 from torch._subclasses import FakeTensorMode
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode_stack
+from torch.utils.weak import WeakIdKeyDictionary
 
 
 @dataclass
@@ -218,3 +222,64 @@ def fake_inputs(inputs: tuple, fake_mode: FakeTensorMode, device: torch.device) 
             value = fake_mode.from_tensor(value)
         converted.append(value)
     return tuple(converted)
+
+
+_BERNOULLI = frozenset({torch.ops.aten.bernoulli_.float, torch.ops.aten.bernoulli_.Tensor,
+                        torch.ops.aten.bernoulli.default, torch.ops.aten.bernoulli.p})
+# A Python number reaches a dispatch mode as itself, also through the .Tensor overloads.
+_SCALE_IN_PLACE = frozenset({torch.ops.aten.div_.Scalar, torch.ops.aten.mul_.Scalar,
+                             torch.ops.aten.div_.Tensor, torch.ops.aten.mul_.Tensor})
+
+
+class TwoValuedStorages(TorchDispatchMode):
+    """Tells which fake storages hold only 0 and one positive value, from the ops that made them.
+
+    A real saved-tensor packer reads the values of what an op saves to find
+    float masks it can keep in 1 bit (``aalconvert.nn.saved_pack.two_levels``):
+    CPU dropout, functional or inside ``scaled_dot_product_attention``'s math
+    path, saves ``empty_like(x).bernoulli_(1 - p).div_(1 - p)``. Fake tensors
+    have no values, so this mode follows them instead: a storage written by
+    ``bernoulli`` holds 0 and 1, an in-place ``div_``/``mul_`` by a positive
+    number keeps it two-valued, and any other write into it forgets it.
+    ``holds_two_values`` asks the innermost active instance.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.storages: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        output = func(*args, **kwargs)
+        if func in _BERNOULLI:
+            for tensor in pytree.tree_leaves(output):
+                if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+                    self.storages[tensor.untyped_storage()] = True
+            return output
+        scale = args[1] if len(args) > 1 else None
+        keeps = (func in _SCALE_IN_PLACE and isinstance(scale, numbers.Real) and not isinstance(scale, bool)
+                 and 0 < scale < float("inf"))
+        if not keeps:
+            for tensor in _written(func, args, kwargs):
+                self.storages.pop(tensor.untyped_storage(), None)
+        return output
+
+    def holds(self, tensor: torch.Tensor) -> bool:
+        return tensor.untyped_storage() in self.storages
+
+
+def _written(func: Any, args: tuple, kwargs: dict) -> Iterator[torch.Tensor]:
+    """The tensors an op writes into (its mutable arguments, ``out=`` included)."""
+    schema = func._schema
+    for index, argument in enumerate(schema.arguments):
+        if argument.alias_info is None or not argument.alias_info.is_write:
+            continue
+        value = args[index] if index < len(args) and not argument.kwarg_only else kwargs.get(argument.name)
+        yield from (t for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor))
+
+
+def holds_two_values(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` (fake or meta: values unknown) lies in a storage that an active
+    ``TwoValuedStorages`` saw filled with 0 and one positive value; False when none is active."""
+    modes = [mode for mode in _get_current_dispatch_mode_stack() if isinstance(mode, TwoValuedStorages)]
+    return bool(modes) and modes[-1].holds(tensor)

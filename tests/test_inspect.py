@@ -247,3 +247,59 @@ def test_inspect_and_fake_measurement_read_no_fake_data_pointer(name):
         with mode:
             estimated = measure_saved(lambda: fake_model(*fake), fake_model.parameters()).nbytes
     assert estimated == real_kept(model, inputs)
+
+
+def hugging_face_language_models_with_dropout():
+    """GPT-2 and BERT as the zoo builds them (random init, default dropout 0.1, default SDPA
+    attention), at 128 tokens: long enough that attention's L x L dropout mask dominates."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=100, n_layer=2, n_embd=64, n_head=4, n_inner=128, n_positions=128,
+        bos_token_id=0, eos_token_id=0))
+    bert = transformers.BertForMaskedLM(transformers.BertConfig(
+        vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128))
+    tokens = torch.randint(0, 100, (4, 128), generator=torch.Generator().manual_seed(1))
+    return [("gpt2", gpt2, tokens), ("bert", bert, tokens)]
+
+
+@pytest.mark.parametrize("rules", ["exact", "auto"])
+def test_estimate_of_hugging_face_training_with_attention_dropout_matches_a_real_step(rules):
+    # CPU runs SDPA's math path when dropout_p > 0 (real and fake alike); it saves its dropout
+    # mask as a float 0-or-1/(1-p) tensor, which the lossless packer keeps in 1 bit after reading
+    # its values. Fake tensors have none: inspect used to count that L x L mask in full,
+    # predicting 0.695 of BP for GPT-2 under auto where a real step keeps 0.528.
+    for name, model, tokens in hugging_face_language_models_with_dropout():
+        model.train()
+        report = aalconvert.inspect(model, (tokens,), rules)
+        torch.manual_seed(1)
+        bp = measure_saved(lambda: model(tokens, labels=tokens), model.parameters()).nbytes
+        converted = aalconvert.convert(model, rules, example_inputs=(tokens,)).train()
+        torch.manual_seed(1)
+        kept = measure_saved(lambda: converted(tokens, labels=tokens), model.parameters()).nbytes
+        assert abs(report.totals.bp_bytes - bp) <= 0.005 * bp, (name, report.totals.bp_bytes, bp)
+        assert abs(report.totals.converted_bytes - kept) <= 0.005 * kept, (name, report.totals.converted_bytes, kept)
+
+
+class DropoutThenInPlace(nn.Module):
+    """Functional dropout whose kept mask is two-valued, or, after an in-place add to it, not."""
+
+    def __init__(self, spoil: bool) -> None:
+        super().__init__()
+        self.linear, self.spoil = nn.Linear(64, 64), spoil
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = torch.empty_like(x).bernoulli_(0.9).div_(0.9)
+        if self.spoil:
+            mask.add_(0.5)  # now 0.5 and 1.61: no 1-bit form
+        return self.linear(x) * mask
+
+
+@pytest.mark.parametrize("spoil", [False, True])
+def test_estimate_packs_a_float_mask_in_one_bit_only_while_it_holds_two_values(spoil):
+    torch.manual_seed(0)
+    model, inputs = DropoutThenInPlace(spoil).train(), (torch.randn(128, 64),)  # over min_numel
+    report = aalconvert.inspect(model, inputs, "exact")
+    converted = aalconvert.convert(model, "exact", example_inputs=inputs)
+    assert report.totals.converted_bytes == real_kept(converted, inputs)
+    assert (report.totals.converted_bytes < report.totals.bp_bytes) is not spoil

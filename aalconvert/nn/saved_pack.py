@@ -59,7 +59,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
 from aalconvert.kernels import pack_bits, unpack_bits
-from aalconvert.memory import storage_key
+from aalconvert.memory import holds_two_values, storage_key
 from aalconvert.nn.approx_common import (
     ApproxOptions,
     SavedLayout,
@@ -98,12 +98,17 @@ class TwoLevels:
 
 def two_levels(flat: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], TwoLevels] | None:
     """The 1-bit form of a bool tensor, or of a float one whose values are 0 and one positive
-    finite value; None for any other tensor, and for fake ones, whose values are unknown
-    (``inspect`` then counts such a float mask in full: CPU dropout keeps one)."""
+    finite value; None for any other tensor. Fake and meta tensors have no values: a float one
+    is taken as two-valued where ``aalconvert.memory.holds_two_values`` says how it was made
+    (CPU dropout's mask, during ``inspect``), so the estimate packs what the real run packs."""
     if flat.dtype == torch.bool:
         return (pack_bits(flat),), TwoLevels(flat.numel(), torch.bool)
-    if isinstance(flat, FakeTensor) or not flat.is_floating_point():
+    if not flat.is_floating_point():
         return None
+    if isinstance(flat, FakeTensor) or flat.is_meta:
+        if not holds_two_values(flat):
+            return None
+        return (pack_bits(flat), flat.amax()), TwoLevels(flat.numel(), flat.dtype)
     value = flat.amax()
     if not bool(torch.isfinite(value) & (value > 0)) or not bool(((flat == 0) | (flat == value)).all()):
         return None
