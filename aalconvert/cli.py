@@ -261,7 +261,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         report = build_inspect_report(args, errors)
         write_report(report, args)
         if args.output is not None:
-            errors.print(f"wrote {args.output}", markup=False)
+            errors.print(f"wrote {args.output}", markup=False, soft_wrap=True)  # a path unbroken
     except Exception as error:
         if args.debug:
             raise

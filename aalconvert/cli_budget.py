@@ -69,7 +69,7 @@ def run_budget_commands(args: argparse.Namespace, errors: Any) -> None:
         sys.stdout.write(text)
     else:
         args.output.write_text(text, encoding="utf-8")
-        errors.print(f"wrote {args.output}", markup=False)
+        errors.print(f"wrote {args.output}", markup=False, soft_wrap=True)  # a path unbroken
 
 
 def _batch_of(inputs: tuple) -> int | None:

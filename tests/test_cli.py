@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 CONSOLE_SCRIPT = str(Path(sys.executable).with_name("aalconvert"))
 
 
-def run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+def run(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([CONSOLE_SCRIPT, "inspect", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=120)
+                          timeout=120, env=None if env is None else {**os.environ, **env})
 
 
 def test_table_names_the_biggest_saving_module_first():
@@ -55,9 +56,9 @@ def test_json_is_pure_json_on_stdout_and_embedding_inputs_are_token_ids():
 def test_package_module_callable_target_with_csv_written_to_a_file(tmp_path):
     output = tmp_path / "report.csv"
     result = run("examples.mixer:build_model", "--format", "csv", "--output", str(output),
-                 "--dtype", "bf16", "--batch-size", "2")
+                 "--dtype", "bf16", "--batch-size", "2", env={"COLUMNS": "40"})
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "" and f"wrote {output}" in result.stderr
+    assert result.stdout == "" and f"wrote {output}" in result.stderr  # the path unbroken on a narrow terminal
     records = list(csv.DictReader(io.StringIO(output.read_text())))
     assert records and {r["dtype"] for r in records if r["dtype"]} == {"bf16"}
     assert all(int(r["bytes_bp"]) - int(r["bytes_converted"]) == int(r["bytes_saved"]) for r in records)
