@@ -32,6 +32,11 @@ How the plan is chosen:
    their inputs) and comes right after it (``costs.RuleCost.follows``).
 4. Search. The smallest prefix whose plan, estimated on fake tensors, fits the
    budget; found by bisection inside the first tier whose full plan fits.
+   Then every approximate tier but the last that the plan fits without is
+   left out, the costliest first (``_Ladder.without_needless_tiers``): one
+   taken whole on the way, such as 4-bit copies at every checkpointed block,
+   may have been needed only until a later one compressed the block whose
+   recomputation made the peak.
    Then the checkpointed blocks the plan fits without are left out (both
    their units), last block first (``_Ladder.without_needless_checkpoints``): backward reaches
    them while few gradients exist. The plan's peak is an estimate of the very
@@ -494,7 +499,8 @@ def plan_budget(
         lowest = min(ladders, key=lambda ladder: ladder.floor)
         raise _under_floor(budget_bytes, floor_peak, lowest.evaluate(lowest.floor_units)[1], batch)
     prefix = _smallest_fitting_prefix(lambda n: ladder.evaluate(n)[2], usable, ladder.tier_ends, bp_peak)
-    taken, plain = ladder.without_needless_checkpoints(prefix, usable) if prefix else ((), ())
+    taken = ladder.without_needless_tiers(tuple(range(prefix)), usable)
+    taken, plain = ladder.without_needless_checkpoints(taken, usable) if taken else ((), ())
     plan, report, _ = ladder.evaluate_units(taken, plain) if taken else (Plan(rules=[]), bp_report, 0)
     peaks = [bp_peak] + ladder.peaks_by_tier
     steps, choices, used = [], [], []
@@ -569,15 +575,36 @@ class _Ladder:
             self.cache[taken, plain] = merged, report, report.totals.peak_converted_bytes
         return self.cache[taken, plain]
 
-    def without_needless_checkpoints(self, n: int, usable: int) -> tuple[tuple[int, ...], tuple[str, ...]]:
-        """The first ``n`` units less the checkpointed blocks the plan fits without (each block's
+    def without_needless_tiers(self, taken: tuple[int, ...], usable: int) -> tuple[int, ...]:
+        """``taken`` less the units of each approximate tier (one that costs fidelity) the plan still
+        fits without, the costliest first, each tier once; never the last tier taken.
+
+        The prefix search takes tiers whole in cost order, but a tier's cost per
+        byte says nothing of where the peak is: on timm ViT-S at checkpointing's
+        peak, 4-bit copies at every checkpointed block and 8-bit copies in the
+        first block were taken on the way to the 4-bit first block that alone
+        was needed. Exact tiers stay: without them, a later tier's whole-model
+        packer would take their sites, at more cost than they have.
+        """
+        last = self.order[max(taken)].tier if taken else None
+        for tier in reversed(self.tiers):
+            if tier == last or not RULE_COSTS[tier].fidelity_loss:
+                continue
+            trial = tuple(i for i in taken if self.order[i].tier != tier)
+            if trial != taken and self.evaluate_units(trial)[2] <= usable:
+                taken = trial
+        return taken
+
+    def without_needless_checkpoints(self, taken: tuple[int, ...],
+                                     usable: int) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        """``taken`` less the checkpointed blocks the plan fits without (each block's
         ``checkpoint`` and ``checkpoint4`` units together), last block first, and those blocks (left plain).
 
         Backward reaches the last blocks first, while few gradients exist: their
         activations often fit beside them, and each block left out saves its
         second forward. Stops at the first block the plan needs.
         """
-        taken, plain = tuple(range(n)), ()
+        plain: tuple[str, ...] = ()
         blocks = {self.order[i].modules[0]: None for i in taken if self.order[i].tier in CHECKPOINT_RULES}
         position = {name: i for i, name in enumerate(self.estimator.facts.modules)}
         for block in sorted(blocks, key=position.__getitem__, reverse=True):
