@@ -13,7 +13,8 @@ estimate behind every predicted peak (``Report.totals``). A dispatch mode sees
 every op of the forward, the loss and backward (checkpointed blocks
 recomputing and k-bit copies decoded included), counts each new storage when
 an op makes it and drops it when torch frees it, and adds the workspace of
-CPU convolutions' and batch norms' backward (``workspace_bytes``).
+CPU convolutions' and batch norms' backward (``workspace_bytes``; depthwise
+ones on channels-last inputs: ``depthwise_weight_buffer_bytes``).
 
 Both count above the step's start: parameters, optimizer state and inputs
 made before it do not count; gradients start as None
@@ -22,7 +23,9 @@ made before it do not count; gradients start as None
 
 from __future__ import annotations
 
+import functools
 import gc
+import os
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -161,7 +164,10 @@ def workspace_bytes(func: Any, args: tuple) -> int:
     maps: the last stages of a ResNet, where checkpointed nets peak), one
     weight-sized temporary instead (exact for 1x1 and 3x3 on 1x1 and 2x2
     maps, 128 to 2048 channels); batch norm's backward
-    keeps one tensor of its input's size. Not modelled: GPU
+    keeps one tensor of its input's size. A depthwise convolution on a
+    channels-last input (ConvNeXt's 7x7) takes its weight's gradient through
+    oneDNN with a buffer of 256 weights of one channel multiplier on AVX-512,
+    64 on AVX2 (``depthwise_weight_buffer_bytes``). Not modelled: GPU
     libraries' workspaces, and the temporaries of our kernels' CPU path (the
     Triton kernels make none).
     """
@@ -174,11 +180,63 @@ def workspace_bytes(func: Any, args: tuple) -> int:
         held = grad_output.numel() * grad_output.element_size() + (source_bytes if wide else 0)
         if any(step > 1 for step in args[4]):  # strided: two input-sized buffers before the weight's gradient
             held = max(held, 2 * source_bytes - weight_bytes)
-        return max(held, weight_bytes if args[10][1] else 0)
+        return max(held, weight_bytes if args[10][1] else 0, depthwise_weight_buffer_bytes(source, weight, args))
     if func is torch.ops.aten.native_batch_norm_backward.default:
         source = args[1]
         return source.numel() * source.element_size() if source.device.type == "cpu" else 0
     return 0
+
+
+def depthwise_weight_buffer_bytes(source: torch.Tensor, weight: torch.Tensor, args: tuple) -> int:
+    """Bytes a CPU depthwise convolution's backward holds for its weight's gradient in oneDNN (fp32, channels-last).
+
+    Measured with the profiler (torch 2.13 and 2.14, x86-64, fp32, 1 to 4
+    threads, batch 1 to 8, 2x2 to 56x56 maps, 7 to 768 channels, stride 1
+    or 2): with a 4-d channels-last input, groups equal to the input channels
+    and the weight's gradient asked for, oneDNN's AVX-512 kernels allocate
+    256 x in_channels x kh x kw floats, then a weight-sized copy: 257.02 x the
+    weight for 7x7 (ConvNeXt), 5x5, 4x4, 9x9, 11x11, 7x1 and 3x5 kernels
+    (128 x at channel multiplier 2, 85.3 x at 3); square 3x3 and 2x2 kernels
+    at multiplier 1 take another kernel (about 2 weights, left to
+    ``workspace_bytes``' general rule), 1x1 ones torch's own. Its AVX2 kernels
+    (``ONEDNN_MAX_CPU_ISA=AVX2``) hold 64 x in_channels x kh x kw floats
+    at multiplier 1 once the input is at least as high and wide as the
+    kernel, and about 4 weights below (0 here); other instruction sets,
+    multipliers above 1 on AVX2, contiguous inputs and other dtypes: 0.
+    """
+    if not args[10][1] or source.dim() != 4 or source.dtype != torch.float32 or not torch.backends.mkldnn.enabled:
+        return 0
+    groups, in_channels = args[9], source.shape[1]
+    if groups <= 1 or groups != in_channels or args[7]:  # depthwise, not transposed
+        return 0
+    if source.is_contiguous() or not source.is_contiguous(memory_format=torch.channels_last):
+        return 0
+    multiplier = weight.shape[0] // in_channels
+    kernel_h, kernel_w = weight.shape[2:]
+    if kernel_h * kernel_w == 1 or (multiplier == 1 and kernel_h == kernel_w and kernel_h <= 3):
+        return 0
+    isa = _onednn_isa()
+    if isa == "avx512":
+        copies = 256
+    elif isa == "avx2" and multiplier == 1 and source.shape[2] >= kernel_h and source.shape[3] >= kernel_w:
+        copies = 64
+    else:
+        return 0
+    return copies * in_channels * kernel_h * kernel_w * weight.element_size() + weight.numel() * weight.element_size()
+
+
+@functools.cache
+def _onednn_isa() -> str:
+    """The widest x86 vector set oneDNN uses here ("avx512", "avx2" or "other"): torch's CPU capability, lowered
+    by ``ONEDNN_MAX_CPU_ISA`` (or ``DNNL_MAX_CPU_ISA``) when set."""
+    if not torch.backends.mkldnn.is_available():
+        return "other"
+    capability = torch.backends.cpu.get_cpu_capability().upper()
+    isa = "avx512" if capability.startswith("AVX512") else "avx2" if capability.startswith("AVX2") else "other"
+    limit = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    if limit == "ALL" or limit.startswith(("AVX512", "AVX10")):
+        return isa
+    return "avx2" if limit.startswith("AVX2") and isa != "other" else "other"
 
 
 def training_loss(output: Any) -> torch.Tensor | None:

@@ -65,8 +65,6 @@ KNOWN_GAPS: dict[str, str] = {
 }
 # Known causes of step-peak gaps (not the kept bytes this benchmark holds to 5 %), by model.
 PEAK_NOTES: dict[str, str] = {
-    "torchvision/convnext_tiny": "not investigated: a CPU op's workspace the simulation does not see "
-                                 "(its 7x7 depthwise convolutions' backward is the suspect)",
     "hf/gpt2": "under auto+approx4 only: the CPU path of the k-bit kernels makes temporaries the "
                "simulation does not model (README: 'Not seen')",
     "hf/bart": "the decoder's attention mask, as in the kept bytes below",
