@@ -70,7 +70,6 @@ import gc
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -689,17 +688,6 @@ def plot(result: dict, path: Path) -> str | None:
 
 # --------------------------------------------------------------------------- main
 
-def _reexec_in_zoo_venv(argv: list[str]) -> None:
-    """Re-run under .zoo-venv (torchvision, timm, transformers) when this interpreter lacks them."""
-    import zoo
-
-    python = zoo._venv_python()
-    if "--no-venv" in argv or not python.exists() or Path(sys.prefix).resolve() == zoo.ZOO_VENV.resolve():
-        return
-    print(f"(running in {zoo.ZOO_VENV}; pass --no-venv to use this interpreter)", flush=True)
-    sys.exit(subprocess.call([str(python), str(Path(__file__).resolve()), *argv]))
-
-
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -714,7 +702,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--render", type=Path, metavar="JSON",
                         help="only write the .md and .png of an earlier run's JSON next to it")
     args = parser.parse_args(argv)
-    _reexec_in_zoo_venv(argv)
+    import zoo
+
+    zoo.reexec_in_zoo_venv(__file__, argv)
     if args.render:
         return render(args.render)
     names = args.models.split(",")

@@ -237,17 +237,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _reexec_in_zoo_venv(argv: list[str]) -> None:
-    """Re-run under .zoo-venv (torchvision, timm, transformers) when this interpreter is another one."""
-    import subprocess
-
-    python = zoo._venv_python()
-    if "--no-venv" in argv or not python.exists() or Path(sys.prefix).resolve() == zoo.ZOO_VENV.resolve():
-        return
-    print(f"(running in {zoo.ZOO_VENV}; pass --no-venv to use this interpreter)", flush=True)
-    sys.exit(subprocess.call([str(python), str(Path(__file__).resolve()), *argv]))
-
-
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -261,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                  ".md beside it")
     parser.add_argument("--no-venv", action="store_true", help="run in this interpreter, not .zoo-venv")
     args = parser.parse_args(argv)
-    _reexec_in_zoo_venv(argv)
+    zoo.reexec_in_zoo_venv(__file__, argv)
 
     import torch
 
@@ -271,16 +260,10 @@ def main(argv: list[str] | None = None) -> dict:
     rule_sets = args.rules.split(",")
     date = datetime.now(timezone.utc)
     out = args.out or RESULTS / f"promised_{date:%Y-%m-%d}.json"
-    versions = {"torch": torch.__version__}
-    for name in ("torchvision", "timm", "transformers"):
-        try:
-            versions[name] = __import__(name).__version__
-        except ImportError:
-            pass
     result = {"date": date.isoformat(timespec="seconds"),
               "command": "python benchmarks/promised.py" + (" " + " ".join(argv) if argv else ""),
               "library": zoo.library_state(), "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-              "threads": torch.get_num_threads(), "versions": versions, "rule_sets": rule_sets,
+              "threads": torch.get_num_threads(), "versions": zoo.package_versions(), "rule_sets": rule_sets,
               "threshold": args.threshold, "not_run": not_importable, "records": [], "seconds": 0.0}
     started = time.perf_counter()
     for index, entry in enumerate(entries, 1):

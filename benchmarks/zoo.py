@@ -101,13 +101,27 @@ def setup(venv: Path = ZOO_VENV) -> None:
           flush=True)
 
 
-def _reexec_in_zoo_venv(argv: list[str]) -> None:
-    """Re-run this script under the zoo venv when it exists and this is another interpreter."""
+def reexec_in_zoo_venv(script: str, argv: list[str]) -> None:
+    """Re-run ``script`` (a benchmark's ``__file__``) under the zoo venv when it exists and this is
+    another interpreter; ``--no-venv`` (and ``--setup``) keep it here."""
     python = _venv_python()
     if "--no-venv" in argv or "--setup" in argv or not python.exists() or Path(sys.prefix).resolve() == ZOO_VENV.resolve():
         return
     print(f"(running in {ZOO_VENV}; pass --no-venv to use this interpreter)", flush=True)
-    os.execv(str(python), [str(python), str(Path(__file__).resolve()), *argv])
+    os.execv(str(python), [str(python), str(Path(script).resolve()), *argv])
+
+
+def package_versions() -> dict[str, str]:
+    """torch's version, and torchvision's, timm's and transformers' where they import."""
+    import torch
+
+    versions = {"torch": torch.__version__}
+    for name in ("torchvision", "timm", "transformers"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    return versions
 
 
 # --------------------------------------------------------------------------- the zoo
@@ -776,16 +790,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.save:
         args.json = args.json or RESULTS / f"zoo_{date:%Y-%m-%d}.json"
         args.markdown = args.markdown or args.json.with_suffix(".md")
-    versions = {"torch": torch.__version__}
-    for name in ("torchvision", "timm", "transformers"):
-        try:
-            versions[name] = __import__(name).__version__
-        except ImportError:
-            pass
     result = {"date": date.isoformat(timespec="seconds"), "command": "python benchmarks/zoo.py " + " ".join(argv),
               "library": library_state(),
               "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-              "threads": torch.get_num_threads(), "versions": versions, "rule_sets": rule_sets,
+              "threads": torch.get_num_threads(), "versions": package_versions(), "rule_sets": rule_sets,
               "not_run": not_importable, "records": [], "seconds": 0.0}
     done: dict[str, dict] = {}
     if args.resume and args.json and args.json.exists():
@@ -828,5 +836,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    _reexec_in_zoo_venv(sys.argv[1:])
+    reexec_in_zoo_venv(__file__, sys.argv[1:])
     main()

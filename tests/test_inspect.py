@@ -15,6 +15,7 @@ import aalconvert.trace
 from aalconvert.api import plan_conversion
 from aalconvert.errors import ConversionError
 from aalconvert.memory import measure_saved, saved_by_module
+from tiny_llama import tiny_llama
 from examples import EXAMPLES
 
 RULE_SETS = ("exact", "auto", "approx4")
@@ -310,12 +311,7 @@ def test_an_all_ones_attention_mask_is_over_predicted_never_under():
     # is_causal only after reading its values, which it does not do on fake tensors, so inspect keeps a
     # materialized causal mask per layer that the real step does not make. The error is on the safe side:
     # more predicted than kept (+5.7 % here), never less; without the mask the prediction is exact.
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = transformers.LlamaForCausalLM(config).train()
-    ids = torch.randint(0, 1000, (4, 32))
+    model, ids = tiny_llama()
     mask = torch.ones_like(ids)
     measured = measure_saved(lambda: model(ids, attention_mask=mask, labels=ids).loss, model.parameters()).nbytes
     assert measured == measure_saved(lambda: model(ids, labels=ids).loss, model.parameters()).nbytes

@@ -19,6 +19,7 @@ from aalconvert.step_memory import (
     OPTIMIZERS, Allocation, StepMemory, StepSimulation, backward_of, depthwise_weight_buffer_bytes,
     measure_training_step, replay, training_loss)
 from aalconvert.report import OPTIMIZER_STATE_PER_PARAMETER
+from tiny_llama import tiny_llama
 from examples import EXAMPLES
 
 
@@ -84,12 +85,7 @@ def test_a_checkpointed_conv_net_peaks_as_predicted_where_late_stages_hold_weigh
 
 
 def test_a_hugging_face_model_with_its_own_loss_is_predicted_within_5_percent():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = transformers.LlamaForCausalLM(config).train()
-    ids = torch.randint(0, 1000, (4, 32))
+    model, ids = tiny_llama()
     totals = aalconvert.inspect(model, (ids,), "exact").totals  # labels = the ids: the model's own loss
     measured = measure_training_step(model, lambda: model(ids, labels=ids).loss).peak_bytes
     predicted = predicted_step_bytes(totals, converted=False)
