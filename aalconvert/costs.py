@@ -77,12 +77,12 @@ RULE_COSTS: dict[str, RuleCost] = {cost.rule: cost for cost in (
     RuleCost("loss_head", False, 1.021, 0.409, 0.0,
              source="time, kept: benchmarks/results/loss_head_cpu.json (Llama, vocabulary 32k); "
                     "fidelity: equal to the plain head up to fp32 rounding (tests)"),
-    RuleCost("checkpoint", False, 1.249, 0.235, 0.0,
-             source="time, kept: benchmarks/results/peers_cpu.json as of commit 7767861 (torch.utils.checkpoint "
+    RuleCost("checkpoint", False, 1.265, 0.235, 0.0,
+             source="time, kept: benchmarks/results/peers_cpu.json of 2026-11-30 13:32 UTC (torch.utils.checkpoint "
                     "per block, median of torchvision ResNet-50, timm ViT-S, Hugging Face Llama); fidelity: the "
                     "same gradients (the forward runs again with the same RNG state)"),
-    RuleCost("checkpoint4", False, 1.303, 0.2, 0.093, bits=4, follows="checkpoint",
-             source="time, kept: benchmarks/results/peers_cpu.json as of commit 7767861 (the 'checkpoint, 4-bit "
+    RuleCost("checkpoint4", False, 1.324, 0.2, 0.093, bits=4, follows="checkpoint",
+             source="time, kept: benchmarks/results/peers_cpu.json of 2026-11-30 13:32 UTC (the 'checkpoint, 4-bit "
                     "inputs' rows, median of the same three models; ResNet-50's blocks keep full inputs); "
                     "fidelity: not trained, approx4's worst (resnet_basic 0.09 points below BP) taken as its bound: "
                     "its gradient cosine to BP is 0.996-0.9997 on the models it takes "
@@ -90,7 +90,7 @@ RULE_COSTS: dict[str, RuleCost] = {cost.rule: cost for cost in (
                     "in 4-bit copies"),
     RuleCost("ara", False, 1.201, 0.783, 0.37,
              source=f"time, kept: {_MEMORY}; fidelity: resnet_basic 0.37 points below BP ({_SHORT}); "
-                    f"resnet_bottleneck 0.21 above ({_CONVERGED})"),
+                    f"resnet_bottleneck 0.52 above ({_CONVERGED}, 12 seeds)"),
     RuleCost("asa", False, 1.522, 0.565, 2.416,
              source=f"time, kept: {_MEMORY}; fidelity: gpt validation loss 2.4 % above BP ({_SHORT}); "
                     f"transformer 0.09 points below ({_CONVERGED})"),
