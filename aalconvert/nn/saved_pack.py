@@ -105,12 +105,12 @@ def two_levels(flat: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], TwoLevels]
         return (pack_bits(flat),), TwoLevels(flat.numel(), torch.bool)
     if not flat.is_floating_point():
         return None
-    if isinstance(flat, FakeTensor) or flat.is_meta:
-        if not holds_two_values(flat):
-            return None
-        return (pack_bits(flat), flat.amax()), TwoLevels(flat.numel(), flat.dtype)
     value = flat.amax()
-    if not bool(torch.isfinite(value) & (value > 0)) or not bool(((flat == 0) | (flat == value)).all()):
+    if isinstance(flat, FakeTensor) or flat.is_meta:
+        two_valued = holds_two_values(flat)
+    else:
+        two_valued = bool(torch.isfinite(value) & (value > 0)) and bool(((flat == 0) | (flat == value)).all())
+    if not two_valued:
         return None
     return (pack_bits(flat), value.clone()), TwoLevels(flat.numel(), flat.dtype)
 
