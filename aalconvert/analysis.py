@@ -153,9 +153,51 @@ def _is_norm(region: Region, node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in _NORM_FUNCTIONS
 
 
-def _is_weighted(region: Region, node: fx.Node) -> bool:
+def _is_weighted_module(region: Region, node: fx.Node) -> bool:
     module = _module(region, node)
     return module is not None and is_linear_like(module)
+
+
+def _is_weighted(region: Region, node: fx.Node) -> bool:
+    """A weighted module's call, or a function given a child linear's weight (``functional_linears``)."""
+    return _is_weighted_module(region, node) or bool(functional_linears(region, node))
+
+
+def functional_linears(region: Region, node: fx.Node) -> tuple[str, ...]:
+    """Qualified names of the children whose weight ``node`` hands to a function, in argument order.
+
+    torchvision's Swin attention calls ``shifted_window_attention(x, self.qkv.weight,
+    self.proj.weight, ...)``: ``qkv`` and ``proj`` are never called as modules, and
+    their ``F.linear`` runs inside a function fx keeps whole. Such a child counts
+    when its weight is read as an attribute and handed directly to the
+    ``call_function`` node, the module whose forward makes the call (its
+    ``nn_module_stack``) is the child's own parent, and the region never calls
+    the child as a module. (The graph module holds the weight, not the child's
+    class: rules check the class on the model.)
+    """
+    if node.op != "call_function":
+        return ()
+    stack = node.meta.get("nn_module_stack") or {}
+    caller = next(reversed(stack), None) if stack else None
+    if caller is None:
+        return ()
+    names = []
+    for argument in (*node.args, *node.kwargs.values()):
+        if not (isinstance(argument, fx.Node) and argument.op == "get_attr"):
+            continue
+        owner, _, attribute = str(argument.target).rpartition(".")
+        if attribute != "weight" or owner.rpartition(".")[0] != caller:
+            continue
+        if not any(n.op == "call_module" and n.target == owner for n in region.graph_module.graph.nodes):
+            names.append(f"{region.name}.{owner}" if region.name else owner)
+    return tuple(names)
+
+
+def _weighted_names(region: Region, node: fx.Node) -> tuple[str, ...]:
+    """The qualified names of the weighted layers ``node`` runs: its module, or functional linears."""
+    if _is_weighted_module(region, node):
+        return (_facts(node).qualified_name,)
+    return functional_linears(region, node)
 
 
 def _is_activation(region: Region, node: fx.Node) -> bool:
@@ -321,12 +363,9 @@ def _block(region: Region, order: _Order, add: fx.Node, block_input: fx.Node, br
     in_order = sorted(inside, key=order.index.__getitem__)
     consumers = tuple(
         _facts(user).qualified_name for user in sorted(block_input.users, key=order.index.__getitem__)
-        if user in inside and _is_weighted(region, user)
+        if user in inside and _is_weighted_module(region, user)
     )
-    branch_weighted = tuple(
-        _facts(node).qualified_name for node in in_order
-        if node in branch and _is_weighted(region, node)
-    )
+    branch_weighted = tuple(name for node in in_order if node in branch for name in _weighted_names(region, node))
     prenorm = any(user in branch and _is_norm(region, user) for user in block_input.users)
     producer, producer_module = _producer(region, block_input)
     return ResidualBlock(
@@ -356,7 +395,7 @@ def shared_input_consumers(region: Region) -> list[tuple[fx.Node, tuple[str, ...
     shared = []
     for node in region.graph_module.graph.nodes:
         readers = tuple(
-            _facts(user).qualified_name for user in node.users if _is_weighted(region, user)
+            _facts(user).qualified_name for user in node.users if _is_weighted_module(region, user)
         )
         if len(readers) >= 2:
             shared.append((node, readers))

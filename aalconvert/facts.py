@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from torch import fx, nn
 
-from aalconvert.analysis import ResidualBlock, find_residual_blocks
+from aalconvert.analysis import ResidualBlock, find_residual_blocks, functional_linears
 from aalconvert.trace import TraceResult, is_norm_like, trace_model
 
 # Modules whose backward keeps their own input: a tensor they read stays alive anyway.
@@ -33,6 +33,9 @@ class ModelFacts:
     blocks: list[ResidualBlock]
     modules: dict[str, nn.Module]
     call_nodes: dict[str, list[fx.Node]] = field(default_factory=dict)
+    # Linear children run only through a function their parent calls (``functional_linears``):
+    # child name -> the nodes handing that function the child's weight.
+    functional_nodes: dict[str, list[fx.Node]] = field(default_factory=dict)
 
     def call_count(self, module_name: str) -> int:
         """How many times the traced graphs call ``module_name`` (0 when untraced)."""
@@ -80,15 +83,19 @@ def gather_facts(model: nn.Module, example_inputs: tuple | None = None) -> Model
     traced = trace_model(model, example_inputs)
     blocks: list[ResidualBlock] = []
     call_nodes: dict[str, list[fx.Node]] = {}
+    functional_nodes: dict[str, list[fx.Node]] = {}
     for region in traced.regions:
         blocks.extend(find_residual_blocks(region))
         for node in region.graph_module.graph.nodes:
             if node.op == "call_module":
                 call_nodes.setdefault(qualified_name(node), []).append(node)
+            for name in functional_linears(region, node):
+                functional_nodes.setdefault(name, []).append(node)
     return ModelFacts(
         model=model,
         trace=traced,
         blocks=blocks,
         modules=dict(model.named_modules()),
         call_nodes=call_nodes,
+        functional_nodes=functional_nodes,
     )

@@ -22,7 +22,7 @@ from aalconvert.errors import ConversionError
 from aalconvert.facts import ModelFacts
 from aalconvert.memory import SavedByModule
 from aalconvert.plan import Plan
-from aalconvert.rules.base import COVERS, Site
+from aalconvert.rules.base import COVERS, ROUTED_BY, Site
 from aalconvert.trace import Untraced
 
 # Optimizer state per trainable parameter byte: SGD keeps nothing, momentum one
@@ -317,6 +317,16 @@ def _explanation(name: str, module: nn.Module, plan: Plan, untraced: dict[str, U
     return f"kept as is: no chosen rule converts {type(module).__name__}; its backward needs what it keeps"
 
 
+def _routed_sites(name: str, plan: Plan) -> list[Site]:
+    """The sites whose ``F.linear`` calls ``name``'s own forward makes and hands to them (``ROUTED_BY``)."""
+    return [site for site in plan.sites.values() if site.payload.get(ROUTED_BY) == name]
+
+
+def _routed_explanation(routed: list[Site]) -> str:
+    layers = ", ".join(display_name(site.module_name) for site in routed)
+    return f"its own F.linear calls on {layers} run as {routed[0].rule}: {routed[0].reason.split(';')[0]}"
+
+
 def _covering_site(name: str, plan: Plan) -> Site | None:
     """The nearest ancestor's site whose rewrite reaches into ``name`` (``COVERS``), when ``name`` has none."""
     if name in plan.sites or not name:
@@ -368,6 +378,10 @@ def build_report(
         rule = plan.sites[name].rule if name in plan.sites else covering.rule if covering else ""
         explanation = (covering.payload[COVERS] if covering else
                        _explanation(name, modules.get(name, facts.model), plan, untraced))
+        routed = _routed_sites(name, plan)
+        if routed and name not in plan.sites:
+            rule = ",".join(dict.fromkeys([routed[0].rule, *([rule] if covering else [])]))
+            explanation = _routed_explanation(routed) + (f"; {explanation}" if covering else "")
         rows.append(Row(name, op, shape, dtype, before, after, rule,
                         explanation + _shared_note(name, bp, converted)))
     rows.sort(key=_largest_saving_first)

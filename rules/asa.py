@@ -19,10 +19,11 @@ from aalconvert.errors import ConversionError
 from aalconvert.facts import ModelFacts, qualified_name
 from aalconvert.nn.asa import ASAConv2d, ASALinear, ASATransposedLinear, pack_sign, validate_options
 from aalconvert.nn.lossless import MASK_ACTIVATIONS, MaskReLU
+from aalconvert.nn.routed_linear import RoutedLinears
 from aalconvert.nn.zoo_pointwise import PointwiseVariant, pointwise_problem
 from aalconvert.nn.zoo_linear import is_transposed_linear, transposed_linear_problem
 from aalconvert.rules.recompute import layer_chains
-from aalconvert.rules.base import Rule, Site, Skip
+from aalconvert.rules.base import ROUTED_BY, Rule, Site, Skip
 from aalconvert.rules.wiring import SharedPack, swap_module
 
 _ASA_VARIANTS: dict[type[nn.Module], type[nn.Module]] = {nn.Linear: ASALinear}
@@ -61,6 +62,14 @@ def _pointwise_conv(conv: nn.Conv2d) -> bool:
         conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1
         and conv.dilation == (1, 1) and conv.padding in ((0, 0), "valid")
     )
+
+
+def _routed_owner(facts: ModelFacts, name: str) -> str | None:
+    """The parent whose forward hands plain linear ``name``'s weight to one function call
+    (``analysis.functional_linears``: torchvision's Swin attention), if ``name`` is never called itself."""
+    if type(facts.modules[name]) is not nn.Linear or facts.call_count(name) or len(facts.functional_nodes.get(name, ())) != 1:
+        return None
+    return name.rpartition(".")[0]
 
 
 def _unconvertible_reason(module: nn.Module) -> str:
@@ -157,6 +166,14 @@ class ASARule(Rule):
                 if _asa_variant(module) is None:
                     skips.append(Skip(self.name, name, _unconvertible_reason(module)))
                     continue
+                routed = _routed_owner(facts, name)
+                if routed is not None:
+                    sites.append(Site(self.name, name, (
+                        f"input kept as a 1-bit sign mask (ASA, eps={self.options.eps}); the F.linear call on "
+                        f"this layer's weight in {routed}'s own forward is routed to it"),
+                        payload={"variant": self.options.variant if self.options.variant != "auto" else "sign",
+                                 ROUTED_BY: routed}))
+                    continue
                 if facts.call_count(name) != 1:
                     skips.append(Skip(self.name, name, f"called {facts.call_count(name)} times; ASA needs one call"))
                     continue
@@ -191,5 +208,9 @@ class ASARule(Rule):
             lr_expansion=self.options.lr_expansion,
             variant=site.payload["variant"],
         )
-        self.shared.wire([variant])
-        return swap_module(model, site.module_name, variant)
+        owner = site.payload.get(ROUTED_BY)
+        if owner is None:
+            self.shared.wire([variant])
+            return swap_module(model, site.module_name, variant)
+        model = swap_module(model, site.module_name, variant)
+        return swap_module(model, owner, RoutedLinears.from_module(model.get_submodule(owner)))

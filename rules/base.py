@@ -26,6 +26,11 @@ must leave alone."""
 
 SKIPPED = "skipped"
 
+ROUTED_BY = "routed_by"
+"""Payload key of a site whose layer is never called itself: the parent named here runs
+``F.linear`` on its weight in its own forward and hands the call to the site's variant
+(``aalconvert.nn.routed_linear``). The saving shows on the parent's report row."""
+
 
 @dataclass(frozen=True)
 class Site:

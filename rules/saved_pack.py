@@ -26,16 +26,17 @@ from aalconvert.memory import tensors_in
 from aalconvert.nn import CONVERTED_TYPES
 from aalconvert.nn.approx_common import ApproxOptions, functorch_active
 from aalconvert.nn.lossless import MASK_ACTIVATIONS, CompactMaxPool2d, MaskDropout
+from aalconvert.nn.routed_linear import RoutedLinears
 from aalconvert.nn.saved_pack import SavedTensorPacker
 from aalconvert.nn.traced_forward import TracedForwardVariant
 from aalconvert.rules.base import COVERS, SKIPPED, Site, Skip
 from aalconvert.rules.wiring import _PerThread, _Wiring, wiring_of
 
 PAYLOAD_KEY = "saved_pack"
-# Variants that need no pass-through: traced forwards are the user's code (their own calls save
-# what they decide, the rest is packed), and mask variants save bits only. No hook of the packer
+# Variants that need no pass-through: traced and routed forwards are the user's code (their own
+# calls save what they decide, the rest is packed), and mask variants save bits only. No hook of the packer
 # then sits on a dropout that a fused attention core must find hook-free.
-_NOTHING_TO_KEEP = (TracedForwardVariant, *MASK_ACTIVATIONS.values(), MaskDropout, CompactMaxPool2d)
+_NOTHING_TO_KEEP = (TracedForwardVariant, RoutedLinears, *MASK_ACTIVATIONS.values(), MaskDropout, CompactMaxPool2d)
 
 
 class SavedPackScope(_Wiring):

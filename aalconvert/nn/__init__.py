@@ -15,6 +15,7 @@ from aalconvert.nn import (
     lossless,
     recompute,
     recompute_mha,
+    routed_linear,
     traced_forward,
     zoo_pointwise,
 )
@@ -39,6 +40,7 @@ CONVERTED_TYPES: tuple[type, ...] = (
     recompute.RecomputedInputConv3d,
     recompute.RecomputedInputTransposedLinear,
     recompute_mha.RecomputedInputMultiheadAttention,
+    routed_linear.RoutedLinears,
     approx.ApproxLinear,
     approx.ApproxConv1d,
     approx.ApproxConv2d,

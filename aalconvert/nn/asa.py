@@ -181,14 +181,18 @@ class _ASAMixin:
 
     def forward(self, x: torch.Tensor, packed_sign: torch.Tensor | None = None) -> torch.Tensor:
         """``layer(x + eps*s)``; ``packed_sign``: ``pack_sign(x)`` shared by all readers of ``x``."""
+        return self._perturbed(x, packed_sign, self.bias)
+
+    def _perturbed(self, x: torch.Tensor, packed_sign: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
         layer = type(self).__name__
         geometry = WeightedGeometry.of(self)
         if not needs_autograd(x, self):
-            return super().forward(torch.add(x, auxiliary_sign(x, self.variant), alpha=self.eps))
+            perturbed = torch.add(x, auxiliary_sign(x, self.variant), alpha=self.eps)
+            return super().forward(perturbed) if bias is self.bias else geometry.forward(perturbed, self.weight, bias)
         packed_sign = checked_packed_sign(layer, x, packed_sign)
         unbatched = is_unbatched(geometry, x)
         y = ASAFunction.apply(
-            x.unsqueeze(0) if unbatched else x, packed_sign, self.weight, self.bias, geometry,
+            x.unsqueeze(0) if unbatched else x, packed_sign, self.weight, bias, geometry,
             self.eps, self.lr_expansion, self.variant, layer,
         )
         return y.squeeze(0) if unbatched else y
@@ -198,6 +202,12 @@ class ASALinear(_ASAMixin, nn.Linear):
     """nn.Linear on ``x + eps*s`` keeping a 1-bit sign of ``x`` (any leading dims, 1-D too)."""
 
     _torch_base = nn.Linear
+
+    def routed_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``F.linear(x, self.weight, bias)`` as this layer computes it, for a parent whose own
+        forward calls ``F.linear`` on this layer's weight (``routed_linear.RoutedLinears``);
+        ``bias`` is the one that call passes (Swin V2 passes a copy of ``self.bias``)."""
+        return self._perturbed(x, None, bias)
 
 
 class ASAConv1d(_ASAMixin, nn.Conv1d):
