@@ -166,6 +166,17 @@ def _inlined_call(facts: ModelFacts, node: fx.Node) -> tuple[str, fx.Node, int] 
     return name, outside_inputs.pop(), calls
 
 
+def _fused_mask_activation(facts: ModelFacts, name: str) -> bool:
+    """Whether ``name`` is a batch norm fused with a ReLU, ReLU6, Hardtanh or LeakyReLU (timm's
+    ``BatchNormAct2d``) registered as its own ``act``: that activation, run by the norm's own
+    forward, keeps the tensor the layer stops keeping (a ReLU its output, the others the
+    norm's output) unless it keeps a 1-bit mask. (An activation module shared with another
+    norm is registered under its first name only, and masked there only.)"""
+    module = facts.modules[name]
+    return (is_norm_act(module) and type(module.act) in MASK_ACTIVATIONS
+            and facts.modules.get(f"{name}.act") is module.act)
+
+
 def _passes_on_input(module: nn.Module) -> bool:
     """A dropout of probability 0: torch returns its input unchanged (in training too, drawing
     no random numbers), so running it again in backward gives the same tensor. Should ``p``
@@ -200,6 +211,11 @@ class RecomputeRule(Rule):
                      payload={SERVES: name})
                 for activation in chain.modules
                 if activation != chain.start and type(facts.modules[activation]) in MASK_ACTIVATIONS
+            ]
+            sites += [
+                Site(self.name, f"{member}.act", f"keeps a 1-bit mask: the output of {member} (a batch norm "
+                     f"fused with this activation) is rebuilt for {name}", payload={SERVES: name})
+                for member in chain.modules if _fused_mask_activation(facts, member)
             ]
             sites.append(
                 Site(
