@@ -38,6 +38,7 @@ from torch import fx, nn
 from aalconvert.facts import KEEPS_INPUT, ModelFacts, keeps_input, qualified_name
 from aalconvert.nn.approx_common import ApproxOptions
 from aalconvert.nn.lossless import MASK_ACTIVATIONS, MaskHardtanh, MaskLeakyReLU, MaskReLU, MaskReLU6
+from aalconvert.nn.recompute_activation import RECOMPUTED_INPUT_ACTIVATIONS
 from aalconvert.nn.recompute import (
     CHAIN_MODULE_TYPES,
     RecomputedInputConv1d,
@@ -204,6 +205,14 @@ class RecomputeRule(Rule):
         sites, skips = pointwise_sites(self.name, facts, None)
         chains, chain_skips = layer_chains(facts, self.name)
         skips += chain_skips
+        for name, chain in activation_chains(facts).items():
+            sites.append(Site(
+                self.name, name,
+                f"no copy of its input kept (torch keeps one for an in-place {type(facts.modules[name]).__name__}): "
+                f"rebuilt in backward as {' -> '.join(chain.modules)} of the input "
+                f"{type(facts.modules[chain.start]).__name__} {chain.start} keeps anyway",
+                payload={CHAIN_KEY: chain}, requires=(chain.start,),
+            ))
         for name, chain in chains.items():
             start_module = facts.modules[chain.start]
             sites += [
@@ -309,12 +318,28 @@ def layer_chains(facts: ModelFacts, rule: str) -> tuple[dict[str, Chain], list[S
     return chains, skips
 
 
+def activation_chains(facts: ModelFacts) -> dict[str, Chain]:
+    """In-place activations (``RECOMPUTED_INPUT_ACTIVATIONS``) called once on a chain that
+    starts at a module keeping its input (a norm: EfficientNet's BN -> SiLU), with the chain."""
+    chains = {}
+    for name, nodes in facts.call_nodes.items():
+        module = facts.modules[name]
+        if type(module) not in RECOMPUTED_INPUT_ACTIVATIONS or not module.inplace or len(nodes) != 1:
+            continue
+        chain = input_chain(facts, nodes[0])
+        if isinstance(chain, Chain):
+            chains[name] = chain
+    return chains
+
+
 def apply_chain_site(model: nn.Module, site: Site, kept_copy: ApproxOptions | None = None) -> nn.Module:
-    """Swap the site's layer for its recompute variant fed by its chain (the chain's modules
-    as they are now in ``model``), keeping ``z`` or, with ``kept_copy``, a k-bit copy of it."""
+    """Swap the site's layer (or in-place activation) for its recompute variant fed by its chain
+    (the chain's modules as they are now in ``model``), keeping ``z`` or, with ``kept_copy``,
+    a k-bit copy of it."""
     chain: Chain = site.payload[CHAIN_KEY]
     module = model.get_submodule(site.module_name)
-    variant = _recompute_variant(module).from_module(
+    variant_class = RECOMPUTED_INPUT_ACTIVATIONS.get(type(module)) or _recompute_variant(module)
+    variant = variant_class.from_module(
         module, chain=tuple(model.get_submodule(name) for name in chain.modules), kept_copy=kept_copy
     )
     model = swap_module(model, site.module_name, variant)

@@ -1,0 +1,93 @@
+"""In-place activations after a batch norm keep the norm's input, not a copy of their own.
+
+The blocks copy torchvision's ``Conv2dNormActivation`` as EfficientNet (SiLU),
+MobileNetV3 (Hardswish) and timm's Mish users build it: conv -> BatchNorm2d ->
+activation(inplace=True) -> conv. BP keeps, per activation, a copy of the norm's
+output that autograd makes before the in-place op.
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import aalconvert
+from aalconvert.errors import ConversionError
+from aalconvert.memory import measure_saved
+from aalconvert.nn.recompute_activation import RecomputedInputHardswish, RecomputedInputMish, RecomputedInputSiLU
+
+VARIANTS = {nn.SiLU: RecomputedInputSiLU, nn.Hardswish: RecomputedInputHardswish, nn.Mish: RecomputedInputMish}
+
+
+def block(act: type[nn.Module]) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), act(inplace=True),
+                         nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), act(inplace=True),
+                         nn.Conv2d(8, 4, 1)).train()
+
+
+def images() -> torch.Tensor:
+    return torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+def _grads(model: nn.Module, x: torch.Tensor, create_graph: bool = False) -> list[torch.Tensor]:
+    parameters = list(model.parameters())
+    first = torch.autograd.grad(model(x).square().sum(), parameters, create_graph=create_graph)
+    if not create_graph:
+        return list(first)
+    penalty = sum(g.square().sum() for g in first)
+    return [g.detach() for g in first] + list(torch.autograd.grad(penalty, parameters))
+
+
+@pytest.mark.parametrize("act", list(VARIANTS), ids=lambda a: a.__name__)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_gradients_are_bit_identical_and_the_copy_is_gone(act, dtype):
+    model, x = block(act).to(dtype), images().to(dtype)
+    reference = copy.deepcopy(model)
+    converted = aalconvert.convert(model, "recompute", example_inputs=(x,))
+    assert type(converted[2]) is VARIANTS[act] and type(converted[5]) is VARIANTS[act]
+    assert all(torch.equal(a, b) for a, b in zip(_grads(converted, x), _grads(reference, x)))
+    assert all(torch.equal(a, b) for a, b in zip(converted.buffers(), reference.buffers()))
+    kept = [measure_saved(lambda m=m: m(x), m.parameters()).nbytes for m in (reference, converted)]
+    assert kept[0] - kept[1] >= 2 * x.new_empty(2, 8, 8, 8).nbytes  # one copy per activation
+    assert aalconvert.inspect(reference, (x,), "recompute").totals.converted_bytes == kept[1]
+
+
+def test_second_order_gradients_follow_bp():
+    model, x = block(nn.SiLU).double(), images().double()
+    reference = copy.deepcopy(model)
+    converted = aalconvert.convert(model, "recompute", example_inputs=(x,))
+    got, expected = _grads(converted, x, create_graph=True), _grads(reference, x, create_graph=True)
+    count = len(list(reference.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(got[:count], expected[:count]))
+    largest = max(b.abs().max() for b in expected[count:])  # up to the order of sums (some are 0 + noise)
+    for a, b in zip(got[count:], expected[count:]):
+        assert (a - b).abs().max() <= 1e-9 * largest
+
+
+def test_a_hook_or_a_direct_call_makes_it_the_plain_activation():
+    model, x = block(nn.SiLU), images()
+    reference = copy.deepcopy(model)
+    converted = aalconvert.convert(model, "recompute", example_inputs=(x,))
+    converted[1].register_forward_hook(lambda module, args, output: output * 2)
+    reference[1].register_forward_hook(lambda module, args, output: output * 2)
+    assert all(torch.equal(a, b) for a, b in zip(_grads(converted, x), _grads(reference, x)))
+    other = torch.randn(2, 8, 8, 8, requires_grad=True)
+    out = converted[2](other * 1)
+    assert out.grad_fn is not None and torch.equal(out, nn.functional.silu(other.detach()))
+
+
+def test_without_autograd_it_runs_in_place_and_revert_restores_the_module():
+    model, x = block(nn.Hardswish), images()
+    converted = aalconvert.convert(model, "recompute", example_inputs=(x,))
+    h = torch.randn(2, 8, 8, 8)
+    with torch.no_grad():
+        assert converted[2](h) is h
+    reverted = aalconvert.revert(converted)
+    assert type(reverted[2]) is nn.Hardswish and reverted[2].inplace
+
+
+def test_an_out_of_place_activation_is_refused():
+    with pytest.raises(ConversionError, match="in-place nn.SiLU"):
+        RecomputedInputSiLU.from_module(nn.SiLU())
