@@ -22,6 +22,12 @@ whose BP keeps more than their input keep only the input and run their forward
 again in backward (``aalconvert.nn.zoo_pointwise``; exact); those whose input also
 feeds a residual keep autograd's own graph (``aalconvert.nn.zoo_pointwise_graph``).
 
+An in-place SiLU, Hardswish or Mish whose input a norm chain makes (EfficientNet's
+BN -> SiLU) keeps that chain's input instead of the copy of its own input torch
+keeps for an in-place op (``aalconvert.nn.recompute_activation``; exact). A ReLU
+fused into a batch norm (timm's ``BatchNormAct2d``) keeps a 1-bit mask when the
+layer after the norm rebuilds its input, as a chain's ReLU does.
+
 Attention cores too (``aalconvert.rules.attention``): a module whose own forward
 computes ``matmul(dropout(softmax(s)), v)`` becomes a ``RecomputedAttention``
 that rebuilds the dropped probabilities in backward from the softmax output
@@ -188,8 +194,9 @@ def _passes_on_input(module: nn.Module) -> bool:
 class RecomputeRule(Rule):
     name = "recompute"
     description = (
-        "exact: layers after a norm/activation, and attention products after softmax+dropout, "
-        "rebuild their input in backward instead of keeping it; zoo activations/norms keep only their input"
+        "exact: layers after a norm/activation, in-place activations after a norm, and attention products "
+        "after softmax+dropout rebuild their input in backward instead of keeping it; zoo activations/norms "
+        "keep only their input"
     )
     forward_exact = True
     gradient_exact = True
