@@ -142,6 +142,15 @@ def _validate_chain(chain: tuple[nn.Module, ...], where: str) -> None:
         )
 
 
+def with_chain(cls: type, module: nn.Module, chain: tuple[nn.Module, ...]) -> nn.Module:
+    """A ``cls`` instance sharing ``module``'s state, fed by ``chain`` (validated when given)."""
+    if chain:
+        _validate_chain(tuple(chain), cls.__name__)
+    converted = rebuild_as(cls, module)
+    converted.chain = tuple(chain)
+    return converted
+
+
 def _rebuild_module(module: nn.Module, training: bool, x: torch.Tensor) -> torch.Tensor:
     """One chain step with the forward's train/eval mode, never touching running statistics.
 
@@ -478,10 +487,7 @@ class _RecomputedInput:
                 f"got {type(module).__name__}"
             )
         cls._check_convertible(module)
-        if chain:
-            _validate_chain(tuple(chain), cls.__name__)
-        converted = rebuild_as(cls, module)
-        converted.chain = tuple(chain)
+        converted = with_chain(cls, module, chain)
         converted.kept_copy = kept_copy
         return converted
 

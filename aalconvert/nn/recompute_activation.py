@@ -30,7 +30,7 @@ from torch import nn
 from aalconvert.errors import ConversionError
 from aalconvert.nn.approx_common import functorch_active
 from aalconvert.nn.rebuild import rebuild_as
-from aalconvert.nn.recompute import _ChainRecord, _saved_tensors, _validate_chain, chain_rebuildable
+from aalconvert.nn.recompute import _ChainRecord, _saved_tensors, chain_rebuildable, with_chain
 
 
 class _RecomputedInputActivationFunction(torch.autograd.Function):
@@ -76,11 +76,7 @@ class _RecomputedInputActivation:
             )
         if kept_copy is not None:
             raise ConversionError(f"{cls.__name__} keeps the chain input exactly; it takes no k-bit copy")
-        if chain:
-            _validate_chain(tuple(chain), cls.__name__)
-        converted = rebuild_as(cls, module)
-        converted.chain = tuple(chain)
-        return converted
+        return with_chain(cls, module, chain)
 
     def to_module(self) -> nn.Module:
         """The plain activation (the chain is dropped)."""

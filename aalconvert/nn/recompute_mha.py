@@ -35,7 +35,7 @@ from aalconvert.errors import ConversionError
 from aalconvert.memory import storage_key
 from aalconvert.nn.approx_common import functorch_active
 from aalconvert.nn.rebuild import rebuild_as
-from aalconvert.nn.recompute import _ChainRecord, _validate_chain, chain_rebuildable
+from aalconvert.nn.recompute import _ChainRecord, chain_rebuildable, with_chain
 
 _COPY_PATH = ("UnsafeViewBackward0", "CloneBackward0", "TransposeBackward0")  # matmul's reshape of x.T
 
@@ -119,11 +119,7 @@ class RecomputedInputMultiheadAttention(nn.MultiheadAttention):
             raise ConversionError(
                 f"{cls.__name__}.from_module expects an nn.MultiheadAttention, got {type(module).__name__}"
             )
-        if chain:
-            _validate_chain(tuple(chain), cls.__name__)
-        converted = rebuild_as(cls, module)
-        converted.chain = tuple(chain)
-        return converted
+        return with_chain(cls, module, chain)
 
     def to_module(self) -> nn.MultiheadAttention:
         """The plain module with the same Parameter objects (the chain is dropped)."""
