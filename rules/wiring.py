@@ -131,9 +131,10 @@ class ChainSlot(_Wiring):
     previous one's (the first's from ``z``), and the layer gets ``z`` (keyword
     ``chain_input``) and the chain's last output (``chain_output``), which the
     layer compares with the input it is finally called with. A direct call with
-    another tensor (manifold mixup), a forward hook that replaces an output, or
-    a chain run out of order breaks the link, and the layer then keeps its
-    input as BP does: exact in every case.
+    another tensor (manifold mixup), a forward hook that replaces an output (on a
+    chain module, global, or on a child a chain module runs in its own forward,
+    such as a fused batch norm's ``act``), or a chain run out of order breaks the
+    link, and the layer then keeps its input as BP does: exact in every case.
 
     ``z`` itself is held from the chain start until the layer has run, and let
     go then, or when the root's forward ends (also on error). What the chain
@@ -173,6 +174,7 @@ class ChainSlot(_Wiring):
             and _dereference(last) is args[0]
             and isinstance(output, torch.Tensor)
             and not _global_forward_hooks()  # they run before ours and may change the output
+            and not _hooked_inside(module)
         )
         state.last = _reference(output) if linked else None
 
@@ -202,6 +204,14 @@ def _global_forward_hooks() -> bool:
     """
     hooks = torch_module._global_forward_hooks.values()
     return any(not getattr(hook, "aalconvert_observer", False) for hook in hooks)
+
+
+def _hooked_inside(module: nn.Module) -> bool:
+    """Whether a module that ``module``'s own forward calls (a fused batch norm's ``act`` and
+    ``drop``) has forward hooks: a chain rebuild runs those children without them, so a hook
+    that changed a value would not be rebuilt."""
+    return any(child._forward_hooks or child._forward_pre_hooks
+               for child in module.modules() if child is not module)
 
 
 def _reference(tensor: torch.Tensor) -> object:

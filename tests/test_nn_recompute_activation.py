@@ -1,4 +1,5 @@
-"""In-place activations after a batch norm keep the norm's input, not a copy of their own.
+"""In-place activations after a batch norm keep the norm's input, not a copy of their own,
+whether the norm is a module of its own or the activation is fused into it (timm).
 
 The blocks copy torchvision's ``Conv2dNormActivation`` as EfficientNet (SiLU),
 MobileNetV3 (Hardswish) and timm's Mish users build it: conv -> BatchNorm2d ->
@@ -7,15 +8,23 @@ output that autograd makes before the in-place op.
 """
 
 import copy
+import io
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import aalconvert
 from aalconvert.errors import ConversionError
 from aalconvert.memory import measure_saved
-from aalconvert.nn.recompute_activation import RecomputedInputHardswish, RecomputedInputMish, RecomputedInputSiLU
+from aalconvert.nn.recompute import is_norm_act
+from aalconvert.nn.recompute_activation import (
+    RecomputedInputHardswish,
+    RecomputedInputMish,
+    RecomputedInputSiLU,
+    RecomputedNormAct,
+)
 
 VARIANTS = {nn.SiLU: RecomputedInputSiLU, nn.Hardswish: RecomputedInputHardswish, nn.Mish: RecomputedInputMish}
 
@@ -91,3 +100,76 @@ def test_without_autograd_it_runs_in_place_and_revert_restores_the_module():
 def test_an_out_of_place_activation_is_refused():
     with pytest.raises(ConversionError, match="in-place nn.SiLU"):
         RecomputedInputSiLU.from_module(nn.SiLU())
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """Copies timm's ``timm.layers.norm_act.BatchNormAct2d``: torch's batch-norm arithmetic and
+    statistics update in its own forward, then ``drop`` and ``act`` children."""
+
+    def __init__(self, channels: int, act: nn.Module):
+        super().__init__(channels)
+        self.drop, self.act = nn.Identity(), act
+
+    def forward(self, x):
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                         self.training or self.running_mean is None, factor, self.eps)
+        return self.act(self.drop(x))
+
+
+def fused(act: type[nn.Module]) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), BatchNormAct2d(8, act(inplace=True)),
+                         nn.Conv2d(8, 8, 3, padding=1, groups=8), BatchNormAct2d(8, act(inplace=True)),
+                         nn.Conv2d(8, 4, 1)).train()
+
+
+@pytest.mark.parametrize("act", [nn.SiLU, nn.Hardswish], ids=lambda a: a.__name__)
+def test_a_fused_norm_activation_keeps_no_copy_and_gradients_stay_bit_identical(act):
+    # timm's EfficientNet, EfficientNetV2, MobileNetV3 and ReXNet run BatchNormAct2d(SiLU/Hardswish)
+    model, x = fused(act), images()
+    reference = copy.deepcopy(model)
+    converted = aalconvert.convert(model, "recompute", example_inputs=(x,))
+    assert isinstance(converted[1], RecomputedNormAct) and isinstance(converted[1], BatchNormAct2d)
+    assert all(torch.equal(a, b) for a, b in zip(_grads(converted, x), _grads(reference, x)))
+    assert all(torch.equal(a, b) for a, b in zip(converted.buffers(), reference.buffers()))  # once, as BP
+    kept = [measure_saved(lambda m=m: m(x), m.parameters()).nbytes for m in (reference, converted)]
+    assert kept[0] - kept[1] >= 2 * x.new_empty(2, 8, 8, 8).nbytes  # one copy per fused activation
+    assert aalconvert.inspect(reference, (x,), "recompute").totals.converted_bytes == kept[1]
+
+
+@pytest.mark.parametrize("act", [nn.SiLU, nn.ReLU], ids=lambda a: a.__name__)
+def test_a_hook_changing_the_fused_activations_input_keeps_bp_and_revert_and_pickle_work(act):
+    # Until 2026-11-30 the conv after a fused norm rebuilt its input without such a hook's change
+    # (silently wrong gradients), with a fused ReLU too: the chain link now breaks on it.
+    model, x = fused(act), images()
+    reference = copy.deepcopy(model)
+    converted = aalconvert.convert(model, "recompute", example_inputs=(x,))
+    for m in (converted, reference):
+        m[1].act.register_forward_pre_hook(lambda module, args: (args[0] * 0.5,))
+    assert all(torch.equal(a, b) for a, b in zip(_grads(converted, x), _grads(reference, x)))
+    plain = fused(nn.SiLU)
+    buffer = io.BytesIO()
+    torch.save(aalconvert.convert(plain, "recompute", example_inputs=(x,)), buffer)
+    buffer.seek(0)
+    assert isinstance(torch.load(buffer, weights_only=False)[1], RecomputedNormAct)
+    reverted = aalconvert.revert(converted)
+    assert type(reverted[1]) is BatchNormAct2d and type(reverted[1].act) is act
+
+
+def test_beside_an_approx_rule_the_packer_keeps_fused_activations():
+    model, x = fused(nn.SiLU), images()
+    converted = aalconvert.convert(model, ["recompute", "approx4"], example_inputs=(x,))
+    assert type(converted[1]) is BatchNormAct2d
+
+
+def test_a_synchronised_batch_norm_is_no_chain_start():
+    class SyncBatchNormAct2d(nn.SyncBatchNorm):  # timm's: statistics reduced across processes
+        def __init__(self, channels):
+            super().__init__(channels)
+            self.drop, self.act = nn.Identity(), nn.ReLU(inplace=True)
+
+    assert not is_norm_act(SyncBatchNormAct2d(4))
