@@ -292,3 +292,16 @@ def test_recompute_masks_the_activation_inside_a_fused_norm_whose_output_a_layer
     for norm, reference_norm in ((converted[1], reference[1]), (converted[3], reference[3])):
         assert torch.equal(norm.running_mean, reference_norm.running_mean)  # updated once per forward
         assert norm.num_batches_tracked == reference_norm.num_batches_tracked
+
+
+def test_inspect_estimates_a_relu6_mask_on_fake_tensors():
+    # timm's ReXNet (ReLU6): the mask's NaN bookkeeping read values, so inspect failed on fake
+    # tensors (and on meta too where a recompute layer ran: no autocast there) until 2026-11-30.
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(), nn.Conv2d(8, 4, 1),
+                          nn.BatchNorm2d(4), nn.ReLU6(inplace=True), nn.Conv2d(4, 2, 1)).train()
+    x = torch.randn(2, 3, 8, 8)
+    for rules in ("exact", "recompute"):
+        report = aalconvert.inspect(model, (x,), rules)
+        assert report.estimated_on == "fake tensors"
+        converted = aalconvert.convert(copy.deepcopy(model), rules, example_inputs=(x,))
+        assert report.totals.converted_bytes == _kept(converted, x)

@@ -25,6 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.nn.modules.utils import _pair
 
 from aalconvert.errors import ConversionError
@@ -196,8 +197,11 @@ def _nan_positions(kept: torch.Tensor, layout: _PackedLayout) -> torch.Tensor:
 
     Only where torch's backward treats NaN differently by position (CPU), and not
     under torch.compile (inductor writes its own kernels, no data-dependent shapes).
+    Fake and meta tensors (``inspect``'s estimate) carry no values: counted as
+    holding no NaN, as finite activations do.
     """
-    if kept.device.type == "cuda" or torch.compiler.is_compiling():
+    if (kept.device.type == "cuda" or torch.compiler.is_compiling() or kept.is_meta
+            or isinstance(kept, FakeTensor)):
         return kept.new_empty(0, dtype=torch.long)
     flat = layout.in_memory_order(kept).reshape(-1)
     nan = flat.isnan()

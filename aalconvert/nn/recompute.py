@@ -48,6 +48,7 @@ copy (``approx_common.compress``), so the layer keeps nothing of its own.
 
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -92,6 +93,7 @@ def is_norm_act(module: nn.Module) -> bool:
     children = dict(module.named_children())
     return (
         isinstance(module, _BatchNorm)
+        and not isinstance(module, nn.SyncBatchNorm)  # its statistics span processes: not rebuilt here
         and type(module) not in CHAIN_MODULE_TYPES
         and set(children) == {"drop", "act"}
         and type(children["drop"]) is nn.Identity
@@ -191,19 +193,21 @@ class _ChainRecord:
         self.chain = chain
         self.training = tuple(module.training for module in chain)
         self.device_type = x.device.type
-        self.autocast = torch.is_autocast_enabled(self.device_type)
-        self.autocast_dtype = torch.get_autocast_dtype(self.device_type)
+        # meta tensors (inspect's fallback) have no autocast
+        self.autocast = torch.amp.is_autocast_available(self.device_type) and torch.is_autocast_enabled(
+            self.device_type)
+        self.autocast_dtype = torch.get_autocast_dtype(self.device_type) if self.autocast else None
         self.x_shape, self.x_dtype = x.shape, x.dtype
+
+    step = staticmethod(_rebuild_module)  # one chain module again, running statistics untouched
 
     def rebuild(self, z: torch.Tensor, where: str) -> torch.Tensor:
         """``chain(z)``; differentiable when backward records a graph (``create_graph=True``),
         so second-order gradients flow through the chain as they do in BP."""
-        with torch.autocast(
-            self.device_type, dtype=self.autocast_dtype, enabled=self.autocast
-        ):
+        with torch.autocast(self.device_type, dtype=self.autocast_dtype) if self.autocast else nullcontext():
             x = z
             for module, training in zip(self.chain, self.training):
-                x = _rebuild_module(module, training, x)
+                x = self.step(module, training, x)
         if x.shape != self.x_shape or x.dtype != self.x_dtype:
             raise ConversionError(
                 f"{where}: the chain rebuilt a {x.dtype} tensor of shape {tuple(x.shape)} but the "
