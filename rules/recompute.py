@@ -26,7 +26,10 @@ An in-place SiLU, Hardswish or Mish whose input a norm chain makes (EfficientNet
 BN -> SiLU) keeps that chain's input instead of the copy of its own input torch
 keeps for an in-place op (``aalconvert.nn.recompute_activation``; exact). A ReLU
 fused into a batch norm (timm's ``BatchNormAct2d``) keeps a 1-bit mask when the
-layer after the norm rebuilds its input, as a chain's ReLU does.
+layer after the norm rebuilds its input, as a chain's ReLU does; a fused in-place
+SiLU, Hardswish or Mish keeps the norm's input instead of its copy
+(``recompute_activation.RecomputedNormAct``; not next to an approx rule, whose
+packer keeps both in k bits).
 
 Attention cores too (``aalconvert.rules.attention``): a module whose own forward
 computes ``matmul(dropout(softmax(s)), v)`` becomes a ``RecomputedAttention``
@@ -44,7 +47,11 @@ from torch import fx, nn
 from aalconvert.facts import KEEPS_INPUT, ModelFacts, keeps_input, qualified_name
 from aalconvert.nn.approx_common import ApproxOptions
 from aalconvert.nn.lossless import MASK_ACTIVATIONS, MaskHardtanh, MaskLeakyReLU, MaskReLU, MaskReLU6
-from aalconvert.nn.recompute_activation import RECOMPUTED_INPUT_ACTIVATIONS
+from aalconvert.nn.recompute_activation import (
+    RECOMPUTED_INPUT_ACTIVATIONS,
+    RecomputedNormAct,
+    fused_activation_problem,
+)
 from aalconvert.nn.recompute import (
     CHAIN_MODULE_TYPES,
     RecomputedInputConv1d,
@@ -203,6 +210,7 @@ class RecomputeRule(Rule):
 
     def __init__(self, options: RecomputeOptions | None = None) -> None:
         self.options = options or RecomputeOptions()
+        self.beside_approx = False  # set by ``registry.coordinate``
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> "RecomputeRule":
@@ -212,6 +220,14 @@ class RecomputeRule(Rule):
         sites, skips = pointwise_sites(self.name, facts, None)
         chains, chain_skips = layer_chains(facts, self.name)
         skips += chain_skips
+        if not self.beside_approx:
+            sites += [
+                Site(self.name, name, f"keeps only its input: its in-place {type(facts.modules[name].act).__name__} "
+                     "keeps no copy of the normalized output, which is rebuilt in backward from the input the "
+                     "batch norm keeps anyway (exact)", payload={FUSED_KEY: True})
+                for name, nodes in facts.call_nodes.items()
+                if len(nodes) == 1 and fused_activation_problem(facts.modules[name]) is None
+            ]
         for name, chain in activation_chains(facts).items():
             sites.append(Site(
                 self.name, name,
@@ -270,12 +286,15 @@ class RecomputeRule(Rule):
             model = swap_module(model, site.module_name, variant)
             ChainSlot().wire(variant.chain, variant, model)
             return model
+        if FUSED_KEY in site.payload:
+            return swap_module(model, site.module_name, RecomputedNormAct.from_module(module))
         if CHAIN_KEY not in site.payload:  # a ReLU (ReLU6, Hardtanh, LeakyReLU) of a chain
             return swap_module(model, site.module_name, MASK_ACTIVATIONS[type(module)].from_module(module))
         return apply_chain_site(model, site)
 
 
 CHAIN_KEY = "chain"
+FUSED_KEY = "fused_activation"
 MHA_KEY = "multihead_attention_chain"
 
 

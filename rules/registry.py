@@ -158,7 +158,9 @@ def coordinate(chosen: list[Rule]) -> None:
     ``z`` itself and that no rule before recompute converts (LayerNorm, RMSNorm,
     GroupNorm, GELU, SiLU, Hardswish, zoo norms and activations; not batch norms,
     whose 1x1 convolutions keep the paper's ASA): the layer then keeps nothing,
-    exactly, where ASA keeps a 1-bit sign and changes the forward.
+    exactly, where ASA keeps a 1-bit sign and changes the forward. Next to an approx
+    rule, ``recompute`` leaves fused batch-norm activations to its packer, which keeps
+    their input and copy in k bits (a variant's own saves would pass it in full).
     """
     families = [_family(rule) for rule in chosen]
     rebuilding = next((rule.name for rule in chosen if _family(rule) == "approx"), None)
@@ -169,3 +171,5 @@ def coordinate(chosen: list[Rule]) -> None:
             rule.pack_masks = "approx" not in families
         if isinstance(rule, ASARule):
             rule.leave_chains = rebuilding
+        if isinstance(rule, RecomputeRule):
+            rule.beside_approx = "approx" in families

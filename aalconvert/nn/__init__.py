@@ -44,6 +44,7 @@ CONVERTED_TYPES: tuple[type, ...] = (
     recompute_activation.RecomputedInputSiLU,
     recompute_activation.RecomputedInputHardswish,
     recompute_activation.RecomputedInputMish,
+    recompute_activation.RecomputedNormAct,
     routed_linear.RoutedLinears,
     approx.ApproxLinear,
     approx.ApproxConv1d,

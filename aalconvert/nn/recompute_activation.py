@@ -21,28 +21,37 @@ the plain activation. The output is ``input`` itself, changed in place, as
 the plain in-place module returns it.
 """
 
-from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from aalconvert.errors import ConversionError
 from aalconvert.nn.approx_common import functorch_active
-from aalconvert.nn.rebuild import rebuild_as
-from aalconvert.nn.recompute import _ChainRecord, _saved_tensors, chain_rebuildable, with_chain
+from aalconvert.nn.rebuild import mixed_class, rebuild_as
+from aalconvert.nn.recompute import (
+    _batch_norm_again,
+    _ChainRecord,
+    _saved_tensors,
+    chain_rebuildable,
+    is_norm_act,
+    with_chain,
+)
 
 
-class _RecomputedInputActivationFunction(torch.autograd.Function):
-    """``module``'s in-place forward on ``x``, keeping ``z`` (the chain's input) instead of a copy of ``x``."""
+class _InPlaceActivationFunction(torch.autograd.Function):
+    """``activation`` run in place on ``x``, keeping ``z`` (``record`` rebuilds ``x`` from it)
+    instead of the copy of ``x`` torch keeps for an in-place op."""
 
     @staticmethod
-    def forward(ctx, module, x, z):
-        ctx.module, ctx.where = module, module.describe()
-        ctx.record = _ChainRecord(module.chain, x)
+    def forward(ctx, x, z, activation, record, where):
+        ctx.record, ctx.where = record, where
+        ctx.out_of_place = next(f for t, f in OUT_OF_PLACE.items() if isinstance(activation, t))
         ctx.saved_shapes = {"the chain input (the tensor entering the norm before this activation)": z.shape}
         ctx.save_for_backward(z)
-        module._plain_type.forward(module, x)  # in place: x now holds the output
+        activation.forward(x)  # in place: x now holds the output
         ctx.mark_dirty(x)
         return x
 
@@ -53,9 +62,9 @@ class _RecomputedInputActivationFunction(torch.autograd.Function):
         create_graph = torch.is_grad_enabled()
         with torch.enable_grad():
             leaf = x if create_graph else x.detach().requires_grad_()
-            output = ctx.module._function(leaf)  # out of place: the kernel autograd runs for the in-place op
+            output = ctx.out_of_place(leaf)  # the kernel autograd runs for the in-place op
             (grad_x,) = torch.autograd.grad(output, leaf, grad_output, create_graph=create_graph)
-        return None, grad_x, None
+        return grad_x, None, None, None, None
 
 
 class _RecomputedInputActivation:
@@ -63,7 +72,6 @@ class _RecomputedInputActivation:
 
     chain: tuple[nn.Module, ...] = ()
     _plain_type: type[nn.Module]
-    _function: Callable[[torch.Tensor], torch.Tensor]  # the plain module's functional, out of place
 
     @classmethod
     def from_module(cls, module: nn.Module, chain: tuple[nn.Module, ...] = (), kept_copy: object = None):
@@ -97,7 +105,8 @@ class _RecomputedInputActivation:
             or any(p.device != input.device for m in self.chain for p in m.parameters())
         ):
             return self._plain_type.forward(self, input)
-        return _RecomputedInputActivationFunction.apply(self, input, chain_input)
+        record = _ChainRecord(self.chain, input)
+        return _InPlaceActivationFunction.apply(input, chain_input, self, record, self.describe())
 
     def extra_repr(self) -> str:
         chain = " -> ".join(type(module).__name__ for module in self.chain) or "unset"
@@ -108,23 +117,110 @@ class RecomputedInputSiLU(_RecomputedInputActivation, nn.SiLU):
     """In-place ``nn.SiLU`` keeping its norm's input instead of a copy of its own."""
 
     _plain_type = nn.SiLU
-    _function = staticmethod(F.silu)
 
 
 class RecomputedInputHardswish(_RecomputedInputActivation, nn.Hardswish):
     """In-place ``nn.Hardswish`` keeping its norm's input instead of a copy of its own."""
 
     _plain_type = nn.Hardswish
-    _function = staticmethod(F.hardswish)
 
 
 class RecomputedInputMish(_RecomputedInputActivation, nn.Mish):
     """In-place ``nn.Mish`` keeping its norm's input instead of a copy of its own."""
 
     _plain_type = nn.Mish
-    _function = staticmethod(F.mish)
 
 
+OUT_OF_PLACE = {nn.SiLU: F.silu, nn.Hardswish: F.hardswish, nn.Mish: F.mish}
 RECOMPUTED_INPUT_ACTIVATIONS: dict[type[nn.Module], type[nn.Module]] = {
     nn.SiLU: RecomputedInputSiLU, nn.Hardswish: RecomputedInputHardswish, nn.Mish: RecomputedInputMish,
 }
+
+
+class _NormalizedPart(_ChainRecord):
+    """Rebuilds a fused batch norm's normalized output (before its activation) from its input."""
+
+    step = staticmethod(_batch_norm_again)
+
+
+def fused_activation_problem(module: nn.Module) -> str | None:
+    """Why ``RecomputedNormAct`` cannot take ``module``, or None: it must be a batch norm fused
+    with an in-place SiLU, Hardswish or Mish (``recompute.is_norm_act``: timm's ``BatchNormAct2d``)."""
+    if isinstance(module, RecomputedNormAct):
+        return f"{type(module).__name__} is already converted"
+    if not is_norm_act(module):
+        return f"{type(module).__name__} is not a batch norm fused with its activation (timm's BatchNormAct2d)"
+    act = module.act
+    if type(act) not in OUT_OF_PLACE or not act.inplace:
+        return f"its activation {act!r} is not an in-place SiLU, Hardswish or Mish"
+    return None
+
+
+class _FusedActivation(TorchFunctionMode):
+    """Inside the fused module's own forward, runs its in-place activation on the batch norm's
+    output through ``_InPlaceActivationFunction``; any other call passes through."""
+
+    def __init__(self, module: nn.Module, z: torch.Tensor) -> None:
+        super().__init__()
+        self.module, self.z = module, z
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        x = args[0] if args else kwargs.get("input")
+        if func is OUT_OF_PLACE.get(type(self.module.act)) and kwargs.get("inplace") and self._normalized(x):
+            record = _NormalizedPart((self.module,), x)
+            return _InPlaceActivationFunction.apply(x, self.z, self.module.act, record, type(self.module).__name__)
+        return func(*args, **kwargs)
+
+    def _normalized(self, x: object) -> bool:
+        """Whether ``x`` is the batch norm of ``z`` (its autograd node reads ``z``'s), unchanged since."""
+        node = getattr(x, "grad_fn", None)
+        source = self.z.grad_fn
+        if node is None or "BatchNorm" not in node.name() or x._version != 0 or not node.next_functions:
+            return False
+        first = node.next_functions[0][0]
+        return first is source if source is not None else getattr(first, "variable", None) is self.z
+
+
+class RecomputedNormAct:
+    """Mixin before a fused batch norm's own class (timm's ``BatchNormAct2d``) whose activation
+    is an in-place SiLU, Hardswish or Mish: the activation keeps the norm's input, which the
+    batch norm keeps anyway, instead of a copy of the normalized output.
+
+    The module's own forward runs, under a torch-function mode that hands the
+    activation's in-place call to ``_InPlaceActivationFunction`` when its input is
+    the batch norm of the module's input (read off the autograd graph), so the
+    module's own batch-norm arithmetic and statistics updates, and hooks on its
+    children, stay as they are. In backward the normalized output is rebuilt by
+    ``recompute._batch_norm_again`` (running statistics untouched). Without
+    autograd, under torch.func or torch.compile, the plain forward runs.
+    """
+
+    torch_class: ClassVar[type[nn.Module]]
+    _variant_classes: ClassVar[dict[tuple[type, type], type]] = {}
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> nn.Module:
+        """``module`` as a ``RecomputedNormAct`` subclass of its own class, sharing everything it holds."""
+        problem = fused_activation_problem(module)
+        if problem is not None:
+            raise ConversionError(f"RecomputedNormAct cannot take {type(module).__name__}: {problem}")
+        torch_class = type(module)
+        variant = mixed_class(cls, torch_class, f"RecomputedNormAct[{torch_class.__name__}]",
+                              cls._variant_classes, torch_class=torch_class)
+        return rebuild_as(variant, module)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if (not torch.is_grad_enabled() or torch.compiler.is_compiling()
+                or functorch_active(input, self.weight) or not input.requires_grad):
+            return self.torch_class.forward(self, input)
+        with _FusedActivation(self, input):
+            return self.torch_class.forward(self, input)
+
+    def to_module(self) -> nn.Module:
+        """An instance of the original class holding the same Parameters, buffers and submodules."""
+        return rebuild_as(self.torch_class, self)
+
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        # made at run time, so not picklable by name: pickle the original, convert again on load
+        return (RecomputedNormAct.from_module, (self.to_module(),))
