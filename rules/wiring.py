@@ -208,10 +208,14 @@ def _global_forward_hooks() -> bool:
 
 def _hooked_inside(module: nn.Module) -> bool:
     """Whether a module that ``module``'s own forward calls (a fused batch norm's ``act`` and
-    ``drop``) has forward hooks: a chain rebuild runs those children without them, so a hook
-    that changed a value would not be rebuilt."""
-    return any(child._forward_hooks or child._forward_pre_hooks
-               for child in module.modules() if child is not module)
+    ``drop``) has a user's forward hook: a chain rebuild runs those children without their
+    hooks, so a hook that changed a value would not be rebuilt. aalconvert's own hooks (the
+    packer's pass-through, wiring that hands on kept tensors) change no value."""
+    return any(
+        not getattr(hook, "__module__", "").startswith("aalconvert.")
+        for child in module.modules() if child is not module
+        for hook in (*child._forward_hooks.values(), *child._forward_pre_hooks.values())
+    )
 
 
 def _reference(tensor: torch.Tensor) -> object:
