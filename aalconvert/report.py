@@ -317,9 +317,13 @@ def _explanation(name: str, module: nn.Module, plan: Plan, untraced: dict[str, U
     return f"kept as is: no chosen rule converts {type(module).__name__}; its backward needs what it keeps"
 
 
-def _routed_sites(name: str, plan: Plan) -> list[Site]:
-    """The sites whose ``F.linear`` calls ``name``'s own forward makes and hands to them (``ROUTED_BY``)."""
-    return [site for site in plan.sites.values() if site.payload.get(ROUTED_BY) == name]
+def _routed_sites(plan: Plan) -> dict[str, list[Site]]:
+    """Per parent, the sites whose ``F.linear`` calls its own forward makes and hands to them (``ROUTED_BY``)."""
+    routed: dict[str, list[Site]] = {}
+    for site in plan.sites.values():
+        if ROUTED_BY in site.payload:
+            routed.setdefault(site.payload[ROUTED_BY], []).append(site)
+    return routed
 
 
 def _routed_explanation(routed: list[Site]) -> str:
@@ -370,6 +374,7 @@ def build_report(
         name: (type(module).__name__, *_output_of(bp, name))
         for name, module in modules.items()
     }
+    routed_by_parent = _routed_sites(plan)
     rows = []
     for name in sorted(set(bp.bytes_by_module) | set(converted.bytes_by_module)):
         op, shape, dtype = info.get(name, ("", None, None))
@@ -378,7 +383,7 @@ def build_report(
         rule = plan.sites[name].rule if name in plan.sites else covering.rule if covering else ""
         explanation = (covering.payload[COVERS] if covering else
                        _explanation(name, modules.get(name, facts.model), plan, untraced))
-        routed = _routed_sites(name, plan)
+        routed = routed_by_parent.get(name)
         if routed and name not in plan.sites:
             rule = ",".join(dict.fromkeys([routed[0].rule, *([rule] if covering else [])]))
             explanation = _routed_explanation(routed) + (f"; {explanation}" if covering else "")

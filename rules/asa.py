@@ -171,8 +171,7 @@ class ASARule(Rule):
                     sites.append(Site(self.name, name, (
                         f"input kept as a 1-bit sign mask (ASA, eps={self.options.eps}); the F.linear call on "
                         f"this layer's weight in {routed}'s own forward is routed to it"),
-                        payload={"variant": self.options.variant if self.options.variant != "auto" else "sign",
-                                 ROUTED_BY: routed}))
+                        payload={"variant": self._variant(facts, name), ROUTED_BY: routed}))
                     continue
                 if facts.call_count(name) != 1:
                     skips.append(Skip(self.name, name, f"called {facts.call_count(name)} times; ASA needs one call"))

@@ -7,7 +7,7 @@ working) while their registries stay independent.
 """
 
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 from torch import nn
 
@@ -44,3 +44,30 @@ def mixed_class(mixin: type, base: type, name: str, cache: dict, **attributes) -
         variant.__qualname__ = name
         cache[key] = variant
     return cache[key]
+
+
+class OwnClassVariant:
+    """Base of mixins put before the converted module's own class (isinstance checks hold),
+    sharing its state: ``variant_of`` makes the subclass once per class, ``to_module`` gives
+    the original class back, and pickling stores the original and converts it again on load
+    (the subclass is made at run time and cannot be pickled by name). Subclasses validate in
+    their own ``from_module(module)`` and call ``variant_of``."""
+
+    torch_class: ClassVar[type[nn.Module]]
+    _variant_classes: ClassVar[dict[tuple[type, type], type]] = {}
+
+    @classmethod
+    def variant_of(cls, module: nn.Module) -> nn.Module:
+        """``module`` as a subclass of ``cls`` and of its own class, sharing everything it holds."""
+        torch_class = type(module)
+        variant = mixed_class(cls, torch_class, f"{cls.__name__}[{torch_class.__name__}]", cls._variant_classes,
+                              torch_class=torch_class)
+        return rebuild_as(variant, module)
+
+    def to_module(self) -> nn.Module:
+        """An instance of the original class holding the same Parameters, buffers and submodules."""
+        return rebuild_as(self.torch_class, self)
+
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        mixin = next(c for c in type(self).__bases__ if issubclass(c, OwnClassVariant))
+        return (mixin.from_module, (self.to_module(),))

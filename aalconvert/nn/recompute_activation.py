@@ -21,8 +21,6 @@ the plain activation. The output is ``input`` itself, changed in place, as
 the plain in-place module returns it.
 """
 
-from typing import ClassVar
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 
 from aalconvert.errors import ConversionError
 from aalconvert.nn.approx_common import functorch_active
-from aalconvert.nn.rebuild import mixed_class, rebuild_as
+from aalconvert.nn.rebuild import OwnClassVariant, rebuild_as
 from aalconvert.nn.recompute import (
     _batch_norm_again,
     _ChainRecord,
@@ -182,7 +180,7 @@ class _FusedActivation(TorchFunctionMode):
         return first is source if source is not None else getattr(first, "variable", None) is self.z
 
 
-class RecomputedNormAct:
+class RecomputedNormAct(OwnClassVariant):
     """Mixin before a fused batch norm's own class (timm's ``BatchNormAct2d``) whose activation
     is an in-place SiLU, Hardswish or Mish: the activation keeps the norm's input, which the
     batch norm keeps anyway, instead of a copy of the normalized output.
@@ -196,19 +194,13 @@ class RecomputedNormAct:
     autograd, under torch.func or torch.compile, the plain forward runs.
     """
 
-    torch_class: ClassVar[type[nn.Module]]
-    _variant_classes: ClassVar[dict[tuple[type, type], type]] = {}
-
     @classmethod
     def from_module(cls, module: nn.Module) -> nn.Module:
         """``module`` as a ``RecomputedNormAct`` subclass of its own class, sharing everything it holds."""
         problem = fused_activation_problem(module)
         if problem is not None:
             raise ConversionError(f"RecomputedNormAct cannot take {type(module).__name__}: {problem}")
-        torch_class = type(module)
-        variant = mixed_class(cls, torch_class, f"RecomputedNormAct[{torch_class.__name__}]",
-                              cls._variant_classes, torch_class=torch_class)
-        return rebuild_as(variant, module)
+        return cls.variant_of(module)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if (not torch.is_grad_enabled() or torch.compiler.is_compiling()
@@ -216,11 +208,3 @@ class RecomputedNormAct:
             return self.torch_class.forward(self, input)
         with _FusedActivation(self, input):
             return self.torch_class.forward(self, input)
-
-    def to_module(self) -> nn.Module:
-        """An instance of the original class holding the same Parameters, buffers and submodules."""
-        return rebuild_as(self.torch_class, self)
-
-    def __reduce_ex__(self, protocol: int) -> tuple:
-        # made at run time, so not picklable by name: pickle the original, convert again on load
-        return (RecomputedNormAct.from_module, (self.to_module(),))

@@ -17,13 +17,13 @@ class (isinstance checks hold) sharing its Parameters, buffers, submodules
 and hooks; ``to_module()`` gives back the original class.
 """
 
-from typing import Any, ClassVar
+from typing import Any
 
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from aalconvert.nn.rebuild import mixed_class, rebuild_as
+from aalconvert.nn.rebuild import OwnClassVariant
 
 
 class _RouteLinears(TorchFunctionMode):
@@ -43,21 +43,13 @@ class _RouteLinears(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class RoutedLinears:
+class RoutedLinears(OwnClassVariant):
     """Mixin put before the module's own class: its forward, with converted children's ``F.linear`` routed."""
-
-    torch_class: ClassVar[type[nn.Module]]
-    _variant_classes: ClassVar[dict[tuple[type, type], type]] = {}
 
     @classmethod
     def from_module(cls, module: nn.Module) -> nn.Module:
         """``module`` as a ``RoutedLinears`` subclass of its own class, sharing everything it holds."""
-        if isinstance(module, RoutedLinears):
-            return module
-        torch_class = type(module)
-        variant = mixed_class(cls, torch_class, f"RoutedLinears[{torch_class.__name__}]", cls._variant_classes,
-                              torch_class=torch_class)
-        return rebuild_as(variant, module)
+        return module if isinstance(module, RoutedLinears) else cls.variant_of(module)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         routes = tuple(
@@ -67,12 +59,3 @@ class RoutedLinears:
             return super().forward(*args, **kwargs)
         with _RouteLinears(routes):
             return super().forward(*args, **kwargs)
-
-    def to_module(self) -> nn.Module:
-        """An instance of the original class holding the same Parameters, buffers and submodules."""
-        return rebuild_as(self.torch_class, self)
-
-    def __reduce_ex__(self, protocol: int) -> tuple:
-        # The class is made at run time and cannot be pickled by name: pickle the original
-        # module (with its converted children) and make the variant again when loading.
-        return (RoutedLinears.from_module, (self.to_module(),))
