@@ -122,6 +122,16 @@ class _LeafTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return _is_leaf(m, self.leaf_types) or super().is_leaf_module(m, module_qualified_name)
 
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> Any:
+        """A module called but not installed under the root (Hugging Face's module-level ``gelu``
+        in ``RobertaLMHead``) has no name a graph node could call: its ops are traced as the caller's own."""
+        try:
+            self.path_of_module(m)
+        except NameError:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
 
 def _is_leaf(module: nn.Module, leaf_types: tuple[type, ...]) -> bool:
     """The leaf policy beyond fx's default (torch.nn modules except Sequential)."""

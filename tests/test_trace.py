@@ -355,3 +355,42 @@ def test_tracing_leaves_no_fake_tensor_in_containers_the_model_already_had():
     copy.deepcopy(converted)
     converted.eval()
     assert torch.equal(converted(x), model.eval()(x))
+
+
+_MODULE_LEVEL_GELU = nn.GELU()  # held by no model: Hugging Face's RobertaLMHead calls such a ``gelu``
+
+
+class HeadWithLooseActivation(nn.Module):
+    """Mirrors transformers' RobertaLMHead: dense -> a module-level gelu -> layer_norm -> decoder."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = nn.Linear(8, 8)
+        self.layer_norm = nn.LayerNorm(8)
+        self.decoder = nn.Linear(8, 5)
+
+    def forward(self, features):
+        return self.decoder(self.layer_norm(_MODULE_LEVEL_GELU(self.dense(features))))
+
+
+@pytest.mark.parametrize("with_inputs", [False, True])
+def test_a_module_called_but_not_installed_is_traced_through_as_the_callers_ops(with_inputs):
+    inputs = (torch.randn(3, 8),)
+    result = trace_model(HeadWithLooseActivation(), *([inputs] if with_inputs else []))
+    assert [r.name for r in result.regions] == [""] and result.untraced == []
+    graph = result.regions[0].graph_module.graph
+    assert [n.meta[META_KEY].qualified_name for n in call_modules(result.regions[0])] == \
+        ["dense", "layer_norm", "decoder"]
+    assert any(n.op == "call_function" and "gelu" in str(n.target) for n in graph.nodes)
+
+
+def test_a_model_calling_a_loose_module_converts_with_bp_gradients():
+    torch.manual_seed(0)
+    model = HeadWithLooseActivation()
+    reference = copy.deepcopy(model)
+    x = torch.randn(3, 8)
+    converted = aalconvert.convert(model, "exact", example_inputs=(x,))
+    converted(x).square().sum().backward()
+    reference(x).square().sum().backward()
+    for (name, p), q in zip(converted.named_parameters(), reference.parameters()):
+        assert torch.equal(p.grad, q.grad), name
