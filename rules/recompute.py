@@ -119,6 +119,10 @@ def input_chain(facts: ModelFacts, node: fx.Node) -> Chain | str:
         else:
             break
         module = facts.modules[name]
+        writer = _written_in_place_before(current, node)
+        if writer is not None:
+            return (f"{name}'s output is changed in place by {writer} before this layer reads it, so "
+                    "running the chain again would not give the layer's input")
         if _passes_on_input(module):
             # A zero-probability dropout returns its very input (torchvision's MLPBlock,
             # timm's Mlp): a chain member that never starts the chain.
@@ -151,6 +155,25 @@ def input_chain(facts: ModelFacts, node: fx.Node) -> Chain | str:
 
 
 _MASK_VARIANTS = (MaskReLU, MaskHardtanh, MaskReLU6, MaskLeakyReLU)
+
+
+def _written_in_place_before(value: fx.Node, consumer: fx.Node) -> str | None:
+    """The name of a functional in-place op on ``value`` (``h.mul_(2)``, ``torch.relu_(h)``,
+    ``F.dropout(h, inplace=True)``) that runs before ``consumer``: the graph still shows
+    ``consumer`` reading ``value``, but it reads other numbers. (A chain wiring also refuses,
+    at run time, a chain tensor whose version counter moved.)"""
+    for user in value.users:
+        if user.op not in ("call_method", "call_function") or not user.args or user.args[0] is not value:
+            continue
+        name = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", "")
+        if not ((name.endswith("_") and not name.startswith("_")) or user.kwargs.get("inplace") is True):
+            continue
+        later = user.next
+        while later.op != "root" and later is not consumer:
+            later = later.next
+        if later is consumer:
+            return name
+    return None
 
 
 def _inlined_call(facts: ModelFacts, node: fx.Node) -> tuple[str, fx.Node, int] | None:

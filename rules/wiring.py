@@ -133,8 +133,10 @@ class ChainSlot(_Wiring):
     layer compares with the input it is finally called with. A direct call with
     another tensor (manifold mixup), a forward hook that replaces an output (on a
     chain module, global, or on a child a chain module runs in its own forward,
-    such as a fused batch norm's ``act``), or a chain run out of order breaks the
-    link, and the layer then keeps its input as BP does: exact in every case.
+    such as a fused batch norm's ``act``), an in-place op on a chain tensor
+    between the modules (``h = norm(x); h.mul_(2); layer(h)``: the same object,
+    other values; seen by its version counter), or a chain run out of order breaks
+    the link, and the layer then keeps its input as BP does: exact in every case.
 
     ``z`` itself is held from the chain start until the layer has run, and let
     go then, or when the root's forward ends (also on error). What the chain
@@ -153,6 +155,8 @@ class ChainSlot(_Wiring):
         """Follow ``chain`` (first hooks of their modules: they see what the module itself got
         and returned, before any user hook changes it) and feed ``consumer``."""
         self.handles.append(chain[0].register_forward_pre_hook(self._capture, prepend=True))
+        for module in chain[1:]:
+            self.handles.append(module.register_forward_pre_hook(self._check_entry, prepend=True))
         for module in chain:
             self.handles.append(module.register_forward_hook(self._link, prepend=True))
         self.handles.append(consumer.register_forward_pre_hook(self._inject, with_kwargs=True))
@@ -163,7 +167,14 @@ class ChainSlot(_Wiring):
     def _capture(self, module: nn.Module, args: tuple) -> None:
         state = self.state.get()
         state.chain_input = args[0]
-        state.last = _reference(args[0])
+        state.last, state.last_version = _reference(args[0]), _version(args[0])
+
+    def _check_entry(self, module: nn.Module, args: tuple) -> None:
+        """Before a later chain module runs: its input must be the previous one's output, unchanged
+        (an in-place chain module changes it itself, so this is checked before it runs)."""
+        state = self.state.get()
+        if not (args and self._unchanged(state, args[0])):
+            state.last = None
 
     def _link(self, module: nn.Module, args: tuple, output: object) -> None:
         state = self.state.get()
@@ -177,14 +188,21 @@ class ChainSlot(_Wiring):
             and not _hooked_inside(module)
         )
         state.last = _reference(output) if linked else None
+        state.last_version = _version(output) if linked else None
 
     def _inject(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         state = self.state.get()
         z = getattr(state, "chain_input", None)
         x = _dereference(getattr(state, "last", None))
-        if z is None or x is None:
+        if z is None or x is None or not self._unchanged(state, x):
             return None
         return args, {**kwargs, "chain_input": z, "chain_output": x}
+
+    @staticmethod
+    def _unchanged(state: object, tensor: object) -> bool:
+        """``tensor`` is the chain's last output and no in-place op has changed it since."""
+        last = _dereference(getattr(state, "last", None))
+        return last is tensor and getattr(state, "last_version", None) == _version(tensor)
 
     def _release(self, module: nn.Module, args: tuple, output: object) -> None:
         self.state.get().chain_input = None
@@ -225,6 +243,13 @@ def _reference(tensor: torch.Tensor) -> object:
 
 def _dereference(reference: object) -> torch.Tensor | None:
     return reference() if isinstance(reference, weakref.ref) else reference
+
+
+def _version(tensor: torch.Tensor) -> int:
+    """The version counter (bumped by every in-place op); 0 under torch.compile, which cannot
+    guard on it (its graph has no in-place op between a chain and its layer: the rules' trace
+    refuses such chains)."""
+    return 0 if torch.compiler.is_compiling() else tensor._version
 
 
 class SharedPack(_Wiring):
