@@ -404,3 +404,72 @@ def test_chain_that_does_not_produce_the_input_is_reported_in_backward():
     y = layer(x, torch.randn(6, 4))
     with pytest.raises(ConversionError, match="does not produce this layer's input"):
         y.sum().backward()
+
+
+class _CountingLayerNorm(nn.LayerNorm):
+    calls = 0
+
+    def forward(self, x):
+        type(self).calls += 1
+        return super().forward(x)
+
+
+class ThreeReaders(nn.Module):
+    """A Llama/BERT attention's q, k and v reading one norm's output, each rebuilding it."""
+
+    def __init__(self, converted: bool):
+        super().__init__()
+        self.norm = _CountingLayerNorm(6)
+        self.q, self.k, self.v = (nn.Linear(6, 6) for _ in range(3))
+        if converted:
+            for name in ("q", "k", "v"):
+                setattr(self, name, RecomputedInputLinear.from_module(getattr(self, name), chain=(self.norm,)))
+
+    def forward(self, z):
+        x = self.norm(z)
+        if isinstance(self.q, RecomputedInputLinear):
+            return self.q(x, z) * self.k(x, z) + self.v(x, z)
+        return self.q(x) * self.k(x) + self.v(x)
+
+
+def randomize_norm(model: ThreeReaders) -> ThreeReaders:
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)
+        model.norm.bias.uniform_(-0.5, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("backwards", [1, 2])
+def test_layers_reading_one_chain_output_rebuild_it_once_with_bit_identical_gradients(backwards):
+    torch.manual_seed(0)
+    plain = randomize_norm(ThreeReaders(converted=False))
+    converted = ThreeReaders(converted=True)
+    converted.load_state_dict(plain.state_dict())
+    z = torch.randn(4, 5, 6)
+    grads = {}
+    for name, model in (("plain", plain), ("converted", converted)):
+        leaf = z.clone().requires_grad_()
+        out = model(leaf)
+        _CountingLayerNorm.calls = 0
+        for _ in range(backwards):  # a second backward through the retained graph rebuilds again
+            out.backward(torch.ones_like(out), retain_graph=True)
+        grads[name] = (_CountingLayerNorm.calls, leaf.grad, [p.grad for p in model.parameters()])
+    assert grads["plain"][0] == 0 and grads["converted"][0] == backwards  # one rebuild for q, k and v
+    assert_bit_identical(grads["converted"][1], grads["plain"][1])
+    for actual, expected in zip(grads["converted"][2], grads["plain"][2]):
+        assert_bit_identical(actual, expected)
+
+
+def test_second_order_gradients_through_shared_readers_match_bp():
+    torch.manual_seed(0)
+    plain = randomize_norm(ThreeReaders(converted=False)).double()
+    converted = ThreeReaders(converted=True).double()
+    converted.load_state_dict(plain.state_dict())
+    z = torch.randn(3, 6, dtype=torch.float64)
+    results = []
+    for model in (plain, converted):
+        leaf = z.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(model(leaf).square().sum(), leaf, create_graph=True)
+        results.append(torch.autograd.grad(grad.square().sum(), list(model.parameters())))
+    for actual, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)

@@ -47,6 +47,8 @@ copy (``approx_common.compress``), so the layer keeps nothing of its own.
 """
 
 import math
+import threading
+import weakref
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -55,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from aalconvert.errors import ConversionError
 from aalconvert.nn.lossless import MaskDropout
@@ -198,8 +201,25 @@ class _ChainRecord:
             self.device_type)
         self.autocast_dtype = torch.get_autocast_dtype(self.device_type) if self.autocast else None
         self.x_shape, self.x_dtype = x.shape, x.dtype
+        self.readers = 1  # layers whose backward rebuilds x through this record (_shared_record)
+        self._served = 0
+        self._rebuilt: torch.Tensor | None = None
 
     step = staticmethod(_rebuild_module)  # one chain module again, running statistics untouched
+
+    def rebuild_once(self, z: torch.Tensor, where: str) -> torch.Tensor:
+        """``rebuild``, run once for all the layers reading this chain output (q, k and v after
+        one norm): the first reader's backward rebuilds, the last one lets go. Under
+        ``create_graph`` each rebuilds its own, so that its graph reaches ``z``."""
+        if self.readers == 1 or torch.is_grad_enabled():
+            return self.rebuild(z, where)
+        if self._rebuilt is None:
+            self._rebuilt = self.rebuild(z, where)
+        x = self._rebuilt
+        self._served += 1
+        if self._served == self.readers:  # a second backward (retain_graph) rebuilds again
+            self._rebuilt, self._served = None, 0
+        return x
 
     def rebuild(self, z: torch.Tensor, where: str) -> torch.Tensor:
         """``chain(z)``; differentiable when backward records a graph (``create_graph=True``),
@@ -215,6 +235,29 @@ class _ChainRecord:
                 "set_chain does not produce this layer's input"
             )
         return x
+
+
+_SHARED_RECORDS = WeakTensorKeyDictionary()  # chain output -> the record its readers share
+_SHARED_RECORDS_LOCK = threading.Lock()  # threads run their own forwards through one model
+
+
+def _shared_record(layer: nn.Module, x: torch.Tensor, z: torch.Tensor) -> _ChainRecord:
+    """The record of ``x = chain(z)`` for ``layer``: one per chain output and chain input, shared
+    by every layer that reads it in this forward, so that backward rebuilds ``x`` once
+    (``rebuild_once``). A layer keeping a k-bit copy of ``z`` decodes its own, and under
+    torch.compile the compiler sees the repeated ops itself: both get a record of their own."""
+    if layer.kept_copy is not None or torch.compiler.is_compiling():
+        return _ChainRecord(layer.chain, x)
+    with _SHARED_RECORDS_LOCK:
+        record = _SHARED_RECORDS.get(x)
+        if (record is None or record.chain != layer.chain or record.chain_input() is not z
+                or record.x_version != x._version):
+            record = _ChainRecord(layer.chain, x)
+            record.chain_input, record.x_version = weakref.ref(z), x._version
+            _SHARED_RECORDS[x] = record
+        else:
+            record.readers += 1
+    return record
 
 
 def _saved_tensors(ctx, where: str) -> tuple[torch.Tensor, ...]:
@@ -355,7 +398,7 @@ class RecomputedInputLinearFunction(torch.autograd.Function):
     def forward(ctx, layer, x, z, weight, bias):
         y = F.linear(x, weight, bias)
         ctx.where = layer.describe()
-        ctx.record = _ChainRecord(layer.chain, x)
+        ctx.record = _shared_record(layer, x, z)
         ctx.addmm = bias is not None and (x.dim() == 2 or x.is_contiguous())
         ctx.x_2d_stride = _folded_stride(x, ctx.addmm)
         ctx.compute_dtype = y.dtype
@@ -369,7 +412,7 @@ class RecomputedInputLinearFunction(torch.autograd.Function):
         _, need_x, _, need_weight, need_bias = ctx.needs_input_grad
         record = ctx.record
         grad_x, grad_weight, grad_bias = linear_backward(
-            grad_output, weight, bias, lambda: record.rebuild(z, ctx.where),
+            grad_output, weight, bias, lambda: record.rebuild_once(z, ctx.where),
             LinearOperands(record.x_shape, record.x_dtype, ctx.x_2d_stride, ctx.compute_dtype, ctx.addmm),
             need_x, need_weight, need_bias,
         )
@@ -387,7 +430,7 @@ class RecomputedInputTransposedLinearFunction(torch.autograd.Function):
     def forward(ctx, layer, x, z, weight, bias):
         y = transposed_linear(x, weight, bias)
         ctx.where = layer.describe()
-        ctx.record = _ChainRecord(layer.chain, x)
+        ctx.record = _shared_record(layer, x, z)
         ctx.x_2d_stride = _folded_stride(x, addmm=True)
         ctx.compute_dtype = y.dtype  # differs from the Parameters' under autocast
         ctx.saved_shapes = _saved_shapes(z, weight, bias)
@@ -411,7 +454,7 @@ class RecomputedInputTransposedLinearFunction(torch.autograd.Function):
                 grad_x = grad_2d.mm(weight_c.t())
             grad_x = grad_x.reshape(shape).to(ctx.record.x_dtype)
         if need_weight:  # mm_mat2_backward with mat1 = the rebuilt x folded to 2-D
-            x_2d = _fold_to_2d(ctx.record.rebuild(z, ctx.where).to(ctx.compute_dtype), addmm=True)
+            x_2d = _fold_to_2d(ctx.record.rebuild_once(z, ctx.where).to(ctx.compute_dtype), addmm=True)
             if weight_c.stride(0) == 1 and weight_c.stride(1) == weight_c.shape[0]:
                 grad_weight = grad_2d.t().mm(x_2d).t()
             else:
@@ -436,7 +479,7 @@ class RecomputedInputConvFunction(torch.autograd.Function):
     def forward(ctx, layer, x, z, weight, bias):
         y = layer._conv_forward(x, weight, bias)
         ctx.where = layer.describe()
-        ctx.record = _ChainRecord(layer.chain, x)
+        ctx.record = _shared_record(layer, x, z)
         ctx.unbatched = x.dim() == weight.dim() - 1
         ctx.geometry = (layer.stride, layer.explicit_padding(), layer.dilation, layer.groups)
         ctx.compute_dtype = y.dtype
@@ -449,7 +492,7 @@ class RecomputedInputConvFunction(torch.autograd.Function):
         z, weight, bias = _chain_input_and_weights(ctx, ctx.where)
         _, need_x, _, need_weight, need_bias = ctx.needs_input_grad
         record = ctx.record
-        x = record.rebuild(z, ctx.where).to(ctx.compute_dtype)
+        x = record.rebuild_once(z, ctx.where).to(ctx.compute_dtype)
         if ctx.unbatched:
             x, grad_output = x.unsqueeze(0), grad_output.unsqueeze(0)
         stride, padding, dilation, groups = ctx.geometry
