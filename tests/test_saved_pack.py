@@ -527,3 +527,29 @@ def test_the_packer_hooks_no_mask_variant_so_fused_attention_cores_still_fuse():
     dropouts = [m for m in converted.modules() if isinstance(m, MaskDropout)]
     assert dropouts and not any(m._forward_hooks or m._forward_pre_hooks for m in dropouts)
     assert kept(converted, *inputs) < 0.55 * kept(model, *inputs)  # 0.59 when the cores fell back
+
+
+def test_a_tensor_read_once_and_found_many_valued_is_not_read_again_by_later_saves(monkeypatch):
+    # Llama's rotary cos/sin: made once per forward, saved through a new view by every layer.
+    import aalconvert.nn.saved_pack as saved_pack
+
+    reads = []
+    monkeypatch.setattr(saved_pack, "two_levels", lambda flat: reads.append(flat.shape) or None)
+    packer = SavedTensorPacker(None)
+    x = torch.randn(4, 128, 64, requires_grad=True)
+
+    def forward():
+        table = torch.rand(128, 64) + 0.5  # many values, no gradient
+        h = x
+        for _ in range(3):
+            h = (h * table.unsqueeze(0)).tanh()
+        other = table + 1.0  # another tensor is read on its own
+        return (h * other.unsqueeze(0)).sum()
+
+    torch.manual_seed(0)
+    loss, _ = _recorded_saves(forward, packer)
+    assert len(reads) == 2
+    (got,) = torch.autograd.grad(loss, x)
+    torch.manual_seed(0)
+    (expected,) = torch.autograd.grad(forward(), x)
+    assert torch.equal(got, expected)

@@ -228,7 +228,14 @@ def _packed_for(entry: tuple, tensor: torch.Tensor) -> Any:
         return packed
     if storage_key(source.untyped_storage()) != storage_key(tensor.untyped_storage()):
         return None
+    if packed is _NOT_TWO_VALUED:
+        return packed
     return replace(packed, shape=tensor.shape, stride=tuple(tensor.stride()))
+
+
+# A cache entry's value for a tensor whose values were read and found not two-valued: saved
+# again (Llama's rotary cos and sin, by every layer), it is passed on without reading them again.
+_NOT_TWO_VALUED = object()
 
 
 class SavedTensorPacker:
@@ -314,6 +321,8 @@ class SavedTensorPacker:
         key = _cache_key(tensor)
         cached = state.cache.get(key)
         reused = None if cached is None else _packed_for(cached, tensor)
+        if reused is _NOT_TWO_VALUED:
+            return self._passed_on(tensor, state)
         if reused is not None:
             return reused
         packed = self._packed(tensor, state)
@@ -362,6 +371,8 @@ class SavedTensorPacker:
             flat, stride = _memory_order(tensor.detach())
             found = two_levels(flat)
             if found is None:
+                source = tensor if tensor._base is None else tensor._base  # outlives a layer's view of it
+                state.cache[_cache_key(tensor)] = (weakref.ref(source), tensor._version, _NOT_TWO_VALUED)
                 return self._passed_on(tensor, state)
             parts, layout = found
         else:  # a small view is copied rather than keeping its storage, where values may change
