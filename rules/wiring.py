@@ -135,8 +135,11 @@ class ChainSlot(_Wiring):
     chain module, global, or on a child a chain module runs in its own forward,
     such as a fused batch norm's ``act``), an in-place op on a chain tensor
     between the modules (``h = norm(x); h.mul_(2); layer(h)``: the same object,
-    other values; seen by its version counter), or a chain run out of order breaks
-    the link, and the layer then keeps its input as BP does: exact in every case.
+    other values; seen by its version counter), a user's hook that runs where
+    this wiring cannot see its effect (a forward hook before the link's, a
+    pre-hook after the check on a later chain module or on the layer), or a
+    chain run out of order breaks the link, and the layer then keeps its input
+    as BP does: exact in every case.
 
     ``z`` itself is held from the chain start until the layer has run, and let
     go then, or when the root's forward ends (also on error). What the chain
@@ -171,9 +174,11 @@ class ChainSlot(_Wiring):
 
     def _check_entry(self, module: nn.Module, args: tuple) -> None:
         """Before a later chain module runs: its input must be the previous one's output, unchanged
-        (an in-place chain module changes it itself, so this is checked before it runs)."""
+        (an in-place chain module changes it itself, so this is checked before it runs), and no
+        user's pre-hook may run after this check (it could change that input in place)."""
         state = self.state.get()
-        if not (args and self._unchanged(state, args[0])):
+        if not (args and self._unchanged(state, args[0])) or _user_hooks_beside(
+                module._forward_pre_hooks, self._check_entry, after=True):
             state.last = None
 
     def _link(self, module: nn.Module, args: tuple, output: object) -> None:
@@ -186,6 +191,7 @@ class ChainSlot(_Wiring):
             and isinstance(output, torch.Tensor)
             and not _global_forward_hooks()  # they run before ours and may change the output
             and not _hooked_inside(module)
+            and not _user_hooks_beside(module._forward_hooks, self._link, after=False)  # prepended later
         )
         state.last = _reference(output) if linked else None
         state.last_version = _version(output) if linked else None
@@ -194,7 +200,8 @@ class ChainSlot(_Wiring):
         state = self.state.get()
         z = getattr(state, "chain_input", None)
         x = _dereference(getattr(state, "last", None))
-        if z is None or x is None or not self._unchanged(state, x):
+        if z is None or x is None or not self._unchanged(state, x) or _user_hooks_beside(
+                module._forward_pre_hooks, self._inject, after=True):  # a later one may change x in place
             return None
         return args, {**kwargs, "chain_input": z, "chain_output": x}
 
@@ -214,13 +221,14 @@ class ChainSlot(_Wiring):
 
 
 def _global_forward_hooks() -> bool:
-    """Whether a ``register_module_forward_hook`` hook that may replace outputs is active.
+    """Whether a ``register_module_forward_hook`` or ``register_module_forward_pre_hook`` hook
+    that may change inputs or outputs is active.
 
     Global hooks run before a module's own, so a chain link cannot see what they
-    do; only aalconvert's observers (marked ``aalconvert_observer``, they return
-    nothing) are trusted.
+    do (to a chain module, or to a child a chain module runs); only aalconvert's
+    observers (marked ``aalconvert_observer``, they return nothing) are trusted.
     """
-    hooks = torch_module._global_forward_hooks.values()
+    hooks = (*torch_module._global_forward_hooks.values(), *torch_module._global_forward_pre_hooks.values())
     return any(not getattr(hook, "aalconvert_observer", False) for hook in hooks)
 
 
@@ -230,7 +238,7 @@ def _hooked_inside(module: nn.Module) -> bool:
     hooks, so a hook that changed a value would not be rebuilt. aalconvert's own hooks (the
     packer's pass-through, wiring that hands on kept tensors) change no value."""
     return any(
-        not getattr(hook, "__module__", "").startswith("aalconvert.")
+        not _aalconverts(hook)
         for child in module.modules() if child is not module
         for hook in (*child._forward_hooks.values(), *child._forward_pre_hooks.values())
     )
@@ -248,8 +256,26 @@ def _dereference(reference: object) -> torch.Tensor | None:
 def _version(tensor: torch.Tensor) -> int:
     """The version counter (bumped by every in-place op); 0 under torch.compile, which cannot
     guard on it (its graph has no in-place op between a chain and its layer: the rules' trace
-    refuses such chains)."""
-    return 0 if torch.compiler.is_compiling() else tensor._version
+    refuses such chains), and for inference tensors, which have none (and no backward)."""
+    return 0 if torch.compiler.is_compiling() or tensor.is_inference() else tensor._version
+
+
+def _user_hooks_beside(registry: dict, ours: Callable, after: bool) -> bool:
+    """Whether ``registry`` (a module's hook dict) holds a hook not aalconvert's that runs after
+    ``ours`` (``after``) or before it: one that could change a tensor where ``ours`` cannot see."""
+    seen_ours = False
+    for hook in registry.values():
+        if hook == ours:
+            seen_ours = True
+        elif seen_ours == after and not _aalconverts(hook):
+            return True
+    return False
+
+
+def _aalconverts(hook: Callable) -> bool:
+    """aalconvert's own hooks (the packer's pass-through, wiring that hands on kept tensors)
+    change no value."""
+    return getattr(hook, "__module__", "").startswith("aalconvert.")
 
 
 class SharedPack(_Wiring):

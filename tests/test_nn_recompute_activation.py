@@ -184,3 +184,101 @@ def test_under_approx_a_layer_after_a_fused_norm_shares_its_copy_on_every_forwar
     kept = [[measure_saved(lambda m=m: m(x), m.parameters()).nbytes for _ in range(2)] for m in (converted, alone)]
     assert kept[0][0] == kept[0][1] == aalconvert.inspect(model, (x,), "approx4").totals.converted_bytes
     assert kept[0][1] < kept[1][1]  # the layers keep no k-bit copy of their own
+
+
+def _same_gradients(converted: nn.Module, reference: nn.Module, x: torch.Tensor) -> bool:
+    return all(torch.equal(a, b) for a, b in zip(_grads(converted, x), _grads(reference, x)))
+
+
+@pytest.mark.parametrize("act", list(VARIANTS), ids=lambda a: a.__name__)
+def test_an_activation_set_out_of_place_after_conversion_still_runs(act):
+    # It once returned its input unchanged: the in-place path ran the activation out of place.
+    model, x = block(act), images()
+    reference = copy.deepcopy(model)
+    converted = aalconvert.convert(model, "recompute", example_inputs=(x,))
+    for m in (converted, reference):
+        m[2].inplace = False
+    assert torch.equal(converted(x), reference(x))
+    assert _same_gradients(converted, reference, x)
+
+
+@pytest.mark.parametrize("act", [nn.SiLU, nn.ReLU], ids=lambda a: a.__name__)
+@pytest.mark.parametrize("child", ["drop -> Dropout(0)", "act -> ELU", "act -> Sequential(act)"])
+def test_a_fused_norms_child_replaced_after_conversion_leaves_the_next_layer_exact(act, child):
+    # The rebuild runs a fused norm's act only while it is one: a replaced child made it return
+    # the batch norm's output alone (a wrong weight gradient for the conv after it).
+    model, x = fused(act), images()
+    reference = copy.deepcopy(model)
+    converted = aalconvert.convert(model, "recompute", example_inputs=(x,))
+    for m in (converted, reference):
+        if child.startswith("drop"):
+            m[1].drop = nn.Dropout(0.0)
+        else:
+            m[1].act = nn.ELU() if "ELU" in child else nn.Sequential(act())
+    assert _same_gradients(converted, reference, x)
+
+
+@pytest.mark.parametrize("act", [nn.SiLU, nn.ReLU], ids=lambda a: a.__name__)
+def test_a_global_pre_hook_changing_a_fused_activations_input_keeps_bp_gradients(act):
+    model, x = fused(act), images()
+    reference = copy.deepcopy(model)
+    converted = aalconvert.convert(model, "recompute", example_inputs=(x,))
+    acts = {id(converted[1].act), id(reference[1].act)}
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, args: (args[0] * 0.5,) if id(module) in acts else None)
+    try:
+        assert _same_gradients(converted, reference, x)
+    finally:
+        handle.remove()
+
+
+def _double_in_place(module, args):
+    args[0].mul_(2.0)
+
+
+def _add_one_in_place(module, args):
+    args[0].add_(1.0)
+
+
+@pytest.mark.parametrize("where", ["pre-hook on the in-place activation", "pre-hook on the next conv",
+                                   "forward hook prepended on the norm"])
+def test_hooks_registered_after_conversion_where_the_wiring_cannot_see_them_keep_bp_gradients(where):
+    model, x = block(nn.SiLU), images()
+    reference = copy.deepcopy(model)
+    converted = aalconvert.convert(model, "recompute", example_inputs=(x,))
+    for m in (converted, reference):
+        if where.startswith("pre-hook on the in-place"):
+            m[2].register_forward_pre_hook(_double_in_place)
+        elif where.startswith("pre-hook on the next"):
+            m[3].register_forward_pre_hook(_add_one_in_place)
+        else:
+            m[1].register_forward_hook(lambda module, args, output: output * 2, prepend=True)
+    assert _same_gradients(converted, reference, x)
+
+
+def test_an_inference_mode_forward_runs_in_train_and_eval_mode():
+    model, x = block(nn.SiLU), images()
+    reference = copy.deepcopy(model)
+    converted = aalconvert.convert(model, "recompute", example_inputs=(x,))
+    for mode in (True, False):
+        converted.train(mode), reference.train(mode)
+        with torch.inference_mode():
+            assert torch.equal(converted(x), reference(x))
+
+
+@pytest.mark.parametrize("model_of", [block, fused], ids=["torchvision", "timm-fused"])
+def test_an_eval_forward_then_a_train_forward_before_one_backward_gives_bp_gradients(model_of):
+    # The train forward updates the running statistics the eval forward normalized with; the
+    # rebuild once read the updated ones.
+    model, x = model_of(nn.SiLU), images()
+    reference = copy.deepcopy(model)
+    converted = aalconvert.convert(model, "recompute", example_inputs=(x,))
+
+    def both(m):
+        m.eval()
+        loss = m(x).square().sum()
+        m.train()
+        loss = loss + m(x * 0.5 + 1.0).square().sum()
+        return torch.autograd.grad(loss, list(m.parameters()))
+
+    assert all(torch.equal(a, b) for a, b in zip(both(converted), both(reference)))

@@ -124,8 +124,14 @@ def is_chain_module(module: nn.Module) -> bool:
 
 def chain_rebuildable(chain: tuple[nn.Module, ...]) -> bool:
     """Whether running ``chain`` again in backward gives the forward's tensor: not when a
-    dropout in it (probability 0 at conversion) now drops with a probability, in training."""
-    return not any(isinstance(m, nn.Dropout) and m.training and m.p != 0 for m in chain)
+    dropout in it (probability 0 at conversion) now drops with a probability, in training,
+    nor when a fused batch norm's ``act`` or ``drop`` was replaced by a module the rebuild
+    would not run (``_rebuild_module`` runs only a fused norm's chain-module ``act``)."""
+    return not any(
+        (isinstance(m, nn.Dropout) and m.training and m.p != 0)
+        or (isinstance(m, _BatchNorm) and next(m.children(), None) is not None and not is_norm_act(m))
+        for m in chain
+    )
 
 
 def _validate_chain(chain: tuple[nn.Module, ...], where: str) -> None:
@@ -156,7 +162,8 @@ def with_chain(cls: type, module: nn.Module, chain: tuple[nn.Module, ...]) -> nn
     return converted
 
 
-def _rebuild_module(module: nn.Module, training: bool, x: torch.Tensor) -> torch.Tensor:
+def _rebuild_module(module: nn.Module, training: bool, x: torch.Tensor,
+                    statistics: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """One chain step with the forward's train/eval mode, never touching running statistics.
 
     Calls ``forward`` directly: the module's hooks ran in the real forward, and
@@ -166,12 +173,14 @@ def _rebuild_module(module: nn.Module, training: bool, x: torch.Tensor) -> torch
     """
     if not isinstance(module, _BatchNorm):
         return module.forward(x)
-    x = _batch_norm_again(module, training, x)
+    x = _batch_norm_again(module, training, x, statistics)
     return module.act.forward(x) if is_norm_act(module) else x  # a fused activation (drop: identity)
 
 
-def _batch_norm_again(module: _BatchNorm, training: bool, x: torch.Tensor) -> torch.Tensor:
-    """``module``'s batch norm of ``x`` as its forward computed it, running statistics untouched."""
+def _batch_norm_again(module: _BatchNorm, training: bool, x: torch.Tensor,
+                      statistics: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """``module``'s batch norm of ``x`` as its forward computed it, running statistics untouched;
+    an eval-mode norm normalizes with ``statistics``, the running statistics its forward read."""
     # Mirrors _BatchNorm.forward, with throwaway copies of the running statistics
     # so that the same kernel runs as in the forward and nothing is updated twice.
     use_running = not training or module.track_running_stats
@@ -180,9 +189,19 @@ def _batch_norm_again(module: _BatchNorm, training: bool, x: torch.Tensor) -> to
     batch_stats = training or (running_mean is None and running_var is None)
     if batch_stats and running_mean is not None:
         running_mean, running_var = running_mean.clone(), running_var.clone()
+    elif statistics is not None:
+        running_mean, running_var = statistics
     return F.batch_norm(
         x, running_mean, running_var, module.weight, module.bias, batch_stats, 0.0, module.eps
     )
+
+
+def _eval_statistics(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Copies of the running statistics an eval-mode batch norm normalizes with, else None."""
+    if (isinstance(module, _BatchNorm) and not module.training and module.running_mean is not None
+            and module.running_var is not None):
+        return module.running_mean.clone(), module.running_var.clone()
+    return None
 
 
 class _ChainRecord:
@@ -195,6 +214,10 @@ class _ChainRecord:
     def __init__(self, chain: tuple[nn.Module, ...], x: torch.Tensor) -> None:
         self.chain = chain
         self.training = tuple(module.training for module in chain)
+        # An eval-mode batch norm normalizes with its running statistics, which a train-mode
+        # forward run before this backward updates in place (no version counter moves): the
+        # rebuild reads a copy taken now (two vectors of the channel count).
+        self.statistics = tuple(_eval_statistics(module) for module in chain)
         self.device_type = x.device.type
         # meta tensors (inspect's fallback) have no autocast
         self.autocast = torch.amp.is_autocast_available(self.device_type) and torch.is_autocast_enabled(
@@ -226,8 +249,8 @@ class _ChainRecord:
         so second-order gradients flow through the chain as they do in BP."""
         with torch.autocast(self.device_type, dtype=self.autocast_dtype) if self.autocast else nullcontext():
             x = z
-            for module, training in zip(self.chain, self.training):
-                x = self.step(module, training, x)
+            for module, training, statistics in zip(self.chain, self.training, self.statistics):
+                x = self.step(module, training, x, statistics)
         if x.shape != self.x_shape or x.dtype != self.x_dtype:
             raise ConversionError(
                 f"{where}: the chain rebuilt a {x.dtype} tensor of shape {tuple(x.shape)} but the "

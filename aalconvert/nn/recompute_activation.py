@@ -95,6 +95,7 @@ class _RecomputedInputActivation:
                 chain_output: torch.Tensor | None = None) -> torch.Tensor:
         if (
             chain_input is None
+            or not self.inplace  # set after conversion: the plain activation, out of place
             or input is not chain_output
             or not self.chain
             or not chain_rebuildable(self.chain)
