@@ -117,7 +117,12 @@ class ApproxRule(ExactRule):
             f"act(gate) * up keeps {self.options.bits}-bit copies of gate and up only",
         )
         sites, skips = sites + core_sites + gated_sites, skips + core_skips + gated_skips
-        chain_sites = self._chain_sites(facts) + self._loss_head_sites(facts)
+        # The loss head's site wins over a chain rebuilding the output projection's input
+        # (RoBERTa's lm_head.decoder after lm_head.layer_norm): it drops the log-softmax of
+        # tokens x vocabulary, far more than that input.
+        loss_heads = self._loss_head_sites(facts)
+        heads = {site.module_name for site in loss_heads}
+        chain_sites = [site for site in self._chain_sites(facts) if site.module_name not in heads] + loss_heads
         rebuilt = {site.module_name for site in chain_sites}
         sites = [site for site in sites if site.module_name not in rebuilt] + chain_sites
         sites = self._with_shared_copy_relus(facts, sites)

@@ -46,7 +46,12 @@ def bert_mlm():
     return transformers.BertForMaskedLM(transformers.BertConfig(vocab_size=VOCAB, **SMALL))
 
 
-MODELS = {"llama": llama, "qwen2": qwen2, "gpt2": gpt2, "gemma2": gemma2, "bert_mlm": bert_mlm}
+def roberta_mlm():  # lm_head: dense -> a module-level gelu -> layer_norm -> decoder
+    return transformers.RobertaForMaskedLM(transformers.RobertaConfig(vocab_size=VOCAB, **SMALL))
+
+
+MODELS = {"llama": llama, "qwen2": qwen2, "gpt2": gpt2, "gemma2": gemma2, "bert_mlm": bert_mlm,
+          "roberta_mlm": roberta_mlm}
 
 
 def build(name: str) -> nn.Module:
@@ -225,8 +230,9 @@ def test_compiled_converted_model_gives_the_plain_loss():
     assert_close_gradients(our_grads, plain_grads)
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "roberta_mlm"])
 def test_approx_rules_take_the_loss_head_and_the_step_keeps_its_logits_nowhere(name):
+    # RoBERTa's decoder reads a LayerNorm's output: the loss head must win over that chain.
     model = build(name)
     ids, labels = token_batch()
     converted = aalconvert.convert(model, "approx4", example_inputs=(ids,))
