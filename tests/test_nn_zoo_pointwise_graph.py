@@ -19,7 +19,7 @@ from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama.modeling_llama import LlamaModel, LlamaRMSNorm
 
 import aalconvert
-from aalconvert.errors import ConversionError
+from aalconvert.errors import ConversionError, SavedTensorModifiedError
 from aalconvert.memory import measure_saved
 from aalconvert.nn.zoo_pointwise import PointwiseVariant
 from aalconvert.nn.zoo_pointwise_graph import GraphPointwiseVariant
@@ -227,3 +227,22 @@ def test_under_torch_compile_runs_the_plain_forward_with_bp_gradients():
         y = torch.compile(m)(x * 1)
         results.append(torch.autograd.grad(y, [x, *m.parameters()], g))
     assert_bit_identical(*results)
+
+
+def test_a_norm_weight_stepped_between_forward_and_backward_raises_instead_of_rebuilding_with_it():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.proj = GemmaRMSNorm(16), nn.Linear(16, 16)  # saves 1 + weight: torch checks nothing
+
+        def forward(self, x):
+            return x + self.proj(self.norm(x))
+
+    torch.manual_seed(0)
+    model, x = nn.Sequential(Block(), Block()), torch.randn(2, 5, 16)
+    converted = aalconvert.convert(model, "recompute", example_inputs=(x,))
+    loss = converted(x).square().sum()
+    with torch.no_grad():
+        converted[0].norm.weight.add_(0.5)
+    with pytest.raises(SavedTensorModifiedError, match="modified in place between forward and backward"):
+        loss.backward()

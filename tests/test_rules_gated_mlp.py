@@ -188,3 +188,21 @@ def test_inspect_counts_the_intermediate_tensors_no_longer_kept():
     assert plain.converted_bytes - report.totals.converted_bytes >= 2 * width * LAYERS
     rows = {row.name: row for row in report.rows}
     assert rows["model.layers.0.mlp"].rule == "recompute"
+
+
+@pytest.mark.parametrize("replacement", ["PReLU", "Dropout", "Sequential"])
+def test_an_activation_replaced_after_conversion_runs_as_written(replacement):
+    # The fused product reran act_fn in backward: a PReLU's weight got no gradient, a dropout
+    # drew a new mask. An activation the fused form cannot take now runs the plain ops.
+    model, ids = build("llama")
+    converted = convert(model, "recompute", ids)
+    for m in (model, converted):
+        for mlp in mlps(m):
+            mlp.act_fn = {"PReLU": lambda: nn.PReLU(), "Dropout": lambda: nn.Dropout(0.5),
+                          "Sequential": lambda: nn.Sequential(nn.SiLU(), nn.Dropout(0.5))}[replacement]()
+    converted.load_state_dict(model.state_dict())
+    results = []
+    for m in (model, converted):
+        torch.manual_seed(3)
+        results.append(gradients(m, ids))
+    assert all(torch.equal(a, b) for a, b in zip(*results))

@@ -246,3 +246,17 @@ def test_approx_rules_take_the_loss_head_and_the_step_keeps_its_logits_nowhere(n
     (_, got), (_, expected) = step(converted, ids, labels), step(model, ids, labels)
     flat = lambda grads: torch.cat([g.flatten() for g in grads if g is not None])  # noqa: E731
     assert F.cosine_similarity(flat(got), flat(expected), dim=0) > 0.99
+
+
+@pytest.mark.parametrize("use", ["view(-1)", "reshape(-1)", "cat", "stack"])
+def test_logits_flattened_or_joined_in_a_list_are_the_plain_ones(use):
+    # view(-1) once reshaped the hidden states to (H,); torch.cat/stack of deferred logits recursed.
+    model = build("llama")
+    converted = aalconvert.convert(model, "loss_head")
+    ids, _ = token_batch()
+    apply = {"view(-1)": lambda t: t.view(-1), "reshape(-1)": lambda t: t.reshape(-1),
+             "cat": lambda t: torch.cat([t, t]), "stack": lambda t: torch.stack([t])}[use]
+    torch.manual_seed(1)
+    expected = apply(model(ids).logits)
+    torch.manual_seed(1)
+    assert torch.equal(apply(converted(ids).logits), expected)

@@ -553,3 +553,29 @@ def test_a_tensor_read_once_and_found_many_valued_is_not_read_again_by_later_sav
     torch.manual_seed(0)
     (expected,) = torch.autograd.grad(forward(), x)
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("change", ["weight stepped", "activation changed in place in the forward"])
+def test_a_saved_tensor_changed_in_place_before_backward_raises_as_torch_does(change):
+    # torch checks saved tensors' versions only without saved-tensor hooks; the packer's hooks
+    # once let backward read the new values silently.
+    class Gate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.out = nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x):
+            h = torch.sigmoid(self.fc(x))  # sigmoid saves its output
+            if change.startswith("activation"):
+                h.mul_(2.0)
+            return self.out(h)
+
+    torch.manual_seed(0)
+    model, x = nn.Sequential(Gate(), Gate()), torch.randn(8, 16)
+    for m in (model, aalconvert.convert(copy.deepcopy(model), "exact", example_inputs=(x,))):
+        loss = m(x).square().sum()
+        if change == "weight stepped":
+            with torch.no_grad():
+                m[0].out.weight.add_(0.5)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()

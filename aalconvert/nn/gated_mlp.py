@@ -232,7 +232,7 @@ def _plain(gate: torch.Tensor, up: torch.Tensor, act: nn.Module, options: Approx
         or not (gate.requires_grad or up.requires_grad)
         or functorch_active(gate, up)
         or _hooked(act)
-        or getattr(act, "inplace", False)
+        or activation_problem(act) is not None  # replaced after conversion (a PReLU, a dropout)
         or gate.shape != up.shape
         or gate.dtype != up.dtype
         or not gate.is_floating_point()

@@ -29,6 +29,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_map_only
 
 from aalconvert.nn.approx_common import functorch_active
 from aalconvert.nn.linear_cross_entropy import linear_cross_entropy
@@ -157,9 +158,8 @@ class DeferredLogits(torch.Tensor):
                 "when used, so an in-place change would be lost; use the out-of-place op, or convert "
                 "with skip=[<the lm_head name>]"
             )
-        with torch._C.DisableTorchFunctionSubclass():
-            real_args = [a.materialize() if isinstance(a, DeferredLogits) else a for a in args]
-            real_kwargs = {k: v.materialize() if isinstance(v, DeferredLogits) else v for k, v in kwargs.items()}
+        with torch._C.DisableTorchFunctionSubclass():  # also inside lists (torch.cat, torch.stack)
+            real_args, real_kwargs = tree_map_only(DeferredLogits, DeferredLogits.materialize, (args, kwargs))
         return func(*real_args, **real_kwargs)
 
     @classmethod
@@ -181,9 +181,9 @@ class DeferredLogits(torch.Tensor):
             return self
         if func in _SHAPE_OPS and not kwargs:
             shape = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list, torch.Size)) else rest
-            if shape and all(isinstance(s, int) for s in shape) and shape[-1] in (vocabulary, -1):
-                if shape[-1] == -1 and len(shape) > 1:
-                    return None
+            # Only a shape that keeps the vocabulary as its last dimension, spelled out (-1 there
+            # may merge it with the tokens: view(-1) flattens everything).
+            if shape and all(isinstance(s, int) for s in shape) and shape[-1] == vocabulary:
                 return self._derived(hidden=self.hidden.reshape(*shape[:-1], self.hidden.shape[-1]))
         if func is torch.Tensor.__getitem__ and len(rest) == 1 and not kwargs:
             index = rest[0] if isinstance(rest[0], tuple) else (rest[0],)

@@ -64,7 +64,7 @@ from aalconvert.nn.lossless import MaskDropout
 from aalconvert.nn.approx_common import ApproxOptions, SavedLayout, compress, functorch_active, restore
 from aalconvert.nn.function_output import own_output
 from aalconvert.nn.rebuild import rebuild_as
-from aalconvert.nn.saved import saved_tensors_or_raise
+from aalconvert.nn.saved import parameter_versions, raise_if_parameters_changed, saved_tensors_or_raise
 from aalconvert.nn.weighted import transposed_linear
 from aalconvert.nn.zoo_linear import TransposedLinearVariant
 from aalconvert.nn import zoo_pointwise
@@ -218,6 +218,7 @@ class _ChainRecord:
         # forward run before this backward updates in place (no version counter moves): the
         # rebuild reads a copy taken now (two vectors of the channel count).
         self.statistics = tuple(_eval_statistics(module) for module in chain)
+        self.parameter_versions = parameter_versions(chain)
         self.device_type = x.device.type
         # meta tensors (inspect's fallback) have no autocast
         self.autocast = torch.amp.is_autocast_available(self.device_type) and torch.is_autocast_enabled(
@@ -247,6 +248,7 @@ class _ChainRecord:
     def rebuild(self, z: torch.Tensor, where: str) -> torch.Tensor:
         """``chain(z)``; differentiable when backward records a graph (``create_graph=True``),
         so second-order gradients flow through the chain as they do in BP."""
+        raise_if_parameters_changed(self.parameter_versions, where)
         with torch.autocast(self.device_type, dtype=self.autocast_dtype) if self.autocast else nullcontext():
             x = z
             for module, training, statistics in zip(self.chain, self.training, self.statistics):

@@ -58,6 +58,7 @@ import torch.utils.checkpoint
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
+from aalconvert.errors import SavedTensorModifiedError
 from aalconvert.kernels import pack_bits, unpack_bits
 from aalconvert.memory import holds_two_values, storage_key
 from aalconvert.nn.approx_common import (
@@ -136,6 +137,33 @@ class PackedSave:
         if self.stride is None:
             return flat.view(self.shape)
         return flat.as_strided(self.shape, self.stride)
+
+
+@dataclass(frozen=True)
+class VersionChecked:
+    """A saved tensor the packer leaves as it is, with its version when saved.
+
+    torch checks a saved tensor's version counter when backward reads it, but
+    not while saved-tensor hooks are set: this check is torch's, done by the
+    packer instead, with torch's message (``saved.saved_tensors_or_raise`` and
+    users' code recognize it). Without it a weight stepped or an activation
+    changed in place between forward and backward would be read with its new
+    values where torch raises.
+    """
+
+    tensor: torch.Tensor
+    version: int
+
+    def unpack(self) -> torch.Tensor:
+        if self.tensor._version != self.version:
+            raise SavedTensorModifiedError(
+                "one of the variables needed for gradient computation has been modified by an inplace "
+                f"operation: [{self.tensor.type()} {list(self.tensor.shape)}] is at version "
+                f"{self.tensor._version}; expected version {self.version} instead (checked by aalconvert's "
+                "saved-tensor hooks, as torch would without them): do not modify it in place between "
+                "forward and backward (clone it first, or step the optimizer after backward)"
+            )
+        return self.tensor
 
 
 @dataclass(frozen=True)
@@ -395,8 +423,10 @@ class SavedTensorPacker:
         """``tensor`` as it is, detached: a saved output handed back with its ``grad_fn`` would
         hold its own node alive (a reference cycle that outlives a forward without backward);
         autograd restores the graph links of what the unpack hook returns."""
-        kept = tensor.detach() if tensor.requires_grad else tensor
-        return kept if state.outer is None else PassedOn(state.outer[0](kept), state.outer[1])
+        kept = tensor.detach() if tensor.requires_grad else tensor  # shares the version counter
+        if state.outer is not None:  # their unpack gives the tensor back; torch checks nothing there either
+            return PassedOn(state.outer[0](kept), state.outer[1])
+        return VersionChecked(kept, kept._version)
 
     @staticmethod
     def _unpack(packed: Any) -> torch.Tensor:

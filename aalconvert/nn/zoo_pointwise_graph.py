@@ -30,6 +30,7 @@ import torch
 from aalconvert.errors import ConversionError
 from aalconvert.memory import storage_key
 from aalconvert.nn.approx_common import functorch_active, needs_graph
+from aalconvert.nn.saved import parameter_versions, raise_if_parameters_changed
 from aalconvert.nn.zoo_pointwise import PointwiseVariant
 
 
@@ -40,6 +41,7 @@ class _Rerun:
         self.module, self.outer = module, outer
         self.packed = x if outer is None else outer[0](x)
         self.storage, self.version, self.requires_grad = storage_key(x.untyped_storage()), x._version, x.requires_grad
+        self.parameter_versions = parameter_versions((module,))
         self.device_type = x.device.type
         self.autocast = (torch.is_autocast_enabled(self.device_type), torch.get_autocast_dtype(self.device_type))
         self.expected: dict[int, tuple] = {}  # position -> (shape, dtype, stride) of the forward's save
@@ -70,6 +72,7 @@ class _Rerun:
         return x
 
     def _run(self) -> dict[int, torch.Tensor]:
+        raise_if_parameters_changed(self.parameter_versions, type(self.module).__name__)
         x = self._input()
         if not (torch.is_grad_enabled() and x.requires_grad):  # create_graph keeps x's own graph
             x = x.detach().requires_grad_(self.requires_grad)
