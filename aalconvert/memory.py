@@ -111,6 +111,13 @@ class SavedByModule:
         return sum(self.bytes_by_module.values())
 
 
+def others_global_hooks(*registries: dict) -> bool:
+    """Whether one of torch's global module-hook ``registries`` holds a hook other than
+    aalconvert's observers (``saved_by_module``'s, marked ``aalconvert_observer``: they return
+    nothing, so a variant that skips a module's call or trusts its output changes no value)."""
+    return any(not getattr(hook, "aalconvert_observer", False) for registry in registries for hook in registry.values())
+
+
 def tensors_in(value: Any) -> Iterator[torch.Tensor]:
     """The tensors in ``value`` (a tensor, or tuples, lists and dicts of them, nested), in order."""
     if isinstance(value, torch.Tensor):

@@ -100,6 +100,18 @@ def is_linear_like(module: nn.Module) -> bool:
     return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
 
 
+_IN_PLACE_DUNDERS = frozenset({
+    "__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__",
+    "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__", "__imatmul__",
+})
+
+
+def writes_in_place(name: str) -> bool:
+    """Whether the torch function or Tensor method named ``name`` writes into its first argument
+    (``mul_``, ``relu_``, ``__iadd__``, ``__setitem__``)."""
+    return (name.endswith("_") and not name.startswith("_")) or name in _IN_PLACE_DUNDERS
+
+
 def is_norm_like(module: nn.Module) -> bool:
     """True for torch norms and for zoo norms: a class named ``...Norm`` with no child modules.
 

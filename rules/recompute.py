@@ -64,7 +64,7 @@ from aalconvert.nn.gated_mlp import RecomputedGatedMLP
 from aalconvert.nn.recompute_attention import RecomputedAttention
 from aalconvert.nn.recompute_mha import RecomputedInputMultiheadAttention
 from aalconvert.nn.zoo_linear import is_transposed_linear
-from aalconvert.trace import is_norm_like
+from aalconvert.trace import is_norm_like, writes_in_place
 from aalconvert.nn.zoo_pointwise import (
     PointwiseVariant,
     bp_keeps_input,
@@ -166,7 +166,7 @@ def _written_in_place_before(value: fx.Node, consumer: fx.Node) -> str | None:
         if user.op not in ("call_method", "call_function") or not user.args or user.args[0] is not value:
             continue
         name = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", "")
-        if not ((name.endswith("_") and not name.startswith("_")) or user.kwargs.get("inplace") is True):
+        if not (writes_in_place(name) or user.kwargs.get("inplace") is True):
             continue
         later = user.next
         while later.op != "root" and later is not consumer:

@@ -18,6 +18,7 @@ from torch.nn.modules import module as torch_module
 from torch.utils.hooks import RemovableHandle
 
 from aalconvert.errors import WiringError
+from aalconvert.memory import others_global_hooks
 
 
 def swap_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
@@ -228,8 +229,7 @@ def _global_forward_hooks() -> bool:
     do (to a chain module, or to a child a chain module runs); only aalconvert's
     observers (marked ``aalconvert_observer``, they return nothing) are trusted.
     """
-    hooks = (*torch_module._global_forward_hooks.values(), *torch_module._global_forward_pre_hooks.values())
-    return any(not getattr(hook, "aalconvert_observer", False) for hook in hooks)
+    return others_global_hooks(torch_module._global_forward_hooks, torch_module._global_forward_pre_hooks)
 
 
 def _hooked_inside(module: nn.Module) -> bool:

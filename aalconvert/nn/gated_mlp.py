@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as torch_module
 
+from aalconvert.memory import others_global_hooks
 from aalconvert.nn.approx import ApproxLinear
 from aalconvert.nn.approx_common import ApproxOptions, compress, functorch_active, make_options, restore
 from aalconvert.nn.function_output import own_output
@@ -93,19 +94,12 @@ def activation_problem(module: nn.Module) -> str | None:
 
 
 def _global_hooks() -> bool:
-    """Whether a global module hook is active other than aalconvert's observers.
-
-    Observers (marked ``aalconvert_observer``: ``aalconvert.memory`` attributing
-    saved tensors to modules) return nothing, so skipping them changes no value.
-    """
-    registries = (
+    """Whether a global module hook of any kind is active other than aalconvert's observers."""
+    return others_global_hooks(
         torch_module._global_forward_hooks,
         torch_module._global_forward_pre_hooks,
         torch_module._global_backward_hooks,
         torch_module._global_backward_pre_hooks,
-    )
-    return any(
-        not getattr(hook, "aalconvert_observer", False) for hooks in registries for hook in hooks.values()
     )
 
 

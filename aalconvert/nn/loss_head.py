@@ -34,6 +34,7 @@ from torch.utils._pytree import tree_map_only
 from aalconvert.nn.approx_common import functorch_active
 from aalconvert.nn.linear_cross_entropy import linear_cross_entropy
 from aalconvert.nn.rebuild import rebuild_as
+from aalconvert.trace import writes_in_place
 
 _METADATA = frozenset({
     "shape", "dtype", "device", "requires_grad", "is_cuda", "ndim", "layout", "is_leaf", "grad_fn",
@@ -45,11 +46,6 @@ _METADATA_METHODS = frozenset({
     torch.Tensor.size, torch.Tensor.dim, torch.Tensor.ndimension, torch.Tensor.numel, torch.Tensor.nelement,
     torch.Tensor.is_floating_point, torch.Tensor.is_complex, torch.Tensor.element_size, torch.Tensor.get_device,
     torch.Tensor.is_contiguous, torch.Tensor.stride, torch.Tensor.__len__,
-})
-
-_IN_PLACE_DUNDERS = frozenset({
-    "__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__",
-    "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__", "__imatmul__",
 })
 
 _SCALE_OPS = {
@@ -152,7 +148,7 @@ class DeferredLogits(torch.Tensor):
             if loss is not None:
                 return loss
         name = getattr(func, "__name__", "")
-        if (name.endswith("_") and not name.startswith("_")) or name in _IN_PLACE_DUNDERS:
+        if writes_in_place(name):
             raise DeferredLogitsError(
                 f"in-place {name} on the deferred logits of a LossHeadLinear: they are computed only "
                 "when used, so an in-place change would be lost; use the out-of-place op, or convert "
