@@ -295,6 +295,7 @@ def held_by_checkpoints(model: nn.Module, forward: Callable[[], Any],
         alive.append(storage)
         return tensor.detach()  # as memory.measure_saved
 
+    pack.aalconvert_observer = True  # unpack is the identity: it takes any number of unpacks
     try:
         with checkpoint_inputs(model, key) as inputs:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):

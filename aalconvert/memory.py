@@ -78,6 +78,7 @@ def measure_saved(
         # keeps the graph's tensors alive after backward frees them, until the garbage collector runs.
         return tensor.detach()
 
+    pack.aalconvert_observer = True  # unpack is the identity: it takes any number of unpacks
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             result.output = forward()
@@ -188,6 +189,7 @@ def saved_by_module(
         nn.modules.module.register_module_forward_pre_hook(enter),
         nn.modules.module.register_module_forward_hook(leave),
     ]
+    pack.aalconvert_observer = True  # unpack is the identity: it takes any number of unpacks
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             forward()

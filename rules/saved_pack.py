@@ -122,9 +122,11 @@ def saved_pack_site(
     if any(isinstance(owner, SavedPackScope) for owner in wiring_of(facts.model)):
         return [], [Skip(rule, "", "an earlier conversion already packs what the model's ops save")]
     if bits is None:
-        covers = f"masks its ops save are kept in 1 bit, exact ({rule} on <root>)"
+        covers = (f"masks its ops save are kept in 1 bit and dropped attention probabilities rebuilt, "
+                  f"exact ({rule} on <root>)")
         reason = ("keeps every mask torch's ops save in the model (dropout, masked_fill, where) in 1 bit: "
-                  "bool masks and 0-or-one-value tensors, exact (saved-tensor hooks)")
+                  "bool masks and 0-or-one-value tensors, and rebuilds in backward a saved product of "
+                  "tensors kept anyway (softmax output times dropout noise), exact (saved-tensor hooks)")
     else:
         covers = f"its ops' saved activations are kept as {bits}-bit copies ({rule} on <root>)"
         reason = (

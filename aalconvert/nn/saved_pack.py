@@ -42,6 +42,11 @@ runs (``keep``), its saves are its own decision and pass through unpacked.
 Without options (the lossless rules) only what one bit holds exactly is packed:
 masks, and float tensors holding 0 and one other value; gradients stay
 bit-identical.
+
+With or without options, a saved product ``a * b`` whose factors are saved
+anyway (attention probabilities after CPU dropout: softmax keeps its output,
+the multiply its noise) is not kept: ``RebuiltProduct`` multiplies the two
+again in backward, to the same bits.
 """
 
 import sys
@@ -155,15 +160,57 @@ class VersionChecked:
     version: int
 
     def unpack(self) -> torch.Tensor:
-        if self.tensor._version != self.version:
-            raise SavedTensorModifiedError(
-                "one of the variables needed for gradient computation has been modified by an inplace "
-                f"operation: [{self.tensor.type()} {list(self.tensor.shape)}] is at version "
-                f"{self.tensor._version}; expected version {self.version} instead (checked by aalconvert's "
-                "saved-tensor hooks, as torch would without them): do not modify it in place between "
-                "forward and backward (clone it first, or step the optimizer after backward)"
-            )
+        _raise_if_modified(self.tensor, self.version, self.tensor.shape)
         return self.tensor
+
+
+def _raise_if_modified(tensor: torch.Tensor, version: int, shape: torch.Size) -> None:
+    """torch's check of a saved tensor's version counter, with torch's message."""
+    if tensor._version != version:
+        raise SavedTensorModifiedError(
+            "one of the variables needed for gradient computation has been modified by an inplace "
+            f"operation: [{tensor.type()} {list(shape)}] is at version "
+            f"{tensor._version}; expected version {version} instead (checked by aalconvert's "
+            "saved-tensor hooks, as torch would without them): do not modify it in place between "
+            "forward and backward (clone it first, or step the optimizer after backward)"
+        )
+
+
+def _version_watch(tensor: torch.Tensor) -> torch.Tensor:
+    """An alias of ``tensor`` with no storage that shares its version counter: it tells whether
+    ``tensor`` was changed in place without keeping its memory alive (a freed tensor may have
+    been changed before it was freed). Emptying the alias counts as a write; the count is set back."""
+    version = tensor._version
+    watch = tensor.detach()
+    with torch.no_grad():
+        watch.set_()
+    torch._C._autograd._unsafe_set_version_counter((watch,), (version,))
+    return watch
+
+
+@dataclass(frozen=True)
+class RebuiltProduct:
+    """A saved ``a * b`` rebuilt in backward from the entries ``a`` and ``b`` were saved as.
+
+    Dropout on the CPU (functional, or inside SDPA's math path) multiplies the
+    attention probabilities by a noise of 0 and ``1 / (1 - p)``; the matmul that
+    reads the product saves it, while softmax saves its output and the multiply
+    saves the noise (1 bit here). Multiplying the two again in backward gives the
+    very bits of the forward (one rounding per element, whatever the order), so
+    the L x L product need not be kept: methods.md section 4, cheap
+    recomputation. The product's version counter is watched for torch's check.
+    """
+
+    factors: tuple[Any, Any]  # the entries of the multiply's two operands, in its order
+    watch: torch.Tensor  # ``_version_watch`` of the product
+    version: int
+    shape: torch.Size
+    stride: tuple[int, ...]
+
+    def unpack(self) -> torch.Tensor:
+        _raise_if_modified(self.watch, self.version, self.shape)
+        first, second = (SavedTensorPacker._unpack(entry) for entry in self.factors)
+        return (first * second).as_strided(self.shape, self.stride)
 
 
 @dataclass(frozen=True)
@@ -292,6 +339,7 @@ class SavedTensorPacker:
     def _forget(state: threading.local, excluded: set, outer: _Hooks | None) -> None:
         """A fresh forward's state: nothing cached or seen yet."""
         state.cache, state.relu_outputs, state.excluded, state.outer = {}, {}, excluded, outer
+        state.saves = {}  # node sequence number -> [(entry, whether it saved its own output)]
 
     def begin(self, keep_as_is: Iterable[torch.Tensor]) -> None:
         """Start packing in this thread; ``keep_as_is`` (Parameters, buffers, inputs) are never packed."""
@@ -342,6 +390,62 @@ class SavedTensorPacker:
         state = self._state()
         if _saved_by_checkpoint(sys._getframe(1)):  # what a block recomputes from stays exact
             return self._passed_on(tensor, state)
+        # torch numbers autograd nodes per thread as it makes them, and a node of its own ops saves
+        # right after it is made (its result after computing it, with no node made in between)
+        saver = torch._C._autograd._get_sequence_nr() - 1
+        entry = self._rebuilt_product(tensor, state)
+        if entry is None:
+            entry = self._entry(tensor, state)
+        own_output = tensor.grad_fn is not None and tensor.grad_fn._sequence_nr() == saver
+        state.saves.setdefault(saver, []).append((entry, own_output))
+        return entry
+
+    def _rebuilt_product(self, tensor: torch.Tensor, state: threading.local) -> RebuiltProduct | None:
+        """A ``RebuiltProduct`` for ``tensor`` when it is (a view of the whole of) ``a * b`` where
+        ``a`` is the saved result of the op that made it and ``b`` what the multiply saved, both
+        saved through this packer in this forward; else None.
+
+        Which node saved what comes from ``state.saves``; a product whose operands were saved
+        under other hooks (a checkpointed block, a variant's own) is left to ``_entry``. Hooks
+        outside the packer must take any number of unpacks of one entry: aalconvert's
+        observers (marked ``aalconvert_observer``) do, a checkpoint's do not.
+        """
+        product = tensor if tensor._base is None else tensor._base
+        node = product.grad_fn
+        if (
+            type(node).__name__ != "MulBackward0"
+            or not product.is_contiguous()
+            or product.numel() != tensor.numel()
+            or tensor.numel() < max(self.min_numel, 1)
+            or (state.outer is not None and not getattr(state.outer[0], "aalconvert_observer", False))
+            or not self._own(tensor)
+            or _cache_key(tensor)[0] != "storage"
+        ):
+            return None
+        operands = [edge for edge, _ in node.next_functions]
+        if len(operands) != 2 or (operands[0] is None) == (operands[1] is None):
+            return None  # one operand needs a gradient, the multiply saved the other
+        maker = operands[0] if operands[0] is not None else operands[1]
+        if not hasattr(type(maker), "_saved_result"):  # not a built-in op that saves its result
+            return None
+        made, multiplier = self._only_save(state, maker, True), self._only_save(state, node, False)
+        if made is None or multiplier is None:
+            return None
+        factors = (made, multiplier) if operands[0] is not None else (multiplier, made)
+        return RebuiltProduct(factors, _version_watch(product), tensor._version, tensor.shape,
+                              tuple(tensor.stride()))
+
+    @staticmethod
+    def _only_save(state: threading.local, node: Any, own_output: bool) -> Any:
+        """The entry of the one tensor ``node`` saved through this packer, when it saved just
+        one and it was (``own_output``) or was not its own output; else None."""
+        saves = state.saves.get(node._sequence_nr(), ())
+        if len(saves) != 1 or saves[0][1] != own_output:
+            return None
+        return saves[0][0]
+
+    def _entry(self, tensor: torch.Tensor, state: threading.local) -> Any:
+        """What ``tensor`` is saved as: itself (version-checked), a 1-bit or k-bit ``PackedSave``."""
         if self.options is None and tensor.requires_grad:  # lossless: activations stay as they are
             return self._passed_on(tensor, state)
         if self._relu_saving_its_output(tensor, state):
