@@ -115,10 +115,17 @@ def two_levels(flat: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], TwoLevels]
     if isinstance(flat, FakeTensor) or flat.is_meta:
         two_valued = holds_two_values(flat)
     else:
-        two_valued = bool(torch.isfinite(value) & (value > 0)) and bool(((flat == 0) | (flat == value)).all())
+        two_valued = bool(torch.isfinite(value) & (value > 0)) and bool(((flat == 0) | (flat == value)).all()) \
+            and not bool(torch.signbit(flat).any())  # a -0.0 would come back as +0.0
     if not two_valued:
         return None
     return (pack_bits(flat), value.clone()), TwoLevels(flat.numel(), flat.dtype)
+
+
+@dataclass(frozen=True)
+class PositiveMask(TwoLevels):
+    """A ReLU's save of its own output kept as ``output > 0``: what its backward reads, not the
+    output's values (nothing else may read it as the output)."""
 
 
 @dataclass(frozen=True)
@@ -174,6 +181,12 @@ def _raise_if_modified(tensor: torch.Tensor, version: int, shape: torch.Size) ->
             "saved-tensor hooks, as torch would without them): do not modify it in place between "
             "forward and backward (clone it first, or step the optimizer after backward)"
         )
+
+
+def _current(entry: Any) -> bool:
+    """Whether a saved entry still holds what was saved: a tensor kept as it is may have been
+    changed in place since (a rebuild from it would then differ from the forward)."""
+    return not isinstance(entry, VersionChecked) or entry.tensor._version == entry.version
 
 
 def _version_watch(tensor: torch.Tensor) -> torch.Tensor:
@@ -339,7 +352,8 @@ class SavedTensorPacker:
     def _forget(state: threading.local, excluded: set, outer: _Hooks | None) -> None:
         """A fresh forward's state: nothing cached or seen yet."""
         state.cache, state.relu_outputs, state.excluded, state.outer = {}, {}, excluded, outer
-        state.saves = {}  # node sequence number -> [(entry, whether it saved its own output)]
+        state.saves = {}  # node sequence number -> [(weak entry, its node's type if its own output)]
+        state.first_node = torch._C._autograd._get_sequence_nr()
 
     def begin(self, keep_as_is: Iterable[torch.Tensor]) -> None:
         """Start packing in this thread; ``keep_as_is`` (Parameters, buffers, inputs) are never packed."""
@@ -390,15 +404,31 @@ class SavedTensorPacker:
         state = self._state()
         if _saved_by_checkpoint(sys._getframe(1)):  # what a block recomputes from stays exact
             return self._passed_on(tensor, state)
-        # torch numbers autograd nodes per thread as it makes them, and a node of its own ops saves
-        # right after it is made (its result after computing it, with no node made in between)
-        saver = torch._C._autograd._get_sequence_nr() - 1
         entry = self._rebuilt_product(tensor, state)
         if entry is None:
             entry = self._entry(tensor, state)
-        own_output = tensor.grad_fn is not None and tensor.grad_fn._sequence_nr() == saver
-        state.saves.setdefault(saver, []).append((entry, own_output))
+        self._note_save(tensor, entry, state)
         return entry
+
+    @staticmethod
+    def _note_save(tensor: torch.Tensor, entry: Any, state: threading.local) -> None:
+        """File ``entry`` under the autograd node saving it, for ``_rebuilt_product``.
+
+        torch numbers autograd nodes per thread as it makes them, and one of its
+        own ops saves right after its node is made (its result after computing it,
+        with no node made in between): the saver is the last node made. Only what
+        can be a factor is filed (an op's own result, a tensor needing no
+        gradient), by weak reference: an entry dies with the graph that saved it.
+        """
+        saver = torch._C._autograd._get_sequence_nr() - 1
+        maker = tensor.grad_fn
+        own_output = maker is not None and maker._sequence_nr() == saver
+        if not (own_output or maker is None) or isinstance(getattr(entry, "layout", None), PositiveMask):
+            return
+        if isinstance(entry, torch.Tensor) or entry is _NOT_TWO_VALUED:
+            return
+        state.saves.setdefault(saver, []).append(
+            (weakref.ref(entry), type(maker).__name__ if own_output else None))
 
     def _rebuilt_product(self, tensor: torch.Tensor, state: threading.local) -> RebuiltProduct | None:
         """A ``RebuiltProduct`` for ``tensor`` when it is (a view of the whole of) ``a * b`` where
@@ -414,6 +444,7 @@ class SavedTensorPacker:
         node = product.grad_fn
         if (
             type(node).__name__ != "MulBackward0"
+            or product._version != 0  # written since the multiply made it (under no_grad)
             or not product.is_contiguous()
             or product.numel() != tensor.numel()
             or tensor.numel() < max(self.min_numel, 1)
@@ -428,21 +459,29 @@ class SavedTensorPacker:
         maker = operands[0] if operands[0] is not None else operands[1]
         if not hasattr(type(maker), "_saved_result"):  # not a built-in op that saves its result
             return None
-        made, multiplier = self._only_save(state, maker, True), self._only_save(state, node, False)
-        if made is None or multiplier is None:
+        made, multiplier = self._only_save(state, maker, own_output=True), self._only_save(state, node)
+        if made is None or multiplier is None or not all(map(_current, (made, multiplier))):
             return None
         factors = (made, multiplier) if operands[0] is not None else (multiplier, made)
         return RebuiltProduct(factors, _version_watch(product), tensor._version, tensor.shape,
                               tuple(tensor.stride()))
 
     @staticmethod
-    def _only_save(state: threading.local, node: Any, own_output: bool) -> Any:
-        """The entry of the one tensor ``node`` saved through this packer, when it saved just
-        one and it was (``own_output``) or was not its own output; else None."""
-        saves = state.saves.get(node._sequence_nr(), ())
-        if len(saves) != 1 or saves[0][1] != own_output:
+    def _only_save(state: threading.local, node: Any, own_output: bool = False) -> Any:
+        """The entry of the one tensor ``node`` saved through this packer in this forward, when it
+        saved just one and it was (``own_output``) or was not its own output; else None.
+
+        Numbers are per thread: a node made in another thread (a tensor handed over mid-forward)
+        may carry the number of one of this forward's; its type must match too, and its number
+        fall in this forward's range."""
+        number = node._sequence_nr()
+        saves = state.saves.get(number, ())
+        if number < state.first_node or len(saves) != 1:
             return None
-        return saves[0][0]
+        entry, maker = saves[0][0](), saves[0][1]
+        if maker != (type(node).__name__ if own_output else None):
+            return None
+        return entry
 
     def _entry(self, tensor: torch.Tensor, state: threading.local) -> Any:
         """What ``tensor`` is saved as: itself (version-checked), a 1-bit or k-bit ``PackedSave``."""
@@ -484,7 +523,7 @@ class SavedTensorPacker:
     def _relu_mask(self, tensor: torch.Tensor, state: threading.local) -> PackedSave:
         """``tensor > 0`` in 1 bit, decoded as 0 and 1 (all a ReLU's backward reads)."""
         flat, stride = _memory_order(tensor.detach())
-        return self._handed_out((pack_bits(flat), flat.new_ones(())), TwoLevels(flat.numel(), flat.dtype),
+        return self._handed_out((pack_bits(flat), flat.new_ones(())), PositiveMask(flat.numel(), flat.dtype),
                                 tensor, stride, state)
 
     def _packed(self, tensor: torch.Tensor, state: threading.local) -> Any:
