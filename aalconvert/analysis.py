@@ -53,7 +53,9 @@ class ResidualBlock:
     (the activation or norm applied to the sum alone, else the sum). ``input_producer``
     is "relu", "norm", "add", "input" (a region input) or the op / module class name;
     ``consumers`` are the weighted modules reading ``s`` directly inside the block;
-    ``branch_weighted`` every weighted module of ``f`` in graph order.
+    ``branch_weighted`` every weighted module of ``f`` in graph order, and
+    ``branch_calls`` the nodes that call them (a module called again elsewhere,
+    as a shared layer is, has further nodes).
     """
 
     region: str
@@ -64,6 +66,7 @@ class ResidualBlock:
     input_producer_module: str | None
     consumers: tuple[str, ...]
     branch_weighted: tuple[str, ...]
+    branch_calls: frozenset[fx.Node]
     shortcut: str
     prenorm: bool
 
@@ -366,12 +369,13 @@ def _block(region: Region, order: _Order, add: fx.Node, block_input: fx.Node, br
         if user in inside and _is_weighted_module(region, user)
     )
     branch_weighted = tuple(name for node in in_order if node in branch for name in _weighted_names(region, node))
+    branch_calls = frozenset(node for node in in_order if node in branch and _weighted_names(region, node))
     prenorm = any(user in branch and _is_norm(region, user) for user in block_input.users)
     producer, producer_module = _producer(region, block_input)
     return ResidualBlock(
         region=region.name, input=block_input, add=add, output=_handed_on(region, add, prenorm),
         input_producer=producer, input_producer_module=producer_module, consumers=consumers,
-        branch_weighted=branch_weighted, shortcut=shortcut, prenorm=prenorm,
+        branch_weighted=branch_weighted, branch_calls=branch_calls, shortcut=shortcut, prenorm=prenorm,
     )
 
 

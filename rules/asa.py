@@ -124,6 +124,20 @@ def _start_keeps_input_for_recompute(facts: ModelFacts, start: str) -> bool:
     return isinstance(module, PointwiseVariant) or pointwise_problem(module) is None
 
 
+def _calls_problem(facts: ModelFacts, name: str) -> str | None:
+    """Why ASA cannot take every call of ``name``, or None. A layer called more than once (ALBERT's
+    shared layer, a weight-tied block) takes ASA when each call is in a residual branch: each
+    call keeps the sign of its own input, and the weight gradient sums the calls' as BP's does."""
+    calls = facts.call_nodes.get(name, ())
+    if not calls:
+        return "not called in the traced forward; ASA needs a traced call"
+    outside = [node for node in calls if not any(node in block.branch_calls for block in facts.blocks)]
+    if len(calls) > 1 and outside:
+        return (f"called {len(calls)} times, {len(outside)} of them outside a residual branch; ASA takes a "
+                "layer whose every call is in one")
+    return None
+
+
 class ASARule(Rule):
     name = "asa"
     description = "ASA: linear layers in residual branches keep a 1-bit sign of their input"
@@ -173,8 +187,9 @@ class ASARule(Rule):
                         f"this layer's weight in {routed}'s own forward is routed to it"),
                         payload={"variant": self._variant(facts, name), ROUTED_BY: routed}))
                     continue
-                if facts.call_count(name) != 1:
-                    skips.append(Skip(self.name, name, f"called {facts.call_count(name)} times; ASA needs one call"))
+                problem = _calls_problem(facts, name)
+                if problem is not None:
+                    skips.append(Skip(self.name, name, problem))
                     continue
                 variant = self._variant(facts, name)
                 relu = _feeding_relu(facts, name)

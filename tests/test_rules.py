@@ -183,6 +183,50 @@ def test_asa_query_key_value_share_one_packed_mask_counted_once():
     assert own_bytes - shared_bytes == 2 * attentions * seen[names[0]].untyped_storage().nbytes()
 
 
+class SharedLayerEncoder(nn.Module):
+    """ALBERT's encoder: one post-norm layer whose Parameters every step reuses (``repeats`` calls);
+    with ``outside``, the MLP's first layer is called once more outside any residual branch."""
+
+    def __init__(self, dim: int = 16, repeats: int = 2, outside: bool = False):
+        super().__init__()
+        self.repeats, self.outside = repeats, outside
+        self.up, self.down = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        for _ in range(self.repeats):
+            x = self.norm(x + self.down(torch.tanh(self.up(x))))
+        return self.up(x) if self.outside else x
+
+
+def test_asa_takes_a_shared_layer_whose_every_call_is_in_a_residual_branch_summing_the_calls_formula():
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 16)
+    model = aalconvert.convert(SharedLayerEncoder(), "asa", example_inputs=(x,))
+    up = model.up
+    assert isinstance(up, ASALinear) and isinstance(model.down, ASALinear)
+    inputs, grads = [], []
+
+    def record(module, args, output):
+        inputs.append(args[0].detach())
+        output.register_hook(grads.append)
+
+    up.register_forward_hook(record)
+    model(x).square().sum().backward()
+    assert len(inputs) == len(grads) == 2
+    grads.reverse()  # backward reaches the calls last to first
+    signs = [torch.where(a > 0, 1.0, -1.0) for a in inputs]  # methods.md: x <= 0 maps to -1
+    expected = sum(g.reshape(-1, g.shape[-1]).T @ s.reshape(-1, s.shape[-1]) for g, s in zip(grads, signs))
+    torch.testing.assert_close(up.weight.grad, up.lr_expansion * up.eps * expected)
+
+
+def test_asa_leaves_a_shared_layer_called_outside_a_residual_branch_and_says_why():
+    plan, _ = plan_conversion(SharedLayerEncoder(outside=True), "asa", example_inputs=(torch.randn(4, 8, 16),))
+    assert "up" not in plan.sites and "down" in plan.sites
+    assert any(skip.module_name == "up" and "called 3 times, 1 of them outside a residual branch" in skip.reason
+               for skip in plan.skips)
+
+
 def test_threads_sharing_an_asa_model_get_their_own_shared_sign_packs():
     # The pack shared by query/key/value is cached per thread: a cache shared across threads
     # could hand one thread's sign mask to another's layers.
