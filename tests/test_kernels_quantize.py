@@ -580,3 +580,14 @@ def test_dispatch_modes_and_functorch_still_see_the_custom_ops():
     batched = torch.func.vmap(lambda row: dequantize(quantize(row, 4, group_size=64)))(x.view(3, 100))
     assert batched.shape == (3, 100)
     assert torch.equal(dequantize(plain), dequantize(quantize(x, 4, group_size=64, backend="reference")))
+
+
+@pytest.mark.parametrize("start, end", [(0, 1), (0, 4099), (12345, 70000), (2**32 - 3000, 2**32),
+                                        (2**32 - 5, 2**32 + 5)])
+def test_cpu_stochastic_noise_is_the_reference_hash_of_each_index(start, end):
+    from aalconvert.kernels.quantize import seed_keys, uniform_from_index
+    from aalconvert.kernels.quantize_cpu import _uniform
+
+    for seed in (0, 2**62 + 12345):
+        expected = uniform_from_index(torch.arange(start, end, dtype=torch.int64), *seed_keys(seed))
+        assert torch.equal(_uniform(start, end, seed), expected)
