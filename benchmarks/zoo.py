@@ -603,6 +603,23 @@ def _cell(record: dict, rules: str) -> str:
     return f"{row['ratio']:.3f}{marks}"
 
 
+# The transformer models issue 11's `auto` median is taken over: families by source (the Hugging
+# Face ones are every architecture but the convolutional two).
+TRANSFORMER_FAMILIES = {
+    "torchvision": {"vision_transformer", "swin_transformer", "maxvit"},
+    "timm": {"vision_transformer", "deit", "cait", "swin_transformer", "levit", "pit", "xcit", "efficientformer",
+             "tiny_vit", "mobilevit"},
+}
+CONVOLUTIONAL_HF = {"convnext", "resnet"}
+
+
+def is_transformer(record: dict) -> bool:
+    """Whether a zoo record is one of the transformer models (``TRANSFORMER_FAMILIES``)."""
+    if record["source"] == "hf":
+        return record["family"] not in CONVOLUTIONAL_HF
+    return record["family"] in TRANSFORMER_FAMILIES.get(record["source"], set())
+
+
 def family_table(result: dict) -> list[str]:
     """Per source/family: models, then the median ratio per rule set (failures counted beside)."""
     rule_sets, groups = result["rule_sets"], {}
@@ -621,7 +638,10 @@ def family_table(result: dict) -> list[str]:
     sources = {}
     for rec in result["records"]:
         sources.setdefault(rec["source"], []).append(rec)
-    for source, records in [*sorted(sources.items()), ("all", result["records"])]:
+    transformers = [rec for rec in result["records"] if is_transformer(rec)]
+    for source, records in [*sorted(sources.items()), ("transformers", transformers), ("all", result["records"])]:
+        if not records:
+            continue
         medians = summary({"records": records, "rule_sets": rule_sets})["medians"]
         lines.append(f"| **{source} (median)** | {len(records)} | "
                      + " | ".join(f"**{medians[r]:.3f}**" if medians[r] is not None else "-" for r in rule_sets)
@@ -822,6 +842,11 @@ def main(argv: list[str] | None = None) -> dict:
     result["seconds"] += time.perf_counter() - start
     found = summary(result)
     print("medians, converted / BP:", {k: round(v, 3) if v is not None else None for k, v in found["medians"].items()})
+    transformers = [rec for rec in result["records"] if is_transformer(rec)]
+    if transformers:
+        medians = summary({"records": transformers, "rule_sets": result["rule_sets"]})["medians"]
+        print(f"medians over the {len(transformers)} transformer models:",
+              {k: round(v, 3) if v is not None else None for k, v in medians.items()})
     for key in ("failures", "above_bp", "gradient_mismatches", "forward_mismatches", "non_finite_gradients", "skipped"):
         print(f"{key}: {len(found[key])}")
         for item in found[key]:

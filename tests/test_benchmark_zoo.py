@@ -164,3 +164,16 @@ def test_a_failure_at_the_memory_size_and_a_step_above_bp_are_named(zoo_script):
     assert found["medians"] == {"exact": 0.9}  # the failed row is left out
     assert found["failures"] == ["hf/a [exact]: at the memory size: RuntimeError: out of memory"]
     assert found["above_bp"] == ["hf/b [exact]: 1.0100 at the step size"]
+
+
+def test_the_family_table_gives_the_transformer_median_over_the_transformer_families(zoo_script):
+    def record(source, family, ratio):
+        return {"model": f"{source}/{family}", "source": source, "family": family, "status": "ok",
+                "rows": [{"rules": "auto", "status": "ok", "ratio": ratio, "gradient_promised": False,
+                          "forward_promised": False, "grads_finite": True}]}
+
+    records = [record("torchvision", "vision_transformer", 0.6), record("timm", "deit", 0.7),
+               record("hf", "bert", 0.4), record("hf", "resnet", 0.1), record("torchvision", "resnet", 0.2)]
+    assert [zoo_script.is_transformer(r) for r in records] == [True, True, True, False, False]
+    table = zoo_script.family_table({"records": records, "rule_sets": ["auto"]})
+    assert "| **transformers (median)** | 3 | **0.600** |" in table
