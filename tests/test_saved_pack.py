@@ -795,3 +795,23 @@ def test_what_the_packer_files_for_rebuilds_does_not_hold_dropped_activations_al
     converted = aalconvert.convert(Dropping(), "exact", example_inputs=(x,))
     converted(x).backward()
     assert converted.alive == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("make", DROPOUT_ATTENTIONS, ids=["functional", "sdpa"])
+def test_rebuilt_probabilities_are_bit_identical_in_other_dtypes_and_odd_shapes(make, dtype):
+    torch.manual_seed(0)
+    model = make(dim=48, heads=3).to(dtype)
+    x = torch.randn(3, 37, 48, dtype=dtype)  # 3 x 3 x 37 x 37 probabilities: above min_numel, odd sizes
+    converted = aalconvert.convert(copy.deepcopy(model), "exact", example_inputs=(x,))
+    torch.manual_seed(5)
+    bp_bytes = kept(model, x)
+    torch.manual_seed(5)
+    probabilities = 3 * 3 * 37 * 37
+    # SDPA's math path computes bf16 attention in fp32; the noise goes to 1 bit, the product is not kept
+    size = 4 if make is SDPADropoutAttention and dtype == torch.bfloat16 else x.element_size()
+    assert bp_bytes - kept(converted, x) >= 2 * probabilities * size - probabilities // 8 - 16
+    torch.manual_seed(5)
+    expected = grads(model, x)
+    torch.manual_seed(5)
+    assert all(torch.equal(a, b) for a, b in zip(grads(converted, x), expected))
