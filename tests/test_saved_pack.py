@@ -582,15 +582,9 @@ def test_a_saved_tensor_changed_in_place_before_backward_raises_as_torch_does(ch
             loss.backward()
 
 
-class SDPADropoutAttention(nn.Module):
+class SDPADropoutAttention(FunctionalDropoutAttention):
     """Hugging Face BERT's sdpa attention: F.scaled_dot_product_attention with dropout_p (on the CPU,
     torch's math path: softmax, a 0-or-1/(1-p) noise times the probabilities, then matmul)."""
-
-    def __init__(self, dim: int = 64, heads: int = 4):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
         b, n, d = x.shape
