@@ -279,13 +279,18 @@ def dequantize_groups_impl(
     return dequantize_reference(codes, mins, scales, shape, dtype, bits, group_size, companding)
 
 
+# mix32's rounds (xor with the value shifted right, then multiply mod 2**32) and its last xor-shift;
+# the Triton kernel spells the same constants out (``triton_quantize._mix32``).
+MIX32_ROUNDS = ((16, 0x7FEB352D), (15, 0x846CA68B))
+MIX32_LAST_SHIFT = 16
+
+
 def mix32(h: torch.Tensor | int) -> torch.Tensor | int:
     """A 32-bit integer finalizer (xor-shift-multiply), on int64 values kept below 2**32."""
-    h = h ^ (h >> 16)
-    h = (h * 0x7FEB352D) & _MASK32
-    h = h ^ (h >> 15)
-    h = (h * 0x846CA68B) & _MASK32
-    return h ^ (h >> 16)
+    for shift, multiplier in MIX32_ROUNDS:
+        h = h ^ (h >> shift)
+        h = (h * multiplier) & _MASK32
+    return h ^ (h >> MIX32_LAST_SHIFT)
 
 
 def seed_keys(seed: int) -> tuple[int, int]:

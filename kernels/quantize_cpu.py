@@ -27,6 +27,8 @@ import numpy as np
 import torch
 
 from aalconvert.kernels.quantize import (
+    MIX32_LAST_SHIFT,
+    MIX32_ROUNDS,
     decoded_min_and_step,
     dequantize_reference,
     group_pairs,
@@ -108,11 +110,11 @@ def _uniform(start: int, end: int, seed: int) -> torch.Tensor:
 
 def _mix32_in_place(h: np.ndarray, shifted: np.ndarray) -> None:
     """``quantize.mix32`` on uint32 ``h``, in place (``shifted``: a buffer of its size)."""
-    for shift, multiplier in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+    for shift, multiplier in MIX32_ROUNDS:
         np.right_shift(h, shift, out=shifted)
         h ^= shifted
         h *= np.uint32(multiplier)
-    np.right_shift(h, 16, out=shifted)
+    np.right_shift(h, MIX32_LAST_SHIFT, out=shifted)
     h ^= shifted
 
 
