@@ -170,9 +170,15 @@ class VersionChecked:
         _raise_if_modified(self.tensor, self.version, self.tensor.shape)
         return self.tensor
 
+    @property
+    def current(self) -> bool:
+        """Whether the tensor is unchanged since it was saved."""
+        return self.tensor._version == self.version
+
 
 def _raise_if_modified(tensor: torch.Tensor, version: int, shape: torch.Size) -> None:
-    """torch's check of a saved tensor's version counter, with torch's message."""
+    """torch's check of a saved tensor's version counter, with torch's message (``shape``: the
+    saved tensor's, which a storage-free version watch does not have)."""
     if tensor._version != version:
         raise SavedTensorModifiedError(
             "one of the variables needed for gradient computation has been modified by an inplace "
@@ -186,7 +192,7 @@ def _raise_if_modified(tensor: torch.Tensor, version: int, shape: torch.Size) ->
 def _current(entry: Any) -> bool:
     """Whether a saved entry still holds what was saved: a tensor kept as it is may have been
     changed in place since (a rebuild from it would then differ from the forward)."""
-    return not isinstance(entry, VersionChecked) or entry.tensor._version == entry.version
+    return not isinstance(entry, VersionChecked) or entry.current
 
 
 def _version_watch(tensor: torch.Tensor) -> torch.Tensor:
@@ -222,7 +228,7 @@ class RebuiltProduct:
 
     def unpack(self) -> torch.Tensor:
         _raise_if_modified(self.watch, self.version, self.shape)
-        first, second = (SavedTensorPacker._unpack(entry) for entry in self.factors)
+        first, second = (entry.unpack() for entry in self.factors)
         return (first * second).as_strided(self.shape, self.stride)
 
 
@@ -425,8 +431,6 @@ class SavedTensorPacker:
         own_output = maker is not None and maker._sequence_nr() == saver
         if not (own_output or maker is None) or isinstance(getattr(entry, "layout", None), PositiveMask):
             return
-        if isinstance(entry, torch.Tensor) or entry is _NOT_TWO_VALUED:
-            return
         state.saves.setdefault(saver, []).append(
             (weakref.ref(entry), type(maker).__name__ if own_output else None))
 
@@ -573,7 +577,7 @@ class SavedTensorPacker:
 
     @staticmethod
     def _unpack(packed: Any) -> torch.Tensor:
-        return packed if isinstance(packed, torch.Tensor) else packed.unpack()
+        return packed.unpack()  # every entry (VersionChecked, PassedOn, PackedSave, RebuiltProduct)
 
     def __getstate__(self) -> dict:
         return {"options": self.options}
