@@ -620,6 +620,15 @@ def is_transformer(record: dict) -> bool:
     return record["family"] in TRANSFORMER_FAMILIES.get(record["source"], set())
 
 
+def transformer_records(result: dict) -> list[dict]:
+    """The records of ``result`` that are transformer models."""
+    return [rec for rec in result["records"] if is_transformer(rec)]
+
+
+def _rounded(medians: dict) -> dict:
+    return {k: round(v, 3) if v is not None else None for k, v in medians.items()}
+
+
 def family_table(result: dict) -> list[str]:
     """Per source/family: models, then the median ratio per rule set (failures counted beside)."""
     rule_sets, groups = result["rule_sets"], {}
@@ -638,8 +647,8 @@ def family_table(result: dict) -> list[str]:
     sources = {}
     for rec in result["records"]:
         sources.setdefault(rec["source"], []).append(rec)
-    transformers = [rec for rec in result["records"] if is_transformer(rec)]
-    for source, records in [*sorted(sources.items()), ("transformers", transformers), ("all", result["records"])]:
+    pooled = [*sorted(sources.items()), ("transformers", transformer_records(result)), ("all", result["records"])]
+    for source, records in pooled:
         if not records:
             continue
         medians = summary({"records": records, "rule_sets": rule_sets})["medians"]
@@ -841,12 +850,11 @@ def main(argv: list[str] | None = None) -> dict:
             args.json.write_text(json.dumps(result, indent=1))
     result["seconds"] += time.perf_counter() - start
     found = summary(result)
-    print("medians, converted / BP:", {k: round(v, 3) if v is not None else None for k, v in found["medians"].items()})
-    transformers = [rec for rec in result["records"] if is_transformer(rec)]
+    print("medians, converted / BP:", _rounded(found["medians"]))
+    transformers = transformer_records(result)
     if transformers:
         medians = summary({"records": transformers, "rule_sets": result["rule_sets"]})["medians"]
-        print(f"medians over the {len(transformers)} transformer models:",
-              {k: round(v, 3) if v is not None else None for k, v in medians.items()})
+        print(f"medians over the {len(transformers)} transformer models:", _rounded(medians))
     for key in ("failures", "above_bp", "gradient_mismatches", "forward_mismatches", "non_finite_gradients", "skipped"):
         print(f"{key}: {len(found[key])}")
         for item in found[key]:
