@@ -44,7 +44,8 @@ def _bits_of(x: torch.Tensor) -> torch.Tensor:
 def _pack_reference(x: torch.Tensor) -> torch.Tensor:
     bits = _bits_of(x).reshape(-1)
     pad = (-bits.numel()) % 8
-    if pad or bits.storage_offset() % 8:  # whole, 8-byte aligned int64 words
+    # whole, 8-byte aligned int64 words on a stride-1 buffer (reshape leaves an empty view's stride)
+    if pad or bits.storage_offset() % 8 or bits.stride(0) != 1:
         bits = torch.cat([bits, bits.new_zeros(pad)])
     words = bits.view(torch.uint8).view(torch.int64)
     return ((words * _GATHER) >> 56).to(torch.uint8)
