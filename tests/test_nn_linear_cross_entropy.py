@@ -398,6 +398,12 @@ def test_property_matches_torch_for_any_shape(tokens, hidden_size, vocab, chunk_
                    softcap=softcap, chunk_size=chunk_size)
 
 
+def test_a_one_word_vocabulary_with_label_smoothing_sums_to_torchs_exact_zero():
+    # found by the property test above: combined in logits, 0.95 t + 0.05 t - t rounded away from 0
+    hidden, weight, bias, labels = make_inputs((4, 4, 5), 1, 1, seed=4)
+    assert_matches(hidden, weight, bias, labels, reduction="sum", label_smoothing=0.05)
+
+
 # ------------------------------------------------------------------ torch.compile and DDP
 
 

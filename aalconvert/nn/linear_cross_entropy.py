@@ -173,13 +173,15 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 logits = _chunk_logits(hidden[start:end].to(compute_dtype), weight_c, bias_c, float_dtype,
                                        softcap)
                 target = logits.gather(1, safe_labels[start:end, None]).squeeze(1)
-                loss = -(1.0 - label_smoothing) * target
-                if label_smoothing:
-                    loss = loss - label_smoothing * logits.sum(dim=-1) / vocab
+                mean_logit = logits.sum(dim=-1) / vocab if label_smoothing else None
                 # torch.logsumexp's own steps, in place over the logits: one chunk buffer, not two.
                 chunk_max = logits.amax(dim=-1)
                 chunk_lse = logits.sub_(chunk_max[:, None]).exp_().sum(dim=-1).log_().add_(chunk_max)
-                loss = loss + chunk_lse
+                # As torch does, in log-probabilities (lse - logit), so that what cancels there does
+                # exactly: a one-word vocabulary's loss is 0, not a rounding of 0.95 t + 0.05 t - t.
+                loss = (1.0 - label_smoothing) * (chunk_lse - target)
+                if label_smoothing:
+                    loss = loss + label_smoothing * (chunk_lse - mean_logit)
                 lse[start:end] = chunk_lse
                 losses[start:end] = loss
                 del logits
