@@ -26,6 +26,7 @@ import math
 import numpy as np
 import torch
 
+from aalconvert.kernels import cpu_native
 from aalconvert.kernels.quantize import (
     MIX32_LAST_SHIFT,
     MIX32_ROUNDS,
@@ -51,10 +52,11 @@ def quantize_cpu(
     """(codes, mins, scales) of CPU tensor ``x``, byte for byte ``quantize_reference``'s."""
     if x.numel() == 0:
         return quantize_reference(x, bits, group_size, stochastic, scale_dtype, seed, companding)
-    flat = x.reshape(-1).to(torch.float32)
+    flat = x.reshape(-1).to(torch.float32).contiguous()
     owned = flat.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+    native = cpu_native.library() is not None
     if companding == "sqrt":
-        flat, owned = _compand(flat), True
+        flat, owned = cpu_native.compand(flat) if native else _compand(flat), True
     numel = flat.numel()
     levels = 2**bits - 1
     rows = _group_rows(flat, group_size)
@@ -64,6 +66,13 @@ def quantize_cpu(
     mins, scales, min_value, scale_value, usable = group_pairs(low, high, finite, levels, scale_dtype)
 
     codes = torch.empty(math.ceil(numel * bits / 8), dtype=torch.uint8)
+    if native:
+        lift = usable & (min_value == 0) & (not stochastic)
+        flags = usable.to(torch.uint8) | (lift.to(torch.uint8) << 1)
+        noise = _uniform(0, numel, seed) if stochastic else None
+        cpu_native.encode_groups(flat, group_size, bits, min_value.contiguous(), scale_value.contiguous(),
+                                 flags, noise, codes)
+        return codes, mins, scales
     start_group = start = 0
     for row in rows:
         end_group = start_group + row.shape[0]
@@ -165,8 +174,12 @@ def dequantize_cpu(
     numel = math.prod(shape)
     if numel == 0:
         return dequantize_reference(codes, mins, scales, shape, dtype, bits, group_size, companding)
-    values = unpack_codes(codes, bits)[:numel].to(torch.float32)
     min_value, scale_value = decoded_min_and_step(mins, scales)
+    if cpu_native.library() is not None:
+        values = cpu_native.decode_groups(codes.contiguous(), numel, group_size, bits, min_value.contiguous(),
+                                          scale_value.contiguous(), companding == "sqrt")
+        return values.to(dtype).reshape(shape)
+    values = unpack_codes(codes, bits)[:numel].to(torch.float32)
     start_group = 0
     for row in _group_rows(values, group_size):
         end_group = start_group + row.shape[0]

@@ -6,6 +6,8 @@ tensor runs the CPU path (``aalconvert.kernels.quantize_cpu``).
 """
 
 import math
+import os
+from unittest import mock
 
 import numpy as np
 
@@ -15,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from aalconvert.kernels import QuantizedTensor, dequantize, quantize, quantized_nbytes
+from aalconvert.kernels import QuantizedTensor, cpu_native, dequantize, quantize, quantized_nbytes
 from aalconvert.kernels.quantize import compand, decoded_min_and_step
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -181,12 +183,17 @@ def test_triton_matches_reference_bytes_property(
 
 
 def assert_cpu_path_agrees(x: torch.Tensor, **options) -> None:
-    """The CPU path (``auto`` on CPU) gives the reference's bytes and decoding, input untouched."""
+    """The CPU path (``auto`` on CPU), with its compiled passes and with its torch ops alone, gives the
+    reference's bytes and decoding, input untouched."""
     before = x.clone()
-    fast, reference = quantize(x, **options), quantize(x, backend="reference", **options)
-    for name, a, b in zip(("codes", "mins", "scales"), fast.tensors(), reference.tensors()):
-        assert same_bytes(a, b), f"{name} differ for {tuple(x.shape)} {x.dtype} {options}"
-    assert same_values_nan_equal(dequantize(reference), dequantize(reference, backend="reference"))
+    reference = quantize(x, backend="reference", **options)
+    decoded = dequantize(reference, backend="reference")
+    for kernels in ("native", "torch"):
+        with mock.patch.dict(os.environ, {cpu_native.ENVIRONMENT_VARIABLE: kernels}):
+            fast = quantize(x, **options)
+            for name, a, b in zip(("codes", "mins", "scales"), fast.tensors(), reference.tensors()):
+                assert same_bytes(a, b), f"{kernels}: {name} differ for {tuple(x.shape)} {x.dtype} {options}"
+            assert same_values_nan_equal(dequantize(reference), decoded), f"{kernels}: decoding differs"
     assert same_bytes(x, before)
 
 
