@@ -47,6 +47,8 @@ _SIGNATURES = {
     "compand": [_P, _P, _I64],
     "encode_groups": [_P, _I64, _I64, _I32, _P, _P, _P, _P, _P, _I64, _I64],
     "decode_groups": [_P, _I64, _I64, _I32, _P, _P, _I32, _P, _I64, _I64],
+    "group_pairs": [_P, _P, _I64, _I32, _I32, _I32, _P, _P, _P, _P, _P],
+    "decode_pairs": [_P, _P, _I64, _I32, _P, _P],
 }
 
 
@@ -106,6 +108,29 @@ def compand(flat: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(flat)
     library().compand(flat.data_ptr(), out.data_ptr(), flat.numel())
     return out
+
+
+def group_pairs(low: torch.Tensor, high: torch.Tensor, levels: int, scale_dtype: torch.dtype, lift: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``quantize.group_pairs`` of contiguous fp32 ``low`` and ``high``: (mins, scales) as stored, the fp32
+    (min, step) encoding uses, and ``encode_groups``' flags (the lift where ``lift``, i.e. nearest rounding)."""
+    groups = low.numel()
+    mins, steps = (torch.empty(groups, dtype=torch.int16) for _ in range(2))
+    min_values, step_values = torch.empty(groups), torch.empty(groups)
+    flags = torch.empty(groups, dtype=torch.uint8)
+    library().group_pairs(low.data_ptr(), high.data_ptr(), groups, levels, int(scale_dtype == torch.bfloat16),
+                          int(lift), mins.data_ptr(), steps.data_ptr(), min_values.data_ptr(), step_values.data_ptr(),
+                          flags.data_ptr())
+    return mins.view(scale_dtype), steps.view(scale_dtype), min_values, step_values, flags
+
+
+def decode_pairs(mins: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize.decoded_min_and_step`` of contiguous stored pairs: the fp32 (min, step) per group."""
+    groups = mins.numel()
+    min_values, step_values = torch.empty(groups), torch.empty(groups)
+    library().decode_pairs(mins.data_ptr(), scales.data_ptr(), groups, int(scales.dtype == torch.bfloat16),
+                           min_values.data_ptr(), step_values.data_ptr())
+    return min_values, step_values
 
 
 def encode_groups(flat: torch.Tensor, group_size: int, bits: int, lows: torch.Tensor, steps: torch.Tensor,

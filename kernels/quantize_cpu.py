@@ -62,17 +62,15 @@ def quantize_cpu(
     rows = _group_rows(flat, group_size)
     low = torch.cat([row.amin(dim=1) for row in rows])
     high = torch.cat([row.amax(dim=1) for row in rows])
-    finite = low.isfinite() & high.isfinite()
-    mins, scales, min_value, scale_value, usable = group_pairs(low, high, finite, levels, scale_dtype)
-
     codes = torch.empty(math.ceil(numel * bits / 8), dtype=torch.uint8)
     if native:
-        lift = usable & (min_value == 0) & (not stochastic)
-        flags = usable.to(torch.uint8) | (lift.to(torch.uint8) << 1)
+        mins, scales, min_value, scale_value, flags = cpu_native.group_pairs(
+            low, high, levels, scale_dtype, lift=not stochastic)
         noise = _uniform(0, numel, seed) if stochastic else None
-        cpu_native.encode_groups(flat, group_size, bits, min_value.contiguous(), scale_value.contiguous(),
-                                 flags, noise, codes)
+        cpu_native.encode_groups(flat, group_size, bits, min_value, scale_value, flags, noise, codes)
         return codes, mins, scales
+    finite = low.isfinite() & high.isfinite()
+    mins, scales, min_value, scale_value, usable = group_pairs(low, high, finite, levels, scale_dtype)
     start_group = start = 0
     for row in rows:
         end_group = start_group + row.shape[0]
@@ -174,11 +172,12 @@ def dequantize_cpu(
     numel = math.prod(shape)
     if numel == 0:
         return dequantize_reference(codes, mins, scales, shape, dtype, bits, group_size, companding)
-    min_value, scale_value = decoded_min_and_step(mins, scales)
     if cpu_native.library() is not None:
-        values = cpu_native.decode_groups(codes.contiguous(), numel, group_size, bits, min_value.contiguous(),
-                                          scale_value.contiguous(), companding == "sqrt")
+        min_value, scale_value = cpu_native.decode_pairs(mins.contiguous(), scales.contiguous())
+        values = cpu_native.decode_groups(codes.contiguous(), numel, group_size, bits, min_value, scale_value,
+                                          companding == "sqrt")
         return values.to(dtype).reshape(shape)
+    min_value, scale_value = decoded_min_and_step(mins, scales)
     values = unpack_codes(codes, bits)[:numel].to(torch.float32)
     start_group = 0
     for row in _group_rows(values, group_size):
