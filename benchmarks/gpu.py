@@ -703,8 +703,9 @@ def render_readme_section(result_file: Path | None) -> str:
              "kernel for sm_80 and sm_90 (`tests/test_kernels_compile.py`). If the Triton path fails "
              "on a machine (Triton missing, a compile error), the error names the kernel; "
              "`AALCONVERT_KERNELS=reference` runs the torch reference everywhere instead (the same "
-             "bytes, slower). On CPU tensors the package runs its CPU path (`kernels/quantize_cpu.py`, "
-             "numpy's `packbits`); the same variable sends those calls to the reference too.", ""]
+             "bytes, slower). On CPU tensors the package runs its CPU path (`kernels/quantize_cpu.py` with "
+             "C passes compiled at first use, `kernels/cpu_native.py`; numpy's `packbits`); the same variable "
+             "sends those calls to the reference too.", ""]
     if result_file is None:
         lines += ["No GPU result yet: no `benchmarks/results/gpu_*.json` exists, so none of the GPU "
                   "figures above (speed vs torch, measured peaks, largest batch) has been measured.", ""]
