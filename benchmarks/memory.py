@@ -34,8 +34,10 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # cpu_malloc
 
 import aalconvert  # noqa: E402
+from cpu_malloc import malloc_for_timing  # noqa: E402
 from aalconvert.bisection import first_true  # noqa: E402
 from aalconvert.errors import ConversionError  # noqa: E402
 from aalconvert.memory import measure_saved  # noqa: E402
@@ -204,6 +206,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cap-gib", type=float, help="CUDA only: also find the largest batch under this cap")
     parser.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (default 1)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="CPU: leave glibc's malloc as it is (default: keep freed memory, benchmarks/cpu_malloc.py)")
     args = parser.parse_args(argv)
     names, rule_sets = args.examples.split(","), args.rules.split(",")
     unknown = [n for n in names if n not in EXAMPLES] + [r for r in rule_sets if r not in RULE_SETS]
@@ -227,6 +231,9 @@ def main(argv: list[str] | None = None) -> dict:
         if not 0 < args.cap_gib <= total_gib:
             parser.error(f"--cap-gib must be above 0 and at most the device's {total_gib:.1f} GiB")
     torch.set_num_threads(args.threads)
+    malloc = None
+    if device.type == "cpu":
+        malloc = malloc_for_timing(args.system_malloc)
 
     rows: list[dict] = []
     for batch in batches:
@@ -239,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
               "torch": torch.__version__, "machine": platform.machine(), "device": device.type,
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
               "command": "python benchmarks/memory.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "batches": batches, "rounds": args.rounds, "rows": rows}
+              "batches": batches, "rounds": args.rounds, "malloc": malloc, "rows": rows}
     if args.json:  # written now too, so a failing batch search cannot lose the measurements
         args.json.write_text(json.dumps(result, indent=2))
     if args.cap_gib is not None:

@@ -89,6 +89,7 @@ sys.path.insert(0, str(ROOT))  # examples/ and aalconvert at the repo root
 sys.path.insert(0, str(ROOT / "benchmarks"))  # zoo.py's builders
 
 import aalconvert  # noqa: E402
+from cpu_malloc import malloc_for_timing  # noqa: E402
 from aalconvert.checkpointing import (  # noqa: E402
     CHECKPOINT_RULES, CheckpointedForward, CopiedBoundaryRule, why_not_copied)
 from aalconvert.memory import measure_saved  # noqa: E402
@@ -636,7 +637,8 @@ def markdown(result: dict) -> str:
     """The whole report: how it was run and measured, one table and target line per model."""
     lines = [f"# Peers side by side ({result['date'][:10]}, CPU)", "",
              f"`{result['command']}`: torch {result['torch']}, {result['machine']}, {result['threads']} thread(s), "
-             f"fp32, median of {result['rounds']} interleaved rounds, {result['seconds'] / 60:.1f} min.", "",
+             f"fp32, median of {result['rounds']} interleaved rounds, {result['seconds'] / 60:.1f} min; "
+             f"{result.get('malloc', 'the system malloc as it is')}.", "",
              "Kept for backward: bytes allocated in the forward + loss and alive when it returns; step peak: "
              "the most bytes alive above the step's start (activations, gradients, transients; parameters and "
              "inputs excluded); both from torch.profiler's CPU allocation events. save_on_cpu's copies count as "
@@ -699,6 +701,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "benchmarks/results/peers_cpu, or /tmp/peers_quick with --quick)")
     parser.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (default 1)")
     parser.add_argument("--no-venv", action="store_true", help="run in this interpreter, not .zoo-venv")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="leave glibc's malloc as it is (default: keep freed memory, benchmarks/cpu_malloc.py)")
     parser.add_argument("--render", type=Path, metavar="JSON",
                         help="only write the .md and .png of an earlier run's JSON next to it")
     args = parser.parse_args(argv)
@@ -714,6 +718,7 @@ def main(argv: list[str] | None = None) -> dict:
     rounds = 2 if args.quick else args.rounds
     out = args.out or (Path("/tmp/peers_quick") if args.quick else RESULTS / "peers_cpu")
     torch.set_num_threads(args.threads)
+    malloc = malloc_for_timing(args.system_malloc)
     methods = [BP, CHECKPOINT, CHECKPOINT4, SELECTIVE, *([] if args.no_compile else [COMPILE]), SAVE_ON_CPU, *RULE_SETS]
     started = time.perf_counter()
     records = []
@@ -732,7 +737,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
               "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "threads": args.threads,
               "command": "python benchmarks/peers.py" + (" " + " ".join(argv) if argv else ""),
-              "rounds": rounds, "seconds": time.perf_counter() - started, "records": records}
+              "rounds": rounds, "malloc": malloc, "seconds": time.perf_counter() - started, "records": records}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     return render(out.with_suffix(".json"))
