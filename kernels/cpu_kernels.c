@@ -15,11 +15,40 @@
 #include <stdint.h>
 #include <string.h>
 
-/* sign(x) * sqrt(|x|), correctly rounded, -0 giving +0 (quantize.compand). */
-void compand(const float *x, float *out, int64_t n) {
+/* sign(x) * sqrt(|x|), correctly rounded, -0 giving +0 (quantize.compand). Companded
+ * values are made chunk by chunk where they are used, never as a whole tensor. */
+static void compand(const float *x, float *out, int64_t n) {
     for (int64_t i = 0; i < n; i++) {
         float root = copysignf(sqrtf(fabsf(x[i])), x[i]);
         out[i] = root + 0.0f;
+    }
+}
+
+/* Slots handled per inner pass: values go through buffers this long, so that each
+ * step (compand, encode, pack) is a simple loop the compiler vectorizes. */
+#define CHUNK 1024
+
+/* Per group of x (n values, group_size each, the last one short), the min and max of
+ * its companded values, NaN for both where one is NaN (as torch's amin and amax give).
+ * Companded values have no -0, so which zero is the min cannot differ from torch's. */
+void companded_bounds(const float *x, int64_t n, int64_t group_size, float *lows, float *highs) {
+    float buffer[CHUNK];
+    const int64_t groups = (n + group_size - 1) / group_size;
+    for (int64_t g = 0; g < groups; g++) {
+        const int64_t end = (g + 1) * group_size < n ? (g + 1) * group_size : n;
+        float low = INFINITY, high = -INFINITY;
+        int nan = 0;
+        for (int64_t start = g * group_size; start < end; start += CHUNK) {
+            const int64_t count = end - start < CHUNK ? end - start : CHUNK;
+            compand(x + start, buffer, count);
+            for (int64_t i = 0; i < count; i++) {
+                low = buffer[i] < low ? buffer[i] : low;
+                high = buffer[i] > high ? buffer[i] : high;
+                nan |= buffer[i] != buffer[i];
+            }
+        }
+        lows[g] = nan ? NAN : low;
+        highs[g] = nan ? NAN : high;
     }
 }
 
@@ -118,10 +147,6 @@ void decode_pairs(const uint16_t *mins, const uint16_t *steps, int64_t groups, i
     }
 }
 
-/* Slots handled per inner pass: codes go through a buffer this long, so that
- * computing them and packing them are two simple loops the compiler vectorizes. */
-#define CHUNK 1024
-
 /* Codes of n values (n <= CHUNK) into buffer: floor((v - low) / step + offset)
  * clamped to [0, levels], at least 1 for v > 0 when lift is set (the
  * sign-preserving rule). v - low is never negative in a group that gets codes
@@ -173,22 +198,28 @@ static void pack_run(const uint8_t *buffer, int64_t n, int32_t bits, uint8_t *ou
 }
 
 /* Codes of groups [first, last) of x (n fp32 values in groups of group_size, a
- * multiple of 8), packed into out (the whole tensor's codes; group g starts at
+ * multiple of 8; companded first where companded is set), packed into out (the whole tensor's codes; group g starts at
  * byte g * group_size * bits / 8). flags[g]: bit 0 the group gets codes (else
  * all 0), bit 1 the sign-preserving lift. noise: one offset per element
  * (stochastic rounding), or NULL for 0.5. */
-void encode_groups(const float *x, int64_t n, int64_t group_size, int32_t bits, const float *lows,
-                   const float *steps, const uint8_t *flags, const float *noise, uint8_t *out,
+void encode_groups(const float *x, int64_t n, int64_t group_size, int32_t bits, int32_t companded,
+                   const float *lows, const float *steps, const uint8_t *flags, const float *noise, uint8_t *out,
                    int64_t first, int64_t last) {
     const int per_byte = 8 / bits;
     const float levels = (float)((1 << bits) - 1);
     uint8_t buffer[CHUNK];
+    float roots[CHUNK];
     for (int64_t g = first; g < last; g++) {
         const int64_t end = (g + 1) * group_size < n ? (g + 1) * group_size : n;
         for (int64_t start = g * group_size; start < end; start += CHUNK) {
             const int64_t count = end - start < CHUNK ? end - start : CHUNK;
             if (flags[g] & 1) {
-                encode_run(x + start, noise ? noise + start : 0, count, lows[g], steps[g], levels,
+                const float *values = x + start;
+                if (companded) {
+                    compand(values, roots, count);
+                    values = roots;
+                }
+                encode_run(values, noise ? noise + start : 0, count, lows[g], steps[g], levels,
                            (flags[g] & 2) != 0, buffer);
             } else {
                 for (int64_t i = 0; i < count; i++) buffer[i] = 0;

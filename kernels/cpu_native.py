@@ -44,8 +44,8 @@ _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _I32 = ctypes.c_int32
 _SIGNATURES = {
-    "compand": [_P, _P, _I64],
-    "encode_groups": [_P, _I64, _I64, _I32, _P, _P, _P, _P, _P, _I64, _I64],
+    "companded_bounds": [_P, _I64, _I64, _P, _P],
+    "encode_groups": [_P, _I64, _I64, _I32, _I32, _P, _P, _P, _P, _P, _I64, _I64],
     "decode_groups": [_P, _I64, _I64, _I32, _P, _P, _I32, _P, _I64, _I64],
     "group_pairs": [_P, _P, _I64, _I32, _I32, _I32, _P, _P, _P, _P, _P],
     "decode_pairs": [_P, _P, _I64, _I32, _P, _P],
@@ -103,11 +103,13 @@ def _address(tensor: torch.Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
 
-def compand(flat: torch.Tensor) -> torch.Tensor:
-    """``quantize.compand`` of a contiguous fp32 CPU tensor into a new one."""
-    out = torch.empty_like(flat)
-    library().compand(flat.data_ptr(), out.data_ptr(), flat.numel())
-    return out
+def companded_bounds(flat: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group of contiguous fp32 ``flat``, the min and max of ``quantize.compand`` of its values (NaN where
+    one is NaN), without making the companded tensor."""
+    groups = -(-flat.numel() // group_size)
+    lows, highs = torch.empty(groups), torch.empty(groups)
+    library().companded_bounds(flat.data_ptr(), flat.numel(), group_size, lows.data_ptr(), highs.data_ptr())
+    return lows, highs
 
 
 def group_pairs(low: torch.Tensor, high: torch.Tensor, levels: int, scale_dtype: torch.dtype, lift: bool
@@ -133,12 +135,13 @@ def decode_pairs(mins: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor
     return min_values, step_values
 
 
-def encode_groups(flat: torch.Tensor, group_size: int, bits: int, lows: torch.Tensor, steps: torch.Tensor,
-                  flags: torch.Tensor, noise: torch.Tensor | None, out: torch.Tensor) -> None:
-    """Codes of contiguous fp32 ``flat`` into ``out`` (uint8), per group (fp32 ``lows`` and ``steps``, uint8
-    ``flags``: bit 0 gets codes, bit 1 the sign-preserving lift); ``noise``: stochastic offsets or None."""
+def encode_groups(flat: torch.Tensor, group_size: int, bits: int, companded: bool, lows: torch.Tensor,
+                  steps: torch.Tensor, flags: torch.Tensor, noise: torch.Tensor | None, out: torch.Tensor) -> None:
+    """Codes of contiguous fp32 ``flat`` (companded first where ``companded``) into ``out`` (uint8), per group
+    (fp32 ``lows`` and ``steps``, uint8 ``flags``: bit 0 gets codes, bit 1 the sign-preserving lift);
+    ``noise``: stochastic offsets or None."""
     kernel = library().encode_groups
-    pointers = (flat.data_ptr(), flat.numel(), group_size, bits, lows.data_ptr(), steps.data_ptr(),
+    pointers = (flat.data_ptr(), flat.numel(), group_size, bits, int(companded), lows.data_ptr(), steps.data_ptr(),
                 flags.data_ptr(), _address(noise), out.data_ptr())
     _over_groups(lambda first, last: kernel(*pointers, first, last), lows.numel(), flat.numel())
 

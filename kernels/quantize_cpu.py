@@ -53,22 +53,17 @@ def quantize_cpu(
     if x.numel() == 0:
         return quantize_reference(x, bits, group_size, stochastic, scale_dtype, seed, companding)
     flat = x.reshape(-1).to(torch.float32).contiguous()
+    if cpu_native.library() is not None:
+        return _quantize_native(flat, bits, group_size, stochastic, scale_dtype, seed, companding)
     owned = flat.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
-    native = cpu_native.library() is not None
     if companding == "sqrt":
-        flat, owned = cpu_native.compand(flat) if native else _compand(flat), True
+        flat, owned = _compand(flat), True
     numel = flat.numel()
     levels = 2**bits - 1
     rows = _group_rows(flat, group_size)
     low = torch.cat([row.amin(dim=1) for row in rows])
     high = torch.cat([row.amax(dim=1) for row in rows])
     codes = torch.empty(math.ceil(numel * bits / 8), dtype=torch.uint8)
-    if native:
-        mins, scales, min_value, scale_value, flags = cpu_native.group_pairs(
-            low, high, levels, scale_dtype, lift=not stochastic)
-        noise = _uniform(0, numel, seed) if stochastic else None
-        cpu_native.encode_groups(flat, group_size, bits, min_value, scale_value, flags, noise, codes)
-        return codes, mins, scales
     finite = low.isfinite() & high.isfinite()
     mins, scales, min_value, scale_value, usable = group_pairs(low, high, finite, levels, scale_dtype)
     start_group = start = 0
@@ -92,6 +87,32 @@ def quantize_cpu(
         scaled.floor_().clamp_(0, levels)
         codes[start * bits // 8 : math.ceil(end * bits / 8)] = _bytes_of_codes(scaled, bits)
         start_group, start = end_group, end
+    return codes, mins, scales
+
+
+def _quantize_native(
+    flat: torch.Tensor,
+    bits: int,
+    group_size: int,
+    stochastic: bool,
+    scale_dtype: torch.dtype,
+    seed: int,
+    companding: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``quantize_cpu`` through the compiled passes: bounds, pairs, then codes, with no tensor of the
+    input's size in between (companded values are made chunk by chunk inside the passes)."""
+    companded = companding == "sqrt"
+    if companded:
+        low, high = cpu_native.companded_bounds(flat, group_size)
+    else:
+        rows = _group_rows(flat, group_size)
+        low = torch.cat([row.amin(dim=1) for row in rows])
+        high = torch.cat([row.amax(dim=1) for row in rows])
+    mins, scales, min_value, scale_value, flags = cpu_native.group_pairs(
+        low, high, 2**bits - 1, scale_dtype, lift=not stochastic)
+    codes = torch.empty(math.ceil(flat.numel() * bits / 8), dtype=torch.uint8)
+    noise = _uniform(0, flat.numel(), seed) if stochastic else None
+    cpu_native.encode_groups(flat, group_size, bits, companded, min_value, scale_value, flags, noise, codes)
     return codes, mins, scales
 
 

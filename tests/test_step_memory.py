@@ -49,7 +49,9 @@ def test_the_predicted_step_peak_is_within_5_percent_of_the_measured_one(name, r
 
 
 def test_adamw_temporaries_make_the_peak_where_gradients_dominate():
-    model, inputs = example("resnet_basic", batch_size=2)
+    # resnet_bottleneck: on resnet_basic with oneDNN's AVX2 kernels, the 4 weights' worth its last convolutions
+    # hold on 1x1 maps make the peak instead (small_map_weight_buffers)
+    model, inputs = example("resnet_bottleneck", batch_size=2)
     totals = aalconvert.inspect(model, inputs, "exact", optimizer="adamw").totals
     assert totals.optimizer_step_bytes > 0
     assert totals.gradient_bytes + totals.optimizer_step_bytes > totals.bp_step_bytes  # the step's peak
