@@ -1,9 +1,9 @@
 """The CPU path's compiled passes (``cpu_kernels.c``): built with the system C compiler at first use.
 
 Quantizing in torch ops takes a dozen passes over memory per tensor (subtract,
-divide, round, clamp, pack, ...); on a CPU that cost more than a training
-step's matmuls saved (``approx4`` at 1.6-2.0x BP's step time on ViT-S,
-ResNet-50 and Llama). The C file does each direction in one pass, with the
+divide, round, clamp, pack, ...); on a CPU that took ``auto+approx4`` to
+1.6-2.1x BP's step time on ViT-S, ResNet-50 and Llama (1.2-1.6x with these
+passes, benchmarks/results/peers_cpu.md). The C file does each direction in one pass, with the
 reference's fp32 arithmetic. It is compiled once per process into a
 temporary directory (a fraction of a second; ``-march=native`` since it runs
 where it is built) and loaded with ctypes, which releases the GIL, so large
