@@ -61,8 +61,7 @@ def quantize_cpu(
     numel = flat.numel()
     levels = 2**bits - 1
     rows = _group_rows(flat, group_size)
-    low = torch.cat([row.amin(dim=1) for row in rows])
-    high = torch.cat([row.amax(dim=1) for row in rows])
+    low, high = _group_bounds(rows)
     codes = torch.empty(math.ceil(numel * bits / 8), dtype=torch.uint8)
     finite = low.isfinite() & high.isfinite()
     mins, scales, min_value, scale_value, usable = group_pairs(low, high, finite, levels, scale_dtype)
@@ -105,9 +104,7 @@ def _quantize_native(
     if companded:
         low, high = cpu_native.companded_bounds(flat, group_size)
     else:
-        rows = _group_rows(flat, group_size)
-        low = torch.cat([row.amin(dim=1) for row in rows])
-        high = torch.cat([row.amax(dim=1) for row in rows])
+        low, high = _group_bounds(_group_rows(flat, group_size))
     mins, scales, min_value, scale_value, flags = cpu_native.group_pairs(
         low, high, 2**bits - 1, scale_dtype, lift=not stochastic)
     codes = torch.empty(math.ceil(flat.numel() * bits / 8), dtype=torch.uint8)
@@ -211,6 +208,11 @@ def dequantize_cpu(
         with np.errstate(all="ignore"):  # overflow to inf, as torch's product gives, unwarned
             np.multiply(decoded, np.abs(decoded), out=decoded)
     return values.to(dtype).reshape(shape)
+
+
+def _group_bounds(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group, its min and max (NaN where it holds one: ``amin``/``amax`` propagate it)."""
+    return torch.cat([row.amin(dim=1) for row in rows]), torch.cat([row.amax(dim=1) for row in rows])
 
 
 def _group_rows(flat: torch.Tensor, group_size: int) -> list[torch.Tensor]:
