@@ -19,8 +19,10 @@ CONSOLE_SCRIPT = str(Path(sys.executable).with_name("aalconvert"))
 
 
 def run(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    # --max-batch runs some 60 fake-tensor estimates: 100-140 s alone on a 2-core AVX2 machine, more beside
+    # the other test worker
     return subprocess.run([CONSOLE_SCRIPT, "inspect", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=120, env=None if env is None else {**os.environ, **env})
+                          timeout=360, env=None if env is None else {**os.environ, **env})
 
 
 def test_table_names_the_biggest_saving_module_first():
