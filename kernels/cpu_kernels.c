@@ -1,11 +1,12 @@
-/* The CPU path's per-element passes of k-bit quantization, one pass each.
+/* The CPU path's passes of k-bit quantization: encoding and decoding, one pass each.
  *
  * kernels/quantize_cpu.py runs them through ctypes (kernels/cpu_native.py
- * compiles this file at first use); everything per group (min, max, the stored
- * pair, which groups get codes) stays in torch. The arithmetic is the
- * reference's (kernels/quantize.py), one IEEE fp32 rounding per operation:
- * compile without -ffast-math and with -ffp-contract=off, so that no multiply
- * and add fuse. Tests hold the bytes to the reference.
+ * compiles this file at first use); only the min and max of groups that are not
+ * companded stay in torch (amin/amax, whose choice between -0 and +0 is torch's).
+ * The arithmetic is the reference's (kernels/quantize.py), one IEEE fp32
+ * rounding per operation: compile without -ffast-math and with
+ * -ffp-contract=off, so that no multiply and add fuse. Tests hold the bytes to
+ * the reference.
  *
  * Each group's stored (min, step) pair is computed here too (group_pairs,
  * decode_pairs): in torch ops that took some thirty small calls per tensor,
@@ -198,8 +199,8 @@ static void pack_run(const uint8_t *buffer, int64_t n, int32_t bits, uint8_t *ou
 }
 
 /* Codes of groups [first, last) of x (n fp32 values in groups of group_size, a
- * multiple of 8; companded first where companded is set), packed into out (the whole tensor's codes; group g starts at
- * byte g * group_size * bits / 8). flags[g]: bit 0 the group gets codes (else
+ * multiple of 8; companded first where companded is set), packed into out
+ * (the whole tensor's codes; group g starts at byte g * group_size * bits / 8). flags[g]: bit 0 the group gets codes (else
  * all 0), bit 1 the sign-preserving lift. noise: one offset per element
  * (stochastic rounding), or NULL for 0.5. */
 void encode_groups(const float *x, int64_t n, int64_t group_size, int32_t bits, int32_t companded,

@@ -53,25 +53,33 @@ _SIGNATURES = {
 
 
 def library() -> ctypes.CDLL | None:
-    """The compiled kernels, built on the first call; None when they cannot be (see ``unavailable_reason``)."""
-    if os.environ.get(ENVIRONMENT_VARIABLE, "native") == "torch":
+    """The compiled kernels, built on the first call; None when they cannot be (see ``unavailable_reason``).
+
+    Called several times per quantized tensor: once built, it answers without the lock."""
+    if _torch_chosen():
         return None
-    with _lock:
-        if "library" not in _state:
-            _state["library"], _state["reason"] = _build()
-            if _state["library"] is None:
-                warnings.warn(
-                    f"aalconvert: the compiled CPU kernels are unavailable ({_state['reason']}); the CPU path "
-                    "quantizes in torch ops instead: the same bytes, several times slower",
-                    RuntimeWarning, stacklevel=3)
+    if "library" not in _state:
+        with _lock:
+            if "library" not in _state:
+                loaded, _state["reason"] = _build()
+                _state["library"] = loaded  # last: other threads read it without the lock
+                if loaded is None:
+                    warnings.warn(
+                        f"aalconvert: the compiled CPU kernels are unavailable ({_state['reason']}); the CPU "
+                        "path quantizes in torch ops instead: the same bytes, several times slower",
+                        RuntimeWarning, stacklevel=3)
     return _state["library"]  # type: ignore[return-value]
 
 
 def unavailable_reason() -> str | None:
     """Why ``library()`` returned None (None when it loaded, or was not tried yet)."""
-    if os.environ.get(ENVIRONMENT_VARIABLE, "native") == "torch":
+    if _torch_chosen():
         return f"{ENVIRONMENT_VARIABLE}=torch"
     return _state.get("reason")  # type: ignore[return-value]
+
+
+def _torch_chosen() -> bool:
+    return os.environ.get(ENVIRONMENT_VARIABLE, "native") == "torch"
 
 
 def _build() -> tuple[ctypes.CDLL | None, str | None]:
