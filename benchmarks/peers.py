@@ -20,14 +20,16 @@ decoder trained on its own loss with ``labels=``), one full training step
 - ``save_on_cpu``: ``torch.autograd.graph.save_on_cpu()``;
 - ``exact``, ``auto``, ``auto+approx4``: ``aalconvert.convert``;
 - ``plan @ ...``: ``aalconvert.convert(model, budget=..., optimizer="sgd")`` at
-  three budgets: checkpointing's measured step peak plus the parameters (which
+  six budgets: checkpointing's measured step peak plus the parameters (which
   the planner's budget counts and the measured peak does not; SGD without
-  momentum keeps no optimizer state); the planner's floor (the least budget
-  any of its plans fits: every block checkpointed and the rest compressed);
+  momentum keeps no optimizer state); 1/4, 1/2 and 3/4 of the way from it to
+  the planner's floor, and the floor (the least budget any of its plans fits);
   halfway from the first to BP's measured peak plus the parameters. The
   target line per model is read at the first (faster) and at every planner
-  row as fast as checkpointing (keeps less). The planner's predicted peaks of
-  BP and of every block checkpointed are printed beside the measured ones.
+  row as fast as checkpointing (keeps less): the budgets toward the floor
+  trace the planner's trade-off curve where checkpointing's step time lies.
+  The planner's predicted peaks of BP and of every block checkpointed are
+  printed beside the measured ones.
 
 How each column is measured (CPU, one thread, fp32):
 
@@ -100,7 +102,11 @@ BP, CHECKPOINT, CHECKPOINT4, SELECTIVE, COMPILE, SAVE_ON_CPU = (
     "bp", "checkpoint", "checkpoint, 4-bit inputs", "selective checkpoint", "torch.compile (budget 0.5)",
     "save_on_cpu")
 RULE_SETS = ["exact", "auto", "auto+approx4"]
-BUDGETS = ("checkpointing's measured peak", "the planner's floor", "halfway to BP's measured peak")
+AT_CHECKPOINT, AT_FLOOR, TOWARD_BP = "checkpointing's measured peak", "the planner's floor", "halfway to BP's measured peak"
+TOWARD_FLOOR = {f"{share} of the way from it to the floor": fraction
+                for share, fraction in (("1/4", 0.25), ("1/2", 0.5), ("3/4", 0.75))}
+"""Budgets between checkpointing's peak and the floor: the planner's trade-off curve where checkpointing sits."""
+BUDGETS = (AT_CHECKPOINT, *TOWARD_FLOOR, AT_FLOOR, TOWARD_BP)
 MATMULS = [torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
            torch.ops.aten.baddbmm.default, torch.ops.aten.convolution.default]
 COMPILE_MEMORY_BUDGET = 0.5
@@ -420,18 +426,24 @@ def prepare(workload: Workload, method: Method) -> tuple[Method, Runner | None, 
 
 def planner_budgets(parameter_bytes: int, checkpoint_peak: int, bp_peak: int,
                     predicted: dict[str, int | None]) -> dict[str, int]:
-    """The three planner budgets (bytes, parameters included).
+    """The planner budgets (bytes, parameters included), from the most to the least memory but the last.
 
     Checkpointing's measured step peak plus the parameters (the memory it
-    needed, as a user would set the budget); the planner's floor, when it
-    gave one; halfway from the first to BP's measured step peak plus the
-    parameters.
+    needed, as a user would set the budget); when the planner gave a floor
+    under it, 1/4, 1/2 and 3/4 of the way from there to the floor, and the
+    floor (the planner's plans between checkpointing's peak and its least, where
+    the one as fast as checkpointing is to be found); halfway from the first
+    to BP's measured step peak plus the parameters.
     """
     at_checkpoint = parameter_bytes + checkpoint_peak
-    budgets = {BUDGETS[0]: at_checkpoint}
-    if predicted.get("floor") is not None:
-        budgets[BUDGETS[1]] = predicted["floor"]
-    budgets[BUDGETS[2]] = (at_checkpoint + parameter_bytes + bp_peak) // 2
+    floor = predicted.get("floor")
+    budgets = {AT_CHECKPOINT: at_checkpoint}
+    if floor is not None:
+        if floor < at_checkpoint:
+            budgets.update({label: round(at_checkpoint - fraction * (at_checkpoint - floor))
+                            for label, fraction in TOWARD_FLOOR.items()})
+        budgets[AT_FLOOR] = floor
+    budgets[TOWARD_BP] = (at_checkpoint + parameter_bytes + bp_peak) // 2
     return budgets
 
 
@@ -461,7 +473,7 @@ def planner_predictions(workload: Workload) -> dict[str, int | None]:
 
 def measure_workload(workload: Workload, methods: list[str], rounds: int, log: Callable[[str], None] = print
                      ) -> dict:
-    """Every method (and the planner at three budgets) on one workload: a record with one row per method."""
+    """Every method (and the planner at its budgets) on one workload: a record with one row per method."""
     prepared: dict[str, tuple[Method, Runner | None, StepMemory | None]] = {}
     for name in methods:
         log(f"  {workload.name}: {name}")
@@ -545,8 +557,8 @@ def target_verdict(rows: list[dict]) -> dict:
         return faster, (f"at {label} the planner takes {row['time_ratio']:.2f}x BP vs checkpointing's "
                         f"{ckpt['time_ratio']:.2f}x: {verdict} (rounds stray by up to {spread_:.0%})")
 
-    faster, faster_text = speed(BUDGETS[0])
-    _, floor_text = speed(BUDGETS[1])
+    faster, faster_text = speed(AT_CHECKPOINT)
+    _, floor_text = speed(AT_FLOOR)
     in_time = [row for row in plans if row["time_ratio"] <= ckpt["time_ratio"] * (1 + noise(row, ckpt))]
     best = min(in_time, key=lambda row: row["kept_bytes"], default=None)
     keeps_less = best is not None and best["kept_bytes"] <= ckpt["kept_bytes"] * (1 - MIN_KEPT_GAIN)
@@ -642,9 +654,9 @@ def markdown(result: dict) -> str:
              "Kept for backward: bytes allocated in the forward + loss and alive when it returns; step peak: "
              "the most bytes alive above the step's start (activations, gradients, transients; parameters and "
              "inputs excluded); both from torch.profiler's CPU allocation events. save_on_cpu's copies count as "
-             "\"to host\", not as kept. Planner budgets: parameters + checkpointing's measured step peak; the "
-             "planner's floor (the least budget any of its plans fits); halfway from the first to parameters + BP's "
-             "measured step peak (SGD, no optimizer state). The target's speed part is read at the first. ± after a "
+             "\"to host\", not as kept. Planner budgets: parameters + checkpointing's measured step peak; 1/4, 1/2 "
+             "and 3/4 of the way from it to the planner's floor, and the floor (the least budget any of its plans "
+             "fits); halfway from the first to parameters + BP's measured step peak (SGD, no optimizer state). The target's speed part is read at the first. ± after a "
              "step time: how far one round "
              "strays from the median (median absolute deviation).", ""]
     lines += ["Ratios to BP (kept for backward / step peak / step time):", "", *summary_table(result)]

@@ -58,7 +58,7 @@ def row(method, kept, time, ok=True, error=None, spread=0.02):
 
 
 def test_target_is_met_only_when_the_planner_is_faster_at_the_peak_and_keeps_less_in_the_time(peers):
-    at, floor, mid = (f"plan @ {label}" for label in peers.BUDGETS)
+    at, floor, mid = (f"plan @ {label}" for label in (peers.AT_CHECKPOINT, peers.AT_FLOOR, peers.TOWARD_BP))
     ckpt = row(peers.CHECKPOINT, 20, 1.3)
     met = peers.target_verdict([row("bp", 100, 1.0), ckpt, row(at, 30, 1.1), row(floor, 15, 1.25),
                                 row(mid, 60, 1.05)])
@@ -73,12 +73,12 @@ def test_target_is_met_only_when_the_planner_is_faster_at_the_peak_and_keeps_les
                                     row(floor, 10, 1.1)])
     assert not refused["met"] and not refused["faster"] and refused["keeps_less"]
     assert "(BudgetError: under the floor)" in refused["text"]
-    assert f"at {peers.BUDGETS[1]} the planner takes 1.10x" in refused["text"]
+    assert f"at {peers.AT_FLOOR} the planner takes 1.10x" in refused["text"]
     assert "did not run" in peers.target_verdict([row(peers.CHECKPOINT, 0, 0, ok=False, error="x")])["text"]
 
 
 def test_target_does_not_count_differences_within_the_noise(peers):
-    at = f"plan @ {peers.BUDGETS[0]}"
+    at = f"plan @ {peers.AT_CHECKPOINT}"
     ckpt = row(peers.CHECKPOINT, 1000, 1.30, spread=0.05)
     # 3 % faster with rounds straying by 5 %; 0.5 % fewer bytes: neither counts
     close = peers.target_verdict([ckpt, row(at, 995, 1.26, spread=0.01)])
@@ -93,11 +93,15 @@ def test_spread_is_the_median_absolute_deviation_over_the_median(peers):
     assert peers.spread([2.0]) == 0
 
 
-def test_planner_budgets_are_checkpointings_measured_peak_the_floor_and_halfway_to_bp(peers):
+def test_planner_budgets_are_checkpointings_peak_steps_to_the_floor_the_floor_and_halfway_to_bp(peers):
     budgets = peers.planner_budgets(parameter_bytes=1000, checkpoint_peak=200, bp_peak=600,
                                     predicted={"bp_peak": 3000, "checkpoint_all": 2000, "floor": 1100})
-    assert budgets == dict(zip(peers.BUDGETS, [1200, 1100, 1400]))
-    assert peers.planner_budgets(1000, 200, 600, {"floor": None}) == {peers.BUDGETS[0]: 1200, peers.BUDGETS[2]: 1400}
+    assert budgets == dict(zip(peers.BUDGETS, [1200, 1175, 1150, 1125, 1100, 1400]))
+    # no floor: neither it nor the steps toward it; a floor above checkpointing's peak: no steps
+    assert peers.planner_budgets(1000, 200, 600, {"floor": None}) == {peers.AT_CHECKPOINT: 1200,
+                                                                       peers.TOWARD_BP: 1400}
+    assert list(peers.planner_budgets(1000, 200, 600, {"floor": 1250})) == [
+        peers.AT_CHECKPOINT, peers.AT_FLOOR, peers.TOWARD_BP]
 
 
 def test_one_small_run_measures_every_peer_and_renders_its_table(peers, tmp_path):
@@ -105,7 +109,8 @@ def test_one_small_run_measures_every_peer_and_renders_its_table(peers, tmp_path
     methods = [peers.BP, peers.CHECKPOINT, peers.CHECKPOINT4, peers.SELECTIVE, peers.SAVE_ON_CPU, "exact"]
     record = peers.measure_workload(workload, methods, rounds=1, log=lambda message: None)
     rows = {r["method"]: r for r in record["rows"]}
-    assert set(methods) <= set(rows) and len(rows) == len(methods) + 3
+    assert set(methods) <= set(rows) and len(rows) == len(methods) + len(record["budgets"])
+    assert {peers.AT_CHECKPOINT, peers.AT_FLOOR, peers.TOWARD_BP} <= set(record["budgets"])
     assert all(rows[m]["ok"] for m in methods), rows
     bp = rows[peers.BP]
     # BP keeps what saved-tensor hooks see, less the inputs and targets (alive before the step),
