@@ -138,9 +138,18 @@ class ChainSlot(_Wiring):
     between the modules (``h = norm(x); h.mul_(2); layer(h)``: the same object,
     other values; seen by its version counter), a user's hook that runs where
     this wiring cannot see its effect (a forward hook before the link's, a
-    pre-hook after the check on a later chain module or on the layer), or a
-    chain run out of order breaks the link, and the layer then keeps its input
+    pre-hook after the check on a later chain module or on the layer), a
+    chain run out of order, or a layer that runs under other saved-tensor hooks
+    than the chain start did breaks the link, and the layer then keeps its input
     as BP does: exact in every case.
+
+    The last matters for ``torch.utils.checkpoint`` (a Hugging Face model's
+    ``gradient_checkpointing_enable()``, say) around part of a chain: a region
+    that starts between the chain start and the layer runs the layer again in
+    backward without the chain start, and the recomputation must save what the
+    forward saved (torch checks the count and the shapes, not which tensor is
+    which). Checkpointing's hooks are pushed for the region, so the chain start
+    and the layer see different ones, and the layer keeps its input in both runs.
 
     ``z`` itself is held from the chain start until the layer has run, and let
     go then, or when the root's forward ends (also on error). What the chain
@@ -172,6 +181,7 @@ class ChainSlot(_Wiring):
         state = self.state.get()
         state.chain_input = args[0]
         state.last, state.last_version = _reference(args[0]), _version(args[0])
+        state.saved_hooks = _saved_tensor_hooks()
 
     def _check_entry(self, module: nn.Module, args: tuple) -> None:
         """Before a later chain module runs: its input must be the previous one's output, unchanged
@@ -204,6 +214,8 @@ class ChainSlot(_Wiring):
         if z is None or x is None or not self._unchanged(state, x) or _user_hooks_beside(
                 module._forward_pre_hooks, self._inject, after=True):  # a later one may change x in place
             return None
+        if _saved_tensor_hooks() is not getattr(state, "saved_hooks", None):  # a checkpoint region between
+            return None
         return args, {**kwargs, "chain_input": z, "chain_output": x}
 
     @staticmethod
@@ -219,6 +231,15 @@ class ChainSlot(_Wiring):
     def tensor(self) -> torch.Tensor | None:
         """The chain input this thread's forward holds (None once let go)."""
         return getattr(self.state.get(), "chain_input", None)
+
+
+def _saved_tensor_hooks() -> Callable | None:
+    """The pack function of the innermost ``saved_tensors_hooks`` in force (None: none; None under
+    torch.compile, which traces checkpoint regions into its own graph)."""
+    if torch.compiler.is_compiling():
+        return None
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return None if hooks is None else hooks[0]
 
 
 def _global_forward_hooks() -> bool:
