@@ -68,8 +68,8 @@ from torch._subclasses import FakeTensorMode
 
 from aalconvert.bisection import first_true
 from aalconvert.checkpointing import (
-    CHECKPOINT_RULES, CheckpointRule, CopiedBoundaryRule, held_by_checkpoints, inside, recompute_bytes,
-    with_checkpoint_inputs)
+    CHECKPOINT_RULES, STATEFUL_CALL, CheckpointRule, CopiedBoundaryRule, held_by_checkpoints, inside,
+    recompute_bytes, with_checkpoint_inputs)
 from aalconvert.costs import RULE_COSTS, tier_order
 from aalconvert.errors import ConversionError
 from aalconvert.facts import ModelFacts, gather_facts
@@ -497,7 +497,8 @@ def plan_budget(
     ladder = next((ladder for ladder in ladders if min(bp_peak, ladder.floor) <= usable), None)
     if ladder is None:
         lowest = min(ladders, key=lambda ladder: ladder.floor)
-        raise _under_floor(budget_bytes, floor_peak, lowest.evaluate(lowest.floor_units)[1], batch)
+        raise _under_floor(budget_bytes, floor_peak, lowest.evaluate(lowest.floor_units)[1], batch,
+                           _not_checkpointed(ladders[0].plans[-1] if ladders[0].plans else None))
     prefix = _smallest_fitting_prefix(lambda n: ladder.evaluate(n)[2], usable, ladder.tier_ends, bp_peak)
     taken = ladder.without_needless_tiers(tuple(range(prefix)), usable)
     taken, plain = ladder.without_needless_checkpoints(taken, usable) if taken else ((), ())
@@ -695,7 +696,19 @@ def _batch_size(example_inputs: tuple) -> int | None:
     return None if first is None else int(first.shape[0])
 
 
-def _under_floor(budget: int, floor_peak: int, report: Report, batch: int | None) -> BudgetError:
+def _not_checkpointed(plan: Plan | None) -> str:
+    """What the error says of blocks checkpointing would take but may not (their calls pass state), or ""."""
+    stateful = [skip for skip in (plan.skips if plan else ()) if skip.rule in CHECKPOINT_RULES
+                and skip.reason.startswith(STATEFUL_CALL)]
+    blocks = list(dict.fromkeys(skip.module_name for skip in stateful))
+    if not blocks:
+        return ""
+    return (f"; {len(blocks)} block(s) ({', '.join(blocks[:3])}{', ...' if len(blocks) > 3 else ''}) were not "
+            f"offered for checkpointing: {stateful[0].reason}")
+
+
+def _under_floor(budget: int, floor_peak: int, report: Report, batch: int | None,
+                 not_checkpointed: str = "") -> BudgetError:
     totals = report.totals
     fixed = totals.fixed_bytes
     floor = smallest_budget(floor_peak)
@@ -709,9 +722,11 @@ def _under_floor(budget: int, floor_peak: int, report: Report, batch: int | None
             f"batch {batch})" if largest > 0 else
             f"no batch fits: parameters, gradients and optimizer state alone take {format_bytes(fixed)}")
     return BudgetError(
-        f"budget {format_bytes(budget)} is under the floor of {format_bytes(floor)} ({floor} bytes): the "
+        f"budget {format_bytes(budget)} ({budget} bytes) is under the floor of {format_bytes(floor)} ({floor} "
+        f"bytes): the "
         f"plan that peaks least peaks at {format_bytes(floor_peak)}, parameters + gradients + optimizer "
         f"state ({format_bytes(fixed)}) + activations and transients beside them, recomputation included "
         f"({format_bytes(per_batch)}; {format_bytes(totals.converted_bytes)} kept for backward), and the "
-        f"planner leaves {HEADROOM:.0%} of the budget free for what its estimate cannot see; {fits}",
+        f"planner leaves {HEADROOM:.0%} of the budget free for what its estimate cannot see; {fits}"
+        f"{not_checkpointed}",
         floor, largest)

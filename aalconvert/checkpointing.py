@@ -176,15 +176,31 @@ class CheckpointRule(Rule):
         skips = [] if self.first_block or not names else [Skip(
             self.name, names[0], "the first block is compressed rather than checkpointed: recomputing it "
                                  "would make the step's peak, beside nearly every gradient")]
-        sites = [Site(self.name, name, "keeps only its inputs; its forward runs again in backward "
-                                       "(one more forward of the block)")
-                 for name in (names if self.first_block else names[1:])]
+        sites = []
+        for name in names if self.first_block else names[1:]:
+            stateful = facts.trace.stateful_arguments.get(name)
+            if stateful:
+                skips.append(Skip(self.name, name, stateful_reason(stateful)))
+            else:
+                sites.append(Site(self.name, name, "keeps only its inputs; its forward runs again in backward "
+                                                   "(one more forward of the block)"))
         return sites, skips
 
     def apply(self, model: nn.Module, site: Site, facts: ModelFacts) -> nn.Module:
         module = model.get_submodule(site.module_name)
         module.forward = CheckpointedForward(module, self.boundary)
         return model
+
+
+STATEFUL_CALL = "its call passes "
+"""How the reason a block is not checkpointed because of its call's objects begins."""
+
+
+def stateful_reason(arguments: tuple[str, ...]) -> str:
+    """Why a block whose call passes objects (``TraceResult.stateful_arguments``) is not checkpointed."""
+    return (f"{STATEFUL_CALL}{', '.join(arguments)}: an object the block may update, and running it again "
+            "in backward would update it twice (a Hugging Face cache: set model.config.use_cache = False, as "
+            "transformers' own gradient checkpointing does, to let the planner checkpoint it)")
 
 
 PIECEWISE_LINEAR = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.PReLU, nn.RReLU)

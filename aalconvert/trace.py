@@ -67,6 +67,9 @@ class TraceResult:
     regions: list[Region]
     untraced: list[Untraced]
     shape_errors: dict[str, str] = field(default_factory=dict)  # region name -> one-line reason
+    stateful_arguments: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Module name -> the arguments of its call (example run) that are objects, not tensors or plain
+    values, as "name (Type)": state such as a Hugging Face cache, which a second run updates again."""
 
 
 @dataclass(frozen=True)
@@ -190,7 +193,29 @@ def trace_model(
         error = _propagate_shapes(region, model, calls)
         if error is not None:
             shape_errors[region.name] = error
-    return TraceResult(regions=walk.regions, untraced=walk.untraced, shape_errors=shape_errors)
+    stateful = {} if calls is None else {name: found for name, call in calls.inputs.items()
+                                          if (found := _stateful_arguments(model.get_submodule(name), call))}
+    return TraceResult(regions=walk.regions, untraced=walk.untraced, shape_errors=shape_errors,
+                       stateful_arguments=stateful)
+
+
+def _stateful_arguments(module: nn.Module, call: tuple[tuple, dict]) -> tuple[str, ...]:
+    """The arguments of ``call`` holding an object other than tensors and plain values, as "name (Type)"."""
+    bound = _bind(module, call) or {
+        **{f"argument {i}": value for i, value in enumerate(call[0])}, **call[1]}
+    return tuple(f"{name} ({type(found).__name__})" for name, value in bound.items()
+                 if (found := _first_object(value)) is not None)
+
+
+def _first_object(value: Any) -> Any:
+    """The first value inside ``value`` (tuples, lists, dicts opened) that is not a tensor or plain value."""
+    if isinstance(value, (tuple, list)):
+        return next((found for v in value if (found := _first_object(v)) is not None), None)
+    if isinstance(value, dict):
+        return _first_object(list(value.values()))
+    plain = (torch.Tensor, type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device,
+             torch.memory_format, torch.layout, slice, type(Ellipsis))
+    return None if isinstance(value, plain) else value
 
 
 def _one_line(error: BaseException) -> str:

@@ -279,6 +279,72 @@ def test_the_floor_is_reachable_with_or_without_checkpointing(widest):
     assert plan.peak_bytes <= everything.floor_bytes
 
 
+class Appends:
+    """A cache-like object: each block call appends its input (as a Hugging Face DynamicCache grows)."""
+
+    def __init__(self) -> None:
+        self.seen: list[torch.Tensor] = []
+
+
+class CachingBlock(Block):
+    def forward(self, x, cache=None):
+        if cache is not None:
+            cache.seen.append(x)
+        return super().forward(x)
+
+
+class CachingMLP(ResidualMLP):
+    """ResidualMLP whose blocks get a cache object when ``use_cache`` is set (as decoder layers do)."""
+
+    def __init__(self, use_cache: bool) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(CachingBlock(32) for _ in range(4))
+        self.use_cache = use_cache
+
+    def forward(self, x):
+        cache = Appends() if self.use_cache else None
+        h = torch.relu(self.stem(x))
+        for block in self.blocks:
+            h = block(h, cache=cache)
+        return self.head(h)
+
+
+def test_blocks_whose_call_passes_state_are_not_checkpointed_and_the_error_says_why():
+    # Running such a block again in backward would update the state twice (Gemma2's and Falcon's
+    # caches grew to twice the keys and broke backward); without the cache the blocks are offered.
+    torch.manual_seed(0)
+    inputs = (torch.randn(64, 16, 16),)
+    plain = plan_budget(CachingMLP(use_cache=False), 1 << 40, inputs, rules=["checkpoint"])
+    caching = plan_budget(CachingMLP(use_cache=True), 1 << 40, inputs, rules=["checkpoint"])
+    assert caching.facts.trace.stateful_arguments == {f"blocks.{i}": ("cache (Appends)",) for i in range(4)}
+    assert not plain.facts.trace.stateful_arguments
+    assert plain.floor_bytes < caching.floor_bytes  # checkpointing reached lower without the cache
+    with pytest.raises(BudgetError, match=r"4 block\(s\) \(blocks.0, blocks.1, blocks.2, \.\.\.\) were not "
+                       r"offered for checkpointing: its call passes cache \(Appends\)") as raised:
+        plan_budget(CachingMLP(use_cache=True), plain.floor_bytes, inputs, rules=["checkpoint"])
+    assert "model.config.use_cache = False" in str(raised.value)
+    assert f"({plain.floor_bytes} bytes) is under the floor" in str(raised.value)
+
+
+def test_hugging_face_decoders_with_their_cache_on_train_under_a_checkpointing_plan():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.Gemma2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                       max_position_embeddings=64, attention_dropout=0.0)
+    ids = torch.randint(0, 128, (4, 16))
+    for use_cache in (True, False):
+        config.use_cache = use_cache
+        model = transformers.Gemma2ForCausalLM(config).train()
+        rules = ["exact", "checkpoint"]
+        widest = plan_budget(model, 1 << 40, (ids,), rules=rules)
+        converted = aalconvert.budget.convert_to_budget(model, widest.floor_bytes, (ids,), rules=rules)
+        assert any(is_checkpointed(m) for m in converted.modules()) == (not use_cache)
+        expected = torch.autograd.grad(model(input_ids=ids, labels=ids).loss, list(model.parameters()))
+        got = torch.autograd.grad(converted(input_ids=ids, labels=ids).loss, list(converted.parameters()))
+        assert all(torch.equal(a, b) for a, b in zip(expected, got))
+
+
 def checkpointed_vit():
     torch.manual_seed(0)
     example = EXAMPLES["vit"]
