@@ -27,6 +27,7 @@ import contextlib
 import copy
 import inspect
 import re
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -178,7 +179,9 @@ def trace_model(
     """
     calls = _capture_calls(model, example_inputs) if example_inputs is not None else None
     walk = _Walk(leaf_types, calls)
-    _trace_or_descend(model, "", walk)
+    with warnings.catch_warnings():  # a user's backward hook cannot wrap a proxy: torch warns, naming ours
+        warnings.filterwarnings("ignore", message="For backward hooks to be called")
+        _trace_or_descend(model, "", walk)
     shape_errors: dict[str, str] = {}
     for region in walk.regions:
         _annotate_modules(region)

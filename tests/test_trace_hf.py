@@ -4,6 +4,8 @@ Their layers unpack ``x.shape`` and take ``**kwargs``, which plain torch.fx cann
 follow; with example inputs they trace on their example values.
 """
 
+import warnings
+
 import pytest
 import torch
 
@@ -148,3 +150,18 @@ def test_a_layer_traced_alone_on_its_hidden_states_keeps_both_blocks(models, nam
     blocks = blocks_of(result)
     assert [b.branch_weighted for b in blocks] == [tuple(BRANCHES[name][0]), tuple(BRANCHES[name][1])]
     assert blocks[0].input_producer == "input" and blocks[0].input_shape == (2, length, 32)
+
+
+def test_a_users_backward_hook_makes_no_warning_about_our_proxies(models):
+    # Tracing on example values runs modules on proxies; torch warns that a full backward hook
+    # cannot wrap one, naming aalconvert's proxy type: the trace is ours, the warning is noise.
+    model, inputs = models["llama"]
+    handle = model.layers[0].mlp.register_full_backward_hook(lambda module, grad_in, grad_out: None)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = trace_model(model, inputs)
+    finally:
+        handle.remove()
+    assert [r.name for r in result.regions] == [""]
+    assert not [w for w in caught if "backward hooks" in str(w.message)], [str(w.message) for w in caught]
