@@ -69,11 +69,29 @@ def plan_conversion(
     chosen = resolve(rules, rule_options)
     _check_not_converted_by_other_rules(model, chosen)
     if example_inputs is None:
-        example_inputs = self_described_inputs(model)
-    facts = gather_facts(model, example_inputs)
+        facts = _facts_on_self_described_inputs(model)
+    else:
+        facts = gather_facts(model, example_inputs)
     plan = make_plan(facts, chosen, skip_filter(skip, facts))
     _drop_sites_that_fail(plan, facts, model)
     return plan, facts
+
+
+def _facts_on_self_described_inputs(model: nn.Module) -> ModelFacts:
+    """``gather_facts`` on the inputs ``model`` describes itself (none: traced without values); a model
+    that fails on them says that they were its own, not the caller's."""
+    example_inputs = self_described_inputs(model)
+    try:
+        return gather_facts(model, example_inputs)
+    except ConversionError as error:
+        if example_inputs is None:
+            raise
+        shapes = ", ".join("None" if x is None else f"{tuple(x.shape)}" for x in example_inputs)
+        raise ConversionError(
+            f"no example_inputs were given, so the model was run on its own dummy_inputs ({shapes}, "
+            f"positional), and it failed ({_one_line(error.__cause__ or error)}); pass "
+            "example_inputs=(...) with the positional arguments model(*example_inputs) takes in training"
+        ) from error
 
 
 def _drop_sites_that_fail(plan: Plan, facts: ModelFacts, model: nn.Module) -> None:

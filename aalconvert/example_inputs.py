@@ -7,6 +7,8 @@ their main input and, for token models, a small dummy batch (``dummy_inputs``);
 image models give their channel count and image size in their config.
 """
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -14,7 +16,9 @@ from torch import nn
 def self_described_inputs(model: nn.Module) -> tuple | None:
     """Positional example inputs built from what ``model`` says of itself, or None if it says nothing.
 
-    Token models: ``model.dummy_inputs["input_ids"]`` (a few short sequences).
+    Token models: ``model.dummy_inputs`` (a few short sequences), each at its
+    position in ``model.forward``'s parameters (an encoder-decoder's
+    ``decoder_input_ids`` too), None between them.
     Image models (``main_input_name == "pixel_values"``): a batch of two random
     images of ``config.num_channels`` x ``config.image_size``. On the device
     (and, for images, the floating dtype) of the model's parameters.
@@ -26,7 +30,10 @@ def self_described_inputs(model: nn.Module) -> tuple | None:
     if name == "input_ids":
         dummy = getattr(model, "dummy_inputs", None)
         ids = dummy.get("input_ids") if isinstance(dummy, dict) else None
-        return (ids.to(device),) if isinstance(ids, torch.Tensor) else None
+        if not isinstance(ids, torch.Tensor):
+            return None
+        return _positional(model, {key: value.to(device) for key, value in dummy.items()
+                                   if isinstance(value, torch.Tensor)})
     if name == "pixel_values" and config is not None:
         size = getattr(config, "image_size", None)
         channels = getattr(config, "num_channels", 3)
@@ -38,3 +45,18 @@ def self_described_inputs(model: nn.Module) -> tuple | None:
         generator = torch.Generator().manual_seed(0)
         return (torch.randn(2, channels, *size, generator=generator).to(device=device, dtype=dtype),)
     return None
+
+
+def _positional(model: nn.Module, named: dict[str, torch.Tensor]) -> tuple:
+    """``named`` (always holding ``input_ids``) as positional arguments of ``model.forward``: each at its
+    parameter's position, None between them; names the signature does not take positionally are left out."""
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return (named["input_ids"],)
+    positional = [p.name for p in parameters
+                  if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    used = [positional.index(name) for name in named if name in positional]
+    if positional[:1] != ["input_ids"]:
+        return (named["input_ids"],)
+    return tuple(named.get(name) for name in positional[:max(used) + 1])

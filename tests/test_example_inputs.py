@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import aalconvert
+from aalconvert.errors import ConversionError
 from aalconvert.example_inputs import self_described_inputs
 from aalconvert.memory import measure_saved
 
@@ -50,3 +51,36 @@ def test_models_that_describe_no_input_get_none():
     vit, _ = models()["vit"]
     (pixels,) = self_described_inputs(vit)
     assert pixels.shape == (2, 3, 32, 32) and pixels.dtype == torch.float32
+
+
+def test_an_encoder_decoder_gets_its_decoder_inputs_at_their_positions():
+    # T5's dummy_inputs name decoder_input_ids too: input_ids alone fails in its forward.
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2, decoder_start_token_id=0,
+        pad_token_id=0))
+    inputs = self_described_inputs(model)
+    assert inputs[0] is not None and inputs[1] is None and inputs[2].shape == inputs[0].shape
+    converted = aalconvert.convert(model, "recompute")
+    assert any(type(m).__module__.startswith("aalconvert.") for m in converted.modules())
+
+
+class _Describes(nn.Module):
+    """A token model whose own dummy batch does not run."""
+
+    main_input_name = "input_ids"
+    dummy_inputs = {"input_ids": torch.zeros(2, 4, dtype=torch.long)}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(8, 4)
+
+    def forward(self, input_ids, needed):
+        return self.embed(input_ids) * needed
+
+
+def test_a_model_failing_on_its_own_dummy_inputs_says_they_were_its_own():
+    with pytest.raises(ConversionError, match=r"no example_inputs were given, so the model was run on "
+                       r"its own dummy_inputs \(\(2, 4\), positional\), and it failed \(TypeError: .*needed.*\); "
+                       r"pass example_inputs="):
+        aalconvert.convert(_Describes(), "exact")
