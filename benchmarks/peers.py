@@ -54,7 +54,7 @@ How each column is measured (CPU, one thread, fp32):
   node at a time in backward, which this peak cannot show. It packs the
   parameters layers save too: they count in "to host".
 
-    python benchmarks/peers.py                 # the README run (about 30 min on 2 CPU cores); re-runs in .zoo-venv/
+    python benchmarks/peers.py                 # the README run (about 40 min on 2 CPU cores); re-runs in .zoo-venv/
     python benchmarks/peers.py --quick         # tiny sizes, 2 rounds: a smoke run written to /tmp
     python benchmarks/peers.py --models vit_small --rounds 3 --no-compile
     python benchmarks/peers.py --render benchmarks/results/peers_cpu.json   # redraw .md and .png from a run
