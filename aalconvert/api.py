@@ -180,7 +180,8 @@ def convert(
     ``"asa"``, ``"approx8"``, ``"approx4"``, ``"approx2"``), a list of them, or
     Rule objects; see ``aalconvert.rules.available()``. ``rule_options``:
     ``ara_group`` (k, one k per stage, or ``"stage"``), ``asa_eps``,
-    ``asa_lr_expansion``, ``asa_variant``, ``bits``, ``stochastic``,
+    ``asa_lr_expansion``, ``asa_variant``, ``loss_head_gradients`` ("forward" or
+    "backward"), ``bits``, ``stochastic``,
     ``group_size``, ``min_numel``, ``scale_dtype``, ``companding``. ``skip``: module names or a predicate
     ``(module, name) -> bool``. ``example_inputs`` give shapes (else structure is used).
     The result shares the original Parameter objects (same state_dict keys);

@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import aalconvert  # noqa: E402
 from aalconvert.memory import measure_saved  # noqa: E402
 
-RULE_SETS = ["bp", "loss_head", "auto", "auto+approx4"]
+IN_FORWARD = "loss_head, gradients in forward"
+RULE_SETS = ["bp", "loss_head", IN_FORWARD, "auto", "auto+approx4"]
 SIZES = dict(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
              num_attention_heads=4, num_key_value_heads=4, bos_token_id=0, eos_token_id=0)
 
@@ -43,6 +44,8 @@ def build(rule_set: str, ids: torch.Tensor, small: bool) -> torch.nn.Module:
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**sizes)).train()
     if rule_set == "bp":
         return model
+    if rule_set == IN_FORWARD:
+        return aalconvert.convert(model, "loss_head", example_inputs=(ids,), loss_head_gradients="forward")
     return aalconvert.convert(model, rule_set.split("+"), example_inputs=(ids,))
 
 
@@ -109,6 +112,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "command": "python benchmarks/loss_head.py " + " ".join(argv or sys.argv[1:]),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": platform.platform(), "torch": torch.__version__, "logits_bytes": logits_bytes,
+            "head_weight_bytes": models["bp"].lm_head.weight.numel() * 4,
             "rows": list(rows.values()),
         }, indent=2))
     return list(rows.values())

@@ -8,6 +8,15 @@ flattens, upcasts and softcaps the logits works on deferred logits, and the
 final ``F.cross_entropy`` runs chunk by chunk without a tokens x vocabulary
 tensor. Any other use of the logits computes them as before. Loss and
 gradients equal the unfused head's up to fp32 rounding (the sums run per chunk).
+
+Option ``loss_head_gradients``: "backward" (default) keeps only the head's input
+and forms the logits again in backward (one more tokens x hidden x vocabulary
+matmul); "forward" forms the head's gradients while the loss is computed (as
+many matmuls as the plain head, so a faster step) and keeps a gradient the size
+of the head's weight until backward: the step's peak does not rise (backward
+would allocate it first thing; a few per-token vectors aside), but more is kept,
+a second backward through one loss (``retain_graph=True``) raises, and several
+forwards before one backward keep one each (``nn/linear_cross_entropy.py``).
 """
 
 from dataclasses import dataclass
@@ -15,6 +24,7 @@ from typing import Any
 
 from torch import nn
 
+from aalconvert.errors import ConversionError
 from aalconvert.facts import ModelFacts
 from aalconvert.nn.loss_head import LossHeadLinear
 from aalconvert.rules.base import Rule, Site, Skip
@@ -23,9 +33,14 @@ from aalconvert.rules.wiring import swap_module
 LANGUAGE_MODEL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForMaskedLM")
 
 
+GRADIENTS = ("forward", "backward")
+
+
 @dataclass(frozen=True)
 class LossHeadOptions:
-    """The loss-head rule has no options."""
+    """When a summed loss forms the head's gradients: "forward" or "backward" (``loss_head_gradients``)."""
+
+    gradients: str = "backward"
 
 
 def output_projection(model: nn.Module) -> tuple[str, nn.Module] | str:
@@ -59,7 +74,13 @@ class LossHeadRule(Rule):
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> "LossHeadRule":
-        return cls()
+        gradients = options.get("loss_head_gradients", "backward")
+        if gradients not in GRADIENTS:
+            raise ConversionError(
+                f"loss_head_gradients={gradients!r} must be 'backward' (the default: logits formed again "
+                "in backward) or 'forward' (gradients made with the loss: a faster step, a weight-sized "
+                "gradient kept until backward)")
+        return cls(LossHeadOptions(gradients))
 
     def find(self, facts: ModelFacts) -> tuple[list[Site], list[Skip]]:
         found = output_projection(facts.model)
@@ -74,4 +95,5 @@ class LossHeadRule(Rule):
 
     def apply(self, model: nn.Module, site: Site, facts: ModelFacts) -> nn.Module:
         module = model.get_submodule(site.module_name)
-        return swap_module(model, site.module_name, LossHeadLinear.from_module(module))
+        head = LossHeadLinear.from_module(module, gradients_in_forward=self.options.gradients == "forward")
+        return swap_module(model, site.module_name, head)

@@ -44,6 +44,7 @@ NAMES = ("auto", *_FACTORIES)
 
 # Which convert() keyword options each rule reads; an option no chosen rule reads is an error.
 OPTIONS_BY_RULE: dict[str, tuple[str, ...]] = {
+    "loss_head": ("loss_head_gradients",),
     "ara": ("ara_group",),
     "asa": ("asa_eps", "asa_lr_expansion", "asa_variant"),
     "approx": ("bits", "stochastic", "group_size", "min_numel", "scale_dtype", "companding"),

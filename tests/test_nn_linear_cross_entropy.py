@@ -68,21 +68,30 @@ def grads(loss, tensors, grad_output):
 
 
 def assert_matches(hidden, weight, bias, labels, rtol_loss=1e-6, rtol_grad=1e-5, **options):
-    """Loss and gradients of linear_cross_entropy equal the reference's within the tolerances."""
+    """Loss and gradients of linear_cross_entropy equal the reference's within the tolerances.
+
+    Both schemes (gradients formed in backward, and in forward) for a summed loss, unless
+    ``gradients_in_forward`` names one.
+    """
     chunk_size = options.pop("chunk_size", None)
+    schemes = [options.pop("gradients_in_forward")] if "gradients_in_forward" in options else \
+        [False, True] if options.get("reduction", "mean") != "none" else [False]
     expected = reference(hidden, weight, labels, bias, **options)
-    actual = linear_cross_entropy(hidden, weight, labels, bias, chunk_size=chunk_size, **options)
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    torch.testing.assert_close(actual, expected, rtol=rtol_loss, atol=1e-6, equal_nan=True)
     grad_output = upstream(expected)
     inputs = (hidden, weight, bias)
-    for got, want in zip(grads(actual, inputs, grad_output), grads(expected, inputs, grad_output)):
-        if want is None:
-            assert got is None
-            continue
-        assert got.dtype == want.dtype
-        scale = want.abs().amax().item() if want.numel() else 0.0
-        torch.testing.assert_close(got, want, rtol=rtol_grad, atol=1e-6 * (1 + scale))
+    wanted = grads(expected, inputs, grad_output)
+    for in_forward in schemes:
+        actual = linear_cross_entropy(hidden, weight, labels, bias, chunk_size=chunk_size,
+                                      gradients_in_forward=in_forward, **options)
+        assert actual.dtype == expected.dtype and actual.shape == expected.shape
+        torch.testing.assert_close(actual, expected, rtol=rtol_loss, atol=1e-6, equal_nan=True)
+        for got, want in zip(grads(actual, inputs, grad_output), wanted):
+            if want is None:
+                assert got is None
+                continue
+            assert got.dtype == want.dtype
+            scale = want.abs().amax().item() if want.numel() else 0.0
+            torch.testing.assert_close(got, want, rtol=rtol_grad, atol=1e-6 * (1 + scale))
 
 
 # ------------------------------------------------------------------ fp32 exactness over awkward shapes
@@ -99,21 +108,27 @@ SHAPES = [  # (token shape, hidden size, vocabulary, chunk_size)
 ]
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+SCHEMES = [  # (reduction, gradients_in_forward): both schemes for the summed losses
+    ("mean", False), ("mean", True), ("sum", False), ("sum", True), ("none", False)]
+
+
+@pytest.mark.parametrize("reduction,in_forward", SCHEMES)
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("tokens,hidden_size,vocab,chunk_size", SHAPES)
-def test_loss_and_gradients_match_torch_in_fp32(tokens, hidden_size, vocab, chunk_size, with_bias, reduction):
+def test_loss_and_gradients_match_torch_in_fp32(tokens, hidden_size, vocab, chunk_size, with_bias, reduction,
+                                                in_forward):
     hidden, weight, bias, labels = make_inputs(tokens, hidden_size, vocab, bias=with_bias, ignore_every=4)
-    assert_matches(hidden, weight, bias, labels, reduction=reduction, chunk_size=chunk_size)
+    assert_matches(hidden, weight, bias, labels, reduction=reduction, chunk_size=chunk_size,
+                   gradients_in_forward=in_forward)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("reduction,in_forward", SCHEMES)
 @pytest.mark.parametrize("label_smoothing,softcap", [(0.1, None), (1.0, None), (0.0, 2.5), (0.2, 30.0)])
-def test_label_smoothing_and_softcap_match_torch(label_smoothing, softcap, reduction):
+def test_label_smoothing_and_softcap_match_torch(label_smoothing, softcap, reduction, in_forward):
     hidden, weight, bias, labels = make_inputs((3, 5), 12, 37, ignore_every=3)
     hidden.data *= 3  # large logits, so the softcap bends them
     assert_matches(hidden, weight, bias, labels, reduction=reduction, label_smoothing=label_smoothing,
-                   softcap=softcap, chunk_size=4)
+                   softcap=softcap, chunk_size=4, gradients_in_forward=in_forward)
 
 
 def test_ignore_index_rows_contribute_nothing():
@@ -267,8 +282,8 @@ def saved_shapes(function) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
     return saved
 
 
-def test_nothing_with_a_vocabulary_dimension_is_saved_except_weight_and_bias():
-    """What is kept for backward: the inputs and per-token scalars, never an N x V tensor."""
+def test_backward_scheme_keeps_nothing_with_a_vocabulary_dimension_but_weight_and_bias():
+    """Logits formed again in backward: kept are the inputs and per-token scalars, never an N x V tensor."""
     tokens, vocab = (3, 7), 53
     hidden, weight, bias, labels = make_inputs(tokens, 16, vocab, ignore_every=4)
     # The check can see what plain torch keeps: its log-softmax has a vocabulary dimension.
@@ -286,6 +301,22 @@ def test_nothing_with_a_vocabulary_dimension_is_saved_except_weight_and_bias():
         assert kept <= 21 * (8 + 4) + 64  # labels (int64) and a log-sum-exp (fp32) per token, plus scalars
 
 
+@pytest.mark.parametrize("frozen", ["nothing", "weight and bias", "hidden"])
+def test_forward_scheme_keeps_exactly_the_gradients_that_are_needed(frozen):
+    """Gradients made in forward: kept is one tensor per input needing a gradient, in its shape and dtype."""
+    hidden, weight, bias, labels = make_inputs((3, 7), 16, 53, ignore_every=4)
+    if frozen == "weight and bias":
+        weight.requires_grad_(False), bias.requires_grad_(False)
+    if frozen == "hidden":
+        hidden.requires_grad_(False)
+    ours = saved_shapes(lambda: linear_cross_entropy(hidden, weight, labels, bias, softcap=5.0, chunk_size=4,
+                                                    gradients_in_forward=True))
+    needing = [t for t in (hidden.reshape(-1, 16), weight, bias) if t.requires_grad]
+    assert sorted(shape for _, shape in ours) == sorted(tuple(t.shape) for t in needing)
+    assert all(t.dtype == torch.float32 and t.data_ptr() not in (hidden.data_ptr(), weight.data_ptr(),
+                                                                bias.data_ptr()) for t, _ in ours)
+
+
 def test_input_modified_in_place_before_backward_raises_clearly():
     hidden, weight, bias, labels = make_inputs((5,), 8, 13)
     states = hidden * 1.0
@@ -295,9 +326,65 @@ def test_input_modified_in_place_before_backward_raises_clearly():
         loss.backward()
 
 
-def test_second_order_gradient_is_refused():
+def test_forward_scheme_gives_the_gradients_of_the_values_the_loss_was_computed_from():
+    """Changing an input after the loss changes nothing: its gradients were made from the forward's values."""
     hidden, weight, bias, labels = make_inputs((5,), 8, 13)
-    loss = linear_cross_entropy(hidden, weight, labels, bias)
+    expected = grads(reference(hidden, weight, labels, bias), (hidden, weight, bias), torch.tensor(1.0))
+    states = hidden * 1.0
+    loss = linear_cross_entropy(states, weight, labels, bias, gradients_in_forward=True)
+    states.add_(1.0)
+    with torch.no_grad():
+        weight.add_(0.5)  # as an optimizer step before backward would
+    loss.backward()
+    with torch.no_grad():
+        weight.sub_(0.5)
+    for got, want in zip((hidden.grad, weight.grad, bias.grad), expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("in_forward", [True, False])
+def test_gradient_accumulation_sums_like_torch(in_forward):
+    """Two micro-batches, each with its own backward, then two losses summed under one backward."""
+    first, second = make_inputs((6,), 8, 19, seed=1), make_inputs((6,), 8, 19, seed=2)
+    weight, bias = first[1], first[2]
+    reference_grads = [torch.zeros_like(t) for t in (weight, bias)]
+    for hidden, _, _, labels in (first, second):
+        for total, got in zip(reference_grads, grads(reference(hidden, weight, labels, bias) / 2, (weight, bias),
+                                                     torch.tensor(1.0))):
+            total += got
+    for hidden, _, _, labels in (first, second):
+        (linear_cross_entropy(hidden, weight, labels, bias, gradients_in_forward=in_forward) / 2).backward()
+    for got, want in zip((weight.grad, bias.grad), reference_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    weight.grad = bias.grad = None
+    losses = [linear_cross_entropy(h, weight, y, bias, gradients_in_forward=in_forward) / 2
+              for h, _, _, y in (first, second)]
+    sum(losses).backward()
+    for got, want in zip((weight.grad, bias.grad), reference_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_forward_scheme_refuses_a_second_backward_through_the_same_loss():
+    hidden, weight, bias, labels = make_inputs((5,), 8, 13)
+    loss = linear_cross_entropy(hidden, weight, labels, bias, gradients_in_forward=True)
+    loss.backward(retain_graph=True)
+    first = [t.grad.clone() for t in (hidden, weight, bias)]
+    with pytest.raises(RuntimeError, match="second backward through the same loss.*loss_head_gradients='backward'"):
+        loss.backward()
+    for tensor, want in zip((hidden, weight, bias), first):  # the first backward's gradients are left as they were
+        torch.testing.assert_close(tensor.grad, want, rtol=0, atol=0)
+    for got, want in zip(first, grads(reference(hidden, weight, labels, bias), (hidden, weight, bias),
+                                      torch.tensor(1.0))):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    again = linear_cross_entropy(hidden, weight, labels, bias)
+    again.backward(retain_graph=True)
+    again.backward()  # the backward scheme forms its gradients again each time
+
+
+@pytest.mark.parametrize("in_forward", [True, False])
+def test_second_order_gradient_is_refused(in_forward):
+    hidden, weight, bias, labels = make_inputs((5,), 8, 13)
+    loss = linear_cross_entropy(hidden, weight, labels, bias, gradients_in_forward=in_forward)
     (grad_hidden,) = torch.autograd.grad(loss, hidden, create_graph=True)
     torch.testing.assert_close(grad_hidden, torch.autograd.grad(reference(hidden, weight, labels, bias), hidden)[0],
                                rtol=1e-5, atol=1e-6)
@@ -362,6 +449,8 @@ def test_peak_memory_is_a_few_chunks_not_the_logits():
     (dict(divisor=4, reduction="sum"), "divisor replaces the token count"),
     (dict(divisor=torch.ones(2)), "one-element tensor"),
     (dict(hidden=torch.zeros(2, 3, 8, dtype=torch.float64)), "cast them to one dtype"),
+    (dict(gradients_in_forward=True, reduction="none"), "needs a loss summed over tokens"),
+    (dict(gradients_in_forward="yes"), "must be True or False"),
 ])
 def test_bad_arguments_raise_before_any_work(change, message):
     arguments = dict(hidden=torch.zeros(2, 3, 8), weight=torch.zeros(11, 8),

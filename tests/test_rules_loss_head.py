@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import aalconvert
+from aalconvert.errors import ConversionError
 from aalconvert.memory import measure_saved
 from aalconvert.nn.loss_head import DeferredLogits, DeferredLogitsError, LossHeadLinear
 
@@ -97,10 +98,56 @@ def test_training_step_gives_the_plain_loss_and_gradients(name):
     assert torch.equal(ours.logits + 0, plain.logits)  # computed on use, as the plain layer does
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2"])
-def test_num_items_in_batch_divides_the_summed_loss_as_hugging_face_does(name):
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_gradients_made_in_forward_give_the_plain_loss_and_gradients(name):
     model = build(name)
-    converted = aalconvert.convert(model, "loss_head")
+    converted = aalconvert.convert(model, "loss_head", loss_head_gradients="forward")
+    assert converted.get_output_embeddings().gradients_in_forward
+    assert "gradients in forward" in repr(converted.get_output_embeddings())
+    ids, labels = token_batch()
+    plain, plain_grads = step(model, ids, labels)
+    ours, our_grads = step(converted, ids, labels)
+    torch.testing.assert_close(ours.loss, plain.loss, rtol=1e-6, atol=0)
+    assert_close_gradients(our_grads, plain_grads)
+    assert torch.equal(ours.logits + 0, plain.logits)
+
+
+def test_gradients_made_in_forward_keep_the_heads_gradient_not_the_logits_and_refuse_a_second_backward():
+    model = build("llama")
+    ids, labels = token_batch()
+    converted = {gradients: aalconvert.convert(model, "loss_head", loss_head_gradients=gradients)
+                 for gradients in ("backward", "forward")}
+    kept = {gradients: measure_saved(lambda m=m: m(ids, labels=labels).loss, m.parameters()).nbytes
+            for gradients, m in converted.items()}
+    # The forward scheme keeps the head's weight gradient and its input's gradient; the backward one
+    # that input (the same size) and a label and a log-sum-exp per token (at most 16 bytes).
+    head_gradient = model.lm_head.weight.numel() * 4
+    assert head_gradient - 16 * ids.numel() <= kept["forward"] - kept["backward"] <= head_gradient
+    loss = converted["forward"](ids, labels=labels).loss
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="loss_head_gradients='backward'"):
+        loss.backward()
+    loss = converted["backward"](ids, labels=labels).loss
+    loss.backward(retain_graph=True)
+    loss.backward()
+
+
+def test_a_bad_loss_head_gradients_option_raises_before_any_change():
+    model = build("gpt2")
+    with pytest.raises(ConversionError, match="loss_head_gradients='sideways' must be 'backward'"):
+        aalconvert.convert(model, "loss_head", loss_head_gradients="sideways")
+    with pytest.raises(ConversionError, match="loss_head_gradients"):
+        aalconvert.convert(model, "exact", loss_head_gradients="forward")  # no chosen rule reads it
+    assert type(model.lm_head) is nn.Linear
+    reverted = aalconvert.revert(aalconvert.convert(model, "loss_head", loss_head_gradients="forward"))
+    assert type(reverted.lm_head) is nn.Linear and not hasattr(reverted.lm_head, "gradients_in_forward")
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("gradients", ["backward", "forward"])
+def test_num_items_in_batch_divides_the_summed_loss_as_hugging_face_does(name, gradients):
+    model = build(name)
+    converted = aalconvert.convert(model, "loss_head", loss_head_gradients=gradients)
     ids, labels = token_batch()
     count = torch.tensor(37)
     plain, plain_grads = step(model, ids, labels, num_items_in_batch=count)

@@ -10,8 +10,10 @@ remembers ``hidden``, the weight and the bias. Hugging Face's loss functions
 (and a user's own) shift, flatten and upcast it, and finally call
 ``F.cross_entropy`` on it: that call becomes
 ``aalconvert.nn.functional.linear_cross_entropy`` on the remembered tensors,
-which forms the logits chunk by chunk and keeps no tensor with a vocabulary
-dimension. Loss and gradients equal the unfused head's up to fp32 rounding.
+which forms the logits chunk by chunk and keeps no tensor with a tokens x
+vocabulary shape (or, with ``gradients_in_forward``, forms the head's
+gradients during forward and keeps those: see that module). Loss and gradients equal the unfused
+head's up to fp32 rounding.
 
 Everything else done with the deferred logits computes them first, once, as
 the plain layer would have (same op, same autocast state, cached), so any
@@ -79,12 +81,14 @@ class DeferredLogits(torch.Tensor):
     values: tuple
 
     @staticmethod
-    def __new__(cls, hidden, weight, bias, dtype, autocast, values=(), versions=None):
+    def __new__(cls, hidden, weight, bias, dtype, autocast, values=(), versions=None, gradients_in_forward=False):
         shape = (*hidden.shape[:-1], weight.shape[0])
         return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=hidden.device)
 
-    def __init__(self, hidden, weight, bias, dtype, autocast, values=(), versions=None) -> None:
+    def __init__(self, hidden, weight, bias, dtype, autocast, values=(), versions=None,
+                 gradients_in_forward=False) -> None:
         self.hidden, self.weight, self.bias = hidden, weight, bias
+        self.gradients_in_forward = gradients_in_forward  # the layer's choice, for the chunked loss
         self.autocast = autocast  # (device type, enabled, dtype) of the layer's call
         self.values = tuple(values)
         self.versions = versions if versions is not None else self._current_versions()
@@ -101,7 +105,7 @@ class DeferredLogits(torch.Tensor):
     def _derived(self, hidden: torch.Tensor | None = None, value=None, dtype=None) -> "DeferredLogits":
         return DeferredLogits(
             self.hidden if hidden is None else hidden, self.weight, self.bias, dtype or self.dtype,
-            self.autocast, self.values + ((value,) if value else ()), self.versions,
+            self.autocast, self.values + ((value,) if value else ()), self.versions, self.gradients_in_forward,
         )
 
     def softcap(self) -> float | None | bool:
@@ -228,6 +232,7 @@ def _chunked_cross_entropy(
         return linear_cross_entropy(
             logits.hidden, logits.weight, target, bias=logits.bias, ignore_index=ignore_index,
             reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
+            gradients_in_forward=logits.gradients_in_forward and reduction != "none",
         )
 
 
@@ -239,15 +244,20 @@ class LossHeadLinear(nn.Linear):
     """
 
     _plain_type: ClassVar[type[nn.Module]] = nn.Linear
+    gradients_in_forward: bool
+    """Whether a summed loss forms the head's gradients in forward (fewer matmuls) or in backward
+    (logits formed again; a second backward works): ``linear_cross_entropy``'s two schemes."""
 
     @classmethod
-    def from_module(cls, module: nn.Linear) -> "LossHeadLinear":
+    def from_module(cls, module: nn.Linear, gradients_in_forward: bool = False) -> "LossHeadLinear":
         if type(module) is not nn.Linear:
             raise TypeError(f"LossHeadLinear.from_module expects an nn.Linear, got {type(module).__name__}")
-        return rebuild_as(cls, module)
+        head = rebuild_as(cls, module)
+        head.gradients_in_forward = gradients_in_forward
+        return head
 
     def to_module(self) -> nn.Linear:
-        return rebuild_as(nn.Linear, self)
+        return rebuild_as(nn.Linear, self, drop=("gradients_in_forward",))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self._defers(input):
@@ -256,7 +266,8 @@ class LossHeadLinear(nn.Linear):
         enabled = torch.is_autocast_enabled(device_type)
         autocast_dtype = torch.get_autocast_dtype(device_type)
         dtype = autocast_dtype if enabled else torch.result_type(input, self.weight)
-        return DeferredLogits(input, self.weight, self.bias, dtype, (device_type, enabled, autocast_dtype))
+        return DeferredLogits(input, self.weight, self.bias, dtype, (device_type, enabled, autocast_dtype),
+                              gradients_in_forward=self.gradients_in_forward)
 
     def _defers(self, input: torch.Tensor) -> bool:
         return (
@@ -269,4 +280,5 @@ class LossHeadLinear(nn.Linear):
         )
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, logits formed inside the loss in chunks"
+        when = "forward" if self.gradients_in_forward else "backward"
+        return f"{super().extra_repr()}, logits formed inside the loss in chunks, gradients in {when}"
