@@ -13,6 +13,7 @@ from aalconvert.checkpointing import remove_checkpoints
 from aalconvert.errors import ConversionError
 from aalconvert.example_inputs import self_described_inputs
 from aalconvert.facts import ModelFacts, gather_facts
+from aalconvert.hf_masks import causal_masks_as_in_eager, passes_positions
 from aalconvert.memory import (
     SavedByModule,
     TwoValuedStorages,
@@ -330,7 +331,7 @@ def _saved_by_module(
     """What a training forward of ``model`` keeps and its step's peak, on fake tensors, else on the
     meta device (noted)."""
     try:
-        with fake_mode:
+        with fake_mode, causal_masks_as_in_eager(passes_positions(model, inputs, keywords)):
             return _simulated_step(model, lambda: model(*inputs, **keywords), tuple(model.parameters()),
                                    (*model.parameters(), *model.buffers(), *tensors_in((inputs, keywords))), notes)
     except Exception as error:  # an op without a fake implementation: the meta device may do
