@@ -49,6 +49,12 @@ How the plan is chosen:
    gradients and the first layers' activations make the peak (the end of
    backward), a plan that keeps less can peak higher (decoded copies, a
    block recomputing), so the floor is not always the plan that keeps least.
+6. Checkpointing the first block too. When the plan found compresses inside
+   the blocks (an approx, ARA or ASA unit), the search is run once more on
+   the tiers that leave every number as it is (lossless, the loss head) and
+   checkpointing, whose first block is then a candidate
+   (``_checkpointing_instead``); where that fits, it is the plan: a second
+   forward of the first block costs less than compressing it.
 
 A checkpointed block counts its inputs (or their copies) as kept; the simulated step runs its
 recomputation in backward, so the peak counts what it keeps under BP alive
@@ -89,6 +95,13 @@ examples, except checkpointed convolutional nets (up to 4.4 % under on resnet_bo
 budget that also holds parameters and optimizer state): tests/test_step_memory.py, tests/test_budget.py.
 A GPU's caching allocator rounds and fragments on top of that: leave it room below the device's memory
 when choosing the budget."""
+
+
+PLANNED_LOSS_HEAD = "forward"
+"""How the planner's loss head makes its gradients (``loss_head_gradients``, unless given): in forward.
+
+The planner fits a step's peak, which the two schemes share (the weight-sized gradient kept from
+forward is what backward allocates first), and takes the faster one: one matmul fewer."""
 
 
 def usable_bytes(budget_bytes: int) -> int:
@@ -287,6 +300,8 @@ def tier_rules(tiers: list[str], rule_options: dict[str, Any]) -> list[Rule]:
     if "bits" in rule_options:
         raise ConversionError("bits= does not apply with a budget: the planner chooses the bit widths")
     registered = [name for name in tiers if name not in CHECKPOINT_RULES]
+    if "loss_head" in registered:
+        rule_options = {"loss_head_gradients": PLANNED_LOSS_HEAD, **rule_options}
     approx = [name for name in registered if name.startswith("approx")]
     resolve([name for name in registered if name not in approx] + approx[:1] or ["exact"], rule_options)
     compressing = any(name.startswith("approx") for name in tiers)  # then the first block is better compressed
@@ -499,9 +514,10 @@ def plan_budget(
         lowest = min(ladders, key=lambda ladder: ladder.floor)
         raise _under_floor(budget_bytes, floor_peak, lowest.evaluate(lowest.floor_units)[1], batch,
                            _not_checkpointed(ladders[0].plans[-1] if ladders[0].plans else None))
-    prefix = _smallest_fitting_prefix(lambda n: ladder.evaluate(n)[2], usable, ladder.tier_ends, bp_peak)
-    taken = ladder.without_needless_tiers(tuple(range(prefix)), usable)
-    taken, plain = ladder.without_needless_checkpoints(taken, usable) if taken else ((), ())
+    taken, plain = ladder.fitting_units(usable, bp_peak)
+    if ladder is ladders[0] and ladder.compresses(taken):
+        ladder, taken, plain = _checkpointing_instead(estimator, tiers, rule_options, usable, bp_peak,
+                                                      (ladder, taken, plain))
     plan, report, _ = ladder.evaluate_units(taken, plain) if taken else (Plan(rules=[]), bp_report, 0)
     peaks = [bp_peak] + ladder.peaks_by_tier
     steps, choices, used = [], [], []
@@ -525,6 +541,26 @@ def plan_budget(
         site_tiers=site_tiers([ladder.order[i] for i in taken], ladder.tiers), plain_blocks=plain,
         recompute_bytes=recompute_bytes(checkpointed(plan), estimator.bp),
     )
+
+
+def _checkpointing_instead(estimator: _Estimator, tiers: list[str], rule_options: dict[str, Any], usable: int,
+                           bp_peak: int, compressed: tuple) -> tuple:
+    """A plan without compression inside the blocks, the first block checkpointed too, where one fits.
+
+    With compressing tiers among the candidates, checkpointing leaves the first
+    block out (compressed, it keeps less at the end of backward, where its
+    recomputation would make the peak); but where the budget holds every block
+    checkpointed, compressing costs more time and fidelity than checkpointing
+    the first block as well. ``compressed``: the (ladder, taken, plain) to keep
+    otherwise.
+    """
+    order = [tier for tier in tiers if tier in CHECKPOINT_RULES or RULE_COSTS[tier].fidelity_loss == 0]
+    if not any(tier in CHECKPOINT_RULES for tier in order):
+        return compressed
+    ladder = _Ladder(estimator, order, rule_options)
+    if min(bp_peak, ladder.floor) > usable:
+        return compressed
+    return (ladder, *ladder.fitting_units(usable, bp_peak))
 
 
 class _Ladder:
@@ -575,6 +611,17 @@ class _Ladder:
             report = self.estimator.report(merged, self.estimator.kept(merged))
             self.cache[taken, plain] = merged, report, report.totals.peak_converted_bytes
         return self.cache[taken, plain]
+
+    def fitting_units(self, usable: int, bp_peak: int) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        """The units of the smallest fitting prefix, less what the plan fits without, and the blocks left plain."""
+        prefix = _smallest_fitting_prefix(lambda n: self.evaluate(n)[2], usable, self.tier_ends, bp_peak)
+        taken = self.without_needless_tiers(tuple(range(prefix)), usable)
+        return self.without_needless_checkpoints(taken, usable) if taken else ((), ())
+
+    def compresses(self, taken: tuple[int, ...]) -> bool:
+        """Whether units at ``taken`` include a tier that changes numbers inside the blocks (approx, ARA, ASA)."""
+        return any(self.order[i].tier not in CHECKPOINT_RULES and RULE_COSTS[self.order[i].tier].fidelity_loss != 0
+                   for i in taken)
 
     def without_needless_tiers(self, taken: tuple[int, ...], usable: int) -> tuple[int, ...]:
         """``taken`` less the units of each approximate tier (one that costs fidelity) the plan still

@@ -77,10 +77,11 @@ RULE_COSTS: dict[str, RuleCost] = {cost.rule: cost for cost in (
     RuleCost("recompute", True, 1.28, 0.53, 0.0,
              source=f"time, kept: {_MEMORY} (recompute + exact); fidelity: bit-identical gradients "
                     "(tests/test_lossless_guarantees.py)"),
-    RuleCost("loss_head", False, 1.031, 0.409, 0.0,
+    RuleCost("loss_head", False, 0.943, 0.704, 0.0,
              source="time, kept: benchmarks/results/loss_head_cpu.json of 2026-12-01 05:41 UTC (Llama, vocabulary "
-                    "32k, logits formed again in backward); fidelity: equal to the plain head up to fp32 rounding "
-                    "(tests)"),
+                    "32k, gradients made in forward, as the planner builds it: faster than BP's head, and the "
+                    "weight-sized gradient it keeps is allocated by BP's backward first thing); fidelity: equal "
+                    "to the plain head up to fp32 rounding (tests)"),
     RuleCost("checkpoint", False, 1.252, 0.235, 0.0,
              source="time, kept: benchmarks/results/peers_cpu.json of 2026-12-01 03:50 UTC (torch.utils.checkpoint "
                     "per block, median of torchvision ResNet-50, timm ViT-S, Hugging Face Llama); fidelity: the "
