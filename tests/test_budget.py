@@ -279,6 +279,24 @@ def test_the_floor_is_reachable_with_or_without_checkpointing(widest):
     assert plan.peak_bytes <= everything.floor_bytes
 
 
+def test_where_every_block_checkpointed_fits_the_first_block_is_checkpointed_rather_than_compressed(monkeypatch):
+    model, inputs = synthetic()
+    uncompressed = ["recompute", "exact", "checkpoint"]
+    budget = plan_budget(model, 1 << 40, inputs, rules=uncompressed).floor_bytes  # every block checkpointed
+    plan = plan_budget(model, budget, inputs)
+    blocks = [name for name, rule in plan.decisions.items() if rule == "checkpoint"]
+    assert blocks[0] == "blocks.0"  # (the last blocks may stay plain: backward reaches them first)
+    assert set(plan.decisions.values()) <= {*uncompressed, "loss_head"} and plan.fits
+    # Without that second search the first block is compressed: the case it is for.
+    monkeypatch.setattr(aalconvert.budget, "_checkpointing_instead", lambda *args: args[-1])
+    compressed = plan_budget(model, budget, inputs)
+    assert "blocks.0" not in compressed.decisions or compressed.decisions["blocks.0"] != "checkpoint"
+    assert set(compressed.decisions.values()) - {*uncompressed, "loss_head"}
+    # Under that floor, compressing is what fits.
+    tighter = plan_budget(model, budget - budget // 50, inputs)
+    assert tighter.fits and set(tighter.decisions.values()) - {*uncompressed, "loss_head"}
+
+
 class Appends:
     """A cache-like object: each block call appends its input (as a Hugging Face DynamicCache grows)."""
 
