@@ -82,12 +82,12 @@ RULE_COSTS: dict[str, RuleCost] = {cost.rule: cost for cost in (
                     "32k, gradients made in forward, as the planner builds it: faster than BP's head, and the "
                     "weight-sized gradient it keeps is allocated by BP's backward first thing); fidelity: equal "
                     "to the plain head up to fp32 rounding (tests)"),
-    RuleCost("checkpoint", False, 1.252, 0.235, 0.0,
-             source="time, kept: benchmarks/results/peers_cpu.json of 2026-12-01 03:50 UTC (torch.utils.checkpoint "
+    RuleCost("checkpoint", False, 1.31, 0.235, 0.0,
+             source="time, kept: benchmarks/results/peers_cpu.json of 2026-12-01 07:21 UTC (torch.utils.checkpoint "
                     "per block, median of torchvision ResNet-50, timm ViT-S, Hugging Face Llama); fidelity: the "
                     "same gradients (the forward runs again with the same RNG state)"),
-    RuleCost("checkpoint4", False, 1.207, 0.2, 0.093, bits=4, follows="checkpoint",
-             source="time, kept: benchmarks/results/peers_cpu.json of 2026-12-01 03:50 UTC (the 'checkpoint, 4-bit "
+    RuleCost("checkpoint4", False, 1.333, 0.2, 0.093, bits=4, follows="checkpoint",
+             source="time, kept: benchmarks/results/peers_cpu.json of 2026-12-01 07:21 UTC (the 'checkpoint, 4-bit "
                     "inputs' rows, median of the same three models; ResNet-50's blocks keep full inputs); "
                     "fidelity: not trained, approx4's worst (resnet_basic 0.09 points below BP) taken as its bound: "
                     "its gradient cosine to BP is 0.996-0.9997 on the models it takes "
