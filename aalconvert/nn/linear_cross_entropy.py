@@ -446,13 +446,8 @@ def linear_cross_entropy(
     if reduction == "none":
         return losses.reshape(labels.shape)
     total = losses.sum()
-    if reduction == "sum":
-        return total
-    if divisor is None:
-        return total / (flat_labels != ignore_index).sum()
-    if isinstance(divisor, torch.Tensor):
-        divisor = divisor.detach().to(total.device)
-    return total / divisor
+    divisor = _divisor(reduction, divisor, flat_labels, ignore_index)
+    return total if divisor is None else total / divisor
 
 
 def _divisor(reduction, divisor, flat_labels, ignore_index) -> torch.Tensor | float | None:

@@ -12,8 +12,8 @@ remembers ``hidden``, the weight and the bias. Hugging Face's loss functions
 ``aalconvert.nn.functional.linear_cross_entropy`` on the remembered tensors,
 which forms the logits chunk by chunk and keeps no tensor with a tokens x
 vocabulary shape (or, with ``gradients_in_forward``, forms the head's
-gradients during forward and keeps those: see that module). Loss and gradients equal the unfused
-head's up to fp32 rounding.
+gradients during forward and keeps those: see that module). Loss and
+gradients equal the unfused head's up to fp32 rounding.
 
 Everything else done with the deferred logits computes them first, once, as
 the plain layer would have (same op, same autocast state, cached), so any
