@@ -267,10 +267,22 @@ class _Estimator:
         self.optimizer = optimizer
         self.facts = gather_facts(self.target, self.inputs)
         self.skip = skip_filter(skip, self.facts)
+        self._kept_by_sites: dict[tuple, SavedByModule] = {}
         self.bp = self.kept(Plan(rules=[]))
 
     def kept(self, plan: Plan) -> SavedByModule:
-        """What a forward of the model converted by ``plan`` keeps, checkpointed blocks' inputs included."""
+        """What a forward of the model converted by ``plan`` keeps, checkpointed blocks' inputs included.
+
+        Remembered per set of sites: the ladders of one planning share their
+        first tiers (and bisection revisits prefixes), and one fake step of a
+        real model takes seconds.
+        """
+        key = _sites_key(plan)
+        if key not in self._kept_by_sites:
+            self._kept_by_sites[key] = self._simulate(plan)
+        return self._kept_by_sites[key]
+
+    def _simulate(self, plan: Plan) -> SavedByModule:
         copy = fake_copy(self.target, self.fake_mode, self.device).train()
         copy = apply_plan(copy, plan, self.facts)
         saved = self.api._saved_by_module(copy, self.inputs, self.keywords, self.fake_mode, self.notes)
@@ -285,6 +297,15 @@ class _Estimator:
         estimated_on = self.api._estimated_on(self.notes)
         return build_report(self.facts, plan, self.bp, kept, optimizer=self.optimizer,
                             estimated_on=estimated_on, notes=list(dict.fromkeys(self.notes)))
+
+
+def _sites_key(plan: Plan) -> tuple:
+    """What decides a converted forward: per site, in order, its module, its rule with that rule's options,
+    and its payload (reprs: payloads hold chains and graph nodes, not hashable)."""
+    rules = {rule.name: repr(rule) for rule in plan.rules}
+    return tuple((name, site.rule, rules[site.rule], site.requires,
+                  tuple(sorted((key, repr(value)) for key, value in site.payload.items())))
+                 for name, site in plan.sites.items())
 
 
 def apply_plan(model: nn.Module, plan: Plan, facts: ModelFacts) -> nn.Module:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import aalconvert
+import aalconvert.budget as budget_module
 from aalconvert.budget import HEADROOM, BudgetError, plan_budget, smallest_budget, usable_bytes
 from aalconvert.checkpointing import CHECKPOINT_RULES, checkpoint_inputs, inside, is_checkpointed
 from aalconvert.costs import RULE_COSTS, tier_order
@@ -196,6 +197,26 @@ def test_the_plan_is_deterministic(widest):
     budget = between(widest.floor_bytes, widest.peak_bp_bytes, 0.2)
     first, second = plan_rules(model, budget, inputs), plan_rules(model, budget, inputs)
     assert first.to_dict() == second.to_dict()
+
+
+def test_a_plan_simulates_each_set_of_sites_once_and_plans_as_without_the_memory(widest, monkeypatch):
+    model, inputs = synthetic()
+    budget = between(widest.floor_bytes, widest.peak_bp_bytes, 0.2)
+    simulated, simulate = [], budget_module._Estimator._simulate
+
+    def counted(self, plan):
+        simulated.append(budget_module._sites_key(plan))
+        return simulate(self, plan)
+
+    monkeypatch.setattr(budget_module._Estimator, "_simulate", counted)
+    remembered = plan_rules(model, budget, inputs)
+    assert len(simulated) == len(set(simulated))
+    steps_remembered = len(simulated)
+    monkeypatch.setattr(budget_module, "_sites_key", lambda plan: object())  # every plan simulated afresh
+    simulated.clear()
+    fresh = plan_rules(model, budget, inputs)
+    assert len(simulated) > steps_remembered  # the ladders do share plans here
+    assert fresh.to_dict() == remembered.to_dict()
 
 
 def test_mixed_bit_widths_with_the_first_and_last_layers_kept_at_8_bits(widest):
