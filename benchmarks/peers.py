@@ -45,8 +45,12 @@ How each column is measured (CPU, one thread, fp32):
 - step peak: the largest running sum of the same events over the whole step,
   above what was alive before it (parameters, inputs): activations, gradients,
   transients.
-- step time / BP: median over ``--rounds`` of the step time, every method's
-  step interleaved in each round, over BP's median.
+- step time / BP: median over the rounds of the step time, every method's
+  step interleaved in each round, over BP's median. At least ``--rounds``
+  rounds, and enough that each method runs ``--seconds`` of steps (the
+  Llama's short steps get about 30); the target's "faster" and "slower" need
+  the 95 % interval of the ratio of two medians (bootstrap over the rounds)
+  to lie wholly on one side of 1.
 - ``save_on_cpu(pin_memory=True)`` on a CPU-only machine copies each saved
   tensor into new memory of the same kind; those copies (the allocations made
   inside its pack hook) are counted as moved off the device ("to host"), not as
@@ -70,7 +74,9 @@ import copy
 import functools
 import gc
 import json
+import math
 import platform
+import random
 import statistics
 import sys
 import time
@@ -404,6 +410,12 @@ def step_times(runners: dict[str, Runner], rounds: int) -> dict[str, list[float]
     return times
 
 
+def rounds_for(bp_step_seconds: float, rounds: int, seconds: float) -> int:
+    """At least ``rounds``, and enough that a method as fast as BP runs ``seconds`` of steps (at most 60):
+    one short step strays by 10 % on this machine, and the median of many does not."""
+    return max(rounds, min(60, math.ceil(seconds / max(bp_step_seconds, 1e-6))))
+
+
 def spread(times: list[float]) -> float:
     """The rounds' median absolute deviation over their median: how far one round strays (0.03 = 3 %)."""
     middle = statistics.median(times)
@@ -471,8 +483,8 @@ def planner_predictions(workload: Workload) -> dict[str, int | None]:
     return found
 
 
-def measure_workload(workload: Workload, methods: list[str], rounds: int, log: Callable[[str], None] = print
-                     ) -> dict:
+def measure_workload(workload: Workload, methods: list[str], rounds: int, log: Callable[[str], None] = print,
+                     seconds: float = 0.0) -> dict:
     """Every method (and the planner at its budgets) on one workload: a record with one row per method."""
     prepared: dict[str, tuple[Method, Runner | None, StepMemory | None]] = {}
     for name in methods:
@@ -492,6 +504,7 @@ def measure_workload(workload: Workload, methods: list[str], rounds: int, log: C
         method = planner_method(workload, label, budget)
         prepared[method.name] = prepare(workload, method)
     runners = {name: runner for name, (_, runner, _) in prepared.items() if runner is not None}
+    rounds = rounds_for(runners[BP].timed_step(), rounds, seconds)
     log(f"  {workload.name}: timing {len(runners)} methods x {rounds} rounds")
     times = step_times(runners, rounds)
     saved = {name: saved_hooks_bytes(runner) for name, runner in runners.items()
@@ -499,7 +512,7 @@ def measure_workload(workload: Workload, methods: list[str], rounds: int, log: C
     bp_seconds = statistics.median(times[BP])
     rows = [make_row(method, memory, times.get(name), saved.get(name), bp_memory, bp_seconds)
             for name, (method, _, memory) in prepared.items()]
-    return {"model": workload.name, "sizes": workload.sizes, "parameter_bytes": parameter_bytes,
+    return {"model": workload.name, "sizes": workload.sizes, "parameter_bytes": parameter_bytes, "rounds": rounds,
             "budgets": budgets, "predicted": predicted, "rows": rows, "target": target_verdict(rows)}
 
 
@@ -525,19 +538,33 @@ def make_row(method: Method, memory: StepMemory | None, rounds: list[float] | No
 MIN_KEPT_GAIN = 0.01  # "keeps less" needs at least 1 % fewer bytes than checkpointing, not a few kilobytes
 
 
-def noise(*rows: dict) -> float:
-    """The larger relative spread of the rows' rounds: step-time differences below it are not told apart."""
-    return max(row.get("time_spread", 0.0) for row in rows)
+CONFIDENCE = 0.95
+RESAMPLES = 2000
+
+
+def ratio_interval(rounds: list[float], reference: list[float]) -> tuple[float, float]:
+    """The ``CONFIDENCE`` interval of median(rounds) / median(reference): a bootstrap over each method's rounds.
+
+    Per-round scatter says how far one step strays; the median of many strays
+    less, and this interval says by how much. Seeded, so a rendering of the
+    same rounds gives the same verdict.
+    """
+    sample = random.Random(0)
+    ratios = sorted(statistics.median(sample.choices(rounds, k=len(rounds)))
+                    / statistics.median(sample.choices(reference, k=len(reference))) for _ in range(RESAMPLES))
+    tail = int(RESAMPLES * (1 - CONFIDENCE) / 2)
+    return ratios[tail], ratios[-1 - tail]
 
 
 def target_verdict(rows: list[dict]) -> dict:
     """Issue 14's target on one model, from the rows: is the planner at checkpointing's measured peak faster
     than checkpointing, and does some planner row at checkpointing's step time or less keep less?
 
-    Faster means by more than the rounds stray (``noise``); a planner row within
-    that noise of checkpointing's time counts as at its step time; keeping less
-    means by at least ``MIN_KEPT_GAIN``. The planner at its floor is
-    reported beside it (the speed part counts only at checkpointing's peak).
+    Faster means the ``CONFIDENCE`` interval of the ratio of the two median
+    step times (``ratio_interval``) lies under 1; a planner row counts as at
+    checkpointing's step time unless that interval lies over 1; keeping less
+    means by at least ``MIN_KEPT_GAIN``. The planner at its floor is reported
+    beside it (the speed part counts only at checkpointing's peak).
     """
     by_name = {row["method"]: row for row in rows}
     ckpt = by_name.get(CHECKPOINT)
@@ -546,27 +573,31 @@ def target_verdict(rows: list[dict]) -> dict:
         return {"met": False, "faster": None, "keeps_less": None, "text": "target not measured: checkpointing "
                 "did not run"}
 
+    def interval(row: dict) -> tuple[float, float]:
+        return ratio_interval(row["rounds_s"], ckpt["rounds_s"])
+
     def speed(label: str) -> tuple[bool, str]:
         row = by_name.get(f"plan @ {label}")
         if not row or not row["ok"]:
             why = row["error"].split(" (", 1)[0] if row else "no row"  # a BudgetError's first clause
             return False, f"at {label} the planner did not run ({why})"
-        gain, spread_ = 1 - row["time_ratio"] / ckpt["time_ratio"], noise(row, ckpt)
-        faster = gain > spread_
-        verdict = "faster" if faster else "NOT faster" if gain < -spread_ else "NOT faster (within noise)"
+        low, high = interval(row)
+        faster = high < 1
+        verdict = "faster" if faster else "NOT faster" if low > 1 else "NOT faster (within noise)"
         return faster, (f"at {label} the planner takes {row['time_ratio']:.2f}x BP vs checkpointing's "
-                        f"{ckpt['time_ratio']:.2f}x: {verdict} (rounds stray by up to {spread_:.0%})")
+                        f"{ckpt['time_ratio']:.2f}x: {verdict} (time ratio {low:.2f}-{high:.2f} at "
+                        f"{CONFIDENCE:.0%} confidence, {len(row['rounds_s'])} rounds)")
 
     faster, faster_text = speed(AT_CHECKPOINT)
     _, floor_text = speed(AT_FLOOR)
-    in_time = [row for row in plans if row["time_ratio"] <= ckpt["time_ratio"] * (1 + noise(row, ckpt))]
+    in_time = [row for row in plans if interval(row)[0] <= 1]
     best = min(in_time, key=lambda row: row["kept_bytes"], default=None)
     keeps_less = best is not None and best["kept_bytes"] <= ckpt["kept_bytes"] * (1 - MIN_KEPT_GAIN)
     if best is None:
         less_text = (f"no planner row is as fast as checkpointing ({ckpt['time_ratio']:.2f}x): "
                      "keeps less at its step time NOT shown")
     else:
-        less_text = (f"at checkpointing's step time (within noise) the planner keeps as little as "
+        less_text = (f"at checkpointing's step time (not shown slower) the planner keeps as little as "
                      f"{best['kept_ratio']:.3f} of BP ({best['method']}, {best['time_ratio']:.2f}x) vs checkpointing's "
                      f"{ckpt['kept_ratio']:.3f}: {'less' if keeps_less else f'NOT {MIN_KEPT_GAIN:.0%} less'}")
     met = bool(faster and keeps_less)
@@ -649,7 +680,7 @@ def markdown(result: dict) -> str:
     """The whole report: how it was run and measured, one table and target line per model."""
     lines = [f"# Peers side by side ({result['date'][:10]}, CPU)", "",
              f"`{result['command']}`: torch {result['torch']}, {result['machine']}, {result['threads']} thread(s), "
-             f"fp32, median of {result['rounds']} interleaved rounds, {result['seconds'] / 60:.1f} min; "
+             f"fp32, median of {rounds_text(result)} interleaved rounds, {result['seconds'] / 60:.1f} min; "
              f"{result.get('malloc', 'the system malloc as it is')}.", "",
              "Kept for backward: bytes allocated in the forward + loss and alive when it returns; step peak: "
              "the most bytes alive above the step's start (activations, gradients, transients; parameters and "
@@ -658,12 +689,19 @@ def markdown(result: dict) -> str:
              "and 3/4 of the way from it to the planner's floor, and the floor (the least budget any of its plans "
              "fits); halfway from the first to parameters + BP's measured step peak (SGD, no optimizer state). The target's speed part is read at the first. ± after a "
              "step time: how far one round "
-             "strays from the median (median absolute deviation).", ""]
+             "strays from the median (median absolute deviation); faster or slower than checkpointing: the "
+             f"{CONFIDENCE:.0%} interval of the ratio of medians (bootstrap over the rounds) on one side of 1.", ""]
     lines += ["Ratios to BP (kept for backward / step peak / step time):", "", *summary_table(result)]
     for record in result["records"]:
         lines += table(record)
     lines += [f"Plot: `{result.get('plot', 'not drawn')}`.", ""]
     return "\n".join(lines)
+
+
+def rounds_text(result: dict) -> str:
+    """How many rounds each model was timed over ("5", or "5 / 5 / 31" where short steps got more)."""
+    counts = [str(record.get("rounds", result["rounds"])) for record in result["records"]]
+    return counts[0] if len(set(counts)) == 1 else " / ".join(counts)
 
 
 def plot(result: dict, path: Path) -> str | None:
@@ -706,7 +744,9 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(WORKLOADS), help=f"comma-separated, of {list(WORKLOADS)}")
-    parser.add_argument("--rounds", type=int, default=5, help="timed steps per method (median; default 5)")
+    parser.add_argument("--rounds", type=int, default=5, help="least timed steps per method (median; default 5)")
+    parser.add_argument("--seconds", type=float, default=30.0,
+                        help="more rounds where steps are short: each method runs about this long (default 30)")
     parser.add_argument("--quick", action="store_true", help="tiny inputs and 2 rounds: a smoke run")
     parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out (it compiles for minutes)")
     parser.add_argument("--out", type=Path, help="write OUT.json, OUT.md, OUT.png (default "
@@ -741,7 +781,8 @@ def main(argv: list[str] | None = None) -> dict:
             workload = WORKLOADS[name](args.quick)
         print(f"{workload.name} ({workload.sizes})", file=sys.stderr, flush=True)
         record = measure_workload(workload, methods, rounds, lambda m: print(
-            f"[{time.perf_counter() - started:5.0f} s] {m}", file=sys.stderr, flush=True))
+            f"[{time.perf_counter() - started:5.0f} s] {m}", file=sys.stderr, flush=True),
+            seconds=0.0 if args.quick else args.seconds)
         records.append(record)
         print("\n".join(table(record)), flush=True)
         del workload

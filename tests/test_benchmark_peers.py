@@ -6,6 +6,8 @@ events, the target verdict, the table, and one small end-to-end measurement.
 """
 
 import json
+import random
+import statistics
 
 import pytest
 import torch
@@ -49,12 +51,20 @@ def test_checkpointed_copy_gives_backprops_gradients_and_leaves_the_model_alone(
         assert p is not q and torch.allclose(p.grad, q.grad, atol=1e-6)
 
 
-def row(method, kept, time, ok=True, error=None, spread=0.02):
+def row(method, kept, time, ok=True, error=None, spread=0.02, rounds=5):
+    """A table row whose ``rounds`` step times (BP's median: 1 s) have median ``time`` and straying ``spread``."""
     if not ok:
         return {"method": method, "note": "", "ok": False, "error": error}
+    half = rounds // 2
+    times = [time * (1 + spread * (k - half) / max(half, 1) * 2) for k in range(rounds)]
     return {"method": method, "note": "", "ok": True, "kept_bytes": kept, "kept_ratio": kept / 100,
-            "time_ratio": time, "time_spread": spread, "peak_bytes": kept, "peak_ratio": kept / 100,
-            "host_bytes": 0}
+            "time_ratio": time, "time_spread": peers_spread(times), "rounds_s": times, "peak_bytes": kept,
+            "peak_ratio": kept / 100, "host_bytes": 0}
+
+
+def peers_spread(times):
+    middle = statistics.median(times)
+    return statistics.median(abs(t - middle) for t in times) / middle
 
 
 def test_target_is_met_only_when_the_planner_is_faster_at_the_peak_and_keeps_less_in_the_time(peers):
@@ -86,6 +96,30 @@ def test_target_does_not_count_differences_within_the_noise(peers):
     # a row 3 % slower is still at checkpointing's step time within that noise, and keeps 10 % less
     later = peers.target_verdict([ckpt, row(at, 900, 1.34, spread=0.01)])
     assert later["keeps_less"] and not later["faster"]
+    # the same 8 % gain with rounds straying by 10 %: within noise over 5 rounds, told apart over 41
+    few = peers.target_verdict([row(peers.CHECKPOINT, 1000, 1.25, spread=0.1), row(at, 900, 1.15, spread=0.1)])
+    many = peers.target_verdict([row(peers.CHECKPOINT, 1000, 1.25, spread=0.1, rounds=41),
+                                 row(at, 900, 1.15, spread=0.1, rounds=41)])
+    assert not few["faster"] and "within noise" in few["text"] and "5 rounds" in few["text"]
+    assert many["faster"] and "41 rounds" in many["text"]
+
+
+def test_the_ratio_interval_holds_the_ratio_of_medians_and_narrows_with_rounds(peers):
+    sample = random.Random(1)
+    slow = [1.25 * sample.uniform(0.8, 1.2) for _ in range(60)]
+    fast = [1.15 * sample.uniform(0.8, 1.2) for _ in range(60)]
+    low, high = peers.ratio_interval(fast, slow)
+    assert low <= statistics.median(fast) / statistics.median(slow) <= high < 1
+    low5, high5 = peers.ratio_interval(fast[:5], slow[:5])
+    assert high5 - low5 > high - low
+    assert peers.ratio_interval(fast, slow) == (low, high)  # seeded: a rendering gives the same verdict
+
+
+def test_short_steps_get_more_rounds_up_to_sixty(peers):
+    assert peers.rounds_for(2.0, 5, 30.0) == 15
+    assert peers.rounds_for(0.25, 5, 30.0) == 60
+    assert peers.rounds_for(10.0, 5, 30.0) == 5
+    assert peers.rounds_for(0.25, 2, 0.0) == 2
 
 
 def test_spread_is_the_median_absolute_deviation_over_the_median(peers):
