@@ -36,6 +36,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch._subclasses import FakeTensorMode
+from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from aalconvert.errors import ConversionError
 
@@ -678,10 +680,28 @@ def _capture_calls(model: nn.Module, example_inputs: tuple) -> _CapturedCalls:
     try:
         return _CapturedCalls(_run_with_hooks(model, copies, None), None)
     except Exception as error:
+        if isinstance(error, VALUE_READS):
+            raise ConversionError(_reads_values_message(model, error)) from error
         raise ConversionError(
             f"the model failed to run on example_inputs ({_one_line(error)}); "
             f"pass the positional arguments model(*example_inputs) accepts"
         ) from error
+
+
+# What fake tensors raise where code asks for a value they do not have (.item(), `if tensor:`, nonzero).
+VALUE_READS = (DataDependentOutputException, DynamicOutputShapeException, GuardOnDataDependentSymNode)
+
+
+def _reads_values_message(model: nn.Module, error: Exception) -> str:
+    """Why an estimate on fake tensors failed when the model (or a user's hook) reads a tensor's value."""
+    hooked = [name or "(root)" for name, module in model.named_modules()
+              if module._forward_hooks or module._forward_pre_hooks]
+    hooks = (f"; modules with forward hooks, which run in the estimate too: {', '.join(hooked[:5])}"
+             f"{', ...' if len(hooked) > 5 else ''}" if hooked else "")
+    return (f"the model's forward, or a hook on it, reads a tensor's value ({_one_line(error)}: .item(), "
+            f"`if tensor:`, nonzero, ...), which the estimate cannot: it runs on fake tensors, shapes without "
+            f"values{hooks}. Register such hooks after inspect/plan/convert(budget=...), or measure on real "
+            "tensors with aalconvert.memory.measure_saved")
 
 
 def _run_with_hooks(

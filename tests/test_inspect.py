@@ -318,3 +318,19 @@ def test_an_all_ones_attention_mask_is_over_predicted_never_under():
     assert aalconvert.inspect(model, (ids,), "exact").totals.bp_bytes == measured
     with_mask = aalconvert.inspect(model, (ids, mask), "exact").totals.bp_bytes
     assert measured < with_mask <= 1.10 * measured, (with_mask, measured)
+
+
+def test_a_hook_that_reads_a_value_fails_the_estimate_naming_the_hook_and_convert_still_runs():
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    statistics = []
+    model[2].register_forward_hook(lambda module, args, output: statistics.append(output.abs().mean().item()))
+    inputs = (torch.randn(8, 16),)
+    for estimate in (lambda: aalconvert.inspect(model, inputs),
+                     lambda: aalconvert.plan(model, budget="1GiB", example_inputs=inputs)):
+        with pytest.raises(ConversionError, match=r"reads a tensor's value .*\.item\(\).*forward hooks.*: 2\. "):
+            estimate()
+    converted = aalconvert.convert(model, example_inputs=inputs)  # traced on real values where fakes fail
+    expected = model(*inputs).abs().mean().item()
+    statistics.clear()
+    converted(*inputs)
+    assert statistics == [expected]
