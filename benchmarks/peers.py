@@ -48,7 +48,7 @@ How each column is measured (CPU, one thread, fp32):
 - step time / BP: median over the rounds of the step time, every method's
   step interleaved in each round, over BP's median. At least ``--rounds``
   rounds, and enough that each method runs ``--seconds`` of steps (the
-  Llama's short steps get about 30); the target's "faster" and "slower" need
+  Llama's 0.3 s steps get the most, 60); the target's "faster" and "slower" need
   the 95 % interval of the ratio of two medians (bootstrap over the rounds)
   to lie wholly on one side of 1.
 - ``save_on_cpu(pin_memory=True)`` on a CPU-only machine copies each saved
