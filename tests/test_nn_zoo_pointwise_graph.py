@@ -9,7 +9,9 @@ this variant must pass them bit for bit.
 """
 
 import copy
+import gc
 import io
+import weakref
 
 import pytest
 import torch
@@ -156,6 +158,23 @@ def test_retain_graph_backward_twice_accumulates_as_bp():
         y.backward(g)  # the rerun's saves are handed out again
         results.append([p.grad.clone() for p in m.parameters()])
     assert_bit_identical(*results)
+
+
+def test_backward_frees_the_rerun_and_the_kept_input_without_garbage_collection():
+    """The rerun's saves hold its graph, whose saves held the capture list: a C++ cycle, once."""
+    model = converted(block("llama", torch.float32))
+    x, g = inputs(torch.float32)
+    gc.disable()
+    try:
+        before = len([o for o in gc.get_objects() if torch.is_tensor(o)])
+        h = x * 1
+        kept_input = weakref.ref(h)
+        model(h).backward(g)
+        del h
+        assert kept_input() is None
+        assert len([o for o in gc.get_objects() if torch.is_tensor(o)]) == before
+    finally:
+        gc.enable()
 
 
 def test_double_backward_matches_bp():

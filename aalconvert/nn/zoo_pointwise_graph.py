@@ -86,12 +86,18 @@ class _Rerun:
         with torch.enable_grad(), torch.autocast(self.device_type, dtype=dtype, enabled=enabled), \
                 torch.autograd.graph.saved_tensors_hooks(capture, lambda t: t):
             self.module.zoo_forward(x)
-        if max(self.expected) >= len(saves):
+        found = len(saves)
+        by_position = {position: saves[position] for position in self.expected if position < found}
+        # Every save of the rerun's graph keeps ``capture``, and so this list, alive: left full, the
+        # list would hold the rerun's outputs, whose grad_fn holds those saves -- a cycle through
+        # C++ that no garbage collection frees, leaking the rerun on every backward.
+        saves.clear()
+        if len(by_position) < len(self.expected):
             raise ConversionError(
-                f"{type(self.module).__name__}: running the forward again in backward saved {len(saves)} "
+                f"{type(self.module).__name__}: running the forward again in backward saved {found} "
                 "tensors, fewer than the forward; its forward must be deterministic"
             )
-        return {position: saves[position] for position in self.expected}
+        return by_position
 
 
 class _Noted:
