@@ -4,7 +4,7 @@ Saved-tensor hooks and reruns can tie a graph's tensors into reference cycles
 through autograd's C++ nodes (a hook closure held by the saves it made), which
 no garbage collection frees: every step then leaks what the forward kept. A
 per-variant weakref test sees only the variant it names; this one runs whole
-converted models, every example and a Hugging Face Llama with labels, under
+converted models, every example and Hugging Face Llama, GPT-2 and BERT with labels, under
 the rule sets users call, and counts the allocator's bytes over whole steps.
 
 The profiler's first session also counts the previous step's gradients, so
@@ -13,7 +13,8 @@ the steps compared are later ones: each must allocate exactly what it frees.
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import (BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM)
 
 import aalconvert
 from aalconvert.step_memory import FORWARD, allocations
@@ -55,11 +56,20 @@ def test_example_steps_leave_no_memory_behind(name, rules):
     assert_steps_leave_nothing(model, EXAMPLES[name].example_inputs(batch_size=2), rules)
 
 
+HF_MODELS = {
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(
+        hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+        vocab_size=50)),
+    "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=2)),
+    "bert": lambda: BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                                               num_attention_heads=2, intermediate_size=48)),
+}
+
+
 @pytest.mark.parametrize("rules", RULE_SETS.values(), ids=RULE_SETS)
-def test_hf_llama_with_labels_steps_leave_no_memory_behind(rules):
-    """Its RMSNorms read the residual stream (the rerun-graph variant), its loss head is fused."""
+@pytest.mark.parametrize("family", HF_MODELS)
+def test_hf_model_with_labels_steps_leave_no_memory_behind(family, rules):
+    """Llama's RMSNorms read the residual stream (the rerun-graph variant); each loss head is fused."""
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
-                         num_hidden_layers=2, vocab_size=50)
     ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(1))
-    assert_steps_leave_nothing(LlamaForCausalLM(config).train(), (ids,), rules, labels=ids)
+    assert_steps_leave_nothing(HF_MODELS[family]().train(), (ids,), rules, labels=ids)
