@@ -109,6 +109,13 @@ def _family(rule: Rule) -> str:
     return "approx" if rule.name.startswith("approx") else rule.name
 
 
+def _precedence(rule: Rule) -> int:
+    """Where ``rule`` goes among the chosen: the built-in families in PRECEDENCE, then any other
+    Rule object (a user's own, checkpointing) after them, in the order given (the sort is stable)."""
+    family = _family(rule)
+    return PRECEDENCE.index(family) if family in PRECEDENCE else len(PRECEDENCE)
+
+
 def resolve(rules: str | Rule | Sequence[str | Rule], options: dict[str, Any]) -> list[Rule]:
     """Turn names and Rule objects into Rule objects in precedence order.
 
@@ -143,7 +150,7 @@ def resolve(rules: str | Rule | Sequence[str | Rule], options: dict[str, Any]) -
                     f"(chosen: {', '.join(r.name for r in chosen)})"
                 )
             raise ConversionError(f"unknown option {option}=; allowed options: {', '.join(known)}")
-    chosen.sort(key=lambda rule: PRECEDENCE.index(_family(rule)))
+    chosen.sort(key=_precedence)
     coordinate(chosen)
     return chosen
 

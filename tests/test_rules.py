@@ -14,7 +14,8 @@ from aalconvert.facts import gather_facts
 from aalconvert.memory import measure_saved
 from aalconvert.nn.ara import ARAConv2d
 from aalconvert.nn.asa import ASALinear
-from aalconvert.rules.registry import NAMES
+from aalconvert.checkpointing import CheckpointRule, is_checkpointed
+from aalconvert.rules.registry import NAMES, resolve
 from aalconvert.rules.wiring import SharedPack, TensorSlot, wiring_of
 from examples import EXAMPLES
 from threads import run_in_threads
@@ -300,3 +301,19 @@ def test_asa_takes_1x1_convolutions_of_mlp_branches_and_leaves_chained_ones_to_a
         assert type(layer).__name__ == "RecomputedInputConv2d"
     bp = measure_saved(lambda: model(x), model.parameters()).nbytes
     assert measure_saved(lambda: auto(x), auto.parameters()).nbytes < 0.2 * bp
+
+
+def test_a_rule_object_outside_the_built_in_families_goes_after_them_and_trains_as_bp():
+    """convert() takes Rule objects; one the precedence table does not name (here the budget
+    planner's CheckpointRule) used to fail the sort with 'tuple.index(x): x not in tuple'."""
+    chosen = resolve([CheckpointRule(), "exact"], {})
+    assert [rule.name for rule in chosen] == ["exact", "checkpoint"]
+    model = EXAMPLES["gpt"].build_model(dropout=0.0).train()
+    inputs = EXAMPLES["gpt"].example_inputs(batch_size=2)
+    converted = aalconvert.convert(model, [CheckpointRule(), "exact"], example_inputs=inputs)
+    assert any(is_checkpointed(module) for module in converted.modules())
+    parameters = list(model.parameters())
+    expected = torch.autograd.grad(model(*inputs).square().mean(), parameters)
+    actual = torch.autograd.grad(converted(*inputs).square().mean(), list(converted.parameters()))
+    for e, a in zip(expected, actual, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-7)
