@@ -12,6 +12,13 @@ itself (when the caller passes none) count up from the first token, so they are
 never packed: while ``causal_masks_as_in_eager`` is active and the caller gave
 no position ids, the check answers "not packed" as the real one would. Position
 ids the caller passes are checked as transformers does (on fakes: packed).
+
+An all-ones ``attention_mask`` is dropped the same way in a real step, after
+transformers reads it (``_ignore_causal_mask_sdpa``,
+``_ignore_bidirectional_mask_sdpa``). On a fake mask whose storage an active
+``known_ones.OnesStorages`` knows to hold only ones, those checks answer as
+on a real all-ones mask of its shape and dtype; on any other fake mask they
+answer as transformers does (keep the mask).
 """
 
 import contextlib
@@ -20,11 +27,16 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import nn
 from torch._subclasses import FakeTensor
+from torch.utils._python_dispatch import _disable_current_modes
+
+from aalconvert.known_ones import holds_only_ones
 
 _MODULE = "transformers.masking_utils"
 _PACKING_CHECK = "find_packed_sequence_indices"
+_MASK_SKIP_CHECKS = ("_ignore_causal_mask_sdpa", "_ignore_bidirectional_mask_sdpa")  # first argument: the mask
 POSITIONS = "position_ids"
 
 
@@ -46,24 +58,43 @@ def passes_positions(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> b
 
 @contextlib.contextmanager
 def causal_masks_as_in_eager(positions_given: bool) -> Iterator[None]:
-    """Within the block, fake position ids the model made itself are not taken for packed sequences.
+    """Within the block, fake position ids the model made itself are not taken for packed sequences,
+    and a fake mask known to hold only ones is dropped as a real one would be.
 
-    Does nothing when ``positions_given`` or when transformers' masking
-    utilities are not imported (or have no such check: other versions).
+    Does nothing when transformers' masking utilities are not imported (or
+    have no such checks: other versions); position ids are left to the
+    check when ``positions_given``.
     """
     module = sys.modules.get(_MODULE)
-    check = getattr(module, _PACKING_CHECK, None)
-    if positions_given or check is None:
+    originals = {name: getattr(module, name, None) for name in (_PACKING_CHECK, *_MASK_SKIP_CHECKS)}
+    replacements = {name: _answered_on_ones(check) for name, check in originals.items()
+                    if name in _MASK_SKIP_CHECKS and check is not None}
+    if not positions_given and originals[_PACKING_CHECK] is not None:
+        replacements[_PACKING_CHECK] = _not_packed_when_fake(originals[_PACKING_CHECK])
+    for name, replacement in replacements.items():
+        setattr(module, name, replacement)
+    try:
         yield
-        return
+    finally:
+        for name in replacements:
+            setattr(module, name, originals[name])
 
+
+def _not_packed_when_fake(check: Any) -> Any:
     def not_packed_when_fake(position_ids, *args, **kwargs):
         if isinstance(position_ids, FakeTensor):
             return None
         return check(position_ids, *args, **kwargs)
 
-    setattr(module, _PACKING_CHECK, not_packed_when_fake)
-    try:
-        yield
-    finally:
-        setattr(module, _PACKING_CHECK, check)
+    return not_packed_when_fake
+
+
+def _answered_on_ones(check: Any) -> Any:
+    def answered_on_ones(padding_mask, *args, **kwargs):
+        if isinstance(padding_mask, FakeTensor) and holds_only_ones(padding_mask):
+            with _disable_current_modes():  # the check reads values: a real mask, outside the fake mode
+                ones = torch.ones(padding_mask.shape, dtype=padding_mask.dtype)
+                return bool(check(ones, *args, **kwargs))
+        return check(padding_mask, *args, **kwargs)
+
+    return answered_on_ones

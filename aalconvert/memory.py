@@ -22,6 +22,8 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode_stack
 from torch.utils.weak import WeakIdKeyDictionary
 
+from aalconvert.known_ones import remember_if_all_ones, written_tensors
+
 
 @dataclass
 class SavedTensors:
@@ -219,7 +221,8 @@ def fake_copy(model: nn.Module, fake_mode: FakeTensorMode, device: torch.device)
 
 
 def fake_inputs(inputs: tuple, fake_mode: FakeTensorMode, device: torch.device) -> tuple:
-    """``inputs`` with every tensor made fake (meta tensors become fakes on ``device``)."""
+    """``inputs`` with every tensor made fake (meta tensors become fakes on ``device``); an input
+    of all ones is noted as such (``known_ones``: masks that a model drops after reading them)."""
     converted = []
     for value in inputs:
         if isinstance(value, torch.Tensor) and value.is_meta:
@@ -228,7 +231,8 @@ def fake_inputs(inputs: tuple, fake_mode: FakeTensorMode, device: torch.device) 
                     value.shape, value.stride(), dtype=value.dtype, device=device
                 )
         elif isinstance(value, torch.Tensor):
-            value = fake_mode.from_tensor(value)
+            real, value = value, fake_mode.from_tensor(value)
+            remember_if_all_ones(real, value)
         converted.append(value)
     return tuple(converted)
 
@@ -269,22 +273,12 @@ class TwoValuedStorages(TorchDispatchMode):
         keeps = (func in _SCALE_IN_PLACE and isinstance(scale, numbers.Real) and not isinstance(scale, bool)
                  and 0 < scale < float("inf"))
         if not keeps:
-            for tensor in _written(func, args, kwargs):
+            for tensor in written_tensors(func, args, kwargs):
                 self.storages.pop(tensor.untyped_storage(), None)
         return output
 
     def holds(self, tensor: torch.Tensor) -> bool:
         return tensor.untyped_storage() in self.storages
-
-
-def _written(func: Any, args: tuple, kwargs: dict) -> Iterator[torch.Tensor]:
-    """The tensors an op writes into (its mutable arguments, ``out=`` included)."""
-    schema = func._schema
-    for index, argument in enumerate(schema.arguments):
-        if argument.alias_info is None or not argument.alias_info.is_write:
-            continue
-        value = args[index] if index < len(args) and not argument.kwarg_only else kwargs.get(argument.name)
-        yield from (t for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor))
 
 
 def holds_two_values(tensor: torch.Tensor) -> bool:
