@@ -52,22 +52,11 @@ DEFAULT_MODELS = ["hf/gpt2", "hf/bert", "hf/llama", "hf/t5", "hf/bart", "hf/opt"
                   "torchvision/convnext_tiny"]
 THRESHOLD = 0.05
 # Known causes of gaps this code does not close, by model (shown under the table when a row is off).
-KNOWN_GAPS: dict[str, str] = {
-    "hf/bart": (
-        "not fixed: the decoder builds an all-ones padding mask (torch.ones) and transformers' SDPA mask "
-        "(masking_utils._ignore_causal_mask_sdpa) drops it for is_causal=True only after reading its values, "
-        "which it refuses to do on a FakeTensor (is_tracing); on fake tensors every decoder self-attention "
-        "therefore gets a materialized 4 x 1 x 128 x 128 mask and keeps 256 KiB more per layer (BP and every "
-        "rule set alike). The same happens to any Hugging Face model given an all-ones attention_mask "
-        "(Llama +15.4 %, OPT +14.3 % of BP). A fix needs inspect to make that decision as the real run does "
-        "(e.g. an inspect-only mask function in transformers' AttentionMaskInterface that knows the padding "
-        "mask is all ones)"),
-}
+KNOWN_GAPS: dict[str, str] = {}  # BART's all-ones decoder mask was one until 80e8565 (aalconvert/known_ones.py)
 # Known causes of step-peak gaps (not the kept bytes this benchmark holds to 5 %), by model.
 PEAK_NOTES: dict[str, str] = {
     "hf/gpt2": "under auto+approx4 only: the CPU path of the k-bit kernels makes temporaries the "
                "simulation does not model (README: 'Not seen')",
-    "hf/bart": "the decoder's attention mask, as in the kept bytes below",
 }
 
 
