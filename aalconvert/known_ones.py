@@ -67,7 +67,9 @@ class OnesStorages(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         ones = self._makes_ones(func, args, kwargs)
-        written = list(written_tensors(func, args, kwargs))
+        if not (ones or self.storages):  # nothing to follow or to forget: most ops of most models
+            return func(*args, **kwargs)
+        written = list(written_tensors(func, args, kwargs)) if func._schema.is_mutable else []
         output = func(*args, **kwargs)
         for tensor in written:  # in place: all ones only if it was, or the write covers the storage
             if ones and (self.holds(tensor) or _covers_storage(tensor)):
