@@ -11,6 +11,8 @@ The profiler's first session also counts the previous step's gradients, so
 the steps compared are later ones: each must allocate exactly what it frees.
 """
 
+import gc
+
 import pytest
 import torch
 from transformers import (BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, LlamaConfig,
@@ -24,11 +26,20 @@ RULE_SETS = {"exact": "exact", "recompute": "recompute", "auto": "auto", "auto+a
 
 
 def net_bytes_of(step) -> int:
-    """Bytes allocated minus bytes freed while ``step()`` runs (CPU allocator events)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        with torch.profiler.record_function(FORWARD):
-            pass
-        step()
+    """Bytes allocated minus bytes freed while ``step()`` runs (CPU allocator events).
+
+    Garbage is collected before and not during the step: a collection inside it
+    would free what earlier tests left (negative), never what a C++ cycle holds.
+    """
+    gc.collect()
+    gc.disable()
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            with torch.profiler.record_function(FORWARD):
+                pass
+            step()
+    finally:
+        gc.enable()
     events, _ = allocations(prof)
     return sum(event.nbytes for event in events)
 
