@@ -13,8 +13,7 @@ from aalconvert.checkpointing import remove_checkpoints
 from aalconvert.errors import ConversionError
 from aalconvert.example_inputs import self_described_inputs
 from aalconvert.facts import ModelFacts, gather_facts
-from aalconvert.hf_masks import causal_masks_as_in_eager, passes_positions
-from aalconvert.known_ones import OnesStorages
+from aalconvert.hf_masks import causal_masks_as_in_eager, masks_of_ones_followed, passes_positions
 from aalconvert.memory import (
     SavedByModule,
     TwoValuedStorages,
@@ -355,7 +354,7 @@ def _simulated_step(model: nn.Module, forward: Callable[[], Any], parameters: tu
 
     # TwoValuedStorages: the packer of the lossless rules keeps CPU dropout's float mask in 1 bit
     # by reading its values, which fake tensors do not have; the mode tells it how the mask was made.
-    with StepSimulation(known) as simulation, TwoValuedStorages(), OnesStorages(known):
+    with StepSimulation(known) as simulation, TwoValuedStorages(), masks_of_ones_followed(known):
         saved = saved_by_module(model, run, parameters)
         try:
             backward_of(outputs.pop())

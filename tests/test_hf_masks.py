@@ -8,6 +8,8 @@ forward drops after reading it; a mask with one zero must stay (no
 under-prediction).
 """
 
+import sys
+
 import pytest
 import torch
 from torch._subclasses import FakeTensorMode
@@ -15,6 +17,7 @@ from torch._subclasses import FakeTensorMode
 import aalconvert
 from aalconvert import hf_masks
 from aalconvert.hf_masks import causal_masks_as_in_eager, passes_positions
+from aalconvert.known_ones import OnesStorages
 from aalconvert.memory import measure_saved
 from aalconvert.step_memory import measure_training_step
 
@@ -149,3 +152,9 @@ def test_the_mask_checks_are_restored_after_the_block():
         assert bool(masking_utils._ignore_causal_mask_sdpa(torch.ones(2, 4, dtype=torch.bool), 4, 4, 0, 0))
         assert not masking_utils._ignore_causal_mask_sdpa(one_zero(torch.ones(2, 4, dtype=torch.bool)), 4, 4, 0, 0)
     assert [masking_utils._ignore_causal_mask_sdpa, masking_utils._ignore_bidirectional_mask_sdpa] == originals
+
+
+def test_ones_are_followed_only_where_transformers_mask_checks_can_ask(monkeypatch):
+    assert isinstance(hf_masks.masks_of_ones_followed([]), OnesStorages)
+    monkeypatch.delitem(sys.modules, "transformers.masking_utils")
+    assert not isinstance(hf_masks.masks_of_ones_followed([]), OnesStorages)
