@@ -187,9 +187,12 @@ def _logit_gradient_(probs, capped, safe_labels, scale, label_smoothing, softcap
     z = s * tanh(u / s) (``capped`` holds z and is consumed), dz/du = 1 - (z / s)^2.
     """
     rows = torch.arange(probs.shape[0], device=probs.device)
-    probs[rows, safe_labels] -= 1.0 - label_smoothing
+    # The label's target (1 - eps + eps / V) is subtracted as one number, as torch sums it before
+    # subtracting: in two steps a one-word vocabulary's gradient is 1e-8 per token, not 0.
+    at_label = probs[rows, safe_labels] - ((1.0 - label_smoothing) + label_smoothing / probs.shape[1])
     if label_smoothing:
         probs.sub_(label_smoothing / probs.shape[1])
+    probs[rows, safe_labels] = at_label
     probs.mul_(scale[:, None])
     if softcap is not None:
         probs.mul_(capped.div_(softcap).square_().neg_().add_(1.0))
