@@ -97,6 +97,12 @@ A GPU's caching allocator rounds and fragments on top of that: leave it room bel
 when choosing the budget."""
 
 
+RERUN_TRIALS = 32
+"""The most plans estimated while leaving out lossless units the plan fits without
+(``_Ladder.without_needless_reruns``): each is a simulated step, and a deep model has hundreds of
+units. Units still untried stay in the plan."""
+
+
 PLANNED_LOSS_HEAD = "forward"
 """How the planner's loss head makes its gradients (``loss_head_gradients``, unless given): in forward.
 
@@ -637,7 +643,10 @@ class _Ladder:
         """The units of the smallest fitting prefix, less what the plan fits without, and the blocks left plain."""
         prefix = _smallest_fitting_prefix(lambda n: self.evaluate(n)[2], usable, self.tier_ends, bp_peak)
         taken = self.without_needless_tiers(tuple(range(prefix)), usable)
-        return self.without_needless_checkpoints(taken, usable) if taken else ((), ())
+        if not taken:
+            return (), ()
+        taken, plain = self.without_needless_checkpoints(taken, usable)
+        return self.without_needless_reruns(taken, plain, usable), plain
 
     def compresses(self, taken: tuple[int, ...]) -> bool:
         """Whether units at ``taken`` include a tier that changes numbers inside the blocks (approx, ARA, ASA)."""
@@ -683,6 +692,45 @@ class _Ladder:
                 break
             taken, plain = trial
         return taken, plain
+
+
+    def without_needless_reruns(self, taken: tuple[int, ...], plain: tuple[str, ...],
+                                usable: int) -> tuple[int, ...]:
+        """``taken`` less the units of lossless tiers that cost time (recompute, exact) the plan fits
+        without, and those inside checkpointed blocks (which convert nothing); only where nothing is
+        compressed.
+
+        Lossless tiers are taken whole before checkpointing, yet the plan's peak
+        is often made where some of them do not help (the end of backward, with
+        every gradient alive): on a Hugging Face Llama halfway between
+        checkpointing's peak and BP's, the gated MLPs' reruns alone were needed,
+        and the norms' reruns cost time for nothing. Units that save least go
+        first (a small rerun costs the most per byte: its call overhead), a run
+        of them at a time, halved where the plan does not fit without it; at
+        most ``RERUN_TRIALS`` estimates. Where a tier compresses, a dropped unit's
+        tensors would go to its packer instead: nothing gained in time.
+        """
+        if self.compresses(taken):
+            return taken
+        blocks = checkpointed(self.evaluate_units(taken, plain)[0])
+        rerunning = [i for i in taken if RULE_COSTS[self.order[i].tier].lossless_rule
+                     and (RULE_COSTS[self.order[i].tier].cost_per_saved or 0) > 0]
+        idle = {i for i in rerunning
+                if all(any(inside(name, block) for block in blocks) for name in self.order[i].modules)}
+        taken = tuple(i for i in taken if i not in idle)
+        position = {name: i for i, name in enumerate(self.estimator.facts.modules)}
+        candidates = sorted((i for i in rerunning if i not in idle), key=lambda i: (
+            self.order[i].saving, min(position.get(name, 0) for name in self.order[i].modules)))
+        runs, trials = [candidates] if candidates else [], 0
+        while runs and trials < RERUN_TRIALS:
+            run = runs.pop(0)
+            trial = tuple(i for i in taken if i not in run)
+            trials += 1
+            if self.evaluate_units(trial, plain)[2] <= usable:
+                taken = trial
+            elif len(run) > 1:
+                runs[:0] = [run[:len(run) // 2], run[len(run) // 2:]]
+        return taken
 
 
 def convert_to_budget(
