@@ -39,8 +39,9 @@ How the plan is chosen:
    recomputation made the peak.
    Then the checkpointed blocks the plan fits without are left out (both
    their units), last block first (``_Ladder.without_needless_checkpoints``): backward reaches
-   them while few gradients exist. The plan's peak is an estimate of the very
-   plan returned, not a sum.
+   them while few gradients exist. Then, where nothing is compressed, the
+   lossless units the plan fits without (``_Ladder.without_needless_reruns``).
+   The plan's peak is an estimate of the very plan returned, not a sum.
 5. Without checkpointing. Checkpointing every block keeps each block's input
    in full and has one block recompute, which can keep more than our rules
    inside the blocks would; so the same is done for the tier order without
