@@ -32,7 +32,7 @@ from torch import nn
 from torch._subclasses import FakeTensor
 from torch.utils._python_dispatch import _disable_current_modes
 
-from aalconvert.known_ones import OnesStorages, holds_only_ones
+from aalconvert.known_ones import OnesStorages
 
 _MODULE = "transformers.masking_utils"
 _PACKING_CHECK = "find_packed_sequence_indices"
@@ -99,7 +99,7 @@ def _not_packed_when_fake(check: Any) -> Any:
 
 def _answered_on_ones(check: Any) -> Any:
     def answered_on_ones(padding_mask, *args, **kwargs):
-        if isinstance(padding_mask, FakeTensor) and holds_only_ones(padding_mask):
+        if isinstance(padding_mask, FakeTensor) and OnesStorages.active_holds(padding_mask):
             with _disable_current_modes():  # the check reads values: a real mask, outside the fake mode
                 ones = torch.ones(padding_mask.shape, dtype=padding_mask.dtype)
                 return bool(check(ones, *args, **kwargs))

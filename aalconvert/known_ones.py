@@ -11,8 +11,8 @@ made fake (``remember_if_all_ones``), and the ops between them and the mask
 are few and simple (a cast to bool, a slice, an index), so this mode follows
 them: a storage holds only ones when it was made by ``ones``/``full(1)``, or
 copied, cast, indexed or compared (``== 1``, ``!= 0``, ``> 0``) from storages
-that do; any other write into it forgets it. ``holds_only_ones`` asks the
-innermost active ``OnesStorages``; without one, nothing is known (the
+that do; any other write into it forgets it. ``OnesStorages.active_holds``
+asks the innermost active one; without one, nothing is known (the
 estimate then keeps the mask, on the safe side).
 """
 
@@ -51,18 +51,33 @@ def remember_if_all_ones(real: torch.Tensor, fake: torch.Tensor) -> None:
         _INPUTS_OF_ONES[fake.untyped_storage()] = True
 
 
-class OnesStorages(TorchDispatchMode):
+class FollowedStorages(TorchDispatchMode):
+    """A dispatch mode that follows which fake storages hold values of one known kind (fake tensors have
+    none to read), from the ops that wrote them; ``active_holds`` asks the innermost active one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.storages: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+    def holds(self, tensor: torch.Tensor) -> bool:
+        return tensor.untyped_storage() in self.storages
+
+    @classmethod
+    def active_holds(cls, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` lies in a storage the innermost active mode of this class follows; False
+        when none is active (nothing is known)."""
+        modes = [mode for mode in _get_current_dispatch_mode_stack() if isinstance(mode, cls)]
+        return bool(modes) and modes[-1].holds(tensor)
+
+
+class OnesStorages(FollowedStorages):
     """Follows which fake storages hold only ones while it is active (module docstring)."""
 
     def __init__(self, known: Iterable[torch.Tensor]) -> None:
         super().__init__()
-        self.storages: WeakIdKeyDictionary = WeakIdKeyDictionary()
         for tensor in known:
             if tensor.untyped_storage() in _INPUTS_OF_ONES:
                 self.storages[tensor.untyped_storage()] = True
-
-    def holds(self, tensor: torch.Tensor) -> bool:
-        return tensor.untyped_storage() in self.storages
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -117,10 +132,3 @@ def written_tensors(func: Any, args: tuple, kwargs: dict) -> Iterator[torch.Tens
             continue
         value = args[index] if index < len(args) and not argument.kwarg_only else kwargs.get(argument.name)
         yield from (t for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor))
-
-
-def holds_only_ones(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` (fake: values unknown) lies in a storage the innermost active
-    ``OnesStorages`` knows to hold only ones; False when none is active."""
-    modes = [mode for mode in _get_current_dispatch_mode_stack() if isinstance(mode, OnesStorages)]
-    return bool(modes) and modes[-1].holds(tensor)

@@ -19,10 +19,8 @@ import torch
 from torch import nn
 from torch._subclasses import FakeTensorMode
 from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode_stack
-from torch.utils.weak import WeakIdKeyDictionary
 
-from aalconvert.known_ones import remember_if_all_ones, written_tensors
+from aalconvert.known_ones import FollowedStorages, remember_if_all_ones, written_tensors
 
 
 @dataclass
@@ -244,7 +242,7 @@ _SCALE_IN_PLACE = frozenset({torch.ops.aten.div_.Scalar, torch.ops.aten.mul_.Sca
                              torch.ops.aten.div_.Tensor, torch.ops.aten.mul_.Tensor})
 
 
-class TwoValuedStorages(TorchDispatchMode):
+class TwoValuedStorages(FollowedStorages):
     """Tells which fake storages hold only 0 and one positive value, from the ops that made them.
 
     A real saved-tensor packer reads the values of what an op saves to find
@@ -254,12 +252,8 @@ class TwoValuedStorages(TorchDispatchMode):
     have no values, so this mode follows them instead: a storage written by
     ``bernoulli`` holds 0 and 1, an in-place ``div_``/``mul_`` by a positive
     number keeps it two-valued, and any other write into it forgets it.
-    ``holds_two_values`` asks the innermost active instance.
+    ``TwoValuedStorages.active_holds`` asks the innermost active instance.
     """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.storages: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -276,13 +270,3 @@ class TwoValuedStorages(TorchDispatchMode):
             for tensor in written_tensors(func, args, kwargs):
                 self.storages.pop(tensor.untyped_storage(), None)
         return output
-
-    def holds(self, tensor: torch.Tensor) -> bool:
-        return tensor.untyped_storage() in self.storages
-
-
-def holds_two_values(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` (fake or meta: values unknown) lies in a storage that an active
-    ``TwoValuedStorages`` saw filled with 0 and one positive value; False when none is active."""
-    modes = [mode for mode in _get_current_dispatch_mode_stack() if isinstance(mode, TwoValuedStorages)]
-    return bool(modes) and modes[-1].holds(tensor)

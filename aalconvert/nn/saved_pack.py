@@ -65,7 +65,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from aalconvert.errors import SavedTensorModifiedError
 from aalconvert.kernels import pack_bits, unpack_bits
-from aalconvert.memory import holds_two_values, storage_key
+from aalconvert.memory import TwoValuedStorages, storage_key
 from aalconvert.nn.approx_common import (
     ApproxOptions,
     SavedLayout,
@@ -105,7 +105,7 @@ class TwoLevels:
 def two_levels(flat: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], TwoLevels] | None:
     """The 1-bit form of a bool tensor, or of a float one whose values are 0 and one positive
     finite value; None for any other tensor. Fake and meta tensors have no values: a float one
-    is taken as two-valued where ``aalconvert.memory.holds_two_values`` says how it was made
+    is taken as two-valued where ``aalconvert.memory.TwoValuedStorages.active_holds`` says how it was made
     (CPU dropout's mask, during ``inspect``), so the estimate packs what the real run packs."""
     if flat.dtype == torch.bool:
         return (pack_bits(flat),), TwoLevels(flat.numel(), torch.bool)
@@ -113,7 +113,7 @@ def two_levels(flat: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], TwoLevels]
         return None
     value = flat.amax()
     if isinstance(flat, FakeTensor) or flat.is_meta:
-        two_valued = holds_two_values(flat)
+        two_valued = TwoValuedStorages.active_holds(flat)
     else:
         two_valued = bool(torch.isfinite(value) & (value > 0)) and bool(((flat == 0) | (flat == value)).all()) \
             and not bool(torch.signbit(flat).any())  # a -0.0 would come back as +0.0
