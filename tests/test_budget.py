@@ -310,6 +310,11 @@ def test_lossless_units_the_plan_fits_without_are_left_out_where_nothing_is_comp
     lossless = {name for name, rule in plan.decisions.items() if rule in LOSSLESS}
     assert lossless < {name for name, rule in whole.decisions.items() if rule in LOSSLESS}
     assert plan.fits and whole.peak_bytes <= plan.peak_bytes
+    # Some unit stays, so the first trial (leaving every one out) did not fit; with one trial allowed,
+    # nothing else is tried and every unit stays: the estimates are bounded.
+    assert lossless
+    monkeypatch.setattr(budget_module, "RERUN_TRIALS", 1)
+    assert plan_budget(model, budget, inputs).decisions == whole.decisions
     assert [c.modules for c in plan.choices if c.rule in LOSSLESS] == [
         c.modules for c in whole.choices if c.rule in LOSSLESS and set(c.modules) <= lossless]
     # A plan that compresses keeps every lossless unit: one left out would go to the packer instead.
