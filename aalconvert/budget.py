@@ -599,6 +599,8 @@ class _Ladder:
         self.tiers = tiers
         self.rules = tier_rules(tiers, rule_options)
         facts = estimator.facts
+        self.position = {name: i for i, name in enumerate(facts.modules)}
+        """Module name -> its place in forward order (blocks are checkpointed and left plain by it)."""
         self.plans = cumulative_plans(facts, self.rules, estimator.skip, estimator.target)
         kept_by_tier = [estimator.kept(plan) for plan in self.plans]
         self.peaks_by_tier = [estimator.report(plan, kept).totals.peak_converted_bytes
@@ -622,8 +624,7 @@ class _Ladder:
     def _unit_order(self, tier: str) -> Callable[[Unit], tuple]:
         """Within a tier: checkpointed blocks in forward order, other units the largest saving first."""
         if tier in CHECKPOINT_RULES:
-            position = {name: i for i, name in enumerate(self.estimator.facts.modules)}
-            return lambda unit: (position.get(unit.modules[0], 0), unit.modules)
+            return lambda unit: (self.position.get(unit.modules[0], 0), unit.modules)
         return lambda unit: (unit.sensitive, -unit.saving, unit.modules)
 
     def evaluate(self, n: int) -> tuple[Plan, Report, int]:
@@ -685,15 +686,13 @@ class _Ladder:
         """
         plain: tuple[str, ...] = ()
         blocks = {self.order[i].modules[0]: None for i in taken if self.order[i].tier in CHECKPOINT_RULES}
-        position = {name: i for i, name in enumerate(self.estimator.facts.modules)}
-        for block in sorted(blocks, key=position.__getitem__, reverse=True):
+        for block in sorted(blocks, key=self.position.__getitem__, reverse=True):
             trial = tuple(i for i in taken if not (self.order[i].tier in CHECKPOINT_RULES
                                                    and self.order[i].modules[0] == block)), (*plain, block)
             if self.evaluate_units(*trial)[2] > usable:
                 break
             taken, plain = trial
         return taken, plain
-
 
     def without_needless_reruns(self, taken: tuple[int, ...], plain: tuple[str, ...],
                                 usable: int) -> tuple[int, ...]:
@@ -719,9 +718,8 @@ class _Ladder:
         idle = {i for i in rerunning
                 if all(any(inside(name, block) for block in blocks) for name in self.order[i].modules)}
         taken = tuple(i for i in taken if i not in idle)
-        position = {name: i for i, name in enumerate(self.estimator.facts.modules)}
         candidates = sorted((i for i in rerunning if i not in idle), key=lambda i: (
-            self.order[i].saving, min(position.get(name, 0) for name in self.order[i].modules)))
+            self.order[i].saving, min(self.position.get(name, 0) for name in self.order[i].modules)))
         runs, trials = [candidates] if candidates else [], 0
         while runs and trials < RERUN_TRIALS:
             run = runs.pop(0)

@@ -566,8 +566,9 @@ def target_verdict(rows: list[dict]) -> dict:
     than checkpointing, and does some planner row at checkpointing's step time or less keep less?
 
     Faster means the ``CONFIDENCE`` interval of the median ratio of the two
-    methods' step times in the same round (``ratio_interval``) lies under 1; a planner row counts as at
-    checkpointing's step time unless that interval lies over 1; keeping less
+    methods' step times in the same round (``ratio_interval``) lies under 1; a
+    planner row counts as at checkpointing's step time unless that interval
+    lies over 1; keeping less
     means by at least ``MIN_KEPT_GAIN``. The planner at its floor is reported
     beside it (the speed part counts only at checkpointing's peak).
     """
