@@ -172,6 +172,7 @@ def convert(
     inplace: bool = False,
     skip: Iterable[str] | SkipFilter | None = None,
     budget: str | int | None = None,
+    kept_budget: str | int | float | None = None,
     optimizer: str | None = None,
     **rule_options: Any,
 ) -> nn.Module:
@@ -192,18 +193,20 @@ def convert(
     ``budget`` ("10GiB", "512MiB", "1.5GB" or bytes): instead of ``rules``, a
     rule per module chosen so that the predicted peak of one training step
     with ``optimizer`` fits (see :func:`aalconvert.plan`); ``example_inputs``
-    is then required and ``rules`` must stay at its default.
+    is then required and ``rules`` must stay at its default. ``kept_budget``
+    (a size, or a fraction of what BP keeps: 0.25, "25%"): the most the
+    forward may keep for backward, instead of ``budget`` or beside it.
     """
     _check_model(model)
-    if budget is not None or optimizer is not None:
+    if budget is not None or kept_budget is not None or optimizer is not None:
         from aalconvert.budget import convert_to_budget
 
         if rules != "auto":
             raise ConversionError(
                 f"rules={rules!r} with budget=: the planner chooses the rules itself; to limit them, "
                 "call aalconvert.budget.convert_to_budget(model, budget, example_inputs, rules=[...])")
-        return convert_to_budget(model, budget, example_inputs, optimizer=optimizer, inplace=inplace,
-                                 skip=skip, **rule_options)
+        return convert_to_budget(model, budget, example_inputs, kept_budget=kept_budget, optimizer=optimizer,
+                                 inplace=inplace, skip=skip, **rule_options)
     target = model if inplace else _shallow_copy(model)
     plan, facts = plan_conversion(
         target, rules, example_inputs=example_inputs, skip=skip, **rule_options

@@ -50,12 +50,17 @@ How the plan is chosen:
    gradients and the first layers' activations make the peak (the end of
    backward), a plan that keeps less can peak higher (decoded copies, a
    block recomputing), so the floor is not always the plan that keeps least.
-6. Checkpointing the first block too. When the plan found compresses inside
-   the blocks (an approx, ARA or ASA unit), the search is run once more on
-   the tiers that leave every number as it is (lossless, the loss head) and
-   checkpointing, whose first block is then a candidate
-   (``_checkpointing_instead``); where that fits, it is the plan: a second
-   forward of the first block costs less than compressing it.
+6. Checkpointing the first block too. When the plan found changes numbers
+   (an approx, ARA or ASA unit, or checkpointed blocks' 4-bit copies), the
+   search is run once more on the tiers that leave every number inside the
+   blocks as it is (lossless, the loss head) and checkpointing, whose first
+   block is then a candidate (``_checkpointing_instead``); where that fits,
+   it is the plan: a second forward of the first block costs less than
+   compressing it.
+
+Limits. The plan holds the step budget less ``HEADROOM`` and, where given,
+a kept budget (bytes kept for backward: ``aalconvert.budget_limits``); every
+"fits" above means both.
 
 A checkpointed block counts its inputs (or their copies) as kept; the simulated step runs its
 recomputation in backward, so the peak counts what it keeps under BP alive
@@ -74,6 +79,7 @@ from torch import nn
 from torch._subclasses import FakeTensorMode
 
 from aalconvert.bisection import first_true
+from aalconvert.budget_limits import Limits, check_kept_budget, kept_budget_bytes
 from aalconvert.checkpointing import (
     CHECKPOINT_RULES, STATEFUL_CALL, CheckpointRule, CopiedBoundaryRule, held_by_checkpoints, inside,
     recompute_bytes, with_checkpoint_inputs)
@@ -186,7 +192,7 @@ class BudgetPlan:
     ``floor_bytes`` is the least budget any plan fits.
     """
 
-    budget_bytes: int
+    budget_bytes: int | None
     plan: Plan
     report: Report
     decisions: dict[str, str]
@@ -203,6 +209,8 @@ class BudgetPlan:
     """What the largest checkpointed block keeps under BP: alive again while it recomputes (bytes).
 
     Already in the predicted peak (the simulated step recomputes), not added to it."""
+    kept_budget_bytes: int | None = None
+    """The most the plan may keep for backward (bytes), where a kept budget was given."""
 
     @property
     def peak_bp_bytes(self) -> int:
@@ -214,22 +222,34 @@ class BudgetPlan:
         return self.report.totals.peak_converted_bytes
 
     @property
-    def usable_bytes(self) -> int:
-        """The budget less the headroom: what the predicted peak must stay under."""
-        return usable_bytes(self.budget_bytes)
+    def kept_bytes(self) -> int:
+        """Predicted bytes the planned model keeps for backward (checkpointed blocks' inputs included)."""
+        return self.report.totals.converted_bytes
+
+    @property
+    def usable_bytes(self) -> int | None:
+        """The budget less the headroom: what the predicted peak must stay under (None: no step budget)."""
+        return None if self.budget_bytes is None else usable_bytes(self.budget_bytes)
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.usable_bytes, self.kept_budget_bytes)
 
     @property
     def fits(self) -> bool:
-        return self.peak_bytes <= self.usable_bytes
+        return self.limits.hold(self.report.totals)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data, exact bytes: budget, peaks, floor, tiers, choices, decisions and the report."""
         return {
             "budget_bytes": self.budget_bytes,
             "usable_bytes": self.usable_bytes,
+            "kept_budget_bytes": self.kept_budget_bytes,
             "fits": self.fits,
             "peak_bp_bytes": self.peak_bp_bytes,
             "peak_bytes": self.peak_bytes,
+            "kept_bp_bytes": self.report.totals.bp_bytes,
+            "kept_bytes": self.kept_bytes,
             "floor_bytes": self.floor_bytes,
             "recompute_bytes": self.recompute_bytes,
             "plain_blocks": list(self.plain_blocks),
@@ -499,9 +519,10 @@ def merge(decided_tiers: dict[str, int], plans: list[Plan], rules: list[Rule]) -
 
 def plan_budget(
     model: nn.Module,
-    budget: str | int,
-    example_inputs: tuple,
+    budget: str | int | None = None,
+    example_inputs: tuple | None = None,
     *,
+    kept_budget: str | int | float | None = None,
     optimizer: str | None = None,
     rules: str | Sequence[str] | None = None,
     labels: torch.Tensor | str | None = "auto",
@@ -510,15 +531,26 @@ def plan_budget(
 ) -> BudgetPlan:
     """Choose a rule per module so that the predicted peak of one training step fits ``budget``.
 
-    ``budget``: bytes, or a size such as "10GiB" / "512MiB" / "1.5GB".
+    ``budget``: bytes, or a size such as "10GiB" / "512MiB" / "1.5GB" (None:
+    no bound on the step's peak, then ``kept_budget`` is needed).
+    ``kept_budget``: the most the forward may keep for backward, as a size or
+    a fraction of what BP keeps (0.25, "25%"): see ``aalconvert.budget_limits``.
     ``rules``: the rules the planner may use, "checkpoint" (whole blocks under
     torch.utils.checkpoint) among them (default: all, in ``costs.tier_order``).
     ``optimizer``, ``labels``, ``skip`` and rule options
     (``asa_eps``, ``ara_group``, ``group_size``, ...) as for inspect()/convert().
     ``model`` is not modified; everything runs on fake tensors. Raises
-    BudgetError when even the plan that keeps least does not fit.
+    BudgetError when no plan fits.
     """
-    budget_bytes = parse_size(budget)
+    if budget is None and kept_budget is None:
+        raise ConversionError("a plan needs budget= (the step's peak), kept_budget= (bytes kept for backward) "
+                              "or both")
+    budget_bytes = None if budget is None else parse_size(budget)
+    if kept_budget is not None:
+        check_kept_budget(kept_budget)
+    if example_inputs is None:
+        raise ConversionError(
+            "a budget needs example_inputs=(...): the plan is chosen from the bytes a forward on them keeps")
     if not isinstance(example_inputs, tuple):
         raise ConversionError(
             f"example_inputs must be a tuple of the model's positional arguments, got "
@@ -529,34 +561,36 @@ def plan_budget(
     estimator = _Estimator(model, example_inputs, labels, optimizer, skip)
     bp_report = estimator.report(Plan(rules=[]), estimator.bp)
     batch = _batch_size(example_inputs)
+    limits = Limits(None if budget_bytes is None else usable_bytes(budget_bytes),
+                    None if kept_budget is None else kept_budget_bytes(kept_budget, bp_report.totals.bp_bytes))
     # Checkpointing every block keeps each block's input and recomputes the largest one: where the
     # budget is tighter than that allows, the rules alone (inside the blocks too) may still fit.
     without = [t for t in tiers if t not in CHECKPOINT_RULES]
     orders = [tiers] + ([without] if without and len(without) < len(tiers) else [])
     ladders = [_Ladder(estimator, order, rule_options) for order in orders]
-    bp_peak = bp_report.totals.peak_bp_bytes
-    usable = usable_bytes(budget_bytes)
-    floor_peak = min(bp_peak, *(ladder.floor for ladder in ladders))
-    ladder = next((ladder for ladder in ladders if min(bp_peak, ladder.floor) <= usable), None)
-    if ladder is None:
-        lowest = min(ladders, key=lambda ladder: ladder.floor)
-        raise _under_floor(budget_bytes, floor_peak, lowest.evaluate(lowest.floor_units)[1], batch,
-                           _not_checkpointed(ladders[0].plans[-1] if ladders[0].plans else None))
-    taken, plain = ladder.fitting_units(usable, bp_peak)
-    if ladder is ladders[0] and ladder.compresses(taken):
-        ladder, taken, plain = _checkpointing_instead(estimator, tiers, rule_options, usable, bp_peak,
+    floor_peak = min(bp_report.totals.peak_bp_bytes, *(ladder.floor for ladder in ladders))
+    for ladder in ladders:
+        fitting = ladder.fitting_units(limits, bp_report) if ladder.may_hold(limits, bp_report) else None
+        if fitting is not None:
+            break
+    else:
+        raise _nothing_fits(limits, budget_bytes, floor_peak, ladders, bp_report, batch)
+    taken, plain = fitting
+    if ladder is ladders[0] and ladder.loses_fidelity(taken):
+        ladder, taken, plain = _checkpointing_instead(estimator, tiers, rule_options, limits, bp_report,
                                                       (ladder, taken, plain))
     plan, report, _ = ladder.evaluate_units(taken, plain) if taken else (Plan(rules=[]), bp_report, 0)
-    peaks = [bp_peak] + ladder.peaks_by_tier
+    totals = [bp_report.totals] + ladder.totals_by_tier
     steps, choices, used = [], [], []
     start = 0
     for k, (tier, end) in enumerate(zip(ladder.tiers, ladder.tier_ends)):
         cost = RULE_COSTS[tier]
         chosen = [i for i in taken if start <= i < end]
-        steps.append(TierStep(tier, end - start, len(chosen), peaks[k + 1], cost.cost_per_saved, cost.source))
+        steps.append(TierStep(tier, end - start, len(chosen), totals[k + 1].peak_converted_bytes,
+                              cost.cost_per_saved, cost.source))
         before = "after " + " + ".join(used) if used else "under BP"
         used += [tier] if end > start else []
-        why = f"needed to fit: {format_bytes(peaks[k] - usable)} over {before}"
+        why = f"needed to fit: {limits.over(totals[k]) or 'the plan fits without the rest'} {before}"
         for unit in (ladder.order[i] for i in chosen):
             choices.append(Choice(unit.tier, unit.modules, unit.saving, why,
                                   tuple(site.reason for site in unit.sites)))
@@ -567,12 +601,37 @@ def plan_budget(
         choices=choices, tiers=steps, floor_bytes=smallest_budget(floor_peak), batch_size=batch,
         facts=estimator.facts,
         site_tiers=site_tiers([ladder.order[i] for i in taken], ladder.tiers), plain_blocks=plain,
-        recompute_bytes=recompute_bytes(checkpointed(plan), estimator.bp),
+        recompute_bytes=recompute_bytes(checkpointed(plan), estimator.bp), kept_budget_bytes=limits.kept,
     )
 
 
-def _checkpointing_instead(estimator: _Estimator, tiers: list[str], rule_options: dict[str, Any], usable: int,
-                           bp_peak: int, compressed: tuple) -> tuple:
+def _nothing_fits(limits: Limits, budget_bytes: int | None, floor_peak: int, ladders: list[_Ladder],
+                  bp_report: Report, batch: int | None) -> BudgetError:
+    """The error for limits no plan holds: the step budget under the floor, the kept budget under the
+    least any plan keeps, or the two together out of reach of any one plan."""
+    if limits.peak is not None and budget_bytes is not None and floor_peak > limits.peak:
+        lowest = min(ladders, key=lambda ladder: ladder.floor)
+        return _under_floor(budget_bytes, floor_peak, lowest.evaluate(lowest.floor_units)[1], batch,
+                            _not_checkpointed(ladders[0].plans[-1] if ladders[0].plans else None))
+    least_kept = min(bp_report.totals.bp_bytes, *(ladder.least_kept for ladder in ladders))
+    assert limits.kept is not None  # the step budget alone is always met at its floor
+    largest = 0 if batch is None or least_kept == 0 else math.floor(limits.kept * batch / least_kept)
+    if least_kept > limits.kept:
+        fits = (f"the largest batch that would keep under it is about {largest} (scaled linearly from batch "
+                f"{batch})" if largest > 0 else "not even one sample would keep under it")
+        return BudgetError(
+            f"kept budget {format_bytes(limits.kept)} ({limits.kept} bytes) is under the least any plan keeps "
+            f"for backward, {format_bytes(least_kept)} ({least_kept} bytes; BP keeps "
+            f"{format_bytes(bp_report.totals.bp_bytes)}): {fits}", least_kept, largest)
+    return BudgetError(
+        f"no plan keeps under {format_bytes(limits.kept)} for backward and peaks under "
+        f"{format_bytes(limits.peak or 0)} (the budget less {HEADROOM:.0%} headroom) at once: the plans that "
+        f"keep that little peak higher (checkpointed blocks recompute, decoded copies); raise one of the two, "
+        f"or plan for each alone to see what it takes", least_kept, largest)
+
+
+def _checkpointing_instead(estimator: _Estimator, tiers: list[str], rule_options: dict[str, Any], limits: Limits,
+                           bp_report: Report, compressed: tuple) -> tuple:
     """A plan without compression inside the blocks, the first block checkpointed too, where one fits.
 
     With compressing tiers among the candidates, checkpointing leaves the first
@@ -586,9 +645,8 @@ def _checkpointing_instead(estimator: _Estimator, tiers: list[str], rule_options
     if not any(tier in CHECKPOINT_RULES for tier in order):
         return compressed
     ladder = _Ladder(estimator, order, rule_options)
-    if min(bp_peak, ladder.floor) > usable:
-        return compressed
-    return (ladder, *ladder.fitting_units(usable, bp_peak))
+    fitting = ladder.fitting_units(limits, bp_report) if ladder.may_hold(limits, bp_report) else None
+    return compressed if fitting is None else (ladder, *fitting)
 
 
 class _Ladder:
@@ -603,8 +661,8 @@ class _Ladder:
         """Module name -> its place in forward order (blocks are checkpointed and left plain by it)."""
         self.plans = cumulative_plans(facts, self.rules, estimator.skip, estimator.target)
         kept_by_tier = [estimator.kept(plan) for plan in self.plans]
-        self.peaks_by_tier = [estimator.report(plan, kept).totals.peak_converted_bytes
-                              for plan, kept in zip(self.plans, kept_by_tier)]
+        self.totals_by_tier = [estimator.report(plan, kept).totals for plan, kept in zip(self.plans, kept_by_tier)]
+        """Predicted totals of each tier's cumulative plan (it and every earlier tier taken whole)."""
         sensitive = sensitive_modules(facts)
         self.order: list[Unit] = []
         self.tier_ends: list[int] = []
@@ -617,9 +675,13 @@ class _Ladder:
             previous, previous_kept = plan, kept
         self.cache: dict[tuple[int, ...], tuple[Plan, Report, int]] = {}
         # The lowest peak among the tiers taken whole (peaks need not fall tier by tier).
-        lowest_tier = min(range(len(tiers)), key=self.peaks_by_tier.__getitem__, default=None)
+        lowest_tier = min(range(len(tiers)), key=lambda k: self.totals_by_tier[k].peak_converted_bytes,
+                          default=None)
         self.floor_units = 0 if lowest_tier is None else self.tier_ends[lowest_tier]
         self.floor = self.evaluate(self.floor_units)[2]
+        self.least_kept = min((totals.converted_bytes for totals in self.totals_by_tier),
+                              default=estimator.bp.nbytes)
+        """The least a tier's cumulative plan keeps for backward (bytes)."""
 
     def _unit_order(self, tier: str) -> Callable[[Unit], tuple]:
         """Within a tier: checkpointed blocks in forward order, other units the largest saving first."""
@@ -641,21 +703,43 @@ class _Ladder:
             self.cache[taken, plain] = merged, report, report.totals.peak_converted_bytes
         return self.cache[taken, plain]
 
-    def fitting_units(self, usable: int, bp_peak: int) -> tuple[tuple[int, ...], tuple[str, ...]]:
-        """The units of the smallest fitting prefix, less what the plan fits without, and the blocks left plain."""
-        prefix = _smallest_fitting_prefix(lambda n: self.evaluate(n)[2], usable, self.tier_ends, bp_peak)
-        taken = self.without_needless_tiers(tuple(range(prefix)), usable)
+    def may_hold(self, limits: Limits, bp_report: Report) -> bool:
+        """Whether some plan of this order may hold ``limits``: BP does, or the least peak and the least
+        kept among its tiers are under them (not the same plan: ``fitting_units`` says at last)."""
+        if limits.hold(bp_report.totals):
+            return True
+        return ((limits.peak is None or self.floor <= limits.peak)
+                and (limits.kept is None or self.least_kept <= limits.kept))
+
+    def holds(self, limits: Limits, taken: tuple[int, ...], plain: tuple[str, ...] = ()) -> bool:
+        """Whether the plan of the units at ``taken`` (``plain`` blocks left plain) holds ``limits``."""
+        return limits.hold(self.evaluate_units(taken, plain)[1].totals)
+
+    def fitting_units(self, limits: Limits,
+                      bp_report: Report) -> tuple[tuple[int, ...], tuple[str, ...]] | None:
+        """The units of the smallest prefix that holds ``limits``, less what the plan holds them without, and
+        the blocks left plain; None where no tier's prefix holds them."""
+        if limits.hold(bp_report.totals):
+            return (), ()
+        prefix = _smallest_fitting_prefix(lambda n: self.holds(limits, tuple(range(n))), self.tier_ends)
+        if prefix is None:
+            return None
+        taken = self.without_needless_tiers(tuple(range(prefix)), limits)
         if not taken:
             return (), ()
-        taken, plain = self.without_needless_checkpoints(taken, usable)
-        return self.without_needless_reruns(taken, plain, usable), plain
+        taken, plain = self.without_needless_checkpoints(taken, limits)
+        return self.without_needless_reruns(taken, plain, limits), plain
+
+    def loses_fidelity(self, taken: tuple[int, ...]) -> bool:
+        """Whether units at ``taken`` include a tier that changes numbers (``checkpoint4``'s copies too)."""
+        return any(RULE_COSTS[self.order[i].tier].fidelity_loss != 0 for i in taken)
 
     def compresses(self, taken: tuple[int, ...]) -> bool:
         """Whether units at ``taken`` include a tier that changes numbers inside the blocks (approx, ARA, ASA)."""
         return any(self.order[i].tier not in CHECKPOINT_RULES and RULE_COSTS[self.order[i].tier].fidelity_loss != 0
                    for i in taken)
 
-    def without_needless_tiers(self, taken: tuple[int, ...], usable: int) -> tuple[int, ...]:
+    def without_needless_tiers(self, taken: tuple[int, ...], limits: Limits) -> tuple[int, ...]:
         """``taken`` less the units of each approximate tier (one that costs fidelity) the plan still
         fits without, the costliest first, each tier once; never the last tier taken.
 
@@ -671,12 +755,12 @@ class _Ladder:
             if tier == last or not RULE_COSTS[tier].fidelity_loss:
                 continue
             trial = tuple(i for i in taken if self.order[i].tier != tier)
-            if trial != taken and self.evaluate_units(trial)[2] <= usable:
+            if trial != taken and self.holds(limits, trial):
                 taken = trial
         return taken
 
     def without_needless_checkpoints(self, taken: tuple[int, ...],
-                                     usable: int) -> tuple[tuple[int, ...], tuple[str, ...]]:
+                                     limits: Limits) -> tuple[tuple[int, ...], tuple[str, ...]]:
         """``taken`` less the checkpointed blocks the plan fits without (each block's
         ``checkpoint`` and ``checkpoint4`` units together), last block first, and those blocks (left plain).
 
@@ -689,13 +773,13 @@ class _Ladder:
         for block in sorted(blocks, key=self.position.__getitem__, reverse=True):
             trial = tuple(i for i in taken if not (self.order[i].tier in CHECKPOINT_RULES
                                                    and self.order[i].modules[0] == block)), (*plain, block)
-            if self.evaluate_units(*trial)[2] > usable:
+            if not self.holds(limits, *trial):
                 break
             taken, plain = trial
         return taken, plain
 
     def without_needless_reruns(self, taken: tuple[int, ...], plain: tuple[str, ...],
-                                usable: int) -> tuple[int, ...]:
+                                limits: Limits) -> tuple[int, ...]:
         """``taken`` less the units of lossless tiers that cost time (recompute, exact) the plan fits
         without, and those inside checkpointed blocks (which convert nothing); only where nothing is
         compressed.
@@ -725,7 +809,7 @@ class _Ladder:
             run = runs.pop(0)
             trial = tuple(i for i in taken if i not in run)
             trials += 1
-            if self.evaluate_units(trial, plain)[2] <= usable:
+            if self.holds(limits, trial, plain):
                 taken = trial
             elif len(run) > 1:
                 runs[:0] = [run[:len(run) // 2], run[len(run) // 2:]]
@@ -737,6 +821,7 @@ def convert_to_budget(
     budget: str | int | None,
     example_inputs: tuple | None,
     *,
+    kept_budget: str | int | float | None = None,
     optimizer: str | None = None,
     rules: str | Sequence[str] | None = None,
     inplace: bool = False,
@@ -752,20 +837,23 @@ def convert_to_budget(
     """
     from aalconvert import api
 
-    if budget is None:
+    if budget is None and kept_budget is None:
         raise ConversionError("optimizer= only counts toward a memory budget: pass budget= too, or drop it")
-    parse_size(budget)
+    if budget is not None:
+        parse_size(budget)
+    if kept_budget is not None:
+        check_kept_budget(kept_budget)
     if example_inputs is None:
         raise ConversionError(
-            "budget= needs example_inputs=(...): the plan is chosen from the bytes a forward on them keeps")
+            "a budget needs example_inputs=(...): the plan is chosen from the bytes a forward on them keeps")
     api._check_model(model)
     earlier, _ = api._earlier_conversion(model)
     if earlier:
         raise ConversionError(
             f"the model is already converted with {', '.join(sorted(earlier))}; budget= plans from the "
             "plain model: call aalconvert.revert(model) first")
-    chosen = plan_budget(model, budget, example_inputs, optimizer=optimizer, rules=rules, labels=labels,
-                         skip=skip, **rule_options)
+    chosen = plan_budget(model, budget, example_inputs, kept_budget=kept_budget, optimizer=optimizer, rules=rules,
+                         labels=labels, skip=skip, **rule_options)
     target = model if inplace else api._shallow_copy(model)
     tiers = [step.rule for step in chosen.tiers]
     rule_objects = tier_rules(tiers, rule_options)
@@ -784,26 +872,17 @@ def convert_to_budget(
     return target
 
 
-def _smallest_fitting_prefix(peak_of: Callable[[int], int], budget: int, tier_ends: list[int],
-                             bp_peak: int) -> int:
-    """The fewest units (a prefix of the order) whose plan's estimated peak fits ``budget``.
-
-    BP when it fits; otherwise the first tier whose full plan fits, bisected
-    inside (its start, the previous tier in full, does not fit).
-    """
-    if bp_peak <= budget:
-        return 0
-    low = 0  # known not to fit
+def _smallest_fitting_prefix(fits: Callable[[int], bool], tier_ends: list[int]) -> int | None:
+    """The fewest units (a prefix of the order) whose plan ``fits``: the first tier whose full plan fits,
+    bisected inside (its start, the previous tier in full, does not fit); None when no tier's does."""
+    low = 0  # known not to fit (BP, checked first)
     for end in tier_ends:
         if end == low:
             continue
-        if peak_of(end) <= budget:
-            high = end
-            break
+        if fits(end):
+            return first_true(low, end, fits)
         low = end
-    else:
-        return tier_ends[-1] if tier_ends else 0
-    return first_true(low, high, lambda end: peak_of(end) <= budget)
+    return None
 
 
 def _batch_size(example_inputs: tuple) -> int | None:

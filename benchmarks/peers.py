@@ -24,10 +24,13 @@ decoder trained on its own loss with ``labels=``), one full training step
   the planner's budget counts and the measured peak does not; SGD without
   momentum keeps no optimizer state); 1/4, 1/2 and 3/4 of the way from it to
   the planner's floor, and the floor (the least budget any of its plans fits);
-  halfway from the first to BP's measured peak plus the parameters. The
-  target line per model is read at the first (faster) and at every planner
-  row as fast as checkpointing (keeps less): the budgets toward the floor
-  trace the planner's trade-off curve where checkpointing's step time lies.
+  halfway from the first to BP's measured peak plus the parameters; and
+  ``aalconvert.convert(model, kept_budget=...)`` with checkpointing's measured
+  bytes kept as the kept budget (no step budget). The target line per model
+  is read at the first (faster) and at every planner row as fast as
+  checkpointing (keeps less): the budgets toward the floor trace the
+  planner's trade-off curve where checkpointing's step time lies, and the
+  kept budget asks for checkpointing's memory outright.
   The planner's predicted peaks of BP and of every block checkpointed are
   printed beside the measured ones.
 
@@ -113,6 +116,8 @@ TOWARD_FLOOR = {f"{share} of the way from it to the floor": fraction
                 for share, fraction in (("1/4", 0.25), ("1/2", 0.5), ("3/4", 0.75))}
 """Budgets between checkpointing's peak and the floor: the planner's trade-off curve where checkpointing sits."""
 BUDGETS = (AT_CHECKPOINT, *TOWARD_FLOOR, AT_FLOOR, TOWARD_BP)
+KEPT_AS_CHECKPOINT = "a kept budget of checkpointing's measured bytes kept"
+"""The planner given checkpointing's bytes kept as its kept budget (no step budget): what it keeps for them, in what time."""
 MATMULS = [torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
            torch.ops.aten.baddbmm.default, torch.ops.aten.convolution.default]
 COMPILE_MEMORY_BUDGET = 0.5
@@ -333,24 +338,26 @@ def build_method(name: str, workload: Workload) -> Method:
         return failed(name, error)
 
 
-def planner_method(workload: Workload, label: str, budget: int) -> Method:
-    """``aalconvert.convert(model, budget=...)`` with SGD (no optimizer state); the plan's rules in the note."""
+def planner_method(workload: Workload, label: str, budget: int | None, kept_budget: int | None = None) -> Method:
+    """``aalconvert.convert(model, budget=..., kept_budget=...)`` with SGD (no optimizer state); the plan's rules
+    in the note."""
     name = f"plan @ {label}"
+    limits = {"budget": budget, "kept_budget": kept_budget}
+    said = "; ".join(f"{what.replace('_', ' ')} {mib(value)}" for what, value in limits.items() if value is not None)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            chosen = aalconvert.plan(workload.model, budget=budget, example_inputs=workload.inputs,
-                                     optimizer="sgd")
-            converted = aalconvert.convert(workload.model, budget=budget, example_inputs=workload.inputs,
-                                           optimizer="sgd")
+            chosen = aalconvert.plan(workload.model, example_inputs=workload.inputs, optimizer="sgd", **limits)
+            converted = aalconvert.convert(workload.model, example_inputs=workload.inputs, optimizer="sgd", **limits)
     except Exception as error:  # BudgetError (under the floor) included: the row says so
-        return failed(name, error, f"budget {mib(budget)}")
+        return failed(name, error, said)
     rules = sorted(set(chosen.decisions.values()))
     blocks = sum(1 for rule in chosen.decisions.values() if rule in CHECKPOINT_RULES)
-    note = f"budget {mib(budget)}; " + (", ".join(rules) if rules else "no change")
+    note = f"{said}; " + (", ".join(rules) if rules else "no change")
     note += f" ({blocks} blocks checkpointed)" if blocks else ""
     return Method(name, converted, note=note, hooks_see_all=not blocks,
-                  plan={"budget_bytes": budget, "predicted_peak_bytes": chosen.peak_bytes,
+                  plan={"budget_bytes": budget, "kept_budget_bytes": kept_budget,
+                        "predicted_peak_bytes": chosen.peak_bytes, "predicted_kept_bytes": chosen.kept_bytes,
                         "floor_bytes": chosen.floor_bytes, "rules": rules, "checkpointed_blocks": blocks})
 
 
@@ -494,14 +501,17 @@ def measure_workload(workload: Workload, methods: list[str], rounds: int, log: C
     if bp_memory is None:
         raise RuntimeError(f"BP did not run on {workload.name}: {prepared[BP][0].error}")
     parameter_bytes = sum(p.numel() * p.element_size() for p in workload.model.parameters())
-    budgets, predicted = {}, {}
+    budgets, kept_budgets, predicted = {}, {}, {}
     if ckpt_memory is not None:
         log(f"  {workload.name}: the planner's predictions")
         predicted = planner_predictions(workload)
         budgets = planner_budgets(parameter_bytes, ckpt_memory.peak_bytes, bp_memory.peak_bytes, predicted)
-    for label, budget in budgets.items():
+        kept_budgets = {KEPT_AS_CHECKPOINT: ckpt_memory.kept_bytes}
+    planned = [(label, budget, None) for label, budget in budgets.items()]
+    planned += [(label, None, kept) for label, kept in kept_budgets.items()]
+    for label, budget, kept_budget in planned:
         log(f"  {workload.name}: plan @ {label}")
-        method = planner_method(workload, label, budget)
+        method = planner_method(workload, label, budget, kept_budget)
         prepared[method.name] = prepare(workload, method)
     runners = {name: runner for name, (_, runner, _) in prepared.items() if runner is not None}
     rounds = rounds_for(runners[BP].timed_step(), rounds, seconds)
@@ -513,7 +523,8 @@ def measure_workload(workload: Workload, methods: list[str], rounds: int, log: C
     rows = [make_row(method, memory, times.get(name), saved.get(name), bp_memory, bp_seconds)
             for name, (method, _, memory) in prepared.items()]
     return {"model": workload.name, "sizes": workload.sizes, "parameter_bytes": parameter_bytes, "rounds": rounds,
-            "budgets": budgets, "predicted": predicted, "rows": rows, "target": target_verdict(rows)}
+            "budgets": budgets, "kept_budgets": kept_budgets, "predicted": predicted, "rows": rows,
+            "target": target_verdict(rows)}
 
 
 def make_row(method: Method, memory: StepMemory | None, rounds: list[float] | None, saved: int | None,
@@ -693,7 +704,9 @@ def markdown(result: dict) -> str:
              "inputs excluded); both from torch.profiler's CPU allocation events. save_on_cpu's copies count as "
              "\"to host\", not as kept. Planner budgets: parameters + checkpointing's measured step peak; 1/4, 1/2 "
              "and 3/4 of the way from it to the planner's floor, and the floor (the least budget any of its plans "
-             "fits); halfway from the first to parameters + BP's measured step peak (SGD, no optimizer state). The target's speed part is read at the first. ± after a "
+             "fits); halfway from the first to parameters + BP's measured step peak (SGD, no optimizer state); and "
+             "a kept budget (bytes kept for backward, no step budget) of checkpointing's measured bytes kept. The "
+             "target's speed part is read at the first. ± after a "
              "step time: how far one round "
              "strays from the median (median absolute deviation); faster or slower than checkpointing: the "
              f"{CONFIDENCE:.0%} interval of the median ratio of the two methods' steps in the same round "

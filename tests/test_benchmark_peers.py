@@ -156,8 +156,15 @@ def test_one_small_run_measures_every_peer_and_renders_its_table(peers, tmp_path
     methods = [peers.BP, peers.CHECKPOINT, peers.CHECKPOINT4, peers.SELECTIVE, peers.SAVE_ON_CPU, "exact"]
     record = peers.measure_workload(workload, methods, rounds=1, log=lambda message: None)
     rows = {r["method"]: r for r in record["rows"]}
-    assert set(methods) <= set(rows) and len(rows) == len(methods) + len(record["budgets"])
+    assert set(methods) <= set(rows)
+    assert len(rows) == len(methods) + len(record["budgets"]) + len(record["kept_budgets"])
     assert {peers.AT_CHECKPOINT, peers.AT_FLOOR, peers.TOWARD_BP} <= set(record["budgets"])
+    kept_plan = rows[f"plan @ {peers.KEPT_AS_CHECKPOINT}"]  # asks for checkpointing's bytes kept, and gets them
+    assert record["kept_budgets"] == {peers.KEPT_AS_CHECKPOINT: rows[peers.CHECKPOINT]["kept_bytes"]}
+    assert kept_plan["ok"] and kept_plan["plan"]["budget_bytes"] is None
+    assert kept_plan["kept_bytes"] <= rows[peers.CHECKPOINT]["kept_bytes"]
+    # what the estimate does not see: checkpointing's saved RNG state (5056 bytes on CPU), the loss's scalars
+    assert abs(kept_plan["kept_bytes"] - kept_plan["plan"]["predicted_kept_bytes"]) < 8 * 1024
     assert all(rows[m]["ok"] for m in methods), rows
     bp = rows[peers.BP]
     # BP keeps what saved-tensor hooks see, less the inputs and targets (alive before the step),
