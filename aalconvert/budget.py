@@ -613,10 +613,13 @@ def _nothing_fits(limits: Limits, budget_bytes: int | None, floor_peak: int, lad
         lowest = min(ladders, key=lambda ladder: ladder.floor)
         return _under_floor(budget_bytes, floor_peak, lowest.evaluate(lowest.floor_units)[1], batch,
                             _not_checkpointed(ladders[0].plans[-1] if ladders[0].plans else None))
-    least_kept = min(bp_report.totals.bp_bytes, *(ladder.least_kept for ladder in ladders))
+    # The tiers' cumulative plans, and every plan the search estimated (a prefix may keep a little
+    # more than its tier's cumulative plan, which let the search start).
+    least_kept = min(bp_report.totals.bp_bytes, *(ladder.least_kept for ladder in ladders),
+                     *(report.totals.converted_bytes for ladder in ladders for _, report, _ in ladder.cache.values()))
     assert limits.kept is not None  # the step budget alone is always met at its floor
     largest = 0 if batch is None or least_kept == 0 else math.floor(limits.kept * batch / least_kept)
-    if least_kept > limits.kept:
+    if least_kept > limits.kept or limits.peak is None:
         fits = (f"the largest batch that would keep under it is about {largest} (scaled linearly from batch "
                 f"{batch})" if largest > 0 else "not even one sample would keep under it")
         return BudgetError(

@@ -27,6 +27,14 @@ def reasons_text(reasons: tuple[str, ...], shown: int = 2) -> str:
     return " | ".join(distinct[:shown]) + more
 
 
+def asked_text(plan: BudgetPlan) -> str:
+    """``a budget of 10.0 GiB`` / ``a kept budget of 2.0 GiB`` / both: what the plan was asked to hold."""
+    asked = [f"{what} {format_bytes(value)}" for what, value in (("a budget of", plan.budget_bytes),
+                                                                 ("a kept budget of", plan.kept_budget_bytes))
+             if value is not None]
+    return " and ".join(asked)
+
+
 def print_budget_plan(plan: BudgetPlan, *, file: IO[str] | None = None, top: int | None = None) -> None:
     """Render ``plan``: the choices (largest first within a tier), the tiers tried, then the totals."""
     from rich.console import Console
@@ -38,7 +46,7 @@ def print_budget_plan(plan: BudgetPlan, *, file: IO[str] | None = None, top: int
         console.width = 180
     report = plan.report
     choices = plan.choices if top is None else plan.choices[:top]
-    table = Table(title=f"{report.model}: plan for a budget of {format_bytes(plan.budget_bytes)} "
+    table = Table(title=f"{report.model}: plan for {asked_text(plan)} "
                         f"(optimizer: {report.totals.optimizer or 'none given'})")
     for column, justify in (("rule", "left"), ("modules", "left"), ("saves (est.)", "right"),
                             ("why", "left"), ("what it does", "left")):
@@ -62,7 +70,7 @@ def print_budget_plan(plan: BudgetPlan, *, file: IO[str] | None = None, top: int
     totals = Table.grid(padding=(0, 2))
     t = report.totals
     lines = [
-        ("budget", format_bytes(plan.budget_bytes)),
+        ("budget", "none (a kept budget only)" if plan.budget_bytes is None else format_bytes(plan.budget_bytes)),
         ("predicted peak, BP", format_bytes(plan.peak_bp_bytes)),
         ("predicted peak, planned", format_bytes(plan.peak_bytes)),
         ("floor (least budget any plan fits)", format_bytes(plan.floor_bytes)),
@@ -72,8 +80,12 @@ def print_budget_plan(plan: BudgetPlan, *, file: IO[str] | None = None, top: int
         ("largest transient", format_bytes(t.largest_transient_bytes)),
         ("the largest checkpointed block recomputing (within the above)", format_bytes(plan.recompute_bytes)),
     ]
-    lines.append((f"left under the budget less {HEADROOM:.0%} headroom",
-                  format_bytes(plan.usable_bytes - plan.peak_bytes)))
+    if plan.usable_bytes is not None:
+        lines.append((f"left under the budget less {HEADROOM:.0%} headroom",
+                      format_bytes(plan.usable_bytes - plan.peak_bytes)))
+    if plan.kept_budget_bytes is not None:
+        lines.append(("kept budget (activations kept for backward)", format_bytes(plan.kept_budget_bytes)))
+        lines.append(("left under the kept budget", format_bytes(plan.kept_budget_bytes - plan.kept_bytes)))
     for label, value in lines:
         totals.add_row(label, value)
     console.print(Panel(totals, title="one training step", expand=False))

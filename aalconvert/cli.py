@@ -71,6 +71,9 @@ def add_inspect_parser(commands: argparse._SubParsersAction) -> None:
     inspect.add_argument("--budget", default=None, metavar="SIZE",
                          help="plan a rule per module so that one training step fits SIZE (e.g. 10GiB, "
                               "512MiB, 1.5GB) and print the plan instead of the report")
+    inspect.add_argument("--kept-budget", default=None, metavar="SIZE|FRACTION",
+                         help="plan so that the forward keeps at most this for backward: a size, or a share "
+                              "of what BP keeps (0.25, 25%%); alone or with --budget")
     inspect.add_argument("--max-batch", action="store_true",
                          help="print the largest batch that fits --memory for bp, exact, auto, "
                               "auto+approx8 and auto+approx4")
@@ -253,7 +256,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     errors = Console(stderr=True, highlight=False)
     try:
-        if args.budget is not None or args.max_batch or args.memory is not None:
+        if args.budget is not None or args.kept_budget is not None or args.max_batch or args.memory is not None:
             from aalconvert.cli_budget import run_budget_commands
 
             run_budget_commands(args, errors)

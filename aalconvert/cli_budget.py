@@ -1,4 +1,5 @@
-"""``aalconvert inspect --budget SIZE`` and ``--max-batch --memory SIZE``: the planner and the batch search.
+"""``aalconvert inspect --budget SIZE`` / ``--kept-budget``, and ``--max-batch --memory SIZE``: the planner
+and the batch search.
 
 Everything the user typed is checked (sizes, flag combinations, format)
 before the model is loaded; progress goes to stderr, the result alone to
@@ -12,6 +13,7 @@ import json
 import sys
 from typing import Any
 
+from aalconvert.budget_limits import check_kept_budget
 from aalconvert.cli import CommandError, check_numbers, find_inputs, load_target, parse_shape
 from aalconvert.errors import ConversionError
 from aalconvert.report import format_bytes
@@ -21,8 +23,12 @@ from aalconvert.sizes import parse_size
 def check_budget_flags(args: argparse.Namespace) -> None:
     """Flag combinations and sizes, before anything is loaded (exit 2 on a bad command line)."""
     check_numbers(args)
-    if args.budget is not None and args.max_batch:
-        raise CommandError("--budget and --max-batch are separate questions: pass one of them", code=2)
+    if args.kept_budget is not None and _is_number(args.kept_budget):
+        args.kept_budget = float(args.kept_budget) if "." in args.kept_budget else args.kept_budget
+    planning = args.budget is not None or args.kept_budget is not None
+    if planning and args.max_batch:
+        raise CommandError("--budget / --kept-budget and --max-batch are separate questions: pass one of them",
+                           code=2)
     if args.max_batch and args.memory is None:
         raise CommandError("--max-batch needs --memory SIZE (e.g. --memory 24GiB)", code=2)
     if args.memory is not None and not args.max_batch:
@@ -31,14 +37,24 @@ def check_budget_flags(args: argparse.Namespace) -> None:
     if args.format == "csv":
         raise CommandError("--budget and --max-batch write a table or JSON: use --format table or json",
                            code=2)
-    if args.budget is not None and args.rules != "auto":
-        raise CommandError("--budget chooses the rules itself: leave --rules out", code=2)
-    for flag, size in (("--budget", args.budget), ("--memory", args.memory)):
+    if planning and args.rules != "auto":
+        raise CommandError("--budget and --kept-budget choose the rules themselves: leave --rules out", code=2)
+    for flag, size, check in (("--budget", args.budget, parse_size), ("--memory", args.memory, parse_size),
+                              ("--kept-budget", args.kept_budget, check_kept_budget)):
         if size is not None:
             try:
-                parse_size(size)
+                check(size)
             except ConversionError as error:
                 raise CommandError(f"{flag}: {error}", code=2) from error
+
+
+def _is_number(text: str) -> bool:
+    """``0.25`` or ``4096``: a share of BP's bytes when it has a point, bytes when it does not."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def run_budget_commands(args: argparse.Namespace, errors: Any) -> None:
@@ -59,7 +75,7 @@ def run_budget_commands(args: argparse.Namespace, errors: Any) -> None:
                 "define example_inputs(batch_size) or input_shape, or pass --input-shape", code=2)
         return inputs
 
-    if args.budget is not None:
+    if args.budget is not None or args.kept_budget is not None:
         text = _budget_text(args, model, inputs_for_batch, labels, errors)
     else:
         text = _max_batch_text(args, model, inputs_for_batch, labels, errors)
@@ -85,8 +101,12 @@ def _budget_text(args: argparse.Namespace, model: Any, inputs_for_batch: Any, la
     from aalconvert.budget_view import print_budget_plan
 
     inputs = inputs_for_batch(args.batch_size)
-    with errors.status(f"planning {type(model).__name__} for {args.budget} on fake tensors"):
-        plan = aalconvert.plan(model, args.budget, inputs, optimizer=args.optimizer, labels=labels)
+    asked = " and ".join(f"{what} {value}" for what, value in (("a budget of", args.budget),
+                                                                  ("a kept budget of", args.kept_budget))
+                         if value is not None)
+    with errors.status(f"planning {type(model).__name__} for {asked} on fake tensors"):
+        plan = aalconvert.plan(model, args.budget, inputs, kept_budget=args.kept_budget, optimizer=args.optimizer,
+                               labels=labels)
     if args.format == "json":
         return json.dumps(plan.to_dict(), indent=2) + "\n"
     from io import StringIO

@@ -114,7 +114,28 @@ def test_budget_under_the_floor_is_an_error_naming_the_floor_and_a_batch():
     assert "under the floor of" in result.stderr and "largest batch that would fit is about" in result.stderr
 
 
+@pytest.mark.parametrize("share", ["25%", "0.25"])
+def test_kept_budget_plans_to_keep_under_a_share_of_bp_with_no_step_budget(share):
+    result = run("examples/gpt.py", "--kept-budget", share, "--format", "json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["budget_bytes"] is None and data["kept_budget_bytes"] == data["kept_bp_bytes"] // 4
+    assert data["fits"] and data["kept_bytes"] <= data["kept_budget_bytes"]
+    assert any("kept over the kept budget" in choice["why"] for choice in data["choices"])
+
+
+def test_kept_budget_beside_a_budget_prints_both_and_what_is_left_under_each():
+    result = run("examples/vit.py", "--budget", "12MiB", "--kept-budget", "2MiB", "--optimizer", "adamw")
+    assert result.returncode == 0, result.stderr
+    assert "plan for a budget of 12.0 MiB and a kept budget of 2.0 MiB" in result.stdout
+    assert "left under the kept budget" in result.stdout and "left under the budget less" in result.stdout
+
+
 @pytest.mark.parametrize("args, message", [
+    (("--kept-budget", "150%"), r"--kept-budget: a kept budget given as a fraction of what BP keeps must be in"),
+    (("--kept-budget", "1.5"), "must be in (0, 1]"),
+    (("--kept-budget", "2MiB", "--max-batch", "--memory", "1GiB"), "pass one of them"),
+    (("--kept-budget", "25%", "--rules", "exact"), "leave --rules out"),
     (("--budget", "12 parsecs"), "bad memory size '12 parsecs'"),
     (("--max-batch",), "--max-batch needs --memory"),
     (("--memory", "1GiB"), "add --max-batch"),
