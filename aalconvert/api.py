@@ -2,7 +2,7 @@
 
 import copy
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -31,6 +31,9 @@ from aalconvert.rules.loss_head import output_projection
 from aalconvert.rules.registry import PRECEDENCE, resolve
 from aalconvert.rules.wiring import remove_wiring, swap_module
 from aalconvert.trace import _one_line
+
+if TYPE_CHECKING:
+    from aalconvert.budget import BudgetPlan  # budget imports this module: only for the annotation
 
 
 def _check_model(model: Any, caller: str = "convert") -> None:
@@ -171,7 +174,7 @@ def convert(
     example_inputs: tuple | None = None,
     inplace: bool = False,
     skip: Iterable[str] | SkipFilter | None = None,
-    budget: str | int | None = None,
+    budget: "str | int | BudgetPlan | None" = None,
     kept_budget: str | int | float | None = None,
     optimizer: str | None = None,
     **rule_options: Any,
@@ -196,11 +199,21 @@ def convert(
     is then required and ``rules`` must stay at its default. ``kept_budget``
     (a size, or a fraction of what BP keeps: 0.25, "25%"): the most the
     forward may keep for backward, instead of ``budget`` or beside it.
+    ``budget`` may also be a plan from :func:`aalconvert.plan` for this model:
+    converted as it decided, without planning again (it carries its options).
     """
     _check_model(model)
-    if budget is not None or kept_budget is not None or optimizer is not None:
-        from aalconvert.budget import convert_to_budget
+    from aalconvert.budget import BudgetPlan, convert_to_budget, convert_with_plan
 
+    if isinstance(budget, BudgetPlan):
+        given = [name for name, value in (("rules", rules != "auto"), ("kept_budget", kept_budget is not None),
+                                          ("optimizer", optimizer is not None), ("skip", skip is not None),
+                                          *((option, True) for option in rule_options)) if value]
+        if given:
+            raise ConversionError(
+                f"budget= is a plan, which already decided {', '.join(given)}: pass them to aalconvert.plan(...)")
+        return convert_with_plan(model, budget, example_inputs, inplace=inplace)
+    if budget is not None or kept_budget is not None or optimizer is not None:
         if rules != "auto":
             raise ConversionError(
                 f"rules={rules!r} with budget=: the planner chooses the rules itself; to limit them, "

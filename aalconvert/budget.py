@@ -54,9 +54,9 @@ How the plan is chosen:
    (an approx, ARA or ASA unit, or checkpointed blocks' 4-bit copies), the
    search is run once more on the tiers that leave every number inside the
    blocks as it is (lossless, the loss head) and checkpointing, whose first
-   block is then a candidate (``_checkpointing_instead``); where that fits,
+   block is then a candidate (``_lossless_checkpointing``); where that fits,
    it is the plan: a second forward of the first block costs less than
-   compressing it.
+   compressing it. The same order is searched where no other fits.
 
 Limits. The plan holds the step budget less ``HEADROOM`` and, where given,
 a kept budget (bytes kept for backward: ``aalconvert.budget_limits``); every
@@ -211,6 +211,9 @@ class BudgetPlan:
     Already in the predicted peak (the simulated step recomputes), not added to it."""
     kept_budget_bytes: int | None = None
     """The most the plan may keep for backward (bytes), where a kept budget was given."""
+    rule_options: dict[str, Any] = field(default_factory=dict, repr=False)
+    """The rule options it was planned with: ``convert_with_plan`` builds the same rules."""
+    skip: Iterable[str] | SkipFilter | None = field(default=None, repr=False)
 
     @property
     def peak_bp_bytes(self) -> int:
@@ -529,7 +532,8 @@ def plan_budget(
     skip: Iterable[str] | SkipFilter | None = None,
     **rule_options: Any,
 ) -> BudgetPlan:
-    """Choose a rule per module so that the predicted peak of one training step fits ``budget``.
+    """Choose a rule per module so that one training step fits ``budget`` (its predicted peak) and
+    ``kept_budget`` (what its forward keeps for backward), each where given.
 
     ``budget``: bytes, or a size such as "10GiB" / "512MiB" / "1.5GB" (None:
     no bound on the step's peak, then ``kept_budget`` is needed).
@@ -567,18 +571,22 @@ def plan_budget(
     # budget is tighter than that allows, the rules alone (inside the blocks too) may still fit.
     without = [t for t in tiers if t not in CHECKPOINT_RULES]
     orders = [tiers] + ([without] if without and len(without) < len(tiers) else [])
-    ladders = [_Ladder(estimator, order, rule_options) for order in orders]
+    ladders = [_ladder(estimator, order, rule_options, limits) for order in orders]
     floor_peak = min(bp_report.totals.peak_bp_bytes, *(ladder.floor for ladder in ladders))
+    found = None
     for ladder in ladders:
-        fitting = ladder.fitting_units(limits, bp_report) if ladder.may_hold(limits, bp_report) else None
+        fitting = _fitting(ladder, limits, bp_report)
         if fitting is not None:
+            found = ladder, fitting
             break
-    else:
-        raise _nothing_fits(limits, budget_bytes, floor_peak, ladders, bp_report, batch)
-    taken, plain = fitting
-    if ladder is ladders[0] and ladder.loses_fidelity(taken):
-        ladder, taken, plain = _checkpointing_instead(estimator, tiers, rule_options, limits, bp_report,
-                                                      (ladder, taken, plain))
+    if found is None or (found[0] is ladders[0] and found[0].loses_fidelity(found[1][0])):
+        instead = _lossless_checkpointing(estimator, tiers, rule_options, limits)
+        fitting = None if instead is None else _fitting(instead, limits, bp_report)
+        found = found if fitting is None else (instead, fitting)
+        if found is None:
+            raise _nothing_fits(limits, budget_bytes, floor_peak, [*ladders, *([instead] if instead else [])],
+                                bp_report, batch)
+    ladder, (taken, plain) = found
     plan, report, _ = ladder.evaluate_units(taken, plain) if taken else (Plan(rules=[]), bp_report, 0)
     totals = [bp_report.totals] + ladder.totals_by_tier
     steps, choices, used = [], [], []
@@ -602,6 +610,7 @@ def plan_budget(
         facts=estimator.facts,
         site_tiers=site_tiers([ladder.order[i] for i in taken], ladder.tiers), plain_blocks=plain,
         recompute_bytes=recompute_bytes(checkpointed(plan), estimator.bp), kept_budget_bytes=limits.kept,
+        rule_options=dict(rule_options), skip=skip,
     )
 
 
@@ -633,23 +642,45 @@ def _nothing_fits(limits: Limits, budget_bytes: int | None, floor_peak: int, lad
         f"or plan for each alone to see what it takes", least_kept, largest)
 
 
-def _checkpointing_instead(estimator: _Estimator, tiers: list[str], rule_options: dict[str, Any], limits: Limits,
-                           bp_report: Report, compressed: tuple) -> tuple:
-    """A plan without compression inside the blocks, the first block checkpointed too, where one fits.
+def _fitting(ladder: _Ladder, limits: Limits, bp_report: Report) -> tuple | None:
+    """``ladder.fitting_units`` where the ladder may hold ``limits``, else None."""
+    return ladder.fitting_units(limits, bp_report) if ladder.may_hold(limits, bp_report) else None
+
+
+def _lossless_checkpointing(estimator: _Estimator, tiers: list[str], rule_options: dict[str, Any],
+                            limits: Limits) -> _Ladder | None:
+    """The ladder of the tiers that change no number inside the blocks and checkpointing, whose first
+    block is then a candidate; None without a checkpointing tier.
 
     With compressing tiers among the candidates, checkpointing leaves the first
     block out (compressed, it keeps less at the end of backward, where its
     recomputation would make the peak); but where the budget holds every block
     checkpointed, compressing costs more time and fidelity than checkpointing
-    the first block as well. ``compressed``: the (ladder, taken, plain) to keep
-    otherwise.
+    the first block as well, and where no plan of the other orders holds the
+    limits (a kept budget under what they keep), checkpointing every block may.
     """
     order = [tier for tier in tiers if tier in CHECKPOINT_RULES or RULE_COSTS[tier].fidelity_loss == 0]
     if not any(tier in CHECKPOINT_RULES for tier in order):
-        return compressed
-    ladder = _Ladder(estimator, order, rule_options)
-    fitting = ladder.fitting_units(limits, bp_report) if ladder.may_hold(limits, bp_report) else None
-    return compressed if fitting is None else (ladder, *fitting)
+        return None
+    return _ladder(estimator, order, rule_options, limits)
+
+
+def _ladder(estimator: _Estimator, tiers: list[str], rule_options: dict[str, Any], limits: Limits) -> _Ladder:
+    """The ladder of ``tiers``; for a kept budget alone, without the tiers that keep more than the tiers
+    before them.
+
+    A prefix takes every earlier tier whole, so such a tier would stand in the
+    way of every later one. The loss head making its gradients in forward keeps
+    a weight-sized gradient, more than the logits' log-softmax where there are
+    fewer tokens than the hidden size; it lowers no kept bytes then (under a
+    step budget it still may lower the peak, and stays).
+    """
+    ladder = _Ladder(estimator, tiers, rule_options)
+    if limits.peak is not None:
+        return ladder
+    kept = [estimator.bp.nbytes] + [totals.converted_bytes for totals in ladder.totals_by_tier]
+    growing = {tier for k, tier in enumerate(tiers) if kept[k + 1] > kept[k]}
+    return ladder if not growing else _Ladder(estimator, [t for t in tiers if t not in growing], rule_options)
 
 
 class _Ladder:
@@ -832,20 +863,58 @@ def convert_to_budget(
     skip: Iterable[str] | SkipFilter | None = None,
     **rule_options: Any,
 ) -> nn.Module:
-    """``model`` converted by :func:`plan_budget`'s plan (what ``convert(model, budget=...)`` runs).
+    """``model`` converted by :func:`plan_budget`'s plan (what ``convert(model, budget=..., kept_budget=...)``
+    runs).
 
-    The plan is chosen on fake tensors, then the model is traced once on
-    ``example_inputs`` and the same per-module decisions are applied to it.
+    The plan is chosen on fake tensors, then applied by :func:`convert_with_plan`.
     Every check (budget, options, floor) runs before ``model`` is touched.
     """
-    from aalconvert import api
-
     if budget is None and kept_budget is None:
         raise ConversionError("optimizer= only counts toward a memory budget: pass budget= too, or drop it")
     if budget is not None:
         parse_size(budget)
     if kept_budget is not None:
         check_kept_budget(kept_budget)
+    _check_plain(model, example_inputs)
+    chosen = plan_budget(model, budget, example_inputs, kept_budget=kept_budget, optimizer=optimizer, rules=rules,
+                         labels=labels, skip=skip, **rule_options)
+    return convert_with_plan(model, chosen, example_inputs, inplace=inplace)
+
+
+def convert_with_plan(model: nn.Module, chosen: BudgetPlan, example_inputs: tuple | None, *,
+                      inplace: bool = False) -> nn.Module:
+    """``model`` converted as ``chosen`` (``aalconvert.plan``'s result for this model) decided, without
+    planning again: what ``convert(model, budget=chosen)`` runs.
+
+    The model is traced once on ``example_inputs`` and each module gets the
+    rule the plan chose for it. The plan's estimates hold for the inputs it was
+    planned with; other shapes keep other bytes.
+    """
+    from aalconvert import api
+
+    _check_plain(model, example_inputs)
+    target = model if inplace else api._shallow_copy(model)
+    rule_objects = tier_rules([step.rule for step in chosen.tiers], chosen.rule_options)
+    facts = gather_facts(target, example_inputs)
+    plans = cumulative_plans(facts, rule_objects, skip_filter(chosen.skip, facts), target)
+    missing = [name for name, k in chosen.site_tiers.items() if name not in plans[k].sites]
+    if missing:
+        raise ConversionError(
+            f"the plan names modules this model's trace does not convert ({missing[:3]}): pass the model "
+            "it was planned for (aalconvert.plan(model, ...)); if it is that model, inspect it with "
+            "aalconvert.inspect and report it")
+    plan = leave_plain(merge(chosen.site_tiers, plans, rule_objects), chosen.plain_blocks)
+    target = apply_plan(target, plan, facts)
+    if plan.sites:
+        applied = sorted({rule.name for rule in plan.rules}, key=api._precedence)
+        setattr(target, api._RULES_ATTRIBUTE, tuple(applied))
+    return target
+
+
+def _check_plain(model: nn.Module, example_inputs: tuple | None) -> None:
+    """Raise before any work where a budget's conversion cannot start: no inputs, not a plain model."""
+    from aalconvert import api
+
     if example_inputs is None:
         raise ConversionError(
             "a budget needs example_inputs=(...): the plan is chosen from the bytes a forward on them keeps")
@@ -855,24 +924,6 @@ def convert_to_budget(
         raise ConversionError(
             f"the model is already converted with {', '.join(sorted(earlier))}; budget= plans from the "
             "plain model: call aalconvert.revert(model) first")
-    chosen = plan_budget(model, budget, example_inputs, kept_budget=kept_budget, optimizer=optimizer, rules=rules,
-                         labels=labels, skip=skip, **rule_options)
-    target = model if inplace else api._shallow_copy(model)
-    tiers = [step.rule for step in chosen.tiers]
-    rule_objects = tier_rules(tiers, rule_options)
-    facts = gather_facts(target, example_inputs)
-    plans = cumulative_plans(facts, rule_objects, skip_filter(skip, facts), target)
-    missing = [name for name, k in chosen.site_tiers.items() if name not in plans[k].sites]
-    if missing:
-        raise ConversionError(
-            f"the plan chosen on fake tensors names modules the real model's trace does not convert "
-            f"({missing[:3]}); inspect the model with aalconvert.inspect and report it")
-    plan = leave_plain(merge(chosen.site_tiers, plans, rule_objects), chosen.plain_blocks)
-    target = apply_plan(target, plan, facts)
-    if plan.sites:
-        applied = sorted({rule.name for rule in plan.rules}, key=api._precedence)
-        setattr(target, api._RULES_ATTRIBUTE, tuple(applied))
-    return target
 
 
 def _smallest_fitting_prefix(fits: Callable[[int], bool], tier_ends: list[int]) -> int | None:

@@ -283,6 +283,27 @@ def test_convert_refuses_rules_or_bits_with_a_budget_and_optimizer_without_one()
         aalconvert.convert(model, budget="1GiB")
 
 
+def test_a_plan_converts_as_it_decided_without_planning_again(widest, monkeypatch):
+    model, inputs = synthetic()
+    budget = between(widest.floor_bytes, widest.peak_bp_bytes, 0.3)
+    chosen = aalconvert.plan(model, budget=budget, example_inputs=inputs, skip=["blocks.0"])
+    by_budget = aalconvert.convert(model, budget=budget, example_inputs=inputs, skip=["blocks.0"])
+
+    def no_planning(*args, **kwargs):
+        raise AssertionError("planned again")
+
+    monkeypatch.setattr(budget_module, "plan_budget", no_planning)
+    by_plan = aalconvert.convert(model, budget=chosen, example_inputs=inputs)
+    assert [type(m) for m in by_plan.modules()] == [type(m) for m in by_budget.modules()]
+    assert [is_checkpointed(m) for m in by_plan.modules()] == [is_checkpointed(m) for m in by_budget.modules()]
+    assert converts_something(by_plan, model) and not is_checkpointed(by_plan.blocks[0])
+    with pytest.raises(ConversionError, match="budget= is a plan, which already decided optimizer, asa_eps"):
+        aalconvert.convert(model, budget=chosen, example_inputs=inputs, optimizer="adamw", asa_eps=0.1)
+    other, other_inputs = ResidualMLP(depth=2), (torch.randn(4, 16, 16),)
+    with pytest.raises(ConversionError, match="the plan names modules this model's trace does not convert"):
+        aalconvert.convert(other, budget=chosen, example_inputs=other_inputs)
+
+
 # -- checkpointing whole blocks ----------------------------------------------------------------
 
 
@@ -342,7 +363,7 @@ def test_where_every_block_checkpointed_fits_the_first_block_is_checkpointed_rat
     assert blocks[0] == "blocks.0"  # (the last blocks may stay plain: backward reaches them first)
     assert set(plan.decisions.values()) <= {*uncompressed, "loss_head"} and plan.fits
     # Without that second search the first block is compressed: the case it is for.
-    monkeypatch.setattr(aalconvert.budget, "_checkpointing_instead", lambda *args: args[-1])
+    monkeypatch.setattr(aalconvert.budget, "_lossless_checkpointing", lambda *args: None)
     compressed = plan_budget(model, budget, inputs)
     assert "blocks.0" not in compressed.decisions or compressed.decisions["blocks.0"] != "checkpoint"
     assert set(compressed.decisions.values()) - {*uncompressed, "loss_head"}
