@@ -19,13 +19,14 @@ decoder trained on its own loss with ``labels=``), one full training step
 - ``torch.compile``: inductor with ``torch._functorch.config.activation_memory_budget = 0.5``;
 - ``save_on_cpu``: ``torch.autograd.graph.save_on_cpu()``;
 - ``exact``, ``auto``, ``auto+approx4``: ``aalconvert.convert``;
-- ``plan @ ...``: ``aalconvert.convert(model, budget=..., optimizer="sgd")`` at
-  six budgets: checkpointing's measured step peak plus the parameters (which
+- ``plan @ ...``: ``aalconvert.plan(model, budget=..., optimizer="sgd")``, the
+  model converted with that plan (``convert(model, budget=plan)``), at six
+  budgets: checkpointing's measured step peak plus the parameters (which
   the planner's budget counts and the measured peak does not; SGD without
   momentum keeps no optimizer state); 1/4, 1/2 and 3/4 of the way from it to
   the planner's floor, and the floor (the least budget any of its plans fits);
   halfway from the first to BP's measured peak plus the parameters; and
-  ``aalconvert.convert(model, kept_budget=...)`` with checkpointing's measured
+  ``aalconvert.plan(model, kept_budget=...)`` with checkpointing's measured
   bytes kept as the kept budget (no step budget). The target line per model
   is read at the first (faster) and at every planner row as fast as
   checkpointing (keeps less): the budgets toward the floor trace the
@@ -348,7 +349,7 @@ def planner_method(workload: Workload, label: str, budget: int | None, kept_budg
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             chosen = aalconvert.plan(workload.model, example_inputs=workload.inputs, optimizer="sgd", **limits)
-            converted = aalconvert.convert(workload.model, example_inputs=workload.inputs, optimizer="sgd", **limits)
+            converted = aalconvert.convert(workload.model, budget=chosen, example_inputs=workload.inputs)
     except Exception as error:  # BudgetError (under the floor) included: the row says so
         return failed(name, error, said)
     rules = sorted(set(chosen.decisions.values()))
