@@ -23,6 +23,11 @@ status, duration and error, and the next step runs):
    training step per rule set.
 7. ``compile``: a ``torch.compile`` (inductor) training step of one converted example
    against eager.
+8. ``peers``: issue 14's target on the GPU, on ``benchmarks/peers.py``'s Hugging Face
+   Llama at GPU sizes: BP, ``torch.utils.checkpoint`` per block, and the planner at
+   checkpointing's measured step peak and at a kept budget of its measured bytes kept;
+   bytes kept and step peak from the CUDA allocator, step times synchronized, every
+   method stepped once per round, and ``peers.target_verdict`` read from them.
 
 Writes ``benchmarks/results/gpu_<device>_<date>.json`` and ``.md`` (a summary); the
 README's "GPU" section is rendered from the newest such file (``render_readme_section``).
@@ -38,6 +43,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -98,12 +104,18 @@ class Sizes:
     compile_rules: str = "auto"
     compile_batch: int = 32
     compile_backend: str = "inductor"
+    peers_batch: int = 8
+    peers_tokens: int = 512
+    peers_llama: dict = field(default_factory=lambda: {
+        "hidden_size": 1024, "num_hidden_layers": 4, "intermediate_size": 2816, "num_attention_heads": 16,
+        "num_key_value_heads": 8, "vocab_size": 32000})
+    peers_rounds: int = 30
     example_overrides: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
     def full(cls) -> "Sizes":
-        return cls(budgets=dict(kernel_tests=130, kernel_throughput=40, layers=70, memory=70,
-                                predicted_peak=35, amp=45, compile=55))
+        return cls(budgets=dict(kernel_tests=110, kernel_throughput=35, layers=50, memory=50,
+                                predicted_peak=35, amp=40, compile=40, peers=90))
 
     @classmethod
     def tiny(cls) -> "Sizes":
@@ -124,6 +136,9 @@ class Sizes:
             peak_batch=2, peak_rules=("bp", "approx4"), peak_examples=("resnet_basic", "gpt"),
             amp_examples=("vit",), amp_batch=2, amp_rules=("exact", "approx4"),
             compile_batch=2, compile_backend="aot_eager", example_overrides=small,
+            peers_batch=2, peers_tokens=16, peers_rounds=2,
+            peers_llama={"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
+                         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256},
         )
 
 
@@ -492,6 +507,83 @@ def step_compile(device: torch.device, sizes: Sizes, deadline: Deadline) -> dict
                 grads_close=difference <= 1e-3 * max(scale, 1e-12) + 1e-6)
 
 
+# ------------------------------------------------------------------------- step 8: peers
+
+
+def allocator_step_memory(runner, device: torch.device):
+    """One training step's bytes kept at the end of forward + loss and its peak, above the step's start, from
+    the CUDA caching allocator's counters (``peers.StepMemory``; nothing goes to the host)."""
+    from aalconvert.step_memory import StepMemory
+
+    method = runner.method
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    start = torch.cuda.memory_allocated(device)
+    with method.context():
+        loss = runner.workload.loss(method.model)
+    synchronize(device)
+    kept = torch.cuda.memory_allocated(device) - start
+    loss.backward()
+    runner.optimizer.step()
+    runner.optimizer.zero_grad(set_to_none=True)
+    synchronize(device)
+    return StepMemory(kept_bytes=kept, peak_bytes=torch.cuda.max_memory_allocated(device) - start, host_bytes=0)
+
+
+def step_peers(device: torch.device, sizes: Sizes, deadline: Deadline) -> dict:
+    """BP, checkpointing and the planner at checkpointing's peak and bytes kept on a Hugging Face Llama:
+    peers.py's rows and target verdict, measured on ``device`` (the profiler's CPU events where it is a CPU)."""
+    peers = load_benchmark("peers")
+    workload = peers.llama(sizes.peers_batch, sizes.peers_tokens, sizes.peers_llama)
+    workload.model.to(device)
+    workload.inputs = tuple(t.to(device) for t in workload.inputs)
+
+    class Runner(peers.Runner):
+        def timed_step(self) -> float:
+            """The step with the device's queue drained before and after (CUDA runs asynchronously)."""
+            synchronize(device)
+            start = time.perf_counter()
+            self.step()
+            synchronize(device)
+            return time.perf_counter() - start
+
+    def prepare(method) -> tuple:
+        if method.error:
+            return method, None, None
+        runner = Runner(workload, method)
+        try:
+            for _ in range(method.warmups):
+                runner.step()
+            memory = (allocator_step_memory(runner, device) if device.type == "cuda"
+                      else peers.profile_step(runner))
+            return method, runner, memory
+        except Exception as error:  # a row saying why, as peers.py records it
+            runner.optimizer.zero_grad(set_to_none=True)
+            return peers.failed(method.name, error, method.note), None, None
+
+    prepared = {name: prepare(peers.build_method(name, workload)) for name in (peers.BP, peers.CHECKPOINT)}
+    bp_memory, ckpt_memory = prepared[peers.BP][2], prepared[peers.CHECKPOINT][2]
+    if bp_memory is None or ckpt_memory is None:
+        raise StepFailed("BP or checkpointing did not run: "
+                         + "; ".join(str(m.error) for m, _, memory in prepared.values() if memory is None),
+                         dict(rows=[]))
+    parameter_bytes = sum(p.numel() * p.element_size() for p in workload.model.parameters())
+    planned = [(peers.AT_CHECKPOINT, parameter_bytes + ckpt_memory.peak_bytes, None),
+               (peers.KEPT_AS_CHECKPOINT, None, ckpt_memory.kept_bytes)]
+    for label, budget, kept_budget in planned:
+        if deadline.passed(reserve=20):
+            break
+        method = peers.planner_method(workload, label, budget, kept_budget)
+        prepared[method.name] = prepare(method)
+    runners = {name: runner for name, (_, runner, _) in prepared.items() if runner is not None}
+    times = peers.step_times(runners, sizes.peers_rounds)
+    bp_seconds = statistics.median(times[peers.BP])
+    rows = [peers.make_row(method, memory, times.get(name), None, bp_memory, bp_seconds)
+            for name, (method, _, memory) in prepared.items()]
+    return dict(model=workload.name, sizes=workload.sizes, parameter_bytes=parameter_bytes,
+                rounds=len(times[peers.BP]), rows=rows, target=peers.target_verdict(rows))
+
+
 # ----------------------------------------------------------------------- orchestration
 
 
@@ -503,6 +595,7 @@ STEPS: dict[str, Callable[[torch.device, Sizes, Deadline], dict]] = {
     "predicted_peak": step_predicted_peak,
     "amp": step_amp,
     "compile": step_compile,
+    "peers": step_peers,
 }
 STEP_NAMES = tuple(STEPS)
 
@@ -679,6 +772,18 @@ def render_markdown(result: dict) -> str:
                       f"{d['eager_step_s'] * 1e3:.1f} ms; gradients "
                       + ("match eager" if d["grads_close"] else
                          f"differ from eager by up to {d['max_grad_difference']:.2e}") + "."]
+    if "peers" in details:
+        d = details["peers"]
+        lines += ["", f"Peers (`benchmarks/peers.py`'s rows on the device) on {d['model']}, {d['sizes']}, "
+                      f"{d['rounds']} rounds:", "",
+                  "| method | kept / BP | peak / BP | time / BP | notes |", "|---|---:|---:|---:|---|"]
+        for r in d["rows"]:
+            if r["ok"]:
+                lines.append(f"| {r['method']} | {r['kept_ratio']:.3f} | {r['peak_ratio']:.3f} | "
+                             f"{r['time_ratio']:.2f}x | {r['note']} |")
+            else:
+                lines.append(f"| {r['method']} | | | | did not run: {r['error'][:120]} |")
+        lines += ["", d["target"]["text"]]
     return "\n".join(lines) + "\n"
 
 
@@ -693,7 +798,8 @@ def render_readme_section(result_file: Path | None) -> str:
     lines = [f"## {README_SECTION}", "",
              "Everything that needs a GPU (the Triton kernels compiled and byte-checked on CUDA, their "
              "throughput, layer and step times, step peaks and the largest batch under a cap, "
-             "predicted vs measured peak, bf16/fp16 AMP steps, torch.compile) runs in one command, "
+             "predicted vs measured peak, bf16/fp16 AMP steps, torch.compile, the planner against "
+             "checkpointing on a Hugging Face Llama) runs in one command, "
              "under 8 minutes on one H100/H200-class GPU; it writes "
              "`benchmarks/results/gpu_<device>_<date>.json` and `.md`, and this section is generated "
              "from the newest of them:", "",

@@ -44,7 +44,7 @@ def test_without_a_gpu_the_script_says_so_in_one_line_and_exits_0(tmp_path):
 def test_every_step_runs_on_cpu_at_tiny_sizes(tiny_records):
     by_step = {r["step"]: r for r in tiny_records}
     assert list(by_step) == ["kernel_tests", "kernel_throughput", "layers", "memory",
-                             "predicted_peak", "amp", "compile"]
+                             "predicted_peak", "amp", "compile", "peers"]
     for record in tiny_records:
         assert record["status"] == "passed", (record["step"], record.get("error"), record.get("traceback"))
         assert record["seconds"] > 0
@@ -79,6 +79,21 @@ def test_every_step_runs_on_cpu_at_tiny_sizes(tiny_records):
 
     compiled = by_step["compile"]["details"]
     assert compiled["backend"] == "aot_eager" and compiled["grads_close"]
+
+    peers = by_step["peers"]["details"]
+    rows = {r["method"]: r for r in peers["rows"]}
+    assert peers["model"].startswith("hf/llama") and peers["rounds"] == 2
+    assert list(rows) == ["bp", "checkpoint", "plan @ checkpointing's measured peak",
+                          "plan @ a kept budget of checkpointing's measured bytes kept"]
+    kept_plan = rows["plan @ a kept budget of checkpointing's measured bytes kept"]
+    assert all(rows[m]["ok"] and len(rows[m]["rounds_s"]) == 2 for m in ("bp", "checkpoint")), rows
+    assert kept_plan["ok"] and len(kept_plan["rounds_s"]) == 2, kept_plan
+    # at these sizes the planner's floor is over checkpointing's peak: that row says so
+    peak_plan = rows["plan @ checkpointing's measured peak"]
+    assert peak_plan["ok"] or "BudgetError" in peak_plan["error"]
+    assert rows["checkpoint"]["kept_bytes"] < rows["bp"]["kept_bytes"]
+    assert kept_plan["plan"]["kept_budget_bytes"] == rows["checkpoint"]["kept_bytes"] >= kept_plan["kept_bytes"]
+    assert peers["target"]["text"].startswith("target ")
 
 
 def test_a_raising_or_failing_step_is_recorded_and_does_not_stop_the_next(gpu, monkeypatch):
@@ -148,6 +163,8 @@ def test_results_render_to_json_markdown_and_the_readme_section(gpu, tiny_record
         assert f"| {step} | passed |" in markdown
     assert "Kernel throughput" in markdown and "| resnet_basic | approx4 |" in markdown
     assert "Mixed precision: 3 of 3" in markdown and "torch.compile (aot_eager)" in markdown
+    assert "Peers (`benchmarks/peers.py`'s rows on the device) on hf/llama" in markdown
+    assert "| plan @ checkpointing's measured peak |" in markdown and "\ntarget " in markdown
 
     assert gpu.newest_result(tmp_path) == json_path
     section = gpu.render_readme_section(json_path)
