@@ -547,19 +547,11 @@ def step_peers(device: torch.device, sizes: Sizes, deadline: Deadline) -> dict:
             synchronize(device)
             return time.perf_counter() - start
 
+    def measure(runner):
+        return allocator_step_memory(runner, device) if device.type == "cuda" else peers.profile_step(runner)
+
     def prepare(method) -> tuple:
-        if method.error:
-            return method, None, None
-        runner = Runner(workload, method)
-        try:
-            for _ in range(method.warmups):
-                runner.step()
-            memory = (allocator_step_memory(runner, device) if device.type == "cuda"
-                      else peers.profile_step(runner))
-            return method, runner, memory
-        except Exception as error:  # a row saying why, as peers.py records it
-            runner.optimizer.zero_grad(set_to_none=True)
-            return peers.failed(method.name, error, method.note), None, None
+        return peers.prepare(workload, method, Runner, measure)
 
     prepared = {name: prepare(peers.build_method(name, workload)) for name in (peers.BP, peers.CHECKPOINT)}
     bp_memory, ckpt_memory = prepared[peers.BP][2], prepared[peers.CHECKPOINT][2]

@@ -430,15 +430,17 @@ def spread(times: list[float]) -> float:
     return statistics.median(abs(t - middle) for t in times) / middle
 
 
-def prepare(workload: Workload, method: Method) -> tuple[Method, Runner | None, StepMemory | None]:
-    """Warm ``method`` up and profile one step; a failure turns the method into a row saying why."""
+def prepare(workload: Workload, method: Method, runner_class: type[Runner] = Runner,
+            measure: Callable[[Runner], StepMemory] = profile_step) -> tuple[Method, Runner | None, StepMemory | None]:
+    """Warm ``method`` up and ``measure`` one step (the profiler's events here; gpu.py passes the CUDA
+    allocator's counters); a failure turns the method into a row saying why."""
     if method.error:
         return method, None, None
-    runner = Runner(workload, method)
+    runner = runner_class(workload, method)
     try:
         for _ in range(method.warmups):
             runner.step()
-        return method, runner, profile_step(runner)
+        return method, runner, measure(runner)
     except Exception as error:
         runner.optimizer.zero_grad(set_to_none=True)
         return failed(method.name, error, method.note), None, None
