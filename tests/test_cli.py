@@ -114,9 +114,18 @@ def test_budget_under_the_floor_is_an_error_naming_the_floor_and_a_batch():
     assert "under the floor of" in result.stderr and "largest batch that would fit is about" in result.stderr
 
 
-@pytest.mark.parametrize("share", ["25%", "0.25"])
-def test_kept_budget_plans_to_keep_under_a_share_of_bp_with_no_step_budget(share):
-    result = run("examples/gpt.py", "--kept-budget", share, "--format", "json")
+@pytest.mark.parametrize("written, taken", [("0.25", 0.25), ("25%", "25%"), ("4096", "4096"), ("2MiB", "2MiB")])
+def test_a_kept_budget_with_a_point_is_a_share_and_without_one_bytes_or_a_size(written, taken):
+    from aalconvert.cli import build_parser
+    from aalconvert.cli_budget import check_budget_flags
+
+    args = build_parser().parse_args(["inspect", "examples/gpt.py", "--kept-budget", written])
+    check_budget_flags(args)
+    assert args.kept_budget == taken and type(args.kept_budget) is type(taken)
+
+
+def test_kept_budget_plans_to_keep_under_a_share_of_bp_with_no_step_budget():
+    result = run("examples/gpt.py", "--kept-budget", "25%", "--format", "json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["budget_bytes"] is None and data["kept_budget_bytes"] == data["kept_bp_bytes"] // 4

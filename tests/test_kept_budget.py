@@ -6,6 +6,7 @@ on the converted model, the two ways of writing it plan alike, and a kept
 budget no plan reaches is an error that names the least any plan keeps.
 """
 
+import functools
 import math
 
 import pytest
@@ -24,6 +25,13 @@ from tests.test_budget import measured_kept, synthetic
 def bp_kept() -> int:
     model, inputs = synthetic()
     return aalconvert.inspect(model, inputs, "exact").totals.bp_bytes
+
+
+@functools.cache
+def kept_plan(kept_budget):
+    """The synthetic model's plan for a kept budget alone (each planned once: the planner is deterministic)."""
+    model, inputs = synthetic()
+    return aalconvert.plan(model, example_inputs=inputs, kept_budget=kept_budget)
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +85,7 @@ def test_a_plan_needs_a_budget_of_one_kind_or_the_other_and_checks_it_before_any
 
 @pytest.mark.parametrize("fraction", [0.6, 0.3])
 def test_a_kept_budget_alone_is_kept_under_with_no_step_budget(fraction, bp_kept):
-    model, inputs = synthetic()
-    plan = aalconvert.plan(model, example_inputs=inputs, kept_budget=fraction)
+    plan = kept_plan(fraction)
     assert plan.budget_bytes is None and plan.usable_bytes is None and plan.fits
     assert plan.kept_budget_bytes == math.floor(fraction * bp_kept)
     assert plan.kept_bytes <= plan.kept_budget_bytes < bp_kept
@@ -91,29 +98,25 @@ def test_a_kept_budget_alone_is_kept_under_with_no_step_budget(fraction, bp_kept
 
 def test_what_keeps_under_a_loose_kept_budget_changes_no_number(bp_kept):
     """Lossless rules and checkpointing come first: at 0.6 of BP's bytes nothing approximate is needed."""
-    model, inputs = synthetic()
-    plan = aalconvert.plan(model, example_inputs=inputs, kept_budget=0.6)
+    plan = kept_plan(0.6)
     assert {RULE_COSTS[choice.rule].fidelity_loss for choice in plan.choices} == {0.0}
 
 
 def test_a_size_and_the_same_share_plan_alike(bp_kept):
-    model, inputs = synthetic()
-    share = aalconvert.plan(model, example_inputs=inputs, kept_budget=0.3)
-    size = aalconvert.plan(model, example_inputs=inputs, kept_budget=math.floor(0.3 * bp_kept))
+    share, size = kept_plan(0.3), kept_plan(math.floor(0.3 * bp_kept))
     assert share.decisions == size.decisions and share.kept_bytes == size.kept_bytes
 
 
 def test_a_tighter_kept_budget_keeps_less(bp_kept, least):
-    model, inputs = synthetic()
     fractions = [0.8, 0.5, 0.3, least.floor_bytes / bp_kept]
-    kept = [aalconvert.plan(model, example_inputs=inputs, kept_budget=f).kept_bytes for f in fractions]
+    kept = [kept_plan(f).kept_bytes for f in fractions]
     assert all(k <= math.floor(f * bp_kept) for k, f in zip(kept, fractions))
     assert kept[-1] == least.floor_bytes < kept[0]
 
 
 def test_the_converted_model_keeps_under_the_kept_budget_as_measured():
     model, inputs = synthetic()
-    plan = aalconvert.plan(model, example_inputs=inputs, kept_budget=0.3)
+    plan = kept_plan(0.3)
     converted = aalconvert.convert(model, example_inputs=inputs, kept_budget=0.3).train()
     kept_bytes, kept = measured_kept(converted, lambda: converted(*inputs))
     assert kept_bytes <= plan.kept_budget_bytes and abs(kept_bytes - plan.kept_bytes) <= 0.01 * kept_bytes
