@@ -552,9 +552,7 @@ def plan_budget(
     budget_bytes = None if budget is None else parse_size(budget)
     if kept_budget is not None:
         check_kept_budget(kept_budget)
-    if example_inputs is None:
-        raise ConversionError(
-            "a budget needs example_inputs=(...): the plan is chosen from the bytes a forward on them keeps")
+    _require_inputs(example_inputs)
     if not isinstance(example_inputs, tuple):
         raise ConversionError(
             f"example_inputs must be a tuple of the model's positional arguments, got "
@@ -643,8 +641,11 @@ def _nothing_fits(limits: Limits, budget_bytes: int | None, floor_peak: int, lad
 
 
 def _fitting(ladder: _Ladder, limits: Limits, bp_report: Report) -> tuple | None:
-    """``ladder.fitting_units`` where the ladder may hold ``limits``, else None."""
-    return ladder.fitting_units(limits, bp_report) if ladder.may_hold(limits, bp_report) else None
+    """No units where BP holds ``limits``; else ``ladder.fitting_units`` where the ladder may hold them;
+    else None."""
+    if limits.hold(bp_report.totals):
+        return (), ()
+    return ladder.fitting_units(limits) if ladder.may_hold(limits) else None
 
 
 def _lossless_checkpointing(estimator: _Estimator, tiers: list[str], rule_options: dict[str, Any],
@@ -737,11 +738,9 @@ class _Ladder:
             self.cache[taken, plain] = merged, report, report.totals.peak_converted_bytes
         return self.cache[taken, plain]
 
-    def may_hold(self, limits: Limits, bp_report: Report) -> bool:
-        """Whether some plan of this order may hold ``limits``: BP does, or the least peak and the least
-        kept among its tiers are under them (not the same plan: ``fitting_units`` says at last)."""
-        if limits.hold(bp_report.totals):
-            return True
+    def may_hold(self, limits: Limits) -> bool:
+        """Whether some plan of this order may hold ``limits``: the least peak and the least kept among its
+        tiers are under them (not the same plan: ``fitting_units`` says at last)."""
         return ((limits.peak is None or self.floor <= limits.peak)
                 and (limits.kept is None or self.least_kept <= limits.kept))
 
@@ -749,12 +748,9 @@ class _Ladder:
         """Whether the plan of the units at ``taken`` (``plain`` blocks left plain) holds ``limits``."""
         return limits.hold(self.evaluate_units(taken, plain)[1].totals)
 
-    def fitting_units(self, limits: Limits,
-                      bp_report: Report) -> tuple[tuple[int, ...], tuple[str, ...]] | None:
-        """The units of the smallest prefix that holds ``limits``, less what the plan holds them without, and
-        the blocks left plain; None where no tier's prefix holds them."""
-        if limits.hold(bp_report.totals):
-            return (), ()
+    def fitting_units(self, limits: Limits) -> tuple[tuple[int, ...], tuple[str, ...]] | None:
+        """The units of the smallest prefix that holds ``limits`` (which BP does not), less what the plan
+        holds them without, and the blocks left plain; None where no tier's prefix holds them."""
         prefix = _smallest_fitting_prefix(lambda n: self.holds(limits, tuple(range(n))), self.tier_ends)
         if prefix is None:
             return None
@@ -915,15 +911,20 @@ def _check_plain(model: nn.Module, example_inputs: tuple | None) -> None:
     """Raise before any work where a budget's conversion cannot start: no inputs, not a plain model."""
     from aalconvert import api
 
-    if example_inputs is None:
-        raise ConversionError(
-            "a budget needs example_inputs=(...): the plan is chosen from the bytes a forward on them keeps")
+    _require_inputs(example_inputs)
     api._check_model(model)
     earlier, _ = api._earlier_conversion(model)
     if earlier:
         raise ConversionError(
             f"the model is already converted with {', '.join(sorted(earlier))}; budget= plans from the "
             "plain model: call aalconvert.revert(model) first")
+
+
+def _require_inputs(example_inputs: tuple | None) -> None:
+    """Raise before any work where a budget has no inputs to estimate what a forward keeps."""
+    if example_inputs is None:
+        raise ConversionError(
+            "a budget needs example_inputs=(...): the plan is chosen from the bytes a forward on them keeps")
 
 
 def _smallest_fitting_prefix(fits: Callable[[int], bool], tier_ends: list[int]) -> int | None:

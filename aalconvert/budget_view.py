@@ -7,7 +7,8 @@ module only renders; JSON is ``BudgetPlan.to_dict()``.
 from __future__ import annotations
 
 import os
-from typing import IO
+from collections.abc import Callable
+from typing import IO, Any
 
 from aalconvert.budget import HEADROOM, BudgetPlan
 from aalconvert.report import display_name, format_bytes
@@ -27,10 +28,10 @@ def reasons_text(reasons: tuple[str, ...], shown: int = 2) -> str:
     return " | ".join(distinct[:shown]) + more
 
 
-def asked_text(plan: BudgetPlan) -> str:
-    """``a budget of 10.0 GiB`` / ``a kept budget of 2.0 GiB`` / both: what the plan was asked to hold."""
-    asked = [f"{what} {format_bytes(value)}" for what, value in (("a budget of", plan.budget_bytes),
-                                                                 ("a kept budget of", plan.kept_budget_bytes))
+def asked_text(budget: object, kept_budget: object, show: Callable[[Any], str] = format_bytes) -> str:
+    """``a budget of 10.0 GiB`` / ``a kept budget of 2.0 GiB`` / both: what a plan is asked to hold
+    (``show``: how a value is written; the CLI shows the user's own text)."""
+    asked = [f"{what} {show(value)}" for what, value in (("a budget of", budget), ("a kept budget of", kept_budget))
              if value is not None]
     return " and ".join(asked)
 
@@ -46,7 +47,7 @@ def print_budget_plan(plan: BudgetPlan, *, file: IO[str] | None = None, top: int
         console.width = 180
     report = plan.report
     choices = plan.choices if top is None else plan.choices[:top]
-    table = Table(title=f"{report.model}: plan for {asked_text(plan)} "
+    table = Table(title=f"{report.model}: plan for {asked_text(plan.budget_bytes, plan.kept_budget_bytes)} "
                         f"(optimizer: {report.totals.optimizer or 'none given'})")
     for column, justify in (("rule", "left"), ("modules", "left"), ("saves (est.)", "right"),
                             ("why", "left"), ("what it does", "left")):

@@ -71,7 +71,7 @@ def add_inspect_parser(commands: argparse._SubParsersAction) -> None:
     inspect.add_argument("--budget", default=None, metavar="SIZE",
                          help="plan a rule per module so that one training step fits SIZE (e.g. 10GiB, "
                               "512MiB, 1.5GB) and print the plan instead of the report")
-    inspect.add_argument("--kept-budget", default=None, metavar="SIZE|FRACTION",
+    inspect.add_argument("--kept-budget", default=None, metavar="SIZE|FRACTION", type=share_or_size,
                          help="plan so that the forward keeps at most this for backward: a size, or a share "
                               "of what BP keeps (0.25, 25%%); alone or with --budget")
     inspect.add_argument("--max-batch", action="store_true",
@@ -80,6 +80,15 @@ def add_inspect_parser(commands: argparse._SubParsersAction) -> None:
     inspect.add_argument("--memory", default=None, metavar="SIZE",
                          help="the memory size --max-batch fits (e.g. 24GiB)")
     inspect.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def share_or_size(text: str) -> str | float:
+    """``--kept-budget``: a number with a point (``0.25``) is a share of what BP keeps; anything else
+    (``25%``, ``4096``, ``2MiB``) stays text for ``budget_limits`` to read."""
+    try:
+        return float(text) if "." in text else text
+    except ValueError:
+        return text
 
 
 def print_rules() -> None:

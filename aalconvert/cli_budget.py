@@ -23,8 +23,6 @@ from aalconvert.sizes import parse_size
 def check_budget_flags(args: argparse.Namespace) -> None:
     """Flag combinations and sizes, before anything is loaded (exit 2 on a bad command line)."""
     check_numbers(args)
-    if args.kept_budget is not None and _is_number(args.kept_budget):
-        args.kept_budget = float(args.kept_budget) if "." in args.kept_budget else args.kept_budget
     planning = args.budget is not None or args.kept_budget is not None
     if planning and args.max_batch:
         raise CommandError("--budget / --kept-budget and --max-batch are separate questions: pass one of them",
@@ -46,15 +44,6 @@ def check_budget_flags(args: argparse.Namespace) -> None:
                 check(size)
             except ConversionError as error:
                 raise CommandError(f"{flag}: {error}", code=2) from error
-
-
-def _is_number(text: str) -> bool:
-    """``0.25`` or ``4096``: a share of BP's bytes when it has a point, bytes when it does not."""
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def run_budget_commands(args: argparse.Namespace, errors: Any) -> None:
@@ -98,12 +87,10 @@ def _batch_of(inputs: tuple) -> int | None:
 def _budget_text(args: argparse.Namespace, model: Any, inputs_for_batch: Any, labels: Any,
                  errors: Any) -> str:
     import aalconvert
-    from aalconvert.budget_view import print_budget_plan
+    from aalconvert.budget_view import asked_text, print_budget_plan
 
     inputs = inputs_for_batch(args.batch_size)
-    asked = " and ".join(f"{what} {value}" for what, value in (("a budget of", args.budget),
-                                                                  ("a kept budget of", args.kept_budget))
-                         if value is not None)
+    asked = asked_text(args.budget, args.kept_budget, show=str)
     with errors.status(f"planning {type(model).__name__} for {asked} on fake tensors"):
         plan = aalconvert.plan(model, args.budget, inputs, kept_budget=args.kept_budget, optimizer=args.optimizer,
                                labels=labels)

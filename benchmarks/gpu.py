@@ -512,7 +512,8 @@ def step_compile(device: torch.device, sizes: Sizes, deadline: Deadline) -> dict
 
 def allocator_step_memory(runner, device: torch.device):
     """One training step's bytes kept at the end of forward + loss and its peak, above the step's start, from
-    the CUDA caching allocator's counters (``peers.StepMemory``; nothing goes to the host)."""
+    the CUDA caching allocator's counters (a ``StepMemory``, as peers.py's profiler gives; nothing goes to the
+    host)."""
     from aalconvert.step_memory import StepMemory
 
     method = runner.method

@@ -340,8 +340,8 @@ def build_method(name: str, workload: Workload) -> Method:
 
 
 def planner_method(workload: Workload, label: str, budget: int | None, kept_budget: int | None = None) -> Method:
-    """``aalconvert.convert(model, budget=..., kept_budget=...)`` with SGD (no optimizer state); the plan's rules
-    in the note."""
+    """``aalconvert.plan(model, budget=..., kept_budget=...)`` with SGD (no optimizer state), the model converted
+    with that plan; the plan's rules in the note."""
     name = f"plan @ {label}"
     limits = {"budget": budget, "kept_budget": kept_budget}
     said = "; ".join(f"{what.replace('_', ' ')} {mib(value)}" for what, value in limits.items() if value is not None)
